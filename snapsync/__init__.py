@@ -1,0 +1,3 @@
+"""snapsync: consistency-group snapshots, replication and GFS retention for btrfs and ZFS."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,70 @@
+"""Every error snapsync raises on purpose, each carrying its exit code and a one-line message.
+
+The CLI maps these to exit codes in one place (``snapsync.cli``); nothing else prints tracebacks.
+
+    SnapsyncError                 exit 1  (partial failure: some work done, some failed)
+    ├── UsageError                exit 2  (bad input: nothing was done)
+    │   └── PolicyError           exit 2  "FILE: key.path: what was wrong"
+    ├── LockedError               exit 3  (another run holds the policy's lock)
+    └── BackendError              exit 1  (a filesystem operation failed)
+        ├── DatasetMissing
+        └── CommandFailed         (a subprocess exited non-zero; carries its stderr tail)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+EXIT_OK = 0
+EXIT_PARTIAL = 1
+EXIT_USAGE = 2
+EXIT_LOCKED = 3
+
+
+class SnapsyncError(Exception):
+    exit_code = EXIT_PARTIAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(SnapsyncError):
+    exit_code = EXIT_USAGE
+
+
+class PolicyError(UsageError):
+    """A policy file is malformed; the message always names the file and the key path."""
+
+    def __init__(self, file: str, key: str, problem: str) -> None:
+        self.file = file
+        self.key = key
+        self.problem = problem
+        where = f"{file}: {key}" if key else file
+        super().__init__(f"{where}: {problem}")
+
+
+class LockedError(SnapsyncError):
+    exit_code = EXIT_LOCKED
+
+
+class BackendError(SnapsyncError):
+    pass
+
+
+class DatasetMissing(BackendError):
+    pass
+
+
+class CommandFailed(BackendError):
+    """A subprocess failed; the message carries the argv and the tail of its stderr."""
+
+    def __init__(self, argv: Sequence[str], returncode: int, stderr: str) -> None:
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr = stderr
+        tail = " | ".join(stderr.strip().splitlines()[-5:])
+        super().__init__(f"{argv[0]} exited {returncode}: {tail or '(no stderr)'}")
