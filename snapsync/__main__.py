@@ -1,0 +1,3 @@
+from snapsync.cli import main
+
+main()

@@ -1,0 +1,29 @@
+"""The backend registry: one factory per ``backend =`` value a policy may name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from snapsync.errors import BackendError
+
+if TYPE_CHECKING:
+    from snapsync.backends.base import StorageBackend
+    from snapsync.policy import Group
+
+
+def _btrfs(group: Group) -> StorageBackend:
+    from snapsync.backends.btrfs import BtrfsBackend
+
+    return BtrfsBackend(snapshot_dir=group.snapshot_dir)
+
+
+def _zfs(group: Group) -> StorageBackend:
+    raise BackendError(f"group {group.name!r}: the zfs backend is not available in this version of snapsync")
+
+
+BACKENDS: dict[str, Callable[[Group], StorageBackend]] = {"btrfs": _btrfs, "zfs": _zfs}
+
+
+def backend_for(group: Group) -> StorageBackend:
+    return BACKENDS[group.backend](group)

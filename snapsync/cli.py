@@ -1,0 +1,280 @@
+"""The command line: parse, call, render. The only place that turns errors into exit codes.
+
+Exit codes: 0 ok, 1 partial failure (some group failed; the others were done), 2 bad input or
+usage (nothing was done), 3 another run holds the policy's lock, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+
+from snapsync import __version__
+from snapsync.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, SnapsyncError
+
+DEFAULT_POLICY = "/etc/snapsync/policy.toml"
+EPILOG = "Exit codes: 0 ok, 1 partial failure, 2 bad input or usage, 3 locked by another run, 130 interrupted."
+
+app = typer.Typer(
+    name="snapsync",
+    help="Consistency-group snapshots of btrfs subvolumes and ZFS datasets, with GFS retention.",
+    epilog=EPILOG,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+policy_app = typer.Typer(help="Validate and show policy files.", no_args_is_help=True)
+app.add_typer(policy_app, name="policy")
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", "-n", help="Show what would be done; change nothing.")]
+GroupsArg = Annotated[list[str] | None, typer.Argument(help="Groups to act on (default: all groups).", show_default=False)]
+LockTimeoutOpt = Annotated[
+    float, typer.Option("--lock-timeout", help="Seconds to wait for another run to finish before exiting 3.")
+]
+
+
+class State:
+    policy_path: str = DEFAULT_POLICY
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"snapsync {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    policy: Annotated[
+        str,
+        typer.Option("--policy", "-p", envvar="SNAPSYNC_POLICY", help="Policy file.", show_envvar=True),
+    ] = DEFAULT_POLICY,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every step to stderr.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of internal errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    State.policy_path = policy
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING,
+        format="snapsync: %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _load(path: str | None = None) -> Any:
+    from snapsync.policy import load_policy
+
+    return load_policy(path or State.policy_path)
+
+
+def _runner(policy: Any) -> Any:
+    from snapsync.clock import SystemClock
+    from snapsync.runner import Runner
+
+    return Runner(policy, SystemClock())
+
+
+def _finish(reports: list[Any], as_json: bool, explain: bool = False) -> int:
+    from snapsync.render import render_reports
+
+    if as_json:
+        print(json.dumps({"groups": [r.to_json() for r in reports]}, indent=2))
+    else:
+        render_reports(out, reports, explain=explain)
+    return EXIT_OK if all(r.ok for r in reports) else EXIT_PARTIAL
+
+
+def _locked_run(policy: Any, timeout: float, dry_run: bool, action: Any) -> Any:
+    from snapsync.lock import policy_lock
+
+    if dry_run:
+        return action()
+    with policy_lock(policy.source, timeout):
+        return action()
+
+
+@app.command()
+def snapshot(
+    groups: GroupsArg = None,
+    dry_run: DryRunOpt = False,
+    as_json: JsonOpt = False,
+    lock_timeout: LockTimeoutOpt = 60.0,
+) -> int:
+    """Take a snapshot of the given groups now, whether due or not (one name across each group)."""
+    from snapsync.runner import select_groups
+
+    policy = _load()
+    selected = select_groups(policy, groups or [])
+    runner = _runner(policy)
+    reports = _locked_run(
+        policy, lock_timeout, dry_run,
+        lambda: runner.run(selected, take=True, only_due=False, prune=False, dry_run=dry_run),
+    )
+    return _finish(reports, as_json)
+
+
+@app.command()
+def prune(
+    groups: GroupsArg = None,
+    dry_run: DryRunOpt = False,
+    explain: Annotated[bool, typer.Option("--explain", help="Show every snapshot and each rule that kept it.")] = False,
+    as_json: JsonOpt = False,
+    lock_timeout: LockTimeoutOpt = 60.0,
+) -> int:
+    """Delete the snapshots that no retention rule keeps. Foreign snapshots are never touched."""
+    from snapsync.runner import select_groups
+
+    policy = _load()
+    selected = select_groups(policy, groups or [])
+    runner = _runner(policy)
+    reports = _locked_run(
+        policy, lock_timeout, dry_run,
+        lambda: runner.run(selected, take=False, only_due=False, prune=True, dry_run=dry_run),
+    )
+    return _finish(reports, as_json, explain=explain)
+
+
+@app.command()
+def run(
+    dry_run: DryRunOpt = False,
+    explain: Annotated[bool, typer.Option("--explain", help="Show the retention decision for every snapshot.")] = False,
+    as_json: JsonOpt = False,
+    lock_timeout: LockTimeoutOpt = 60.0,
+) -> int:
+    """What cron or the systemd timer calls: snapshot every group that is due, then prune."""
+    policy = _load()
+    runner = _runner(policy)
+    reports = _locked_run(
+        policy, lock_timeout, dry_run,
+        lambda: runner.run(policy.groups.values(), take=True, only_due=True, prune=True, dry_run=dry_run),
+    )
+    return _finish(reports, as_json, explain=explain)
+
+
+@app.command("list")
+def list_(groups: GroupsArg = None, as_json: JsonOpt = False) -> int:
+    """List every snapshot of each group's datasets, ours and foreign."""
+    from snapsync.render import render_listing
+    from snapsync.runner import select_groups
+
+    policy = _load()
+    runner = _runner(policy)
+    result: list[dict[str, object]] = []
+    failed = False
+    for group in select_groups(policy, groups or []):
+        entry: dict[str, object] = {"group": group.name, "backend": group.backend, "datasets": [], "errors": []}
+        try:
+            listing = runner.raw_listing(group)
+        except SnapsyncError as e:
+            failed = True
+            entry["errors"] = [str(e)]
+            if not as_json:
+                err.print(f"[bold]{group.name}[/]: [red]error:[/] {e}")
+            result.append(entry)
+            continue
+        from snapsync.naming import parse_snapshot_name
+
+        entry["datasets"] = [
+            {
+                "dataset": ds,
+                "snapshots": [
+                    {**s.to_json(), "ours": parse_snapshot_name(group.prefix, s.name) is not None} for s in snaps
+                ],
+            }
+            for ds, snaps in listing.items()
+        ]
+        result.append(entry)
+        if not as_json:
+            render_listing(out, group.name, group.backend, listing, group.prefix)
+    if as_json:
+        print(json.dumps({"groups": result}, indent=2))
+    return EXIT_PARTIAL if failed else EXIT_OK
+
+
+@policy_app.command("check")
+def policy_check(
+    file: Annotated[str | None, typer.Argument(help="Policy file (default: --policy).", show_default=False)] = None,
+    syntax_only: Annotated[
+        bool, typer.Option("--syntax-only", help="Only parse and validate; do not look for the datasets on this machine.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> int:
+    """Validate a policy file and print it fully resolved (defaults merged in).
+
+    Also checks that every dataset exists here and can be snapshotted, unless --syntax-only.
+    """
+    from snapsync.policy import policy_warnings
+    from snapsync.preflight import check_datasets
+
+    policy = _load(file)
+    if not syntax_only:
+        check_datasets(policy)
+    warnings = policy_warnings(policy)
+    if as_json:
+        print(json.dumps({"policy": policy.normalized(), "warnings": warnings}, indent=2))
+    else:
+        out.print(policy.to_toml(), end="", markup=False)
+        for w in warnings:
+            err.print(f"[yellow]warning:[/] {w}")
+        err.print(f"{policy.source}: ok")
+    return EXIT_OK
+
+
+@app.command()
+def demo(
+    days: Annotated[int, typer.Option(min=1, max=400, help="Simulated days of hourly runs.")] = 45,
+    as_json: JsonOpt = False,
+) -> int:
+    """Self-contained demo on a throwaway file-backed btrfs (needs root).
+
+    Simulates DAYS of hourly `snapsync run` with an injected clock on an embedded policy, then prints
+    what retention kept and why. Everything is unmounted and deleted afterwards, also on Ctrl-C.
+    """
+    from snapsync.demo import run_demo
+
+    return run_demo(days=days, console=out, as_json=as_json)
+
+
+def _fail(message: str, code: int, as_json: bool) -> NoReturn:
+    if as_json:
+        print(json.dumps({"error": message, "exit_code": code}))
+    else:
+        err.print(f"snapsync: error: {message}", markup=False)
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    args = sys.argv[1:] if argv is None else argv
+    as_json = "--json" in args
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=args, prog_name="snapsync", standalone_mode=False)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        err.print("snapsync: interrupted")
+        sys.exit(130)
+    except SnapsyncError as e:
+        _fail(str(e), e.exit_code, as_json)
+    except typer.TyperException as e:  # click's usage errors, as vendored by typer
+        e.show()  # type: ignore[attr-defined]
+        sys.exit(EXIT_USAGE)
+    except Exception as e:
+        if "--debug" in args:
+            raise
+        _fail(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", EXIT_PARTIAL, as_json)
+    sys.exit(rv if isinstance(rv, int) else EXIT_OK)
+

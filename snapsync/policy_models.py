@@ -1,0 +1,533 @@
+"""The policy file's tables as frozen pydantic models: what each key may hold and what it defaults to.
+
+Groups and targets inherit from ``[defaults]`` while they are validated (the validated ``Defaults`` is
+passed as pydantic's validation context), so every field of a validated ``Group`` is concrete and no
+caller ever merges defaults again. Pure: no I/O beyond the time zone database. Turning validation errors
+into one-line messages, and reading files, is ``snapsync.policy``'s job. Reference: ``docs/policy.md``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import posixpath
+import re
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from functools import cache
+from typing import Annotated, Any, Literal
+from zoneinfo import available_timezones
+
+import tomli_w
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    PlainSerializer,
+    Strict,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import CoreSchema, core_schema
+
+from snapsync.durations import format_duration, parse_duration
+from snapsync.retention import RetentionRules
+
+POLICY_VERSION = 1
+BUILTIN_RETENTION = RetentionRules(hourly=48, daily=30, weekly=8, monthly=12, yearly=3)
+
+
+class Problem(ValueError):
+    """A validation problem at a key below the value pydantic is validating.
+
+    pydantic locates an error at the value whose validator raised it; a cross-check on a whole group or
+    policy knows better (``datasets[2]``), so it names the rest of the path here.
+    """
+
+    def __init__(self, problem: str, *at: str | int) -> None:
+        super().__init__(problem)
+        self.at = at
+
+
+def show(value: object) -> str:
+    """A value as a sysadmin wrote it in TOML, for "got ..." in messages."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, str):
+        return repr(value)
+    return str(value)
+
+
+def did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _matching(pattern: str, what: str, rule: str) -> AfterValidator:
+    compiled = re.compile(pattern)
+
+    def check(value: str) -> str:
+        if not compiled.fullmatch(value):
+            raise ValueError(f"invalid {what} {value!r}: {rule}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _duration(value: object) -> timedelta:
+    if isinstance(value, timedelta):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"expected a duration like '90m', '36h' or '1d12h', got {show(value)}")
+    return parse_duration(value)
+
+
+@cache
+def _zones() -> frozenset[str]:
+    return frozenset(available_timezones())
+
+
+def _zone(name: str) -> str:
+    if name in _zones():
+        return name
+    by_case = {z.lower(): z for z in _zones()}
+    if name.lower() in by_case:
+        raise ValueError(f"unknown time zone {name!r}; did you mean {by_case[name.lower()]!r}?")
+    raise ValueError(f"unknown time zone {name!r}{did_you_mean(name, sorted(_zones()))}")
+
+
+def _no_nul(value: str) -> str:
+    if "\0" in value:
+        raise ValueError("must not contain a NUL character")
+    return value
+
+
+def _absolute_path(value: str) -> str:
+    """Absolute and normalized, so that one directory has one spelling when datasets are compared."""
+    _no_nul(value)
+    if not value.startswith("/"):
+        raise ValueError(f"must be an absolute path, got {value!r}")
+    parts = value.split("/")
+    if ".." in parts:
+        raise ValueError(f"must not contain '..': {value!r}")
+    return "/" + "/".join(p for p in parts if p not in ("", "."))
+
+
+def _snapshot_dir(value: str) -> str:
+    _no_nul(value)
+    if ".." in value.split("/"):
+        raise ValueError(f"must not contain '..': {value!r}")
+    if posixpath.normpath(value) in (".", "/"):
+        raise ValueError(f"{value!r} would put snapshots next to or over the subvolumes; name a directory")
+    return _absolute_path(value) if value.startswith("/") else posixpath.normpath(value)
+
+
+def _zfs_dataset(value: str) -> str:
+    _no_nul(value)
+    if value.startswith("/"):
+        raise ValueError(f"a zfs dataset is a name like 'rpool/persist/postgresql', not a path: {value!r}")
+    if "@" in value or "#" in value:
+        raise ValueError(f"must not contain '@' or '#' (they name snapshots and bookmarks): {value!r}")
+    if "" in value.split("/"):
+        raise ValueError(f"has an empty component (a '//' or a '/' at the end): {value!r}")
+    return value
+
+
+def _port(value: int) -> int:
+    if not 1 <= value <= 65535:
+        raise ValueError(f"a port is between 1 and 65535, got {value}")
+    return value
+
+
+def _argv(value: object) -> object:
+    if isinstance(value, str):
+        raise ValueError(
+            f"expected a list of arguments like ['systemctl', 'stop', 'x'], got {show(value)}; "
+            "commands never run through a shell"
+        )
+    return value
+
+
+Duration = Annotated[
+    timedelta, BeforeValidator(_duration), PlainSerializer(format_duration, return_type=str, when_used="json")
+]
+Count = Annotated[int, Strict(), Field(ge=0)]
+Port = Annotated[int, Strict(), AfterValidator(_port)]
+Text = Annotated[str, Field(min_length=1), AfterValidator(_no_nul)]
+AbsolutePath = Annotated[str, AfterValidator(_absolute_path)]
+Argv = Annotated[tuple[Text, ...], BeforeValidator(_argv), Field(min_length=1)]
+TimeZone = Annotated[str, AfterValidator(_zone)]
+SnapshotDir = Annotated[str, Field(min_length=1), AfterValidator(_snapshot_dir)]
+Name = Annotated[
+    str,
+    _matching(
+        r"[A-Za-z0-9][A-Za-z0-9_.-]*", "name", "use letters, digits, '_', '.' and '-', starting with a letter or digit"
+    ),
+]
+Prefix = Annotated[
+    str,
+    _matching(
+        r"[A-Za-z0-9][A-Za-z0-9.-]*",
+        "prefix",
+        "use letters, digits, '.' and '-', starting with a letter or digit "
+        "(no '_': it separates the prefix from the time in snapshot names)",
+    ),
+]
+RateLimit = Annotated[
+    str, _matching(r"\d+[KMG]?", "rate limit", "use bytes per second with an optional K, M or G, e.g. '10M'")
+]
+SystemdUnit = Annotated[
+    str,
+    _matching(r"[A-Za-z0-9:_.@\\-]+\.(service|scope|slice)", "unit", "expected a unit like 'forgejo.service'"),
+]
+Cgroup = Annotated[AbsolutePath, _matching(r"/sys/fs/cgroup/.+", "cgroup", "expected a path in /sys/fs/cgroup/")]
+Url = Annotated[str, _matching(r"https?://[^\s/]+\S*", "URL", "expected http://... or https://...")]
+
+
+class _Table(BaseModel):
+    """A TOML table: unknown keys are errors, since a typo must never silently become a default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RetentionTable(_Table):
+    """A ``retention`` table as written: a key left out is inherited, see ``_Merged``."""
+
+    keep_last: Count | None = None
+    keep_within: Duration | None = None
+    hourly: Count | None = None
+    daily: Count | None = None
+    weekly: Count | None = None
+    monthly: Count | None = None
+    yearly: Count | None = None
+
+
+def retention_table(rules: RetentionRules) -> dict[str, object]:
+    """Rules as a complete ``retention`` table (the time zone is the group's, not a retention key)."""
+    table: dict[str, object] = {"keep_last": rules.keep_last}
+    if rules.keep_within is not None:
+        table["keep_within"] = format_duration(rules.keep_within)
+    table |= {k: getattr(rules, k) for k in ("hourly", "daily", "weekly", "monthly", "yearly")}
+    return table
+
+
+def keeps_only_newest(rules: RetentionRules) -> bool:
+    counts = (rules.keep_last, rules.hourly, rules.daily, rules.weekly, rules.monthly, rules.yearly)
+    return rules.keep_within is None and not any(counts)
+
+
+def inherited(info: ValidationInfo) -> Defaults:
+    """The ``[defaults]`` that parse_policy validated first; the built-in ones outside a file."""
+    return info.context if isinstance(info.context, Defaults) else _BUILTIN_DEFAULTS
+
+
+@dataclass(frozen=True)
+class _Merged:
+    """Validate a ``retention`` table and merge it per key over a base: ``[defaults.retention]`` unless given.
+
+    The table's time zone is its owner's ``timezone`` key if it has one, else the defaults'.
+    """
+
+    base: RetentionRules | None = None
+    require_keep: bool = True
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return core_schema.with_info_wrap_validator_function(
+            self._merge,
+            handler.generate_schema(RetentionTable),
+            serialization=core_schema.plain_serializer_function_ser_schema(retention_table),
+        )
+
+    def _merge(
+        self, value: object, handler: core_schema.ValidatorFunctionWrapHandler, info: ValidationInfo
+    ) -> RetentionRules:
+        if isinstance(value, RetentionRules):
+            return value
+        table: RetentionTable = handler(value)
+        base = inherited(info).retention if self.base is None else self.base
+        timezone = info.data["timezone"] if "timezone" in info.data else inherited(info).timezone
+        rules = replace(base, timezone=timezone, **table.model_dump(exclude_none=True))
+        if self.require_keep and keeps_only_newest(rules):
+            raise ValueError("retention keeps only the newest snapshot; set keep_last = 1 to say that on purpose")
+        return rules
+
+
+Retention = Annotated[RetentionRules, _Merged()]
+
+
+class Defaults(_Table):
+    """The ``[defaults]`` table: what groups leave out, and the retention base of groups and targets."""
+
+    prefix: Prefix = "snapsync"
+    timezone: TimeZone = "UTC"
+    interval: Duration = timedelta(hours=1)
+    snapshot_dir: SnapshotDir = ".snapsync"
+    retention: Annotated[RetentionRules, _Merged(base=RetentionRules(), require_keep=False)] = Field(
+        default_factory=lambda: retention_table(BUILTIN_RETENTION), validate_default=True
+    )
+
+
+_BUILTIN_DEFAULTS = Defaults()
+
+
+class PostgresHook(_Table):
+    """PostgreSQL: a CHECKPOINT before the snapshot (or backup mode around it), so recovery replays little WAL."""
+
+    type: Literal["postgres"]
+    dsn: Text | None = None
+    host: Text | None = None
+    port: Port | None = None
+    user: Text | None = None
+    dbname: Text | None = None
+    mode: Literal["checkpoint", "backup"] = "checkpoint"
+    timeout: Duration = timedelta(seconds=30)
+
+    @model_validator(mode="after")
+    def _dsn_or_parts(self) -> PostgresHook:
+        if self.dsn is not None and any(v is not None for v in (self.host, self.port, self.user, self.dbname)):
+            raise Problem("set either dsn or host/port/user/dbname, not both", "dsn")
+        return self
+
+
+class SqliteHook(_Table):
+    """SQLite databases kept from writing across the snapshot, waiting up to busy_timeout for a writer."""
+
+    type: Literal["sqlite"]
+    databases: tuple[AbsolutePath, ...] = Field(min_length=1)
+    busy_timeout: Duration = timedelta(seconds=10)
+
+
+class FreezeHook(_Table):
+    """A unit or cgroup frozen across the snapshot: consistency for any application, at the cost of a pause."""
+
+    type: Literal["freeze"]
+    unit: SystemdUnit | None = None
+    cgroup: Cgroup | None = None
+    max_pause: Duration = timedelta(seconds=30)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> FreezeHook:
+        if (self.unit is None) == (self.cgroup is None):
+            raise ValueError("a freeze hook needs exactly one of unit or cgroup")
+        return self
+
+
+class CommandHook(_Table):
+    """Programs run as root before and/or after the snapshot, as argv lists: never through a shell."""
+
+    type: Literal["command"]
+    pre: Argv | None = None
+    post: Argv | None = None
+    timeout: Duration = timedelta(seconds=60)
+    on_failure: Literal["abort", "continue"] = "abort"
+
+    @model_validator(mode="after")
+    def _something_to_run(self) -> CommandHook:
+        if self.pre is None and self.post is None:
+            raise ValueError("a command hook needs pre, post or both")
+        return self
+
+
+Hook = Annotated[PostgresHook | SqliteHook | FreezeHook | CommandHook, Field(discriminator="type")]
+
+_CREDENTIAL_KEY = re.compile(r"secret|passw|token|credential|session|access.?key|key.?id|api.?key|^key$", re.I)
+
+
+class _Target(_Table):
+    """Settings every kind of target has; the kind-specific keys live in the subclasses."""
+
+    type: str
+    retention: Retention = Field(default_factory=dict, validate_default=True)
+    max_lag: Duration | None = None
+    on_diverged: Literal["refuse", "rollback"] = "refuse"
+    compress: Literal["none", "zstd"] = "none"
+    rate_limit: RateLimit | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, data: Any) -> Any:
+        """Policy files are meant to be shared and committed; a secret in one leaks."""
+        for key in data if isinstance(data, dict) else ():
+            if _CREDENTIAL_KEY.search(str(key)):
+                raise Problem(
+                    "credentials never go in the policy file; use the environment or a credentials file", key
+                )
+        return data
+
+
+class SshTarget(_Target):
+    """Another host, reached with ssh, where ``command`` (snapsync) receives into ``path``."""
+
+    type: Literal["ssh"]
+    host: Text
+    user: Text = "root"
+    port: Port = 22
+    identity_file: AbsolutePath | None = None
+    ssh_options: tuple[Text, ...] = ()
+    path: Text
+    command: Argv = ("snapsync",)
+
+
+class LocalTarget(_Target):
+    """A filesystem on this host (a USB disk), receiving into ``path``: a directory or a dataset."""
+
+    type: Literal["local"]
+    path: Text
+
+
+class DirTarget(_Target):
+    """A plain directory holding snapshot streams as files (the offsite format), on any filesystem."""
+
+    type: Literal["dir"]
+    path: AbsolutePath
+
+
+class S3Target(_Target):
+    """An S3 bucket for streams in the offsite format; credentials come from the environment."""
+
+    type: Literal["s3"]
+    endpoint_url: Url | None = None
+    bucket: Text
+    prefix: Text | None = None
+    region: Text | None = None
+    storage_class: Text | None = None
+
+
+Target = Annotated[SshTarget | LocalTarget | DirTarget | S3Target, Field(discriminator="type")]
+
+
+class Group(_Table):
+    """A consistency group: datasets snapshotted together under one name, with one schedule and retention."""
+
+    name: str
+    backend: Literal["btrfs", "zfs"]
+    datasets: tuple[str, ...] = Field(min_length=1)
+    interval: Duration
+    prefix: Prefix
+    timezone: TimeZone
+    snapshot_dir: SnapshotDir | None = None
+    retention: Retention = Field(default_factory=dict, validate_default=True)
+    hooks: tuple[Hook, ...] = ()
+    targets: tuple[Name, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _inherit_defaults(cls, data: Any, info: ValidationInfo) -> Any:
+        """Fill the keys a group leaves out from ``[defaults]`` (retention merges per key, in ``_Merged``)."""
+        if not isinstance(data, dict):
+            return data
+        defaults = inherited(info)
+        fill: dict[str, object] = {
+            "interval": defaults.interval,
+            "prefix": defaults.prefix,
+            "timezone": defaults.timezone,
+        }
+        if data.get("backend") == "btrfs":
+            fill["snapshot_dir"] = defaults.snapshot_dir
+        return fill | data
+
+    @field_validator("datasets")
+    @classmethod
+    def _check_datasets(cls, datasets: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        check = {"btrfs": _absolute_path, "zfs": _zfs_dataset}.get(info.data.get("backend", ""))
+        if check is None:
+            return datasets
+        seen: dict[str, int] = {}
+        for i, dataset in enumerate(datasets):
+            try:
+                dataset = check(dataset)
+            except ValueError as e:
+                raise Problem(str(e), i) from None
+            if dataset in seen:
+                raise Problem(f"duplicate dataset {dataset!r} (also datasets[{seen[dataset]}])", i)
+            seen[dataset] = i
+        return tuple(seen)
+
+    @field_validator("targets")
+    @classmethod
+    def _distinct_targets(cls, targets: tuple[str, ...]) -> tuple[str, ...]:
+        for i, name in enumerate(targets):
+            if name in targets[:i]:
+                raise Problem(f"target {name!r} is listed twice", i)
+        return targets
+
+    @model_validator(mode="after")
+    def _snapshot_dir_is_btrfs_only(self) -> Group:
+        at = ("snapshot_dir",)
+        if self.backend == "zfs" and self.snapshot_dir is not None:
+            raise Problem("snapshot_dir applies only to btrfs groups (zfs keeps snapshots in the dataset)", *at)
+        if self.backend == "btrfs" and self.snapshot_dir is None:
+            raise Problem("missing required key", *at)
+        return self
+
+
+def _check_version(version: int) -> int:
+    if version != POLICY_VERSION:
+        raise ValueError(f"unsupported policy version {version}: this snapsync reads version {POLICY_VERSION}")
+    return version
+
+
+class Policy(_Table):
+    """One host's policy file, validated and with every default resolved."""
+
+    version: Annotated[int, Strict(), AfterValidator(_check_version)]
+    source: str = Field(default="<policy>", exclude=True)
+    host: Text | None = None
+    defaults: Defaults = _BUILTIN_DEFAULTS
+    groups: dict[Name, Group] = Field(default_factory=dict, validate_default=True)
+    targets: dict[Name, Target] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_groups(cls, data: Any) -> Any:
+        """A group's name is its table's name; a ``name`` key inside would be a second, conflicting one."""
+        if not isinstance(data, dict) or not isinstance(data.get("groups"), dict):
+            return data
+        groups = {}
+        for name, table in data["groups"].items():
+            if isinstance(table, dict):
+                if table.get("name", name) != name:
+                    raise Problem("unknown key 'name' (a group is named by its table)", "groups", name, "name")
+                table = table | {"name": name}
+            groups[name] = table
+        return data | {"groups": groups}
+
+    @field_validator("groups")
+    @classmethod
+    def _some_groups(cls, groups: dict[str, Group]) -> dict[str, Group]:
+        if not groups:
+            raise ValueError("no groups defined")
+        return groups
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> Policy:
+        owner: dict[tuple[str, str], str] = {}
+        for group in self.groups.values():
+            for i, name in enumerate(group.targets):
+                if name not in self.targets:
+                    known = ", ".join(self.targets) or "none defined"
+                    hint = did_you_mean(name, list(self.targets))
+                    at = ("groups", group.name, "targets", i)
+                    raise Problem(f"unknown target {name!r} (targets: {known}){hint}", *at)
+            for i, dataset in enumerate(group.datasets):
+                other = owner.setdefault((group.backend, dataset), group.name)
+                if other != group.name:
+                    raise Problem(
+                        f"dataset {dataset!r} is already in group {other!r}; a dataset belongs to one group",
+                        "groups", group.name, "datasets", i,
+                    )
+        return self
+
+    def normalized(self) -> dict[str, Any]:
+        """Fully resolved and JSON-serialisable; also a valid policy file (absent values are left out)."""
+        return self.model_dump(mode="json", exclude_none=True, exclude={"groups": {"__all__": {"name"}}})
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.normalized())

@@ -1,0 +1,39 @@
+"""Checks of a valid policy against this machine: do the datasets exist, do snapshot dirs collide.
+
+Kept apart from ``snapsync.policy`` so that parsing stays pure and a policy can be validated on a
+machine that does not have the datasets (``policy check --syntax-only``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from snapsync.backends import backend_for
+from snapsync.backends.base import StorageBackend
+from snapsync.errors import PolicyError, SnapsyncError
+from snapsync.policy import Group, Policy
+
+
+def check_datasets(policy: Policy, backends: Callable[[Group], StorageBackend] = backend_for) -> None:
+    """Raise PolicyError (exit 2) for the first dataset that cannot be snapshotted here."""
+    seen: dict[str, str] = {}
+    for group in policy.groups.values():
+        key = f"groups.{group.name}"
+        try:
+            backend = backends(group)
+        except SnapsyncError as e:
+            raise PolicyError(policy.source, f"{key}.backend", str(e)) from e
+        for i, dataset in enumerate(group.datasets):
+            try:
+                backend.check_dataset(dataset)
+            except SnapsyncError as e:
+                raise PolicyError(policy.source, f"{key}.datasets[{i}]", str(e)) from e
+            home = backend.snapshot_home(dataset)
+            if home in seen:
+                raise PolicyError(
+                    policy.source,
+                    f"{key}.datasets[{i}]",
+                    f"{dataset}: its snapshots would live in {home}, like those of {seen[home]}; "
+                    "set snapshot_dir so that each dataset has its own",
+                )
+            seen[home] = dataset

@@ -1,0 +1,179 @@
+"""The installed command, run as a user would run it, against real btrfs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from snapsync.lock import policy_lock
+from tests.conftest import make_subvolume
+
+
+def snapsync(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "snapsync", *args],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )
+
+
+def _write_policy(tmp_path: Path, root: Path, extra: str = "") -> Path:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        f"""
+version = 1
+[defaults.retention]
+keep_last = 2
+daily = 3
+[groups.web]
+backend = "btrfs"
+datasets = [{json.dumps(str(root / "persist" / "web data"))}]
+[groups.db]
+backend = "btrfs"
+datasets = [{json.dumps(str(root / "persist" / "pg"))}, {json.dumps(str(root / "persist" / "wal"))}]
+{extra}
+"""
+    )
+    policy.chmod(0o600)
+    return policy
+
+
+@pytest.fixture
+def setup(tmp_path: Path, btrfs_root: Path) -> tuple[Path, Path]:
+    for leaf in ("web data", "pg", "wal"):
+        make_subvolume(btrfs_root / "persist" / leaf, leaf)
+    return _write_policy(tmp_path, btrfs_root), btrfs_root
+
+
+@pytest.mark.parametrize("command", [[], ["snapshot"], ["prune"], ["list"], ["run"], ["policy", "check"], ["demo"]])
+def test_every_command_documents_itself(command: list[str]) -> None:
+    proc = snapsync(*command, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "Usage" in proc.stdout
+    if command in (["prune"],):
+        assert "--explain" in proc.stdout and "--dry-run" in proc.stdout and "--json" in proc.stdout
+    if command == []:
+        assert "Exit codes" in proc.stdout and "--policy" in proc.stdout
+
+
+def test_version() -> None:
+    proc = snapsync("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("snapsync ")
+
+
+def test_snapshot_list_prune_round_trip(setup: tuple[Path, Path]) -> None:
+    policy, root = setup
+    taken = snapsync("-p", str(policy), "snapshot", "--json")
+    assert taken.returncode == 0, taken.stderr
+    names = {g["group"]: g["snapshot"] for g in json.loads(taken.stdout)["groups"]}
+    assert set(names) == {"web", "db"} and all(names.values())
+
+    listed = json.loads(snapsync("-p", str(policy), "list", "--json").stdout)
+    db = next(g for g in listed["groups"] if g["group"] == "db")
+    assert [[s["name"] for s in d["snapshots"]] for d in db["datasets"]] == [[names["db"]], [names["db"]]]
+    assert all(s["read_only"] and s["ours"] for d in db["datasets"] for s in d["snapshots"])
+
+    explained = snapsync("-p", str(policy), "prune", "--dry-run", "--explain", "--json", "db")
+    assert explained.returncode == 0, explained.stderr
+    (group,) = json.loads(explained.stdout)["groups"]
+    assert group["dry_run"] and group["plan"] == [
+        {"name": names["db"], "created": names["db"].split("_", 1)[1], "keep": True,
+         "reasons": group["plan"][0]["reasons"]}
+    ]
+    assert "newest" in group["plan"][0]["reasons"]
+
+    human = snapsync("-p", str(policy), "prune", "--dry-run", "--explain", "db")
+    assert human.returncode == 0 and "newest" in human.stdout and names["db"] in human.stdout
+
+
+def test_run_takes_due_snapshots_once(setup: tuple[Path, Path]) -> None:
+    policy, _ = setup
+    first = json.loads(snapsync("-p", str(policy), "run", "--json").stdout)
+    second = json.loads(snapsync("-p", str(policy), "run", "--json").stdout)
+    assert all(g["snapshot"] for g in first["groups"])
+    assert all(g["snapshot"] is None and g["not_due"] for g in second["groups"])
+
+
+def test_missing_dataset_is_one_line_and_exit_2(tmp_path: Path, btrfs_root: Path) -> None:
+    policy = _write_policy(tmp_path, btrfs_root)
+    proc = snapsync("policy", "check", str(policy))
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert f"{policy}: groups.web.datasets[0]:" in proc.stderr and "does not exist" in proc.stderr
+    syntax = snapsync("policy", "check", "--syntax-only", str(policy))
+    assert syntax.returncode == 0, syntax.stderr
+
+
+def test_policy_check_prints_the_resolved_policy(setup: tuple[Path, Path]) -> None:
+    policy, _ = setup
+    proc = snapsync("-p", str(policy), "policy", "check", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["policy"]["groups"]["db"]["retention"]["daily"] == 3
+    assert any("atomically" in w for w in data["warnings"])
+
+
+def test_bad_usage_exits_2(setup: tuple[Path, Path]) -> None:
+    policy, _ = setup
+    unknown = snapsync("-p", str(policy), "snapshot", "nope")
+    assert unknown.returncode == 2 and "no group named 'nope'" in unknown.stderr
+    missing = snapsync("-p", "/nonexistent/policy.toml", "list")
+    assert missing.returncode == 2 and "/nonexistent/policy.toml" in missing.stderr
+    assert "Traceback" not in unknown.stderr + missing.stderr
+    flag = snapsync("prune", "--no-such-flag")
+    assert flag.returncode == 2
+
+
+def test_second_run_waits_then_exits_3(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    policy, _ = setup
+    env = {"SNAPSYNC_LOCK_DIR": str(tmp_path / "locks")}
+    os.environ.update(env)
+    try:
+        with policy_lock(str(policy), timeout=1):
+            started = time.monotonic()
+            proc = snapsync("-p", str(policy), "run", "--lock-timeout", "1.5", env=env)
+            waited = time.monotonic() - started
+    finally:
+        del os.environ["SNAPSYNC_LOCK_DIR"]
+    assert proc.returncode == 3, proc.stderr
+    assert f"pid {os.getpid()}" in proc.stderr and "gave up after 1.5s" in proc.stderr
+    assert waited >= 1.5
+    after = snapsync("-p", str(policy), "run", "--lock-timeout", "1", env=env)
+    assert after.returncode == 0, after.stderr
+
+
+def _demo_mounts() -> list[str]:
+    return [line for line in Path("/proc/mounts").read_text().splitlines() if "snapsync-demo" in line]
+
+
+def test_demo_runs_and_cleans_up(btrfs_root: Path) -> None:
+    proc = snapsync("demo", "--days", "3", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["taken"] == 3 * 24 + 3 * 6
+    assert result["foreign_snapshot_untouched"] and not result["errors"]
+    assert not _demo_mounts()
+
+
+def test_demo_cleans_up_on_ctrl_c(btrfs_root: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "snapsync", "demo", "--days", "300"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not _demo_mounts() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _demo_mounts(), "the demo never mounted its filesystem"
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert not _demo_mounts()
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    assert "snapsync-demo" not in loops

@@ -1,0 +1,105 @@
+"""The StorageBackend contract (snapsync/backends/base.py), checked against every backend."""
+
+from __future__ import annotations
+
+from datetime import UTC
+from typing import TYPE_CHECKING
+
+import pytest
+
+from snapsync.errors import BackendError, DatasetMissing
+
+if TYPE_CHECKING:
+    from tests.contract.conftest import BackendEnv
+
+NAME = "snapsync_2026-11-26T12:00:00Z"
+LATER = "snapsync_2026-11-26T13:00:00Z"
+
+
+def test_never_snapshotted_dataset_lists_nothing(env: BackendEnv) -> None:
+    ds = env.new_dataset("fresh")
+    assert env.backend.list_snapshots(ds) == []
+
+
+def test_group_snapshot_captures_every_dataset_under_one_name(env: BackendEnv) -> None:
+    a, b = env.new_dataset("a"), env.new_dataset("b")
+    env.write(a, "f", "alpha")
+    env.write(b, "f", "beta")
+    taken = env.backend.snapshot_group([a, b], NAME)
+    env.write(a, "f", "changed after the snapshot")
+    assert [(s.dataset, s.name) for s in taken] == [(a, NAME), (b, NAME)]
+    for ds, expected in ((a, "alpha"), (b, "beta")):
+        (snap,) = env.backend.list_snapshots(ds)
+        assert snap.name == NAME and snap.read_only and snap.kind == "snapshot"
+        assert snap.created.tzinfo is not None and snap.created.utcoffset() == UTC.utcoffset(None)
+        assert env.read(snap, "f") == expected
+    guids = {s.guid for s in taken}
+    assert len(guids) == 2 and all(guids)
+
+
+def test_existing_name_is_refused_without_side_effects(env: BackendEnv) -> None:
+    a, b = env.new_dataset("a"), env.new_dataset("b")
+    env.backend.snapshot_group([b], NAME)
+    with pytest.raises(BackendError, match="already exists"):
+        env.backend.snapshot_group([a, b], NAME)
+    assert env.backend.list_snapshots(a) == []
+    assert [s.name for s in env.backend.list_snapshots(b)] == [NAME]
+
+
+def test_group_snapshot_is_all_or_nothing(env: BackendEnv) -> None:
+    a, b = env.new_dataset("a"), env.new_dataset("b")
+    with pytest.raises(BackendError):
+        env.backend.snapshot_group([a, b, env.missing_dataset], NAME)
+    assert env.backend.list_snapshots(a) == []
+    assert env.backend.list_snapshots(b) == []
+
+
+def test_missing_dataset_is_reported(env: BackendEnv) -> None:
+    with pytest.raises(DatasetMissing, match="does not exist"):
+        env.backend.check_dataset(env.missing_dataset)
+
+
+def test_listing_is_sorted_and_includes_foreign_snapshots(env: BackendEnv) -> None:
+    ds = env.new_dataset("d")
+    env.backend.snapshot_group([ds], LATER)
+    env.backend.snapshot_group([ds], "manual-before-upgrade")
+    env.backend.snapshot_group([ds], NAME)
+    snaps = env.backend.list_snapshots(ds)
+    assert {s.name for s in snaps} == {NAME, LATER, "manual-before-upgrade"}
+    keys = [(s.created, s.name) for s in snaps]
+    assert keys == sorted(keys)
+
+
+def test_destroy_removes_only_the_named_and_is_idempotent(env: BackendEnv) -> None:
+    ds = env.new_dataset("d")
+    for name in (NAME, LATER, "keep-me"):
+        env.backend.snapshot_group([ds], name)
+    env.backend.destroy(ds, [NAME])
+    env.backend.destroy(ds, [NAME, "never-existed"])
+    assert sorted(s.name for s in env.backend.list_snapshots(ds)) == sorted([LATER, "keep-me"])
+
+
+def test_destroy_refuses_what_is_not_a_read_only_snapshot(env: BackendEnv) -> None:
+    if env.plant_intruder is None:
+        pytest.skip("this filesystem cannot hold a writable object in its snapshot namespace")
+    ds = env.new_dataset("d")
+    env.plant_intruder(ds, NAME)
+    with pytest.raises(BackendError, match="refusing"):
+        env.backend.destroy(ds, [NAME])
+    assert NAME in {s.name for s in env.backend.list_snapshots(ds)}
+
+
+def test_each_dataset_has_its_own_snapshot_home(env: BackendEnv) -> None:
+    a, b = env.new_dataset("same"), env.new_dataset("other")
+    assert env.backend.snapshot_home(a) != env.backend.snapshot_home(b)
+
+
+@pytest.mark.parametrize("leaf", ["with space", "nön-ascii ünïcödé", "dash-.dot"])
+def test_awkward_dataset_names(env: BackendEnv, leaf: str) -> None:
+    ds = env.new_dataset(leaf)
+    env.write(ds, "f", leaf)
+    env.backend.snapshot_group([ds], NAME)
+    (snap,) = env.backend.list_snapshots(ds)
+    assert env.read(snap, "f") == leaf
+    env.backend.destroy(ds, [NAME])
+    assert env.backend.list_snapshots(ds) == []
