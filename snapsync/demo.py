@@ -24,7 +24,7 @@ from snapsync.render import render_reports
 from snapsync.runner import GroupReport, Runner
 from snapsync.scratch import scratch_btrfs, signals_raise
 
-START = datetime(2026, 9, 1, tzinfo=UTC)
+START = datetime(2026, 9, 15, tzinfo=UTC)
 FOREIGN = "before-upgrade (manual)"
 
 
@@ -85,6 +85,8 @@ def run_demo(days: int, console: Console, as_json: bool = False) -> int:
             print(json.dumps(summary, indent=2))
         else:
             _print(console, days, root, taken, deleted, final, on_disk, foreign_kept, failures)
+    if not as_json:
+        console.print("cleaned up: unmounted and deleted the demo filesystem")
     return EXIT_OK if not failures and foreign_kept else EXIT_PARTIAL
 
 
@@ -102,7 +104,7 @@ def _print(
     console.print(f"[bold]snapsync demo[/]: btrfs on a loop device at {root}")
     console.print(
         f"simulated {days} days of hourly `snapsync run` from {START:%Y-%m-%d} "
-        f"(retention calendar: Europe/Berlin, across the end of DST on 2026-10-25)"
+        f"to {START + timedelta(days=days):%Y-%m-%d} (retention calendar: Europe/Berlin; DST ends 2026-10-25)"
     )
     console.print(f"took {taken} group snapshots, pruned {deleted}; what retention keeps now, and why:\n")
     render_reports(console, final, explain=True)
@@ -113,4 +115,3 @@ def _print(
     console.print(f"foreign snapshot {FOREIGN!r}: {'untouched' if foreign_kept else '[red]MISSING[/]'}")
     for failure in failures:
         console.print(f"[red]error:[/] {failure}")
-    console.print("cleaned up: unmounted and deleted the demo filesystem")

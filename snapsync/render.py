@@ -15,8 +15,8 @@ from snapsync.runner import GroupReport
 
 def _plan_table(title: str, plan: PrunePlan, explain: bool) -> Table:
     table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
-    table.add_column("snapshot")
-    table.add_column("action")
+    table.add_column("snapshot", no_wrap=True)
+    table.add_column("action", no_wrap=True)
     if explain:
         table.add_column("kept by")
     for d in reversed(plan.decisions):
