@@ -91,7 +91,7 @@ def _finish(reports: list[Any], as_json: bool, explain: bool = False) -> int:
     from snapsync.render import render_reports
 
     if as_json:
-        print(json.dumps({"groups": [r.to_json() for r in reports]}, indent=2))
+        print(json.dumps({"groups": [r.to_json() for r in reports]}))
     else:
         render_reports(out, reports, explain=explain)
     return EXIT_OK if all(r.ok for r in reports) else EXIT_PARTIAL
@@ -200,7 +200,7 @@ def list_(groups: GroupsArg = None, as_json: JsonOpt = False) -> int:
         if not as_json:
             render_listing(out, group.name, group.backend, listing, group.prefix)
     if as_json:
-        print(json.dumps({"groups": result}, indent=2))
+        print(json.dumps({"groups": result}))
     return EXIT_PARTIAL if failed else EXIT_OK
 
 
@@ -224,7 +224,7 @@ def policy_check(
         check_datasets(policy)
     warnings = policy_warnings(policy)
     if as_json:
-        print(json.dumps({"policy": policy.normalized(), "warnings": warnings}, indent=2))
+        print(json.dumps({"policy": policy.normalized(), "warnings": warnings}))
     else:
         out.print(policy.to_toml(), end="", markup=False)
         for w in warnings:

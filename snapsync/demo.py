@@ -82,7 +82,7 @@ def run_demo(days: int, console: Console, as_json: bool = False) -> int:
             "errors": failures,
         }
         if as_json:
-            print(json.dumps(summary, indent=2))
+            print(json.dumps(summary))
         else:
             _print(console, days, root, taken, deleted, final, on_disk, foreign_kept, failures)
     if not as_json:

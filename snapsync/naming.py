@@ -29,6 +29,6 @@ def parse_snapshot_name(prefix: str, name: str) -> datetime | None:
     if not m:
         return None
     try:
-        return datetime.strptime(m.group(1), TIME_FORMAT).replace(tzinfo=UTC)
+        return datetime.fromisoformat(m.group(1))  # the pattern pins the format; this checks the calendar
     except ValueError:
         return None

@@ -91,6 +91,12 @@ class Runner:
         return merge_listing(group.prefix, self.raw_listing(group))
 
     def snapshot(self, group: Group, report: GroupReport, *, only_if_due: bool) -> None:
+        if group.hooks:
+            log.warning(
+                "group %s: %d hook(s) declared, but this version of snapsync does not run hooks yet; "
+                "the snapshot is crash-consistent only",
+                group.name, len(group.hooks),
+            )
         now = self.clock.now()
         name = snapshot_name(group.prefix, now)
         if only_if_due:
@@ -112,9 +118,9 @@ class Runner:
         if plan.future:
             # Pruning is only equivalent to one plan over all history while the clock moves forward
             # (docs/retention.md); a snapshot from "the future" means it stepped back, so wait.
-            names = ", ".join(d.name for d in plan.future)
+            future = ", ".join(d.name for d in plan.future)
             raise ClockBehind(
-                f"group {group.name}: snapshot(s) dated after the clock ({names}); refusing to prune "
+                f"group {group.name}: snapshot(s) dated after the clock ({future}); refusing to prune "
                 f"until the clock passes them (fix the clock, or delete them by hand if they are bogus)"
             )
         if report.dry_run:

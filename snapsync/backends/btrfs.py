@@ -75,7 +75,7 @@ class BtrfsBackend:
                 "set snapshot_dir to a directory on the same filesystem"
             ) from e
 
-    def _info(self, dataset: str, name: str, info: btrfsutil.SubvolumeInfo, path: Path) -> SnapshotInfo:
+    def _info(self, dataset: str, name: str, info: btrfsutil.SubvolumeInfo, path: Path | str) -> SnapshotInfo:
         return SnapshotInfo(
             dataset=dataset,
             name=name,
@@ -111,7 +111,8 @@ class BtrfsBackend:
         directory = self.snapshot_path(dataset)
         if not directory.is_dir():
             return []
-        snaps = [self._info(dataset, rel, info, directory / rel) for rel, info in self._children(directory)]
+        base = f"{directory}/"
+        snaps = [self._info(dataset, rel, info, base + rel) for rel, info in self._children(directory)]
         snaps.sort(key=lambda s: (s.created, s.name))
         return snaps
 

@@ -177,3 +177,44 @@ def test_demo_cleans_up_on_ctrl_c(btrfs_root: Path) -> None:
     assert not _demo_mounts()
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
     assert "snapsync-demo" not in loops
+
+
+MALFORMED = {
+    "missing key": ('version = 1\n[groups.a]\ndatasets = ["/x"]\n', "groups.a.backend: missing required key"),
+    "wrong type": ('version = 1\n[groups.a]\nbackend = "btrfs"\ndatasets = ["/x"]\n[groups.a.retention]\ndaily = "seven"\n',
+                   "groups.a.retention.daily: expected an integer"),
+    "unknown key": ('version = 1\n[groups.a]\nbackend = "btrfs"\ndatasets = ["/x"]\nintervall = "1h"\n',
+                    "did you mean 'interval'"),
+    "bad duration": ('version = 1\n[groups.a]\nbackend = "btrfs"\ndatasets = ["/x"]\ninterval = "1 fortnight"\n',
+                     "groups.a.interval: invalid duration"),
+    "unknown zone": ('version = 1\n[defaults]\ntimezone = "Europe/Berlinn"\n[groups.a]\nbackend = "btrfs"\ndatasets = ["/x"]\n',
+                     "unknown time zone 'Europe/Berlinn'"),
+    "duplicate group": ('version = 1\n[groups.a]\nbackend = "btrfs"\ndatasets = ["/x"]\n[groups.a]\nbackend = "btrfs"\n',
+                        "invalid TOML"),
+    "not toml": ("version = = 1\n", "invalid TOML"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_policies_give_one_line_and_exit_2(tmp_path: Path, case: str) -> None:
+    text, expected = MALFORMED[case]
+    policy = tmp_path / "bad policy.toml"
+    policy.write_text(text)
+    for argv in (["policy", "check", str(policy)], ["-p", str(policy), "run"], ["-p", str(policy), "prune", "--dry-run"]):
+        proc = snapsync(*argv)
+        assert proc.returncode == 2, (argv, proc.stderr)
+        assert proc.stdout == "" and "Traceback" not in proc.stderr
+        assert proc.stderr.count("\n") == 1 and str(policy) in proc.stderr and expected in proc.stderr, proc.stderr
+    as_json = json.loads(snapsync("policy", "check", "--json", str(policy)).stdout)
+    assert as_json["exit_code"] == 2 and expected in as_json["error"]
+
+
+def test_hooks_from_a_world_writable_policy_are_refused(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        'version = 1\n[groups.a]\nbackend = "btrfs"\ndatasets = ["/x"]\n'
+        '[[groups.a.hooks]]\ntype = "command"\npre = ["/bin/true"]\n'
+    )
+    policy.chmod(0o666)
+    proc = snapsync("-p", str(policy), "run")
+    assert proc.returncode == 2 and "world-writable" in proc.stderr and "chmod go-w" in proc.stderr
