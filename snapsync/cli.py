@@ -10,13 +10,17 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
 
 from snapsync import __version__
 from snapsync.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, SnapsyncError
+
+if TYPE_CHECKING:
+    from snapsync.policy import Policy
+    from snapsync.runner import GroupReport, Runner
 
 DEFAULT_POLICY = "/etc/snapsync/policy.toml"
 EPILOG = "Exit codes: 0 ok, 1 partial failure, 2 bad input or usage, 3 locked by another run, 130 interrupted."
@@ -74,20 +78,20 @@ def _main(
     )
 
 
-def _load(path: str | None = None) -> Any:
+def _load(path: str | None = None) -> Policy:
     from snapsync.policy import load_policy
 
     return load_policy(path or State.policy_path)
 
 
-def _runner(policy: Any) -> Any:
+def _runner(policy: Policy) -> Runner:
     from snapsync.clock import SystemClock
     from snapsync.runner import Runner
 
     return Runner(policy, SystemClock())
 
 
-def _finish(reports: list[Any], as_json: bool, explain: bool = False) -> int:
+def _finish(reports: list[GroupReport], as_json: bool, explain: bool = False) -> int:
     from snapsync.render import render_reports
 
     if as_json:
@@ -97,13 +101,34 @@ def _finish(reports: list[Any], as_json: bool, explain: bool = False) -> int:
     return EXIT_OK if all(r.ok for r in reports) else EXIT_PARTIAL
 
 
-def _locked_run(policy: Any, timeout: float, dry_run: bool, action: Any) -> Any:
+def _act(
+    groups: list[str] | None,
+    *,
+    take: bool,
+    only_due: bool,
+    prune: bool,
+    dry_run: bool,
+    as_json: bool,
+    lock_timeout: float,
+    explain: bool = False,
+) -> int:
+    """Load, select, run under the policy's lock (a dry run changes nothing, so it takes none), render."""
     from snapsync.lock import policy_lock
+    from snapsync.runner import select_groups
+
+    policy = _load()
+    selected = select_groups(policy, groups or [])
+    runner = _runner(policy)
+
+    def go() -> list[GroupReport]:
+        return runner.run(selected, take=take, only_due=only_due, prune=prune, dry_run=dry_run)
 
     if dry_run:
-        return action()
-    with policy_lock(policy.source, timeout):
-        return action()
+        reports = go()
+    else:
+        with policy_lock(policy.source, lock_timeout):
+            reports = go()
+    return _finish(reports, as_json, explain=explain)
 
 
 @app.command()
@@ -114,16 +139,7 @@ def snapshot(
     lock_timeout: LockTimeoutOpt = 60.0,
 ) -> int:
     """Take a snapshot of the given groups now, whether due or not (one name across each group)."""
-    from snapsync.runner import select_groups
-
-    policy = _load()
-    selected = select_groups(policy, groups or [])
-    runner = _runner(policy)
-    reports = _locked_run(
-        policy, lock_timeout, dry_run,
-        lambda: runner.run(selected, take=True, only_due=False, prune=False, dry_run=dry_run),
-    )
-    return _finish(reports, as_json)
+    return _act(groups, take=True, only_due=False, prune=False, dry_run=dry_run, as_json=as_json, lock_timeout=lock_timeout)
 
 
 @app.command()
@@ -135,16 +151,10 @@ def prune(
     lock_timeout: LockTimeoutOpt = 60.0,
 ) -> int:
     """Delete the snapshots that no retention rule keeps. Foreign snapshots are never touched."""
-    from snapsync.runner import select_groups
-
-    policy = _load()
-    selected = select_groups(policy, groups or [])
-    runner = _runner(policy)
-    reports = _locked_run(
-        policy, lock_timeout, dry_run,
-        lambda: runner.run(selected, take=False, only_due=False, prune=True, dry_run=dry_run),
+    return _act(
+        groups, take=False, only_due=False, prune=True, dry_run=dry_run, as_json=as_json,
+        lock_timeout=lock_timeout, explain=explain,
     )
-    return _finish(reports, as_json, explain=explain)
 
 
 @app.command()
@@ -154,14 +164,11 @@ def run(
     as_json: JsonOpt = False,
     lock_timeout: LockTimeoutOpt = 60.0,
 ) -> int:
-    """What cron or the systemd timer calls: snapshot every group that is due, then prune."""
-    policy = _load()
-    runner = _runner(policy)
-    reports = _locked_run(
-        policy, lock_timeout, dry_run,
-        lambda: runner.run(policy.groups.values(), take=True, only_due=True, prune=True, dry_run=dry_run),
+    """What cron or the systemd timer calls: snapshot every group that is due, then prune them all."""
+    return _act(
+        None, take=True, only_due=True, prune=True, dry_run=dry_run, as_json=as_json,
+        lock_timeout=lock_timeout, explain=explain,
     )
-    return _finish(reports, as_json, explain=explain)
 
 
 @app.command("list")
