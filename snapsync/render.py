@@ -31,6 +31,7 @@ def _plan_table(title: str, plan: PrunePlan, explain: bool) -> Table:
 def render_reports(console: Console, reports: Sequence[GroupReport], *, explain: bool = False) -> None:
     for r in reports:
         would = "would " if r.dry_run else ""
+        delete = "delete" if r.dry_run else "deleted"
         parts: list[str] = []
         if r.snapshot:
             parts.append(f"{would}take {r.snapshot}" if r.dry_run else f"took {r.snapshot}")
@@ -38,7 +39,7 @@ def render_reports(console: Console, reports: Sequence[GroupReport], *, explain:
             parts.append("not due" + (f" (newest {r.not_due})" if r.not_due else ""))
         if r.plan is not None:
             removed = len(r.plan.removed)
-            parts.append(f"keep {len(r.plan.kept)}, {would}delete {removed}")
+            parts.append(f"keep {len(r.plan.kept)}, {would}{delete} {removed}")
             if r.plan.future:
                 parts.append(f"{len(r.plan.future)} dated in the future (kept)")
         status = "[green]ok[/]" if r.ok else "[red]FAILED[/]"
@@ -50,7 +51,7 @@ def render_reports(console: Console, reports: Sequence[GroupReport], *, explain:
                 console.print(_plan_table(f"  {r.group}", r.plan, explain=True))
             else:
                 for d in r.plan.removed:
-                    console.print(f"  {would}delete {d.name}", highlight=False)
+                    console.print(f"  {would}{delete} {d.name}", highlight=False)
 
 
 def render_listing(console: Console, group: str, backend: str, listing: dict[str, list[SnapshotInfo]], prefix: str) -> None:
@@ -58,7 +59,9 @@ def render_listing(console: Console, group: str, backend: str, listing: dict[str
 
     for dataset, snaps in listing.items():
         table = Table(title=f"{group} ({backend}) {dataset}", title_justify="left", show_edge=False, pad_edge=False)
-        for col in ("snapshot", "created (fs)", "read-only", "uuid/guid", "ours"):
+        table.add_column("snapshot", no_wrap=True)
+        table.add_column("created (fs)", no_wrap=True)
+        for col in ("ro", "id", "ours"):
             table.add_column(col)
         for s in snaps:
             ours = parse_snapshot_name(prefix, s.name) is not None
@@ -66,7 +69,7 @@ def render_listing(console: Console, group: str, backend: str, listing: dict[str
                 s.name,
                 s.created.strftime("%Y-%m-%d %H:%M:%SZ"),
                 "yes" if s.read_only else "[red]no[/]",
-                s.guid[:12],
+                s.guid[:8],
                 "yes" if ours else "[dim]foreign[/]",
             )
         if not snaps:
