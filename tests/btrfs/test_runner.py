@@ -134,15 +134,21 @@ def test_one_failing_group_does_not_stop_the_others(btrfs_root: Path) -> None:
         assert not Path(BtrfsBackend().snapshot_home(ds)).exists()
 
 
-def test_dry_run_changes_nothing(btrfs_root: Path) -> None:
-    policy = _policy(btrfs_root, POLICY)
+def _daily_history(policy: Policy, days: int) -> tuple[Runner, str]:
+    """``days`` daily snapshots of the "slow" group, none pruned; the runner's clock is a day past the last."""
     ds = policy.groups["slow"].datasets[0]
     make_subvolume(Path(ds))
     clock = ManualClock(START)
     runner = Runner(policy, clock)
-    for _ in range(10):
+    for _ in range(days):
         runner.run([policy.groups["slow"]], take=True, only_due=True, prune=False)
         clock.advance(timedelta(days=1))
+    return runner, ds
+
+
+def test_dry_run_changes_nothing(btrfs_root: Path) -> None:
+    policy = _policy(btrfs_root, POLICY)
+    runner, ds = _daily_history(policy, 10)
     before = _on_disk(BtrfsBackend(), ds)
     (report,) = runner.run([policy.groups["slow"]], take=True, only_due=True, prune=True, dry_run=True)
     assert report.snapshot is not None and report.plan is not None and report.plan.removed
@@ -151,13 +157,7 @@ def test_dry_run_changes_nothing(btrfs_root: Path) -> None:
 
 def test_prune_refuses_while_the_clock_is_behind_a_snapshot(btrfs_root: Path) -> None:
     policy = _policy(btrfs_root, POLICY.replace("keep_last = 2", "keep_last = 1"))
-    ds = policy.groups["slow"].datasets[0]
-    make_subvolume(Path(ds))
-    clock = ManualClock(START)
-    runner = Runner(policy, clock)
-    for _ in range(8):
-        runner.run([policy.groups["slow"]], take=True, only_due=True, prune=False)
-        clock.advance(timedelta(days=1))
+    _, ds = _daily_history(policy, 8)
     before = _on_disk(BtrfsBackend(), ds)
     stepped_back = Runner(policy, ManualClock(START + timedelta(days=3, hours=1)))
     (report,) = stepped_back.run([policy.groups["slow"]], take=True, only_due=True, prune=True)
