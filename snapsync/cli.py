@@ -174,6 +174,7 @@ def run(
 @app.command("list")
 def list_(groups: GroupsArg = None, as_json: JsonOpt = False) -> int:
     """List every snapshot of each group's datasets, ours and foreign."""
+    from snapsync.naming import parse_snapshot_name
     from snapsync.render import render_listing
     from snapsync.runner import select_groups
 
@@ -192,8 +193,6 @@ def list_(groups: GroupsArg = None, as_json: JsonOpt = False) -> int:
                 err.print(f"[bold]{group.name}[/]: [red]error:[/] {e}")
             result.append(entry)
             continue
-        from snapsync.naming import parse_snapshot_name
-
         entry["datasets"] = [
             {
                 "dataset": ds,

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from snapsync.backends.base import SnapshotInfo
+from snapsync.naming import parse_snapshot_name
 from snapsync.retention import PrunePlan
 from snapsync.runner import GroupReport
 
@@ -35,8 +36,8 @@ def render_reports(console: Console, reports: Sequence[GroupReport], *, explain:
         parts: list[str] = []
         if r.snapshot:
             parts.append(f"{would}take {r.snapshot}" if r.dry_run else f"took {r.snapshot}")
-        elif r.not_due is not None or r.snapshot is None and r.plan is None and not r.errors:
-            parts.append("not due" + (f" (newest {r.not_due})" if r.not_due else ""))
+        elif r.not_due is not None:
+            parts.append(f"not due (newest {r.not_due})")
         if r.plan is not None:
             removed = len(r.plan.removed)
             parts.append(f"keep {len(r.plan.kept)}, {would}{delete} {removed}")
@@ -55,8 +56,6 @@ def render_reports(console: Console, reports: Sequence[GroupReport], *, explain:
 
 
 def render_listing(console: Console, group: str, backend: str, listing: dict[str, list[SnapshotInfo]], prefix: str) -> None:
-    from snapsync.naming import parse_snapshot_name
-
     for dataset, snaps in listing.items():
         table = Table(title=f"{group} ({backend}) {dataset}", title_justify="left", show_edge=False, pad_edge=False)
         table.add_column("snapshot", no_wrap=True)
