@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Literal, NoReturn
 
 import typer
 from rich.console import Console
@@ -20,6 +22,7 @@ from snapsync.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, SnapsyncError
 
 if TYPE_CHECKING:
     from snapsync.policy import Policy
+    from snapsync.replicate import ProgressFactory
     from snapsync.runner import GroupReport, Runner
 
 DEFAULT_POLICY = "/etc/snapsync/policy.toml"
@@ -84,11 +87,23 @@ def _load(path: str | None = None) -> Policy:
     return load_policy(path or State.policy_path)
 
 
-def _runner(policy: Policy) -> Runner:
+def _runner(policy: Policy, progress: ProgressFactory | None = None) -> Runner:
     from snapsync.clock import SystemClock
     from snapsync.runner import Runner
 
-    return Runner(policy, SystemClock())
+    return Runner(policy, SystemClock(), progress=progress)
+
+
+@contextmanager
+def _progress(as_json: bool) -> Iterator[ProgressFactory | None]:
+    """Progress bars on a terminal; nothing under cron, systemd or --json."""
+    if as_json or not err.is_terminal:
+        yield None
+        return
+    from snapsync.render import send_progress
+
+    with send_progress(err) as factory:
+        yield factory
 
 
 def _finish(reports: list[GroupReport], as_json: bool, explain: bool = False) -> int:
@@ -111,17 +126,25 @@ def _act(
     as_json: bool,
     lock_timeout: float,
     explain: bool = False,
+    replicate: bool = False,
+    targets: list[str] | None = None,
+    prune_targets: bool = True,
 ) -> int:
     """Load, select, run under the policy's lock (a dry run changes nothing, so it takes none), render."""
     from snapsync.lock import policy_lock
-    from snapsync.runner import select_groups
+    from snapsync.runner import select_groups, select_targets
 
     policy = _load()
     selected = select_groups(policy, groups or [])
-    runner = _runner(policy)
+    if targets:
+        select_targets(policy, targets)
 
     def go() -> list[GroupReport]:
-        return runner.run(selected, take=take, only_due=only_due, prune=prune, dry_run=dry_run)
+        with _progress(as_json) as progress:
+            return _runner(policy, progress).run(
+                selected, take=take, only_due=only_due, prune=prune, dry_run=dry_run,
+                replicate=replicate, targets=targets, prune_targets=prune_targets,
+            )
 
     if dry_run:
         reports = go()
@@ -164,11 +187,72 @@ def run(
     as_json: JsonOpt = False,
     lock_timeout: LockTimeoutOpt = 60.0,
 ) -> int:
-    """What cron or the systemd timer calls: snapshot every group that is due, then prune them all."""
+    """What cron or the systemd timer calls: snapshot what is due, replicate to every target, prune both sides."""
     return _act(
         None, take=True, only_due=True, prune=True, dry_run=dry_run, as_json=as_json,
-        lock_timeout=lock_timeout, explain=explain,
+        lock_timeout=lock_timeout, explain=explain, replicate=True,
     )
+
+
+@app.command()
+def replicate(
+    targets: Annotated[
+        list[str] | None, typer.Argument(help="Targets to replicate to (default: every target of each group).", show_default=False)
+    ] = None,
+    group: Annotated[list[str] | None, typer.Option("--group", "-g", help="Only these groups (repeatable).")] = None,
+    no_prune: Annotated[bool, typer.Option("--no-prune", help="Do not apply the targets' retention afterwards.")] = False,
+    dry_run: DryRunOpt = False,
+    as_json: JsonOpt = False,
+    lock_timeout: LockTimeoutOpt = 60.0,
+) -> int:
+    """Send every snapshot a target lacks, incrementally from the newest common one; then prune the target.
+
+    Conflicts (a diverged target, no common base) stop that target and are explained; nothing is
+    overwritten unless the target's policy says on_diverged = "rollback".
+    """
+    return _act(
+        group, take=False, only_due=False, prune=False, dry_run=dry_run, as_json=as_json,
+        lock_timeout=lock_timeout, replicate=True, targets=targets, prune_targets=not no_prune,
+    )
+
+
+@app.command()
+def serve(
+    root: Annotated[str, typer.Option("--root", help="Everything served lives below this directory.")],
+    role: Annotated[Literal["receive", "send"], typer.Option("--role", help="receive: accept copies; send: hand out snapshots.")],
+    snapshot_dir: Annotated[str, typer.Option("--snapshot-dir", help="send role: where snapshots live, as in the policy.")] = ".snapsync",
+    append_only: Annotated[bool, typer.Option("--append-only", help="receive role: refuse to delete copies.")] = False,
+) -> int:
+    """The far end of replication, for an ssh forced command (see `snapsync authorize`). Reads one
+    request on stdin; speaks a small versioned protocol; runs no shell."""
+    from snapsync.serve import serve as run_serve
+
+    return run_serve(root, role, snapshot_dir, append_only)
+
+
+@app.command()
+def authorize(
+    keyfile: Annotated[Path, typer.Argument(help="The client's public key file (e.g. id_ed25519.pub).")],
+    root: Annotated[str, typer.Option("--root", help="The directory this key may use.")],
+    role: Annotated[Literal["receive", "send"], typer.Option("--role")] = "receive",
+    command: Annotated[str, typer.Option("--command", help="Path of snapsync on this host.")] = "snapsync",
+    append_only: Annotated[bool, typer.Option("--append-only", help="receive role: the key may add copies, never delete.")] = False,
+) -> int:
+    """Print the authorized_keys line that confines KEYFILE to `snapsync serve` in ROLE below ROOT."""
+    from snapsync.errors import UsageError
+    from snapsync.serve import authorized_keys_line
+
+    if not root.startswith("/"):
+        raise UsageError(f"--root must be an absolute path, got {root!r}")
+    try:
+        lines = [ln for ln in keyfile.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    except OSError as e:
+        raise UsageError(f"{keyfile}: {e.strerror or e}") from None
+    if len(lines) != 1 or not lines[0].split()[0].startswith(("ssh-", "ecdsa-", "sk-")) or len(lines[0].split()) < 2:
+        raise UsageError(f"{keyfile}: not a single ssh public key (expected a line like 'ssh-ed25519 AAAA... comment')")
+    argv = [command, "serve", "--root", root, "--role", role] + (["--append-only"] if append_only else [])
+    out.print(authorized_keys_line(lines[0], argv), markup=False, highlight=False, soft_wrap=True)
+    return EXIT_OK
 
 
 @app.command("list")

@@ -8,7 +8,9 @@ The CLI maps these to exit codes in one place (``snapsync.cli``); nothing else p
     ├── LockedError               exit 3  (another run holds the policy's lock)
     └── BackendError              exit 1  (a filesystem operation failed)
         ├── DatasetMissing
-        └── CommandFailed         (a subprocess exited non-zero; carries its stderr tail)
+        ├── CommandFailed         (a subprocess exited non-zero; carries its stderr tail)
+        ├── TransientError        (worth retrying: connection refused, timeouts)
+        └── RemoteRefused         (the far end's snapsync serve refused the request)
 """
 
 from __future__ import annotations
@@ -68,3 +70,11 @@ class CommandFailed(BackendError):
         self.stderr = stderr
         tail = " | ".join(stderr.strip().splitlines()[-5:])
         super().__init__(f"{argv[0]} exited {returncode}: {tail or '(no stderr)'}")
+
+
+class TransientError(BackendError):
+    """A failure that may go away by itself (the network, a busy peer); retried with backoff."""
+
+
+class RemoteRefused(BackendError):
+    """``snapsync serve`` on the other side refused a request: a permanent error, never retried."""

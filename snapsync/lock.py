@@ -11,7 +11,7 @@ import hashlib
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from snapsync.errors import LockedError
@@ -30,9 +30,11 @@ def lock_path(policy_source: str) -> Path:
 
 
 @contextmanager
-def policy_lock(policy_source: str, timeout: float) -> Iterator[Path]:
-    """Hold the policy's lock for the duration of the block; wait up to ``timeout`` seconds."""
-    path = lock_path(policy_source)
+def file_lock(path: Path, timeout: float, what: str) -> Iterator[Path]:
+    """Hold an exclusive ``flock`` on ``path`` for the block; wait up to ``timeout`` seconds.
+
+    ``what`` names the thing being protected in the "locked" message.
+    """
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -45,8 +47,8 @@ def policy_lock(policy_source: str, timeout: float) -> Iterator[Path]:
                 if time.monotonic() >= deadline:
                     holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                     raise LockedError(
-                        f"another snapsync run (pid {holder}) holds the lock for {policy_source} "
-                        f"({path}); gave up after {timeout:g}s"
+                        f"another snapsync process (pid {holder}) holds the lock for {what} ({path}); "
+                        f"gave up after {timeout:g}s"
                     ) from None
                 time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
         os.ftruncate(fd, 0)
@@ -54,3 +56,8 @@ def policy_lock(policy_source: str, timeout: float) -> Iterator[Path]:
         yield path
     finally:
         os.close(fd)
+
+
+def policy_lock(policy_source: str, timeout: float) -> AbstractContextManager[Path]:
+    """The lock every changing run of one policy file holds, so two cron runs never overlap."""
+    return file_lock(lock_path(policy_source), timeout, policy_source)

@@ -3,15 +3,101 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from snapsync.backends.base import SnapshotInfo
 from snapsync.naming import parse_snapshot_name
+from snapsync.durations import format_duration
+from snapsync.replicate import ProgressFactory, TargetReport
 from snapsync.retention import PrunePlan
 from snapsync.runner import GroupReport
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def render_target(console: Console, t: TargetReport) -> None:
+    status = "[yellow]skipped[/]" if t.skipped else "[green]ok[/]" if t.ok else "[red]FAILED[/]"
+    arrow = "->" if t.direction == "push" else "<-"
+    parts: list[str] = []
+    if t.skipped:
+        parts.append(t.skipped)
+    if t.dry_run and t.planned:
+        parts.append(f"would do {len(t.planned)} step(s)")
+    if t.sent:
+        full = sum(1 for s in t.sent if s.base is None)
+        seconds = sum(s.seconds for s in t.sent) or 1e-9
+        kinds = f"{full} full, {len(t.sent) - full} incremental" if full else f"{len(t.sent)} incremental"
+        parts.append(f"sent {len(t.sent)} ({kinds}), {_size(t.bytes_sent)} at {_size(int(t.bytes_sent / seconds))}/s")
+    elif not t.skipped and t.ok and not t.dry_run:
+        parts.append("up to date")
+    if t.lag is not None:
+        parts.append(f"lag {format_duration(t.lag)}" if t.lag.total_seconds() else "lag 0")
+    if t.pruned:
+        parts.append(f"pruned {len(t.pruned)} on target")
+    console.print(f"  {arrow} [bold]{t.target}[/]: {status}" + (": " + "; ".join(parts) if parts else ""))
+    if t.dry_run:
+        for step in t.planned:
+            console.print(f"     would: {step}", highlight=False)
+    for line in t.removed_partials:
+        console.print(f"     removed partial copy {line}", highlight=False)
+    for line in t.rolled_back:
+        console.print(f"     [yellow]rolled back (destroyed on target)[/] {line}", highlight=False)
+    for note in t.notes:
+        console.print(f"     [yellow]note:[/] {note}", highlight=False)
+    for err in t.errors:
+        console.print(f"     [red]error:[/] {err}", highlight=False)
+    if t.prune is not None and t.dry_run:
+        for d in t.prune.removed:
+            console.print(f"     would delete on target {d.name}", highlight=False)
+
+
+@contextmanager
+def send_progress(console: Console) -> Iterator[ProgressFactory]:
+    """Progress bars for sends, on a terminal only; the factory hands out one callback per send."""
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+
+    def factory(description: str, estimate: int | None) -> Callable[[int], None]:
+        task = progress.add_task(description, total=estimate)
+
+        def tick(done: int) -> None:
+            total = progress.tasks[task].total
+            if total is not None and done > total:
+                progress.update(task, total=done)
+            progress.update(task, completed=done)
+
+        return tick
+
+    with progress:
+        yield factory
 
 
 def _plan_table(title: str, plan: PrunePlan, explain: bool) -> Table:
@@ -47,6 +133,10 @@ def render_reports(console: Console, reports: Sequence[GroupReport], *, explain:
         console.print(f"[bold]{r.group}[/]: {status}: " + "; ".join(parts))
         for err in r.errors:
             console.print(f"  [red]error:[/] {err}", highlight=False)
+        for t in r.targets:
+            render_target(console, t)
+        for line in r.released:
+            console.print(f"  released stale hold {line}", highlight=False)
         if r.plan is not None and (explain or r.plan.removed):
             if explain:
                 console.print(_plan_table(f"  {r.group}", r.plan, explain=True))

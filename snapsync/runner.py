@@ -17,7 +17,11 @@ from snapsync.errors import BackendError, SnapsyncError, UsageError
 from snapsync.naming import snapshot_name
 from snapsync.planning import GroupListing, is_due, merge_listing, plan_group_prune
 from snapsync.policy import Group, Policy
+from snapsync.policy_models import LocalTarget, SshTarget
+from snapsync.protocol import dataset_key
+from snapsync.replicate import DatasetLink, LocalSource, ProgressFactory, Replication, Settings, TargetReport
 from snapsync.retention import PrunePlan
+from snapsync.transport import LocalTransport, SshTransport
 
 log = logging.getLogger("snapsync")
 
@@ -32,11 +36,13 @@ class GroupReport:
     not_due: str | None = None
     plan: PrunePlan | None = None
     deleted: list[str] = field(default_factory=list)
+    released: list[str] = field(default_factory=list)
+    targets: list[TargetReport] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.errors
+        return not self.errors and all(t.ok for t in self.targets)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -47,6 +53,8 @@ class GroupReport:
             "not_due": self.not_due,
             "deleted": self.deleted,
             "plan": self.plan.to_json() if self.plan is not None else None,
+            "released_holds": self.released,
+            "targets": [t.to_json() for t in self.targets],
             "errors": self.errors,
         }
 
@@ -66,15 +74,25 @@ def select_groups(policy: Policy, names: Sequence[str]) -> list[Group]:
     return [policy.groups[n] for n in dict.fromkeys(names)]
 
 
+def select_targets(policy: Policy, names: Sequence[str]) -> None:
+    """Unknown target names exit 2 before anything is done."""
+    unknown = [n for n in names if n not in policy.targets]
+    if unknown:
+        known = ", ".join(policy.targets) or "none"
+        raise UsageError(f"{policy.source}: no target named {', '.join(map(repr, unknown))} (targets: {known})")
+
+
 class Runner:
     def __init__(
         self,
         policy: Policy,
         clock: Clock,
         backends: Callable[[Group], StorageBackend] = backend_for,
+        progress: ProgressFactory | None = None,
     ) -> None:
         self.policy = policy
         self.clock = clock
+        self.progress = progress
         self._make_backend = backends
         self._backends: dict[str, StorageBackend] = {}
 
@@ -111,8 +129,38 @@ class Runner:
         report.snapshot = name
         log.info("group %s: took snapshot %s of %d dataset(s)", group.name, name, len(group.datasets))
 
-    def prune(self, group: Group, report: GroupReport, pinned: Mapping[str, Sequence[str]] | None = None) -> None:
-        listing = self.listing(group)
+    def replication_pins(self, group: Group, report: GroupReport, raw: Mapping[str, Sequence[SnapshotInfo]]) -> dict[str, list[str]]:
+        """Pins for the group's own pruning: every snapshot a target (or a pulling host) still needs.
+
+        Holds of targets the group no longer lists are stale: they are released (and reported) so a
+        removed target does not pin snapshots forever.
+        """
+        pinned: dict[str, list[str]] = {}
+        stale: dict[tuple[str, str], None] = {}
+        for dataset, snaps in raw.items():
+            for snap in snaps:
+                for tag in snap.holds:
+                    kind, _, name = tag.partition(":")
+                    if kind == "target" and name in group.targets:
+                        reason = f"replication base for {name}"
+                    elif kind == "pull":
+                        reason = f"replication base for {name} (pulls from here)"
+                    else:
+                        stale[(dataset, tag)] = None
+                        continue
+                    reasons = pinned.setdefault(snap.name, [])
+                    if reason not in reasons:
+                        reasons.append(reason)
+        for dataset, tag in stale:
+            if not report.dry_run:
+                self.backend(group).set_holds(dataset, tag, [])
+            report.released.append(f"{dataset}: {tag} (target no longer configured for this group)")
+        return pinned
+
+    def prune(self, group: Group, report: GroupReport) -> None:
+        raw = self.raw_listing(group)
+        listing = merge_listing(group.prefix, raw)
+        pinned = self.replication_pins(group, report, raw)
         plan = plan_group_prune(listing, group.retention, self.clock.now(), pinned)
         report.plan = plan
         if plan.future:
@@ -141,6 +189,50 @@ class Runner:
             log.info("group %s: pruned %d snapshot(s) of %s", group.name, len(names), dataset)
         report.deleted = [d.name for d in plan.removed]
 
+    def replication(self, group: Group, target_name: str) -> Replication | None:
+        target = self.policy.targets[target_name]
+        transport: LocalTransport | SshTransport
+        if isinstance(target, SshTarget):
+            transport = SshTransport.from_target(target_name, target)
+        elif isinstance(target, LocalTarget):
+            transport = LocalTransport.from_target(target_name, target)
+        else:
+            return None
+        from snapsync.peer import Peer
+        from snapsync.streams import parse_rate
+
+        return Replication(
+            group=group.name,
+            target=target_name,
+            prefix=group.prefix,
+            links=[DatasetLink(ds, f"{group.name}/{dataset_key(ds)}") for ds in group.datasets],
+            source=LocalSource(self.backend(group)),
+            sink=Peer(transport, "receive"),
+            settings=Settings(
+                retention=target.retention,
+                on_diverged=target.on_diverged,
+                compress=target.compress,
+                rate_limit=parse_rate(target.rate_limit),
+                max_lag=target.max_lag,
+            ),
+            hold_tag=f"target:{target_name}",
+            now=self.clock.now,
+            progress=self.progress,
+        )
+
+    def replicate(self, group: Group, report: GroupReport, targets: Sequence[str] | None, prune: bool) -> None:
+        for name in group.targets:
+            if targets and name not in targets:
+                continue
+            replication = self.replication(group, name)
+            if replication is None:
+                kind = self.policy.targets[name].type
+                skipped = TargetReport(group.name, name, dry_run=report.dry_run)
+                skipped.skipped = f"type {kind!r} targets are not supported by this version yet"
+                report.targets.append(skipped)
+                continue
+            report.targets.append(replication.run(dry_run=report.dry_run, prune=prune))
+
     def run(
         self,
         groups: Iterable[Group],
@@ -149,17 +241,26 @@ class Runner:
         only_due: bool,
         prune: bool,
         dry_run: bool = False,
+        replicate: bool = False,
+        targets: Sequence[str] | None = None,
+        prune_targets: bool = True,
     ) -> list[GroupReport]:
-        """Snapshot (all groups first, so they share an instant as closely as possible), then prune."""
+        """Snapshot (all groups first, so they share an instant as closely as possible), replicate, prune.
+
+        Pruning comes last, so it sees the holds replication just moved forward.
+        """
         reports: list[tuple[Group, GroupReport]] = []
         for group in groups:
             report = GroupReport(group.name, dry_run=dry_run)
             reports.append((group, report))
             if take:
                 self._guard(report, "snapshot", lambda: self.snapshot(group, report, only_if_due=only_due))
+        if replicate:
+            for group, report in reports:
+                self._guard(report, "replicate", lambda: self.replicate(group, report, targets, prune_targets))
         if prune:
             for group, report in reports:
-                if report.ok:
+                if not report.errors:  # a failed target must not stop pruning: its base is pinned
                     self._guard(report, "prune", lambda: self.prune(group, report))
         return [r for _, r in reports]
 

@@ -11,9 +11,14 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import pytest
 
 from snapsync.scratch import scratch_btrfs
+
+if TYPE_CHECKING:
+    from tests.sshd import Sshd
 
 
 def _btrfs_unavailable() -> str | None:
@@ -44,3 +49,48 @@ def make_subvolume(path: Path, content: str = "") -> Path:
     if content:
         (path / "data.txt").write_text(content)
     return path
+
+
+def _require_btrfs() -> None:
+    reason = _btrfs_unavailable()
+    if reason:
+        if os.environ.get("SNAPSYNC_REQUIRE_BTRFS") == "1":
+            pytest.fail(f"btrfs tier required but unavailable: {reason}")
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def target_root(tmp_path: Path) -> Iterator[Path]:
+    """A second, separate btrfs (the receiving host's disk), 256 MiB, with a root directory for copies."""
+    _require_btrfs()
+    with scratch_btrfs("256M", parent=str(tmp_path), label="snapsync-target") as mnt:
+        root = mnt / "backups"
+        root.mkdir()
+        yield root
+
+
+@pytest.fixture(scope="session")
+def client_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.sshd import keygen
+
+    return keygen(tmp_path_factory.mktemp("sshkey") / "id_ed25519")
+
+
+@pytest.fixture
+def sshd(tmp_path: Path, client_key: Path) -> Iterator[Sshd]:
+    """A real sshd on 127.0.0.1 for this test; authorize keys with ``sshd.authorize(...)``."""
+    from tests.sshd import Sshd, free_port, sshd_unavailable
+
+    reason = sshd_unavailable()
+    if reason:
+        if os.environ.get("SNAPSYNC_REQUIRE_BTRFS") == "1":
+            pytest.fail(f"ssh tier required but unavailable: {reason}")
+        pytest.skip(reason)
+    directory = tmp_path / "sshd"
+    directory.mkdir()
+    server = Sshd(directory, free_port(), client_key)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -99,6 +99,18 @@ class StorageBackend(Protocol):
         """
         ...
 
+    def set_holds(self, dataset: str, tag: str, names: Sequence[str]) -> None:
+        """Make ``tag`` hold exactly ``names`` (releasing what it held before); [] releases the tag.
+
+        Holds record which snapshot a target still needs as its incremental base; ``list_snapshots``
+        reports them in ``SnapshotInfo.holds`` and pruning pins them. ZFS uses real holds.
+        """
+        ...
+
+    def send_argv(self, dataset: str, name: str, base: str | None) -> list[str]:
+        """The command that writes snapshot ``name`` as a stream to stdout, incremental from ``base``."""
+        ...
+
     def destroy(self, dataset: str, names: Sequence[str]) -> None:
         """Destroy the named snapshots of ``dataset``.
 

@@ -7,8 +7,10 @@ out. btrfs cannot snapshot several subvolumes in one operation, so a group snaps
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import ClassVar
@@ -20,6 +22,7 @@ from snapsync.errors import BackendError, DatasetMissing
 
 _NO_UUID = bytes(16)
 _READ_ONLY = 1
+HOLDS_FILE = ".holds.json"
 
 
 def _uuid(raw: bytes) -> str | None:
@@ -112,9 +115,57 @@ class BtrfsBackend:
         if not directory.is_dir():
             return []
         base = f"{directory}/"
-        snaps = [self._info(dataset, rel, info, base + rel) for rel, info in self._children(directory)]
+        held: dict[str, list[str]] = {}
+        for tag, names in self._read_holds(directory).items():
+            for name in names:
+                held.setdefault(name, []).append(tag)
+        snaps = [
+            replace(self._info(dataset, rel, info, base + rel), holds=tuple(sorted(held.get(rel, ()))))
+            for rel, info in self._children(directory)
+        ]
         snaps.sort(key=lambda s: (s.created, s.name))
         return snaps
+
+    def _read_holds(self, directory: Path) -> dict[str, list[str]]:
+        try:
+            data = json.loads((directory / HOLDS_FILE).read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            raise BackendError(f"{directory / HOLDS_FILE}: unreadable holds file: {e}") from e
+        if not isinstance(data, dict):
+            raise BackendError(f"{directory / HOLDS_FILE}: unreadable holds file: not a JSON object")
+        return {str(k): [str(n) for n in v] for k, v in data.items() if isinstance(v, list)}
+
+    def set_holds(self, dataset: str, tag: str, names: Sequence[str]) -> None:
+        """Emulate ZFS holds in a JSON file beside the snapshots: ``tag`` now holds exactly ``names``.
+
+        Kept with the snapshots (on /persist, not in /var/lib) so a reinstall or an impermanent root
+        does not forget which snapshot a target still needs. Written atomically.
+        """
+        directory = self.snapshot_path(dataset)
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        holds = self._read_holds(directory)
+        if names:
+            holds[tag] = sorted(set(names))
+        else:
+            holds.pop(tag, None)
+        tmp = directory / f"{HOLDS_FILE}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(holds, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, directory / HOLDS_FILE)
+
+    def send_argv(self, dataset: str, name: str, base: str | None) -> list[str]:
+        """``btrfs send`` of one snapshot, incremental from ``base`` when given (both read-only)."""
+        _check_name(name)
+        directory = self.snapshot_path(dataset)
+        argv = ["btrfs", "send", "-q"]
+        if base is not None:
+            _check_name(base)
+            argv += ["-p", str(directory / base)]
+        return argv + [str(directory / name)]
 
     def snapshot_group(self, datasets: Sequence[str], name: str) -> list[SnapshotInfo]:
         _check_name(name)
@@ -147,6 +198,10 @@ class BtrfsBackend:
         for name in names:
             _check_name(name)
         dataset_uuid = btrfsutil.subvolume_info(dataset).uuid if os.path.exists(dataset) else None
+        held = {n: tag for tag, ns in self._read_holds(directory).items() for n in ns}
+        for name in names:
+            if name in held and os.path.lexists(directory / name):
+                raise BackendError(f"refusing to delete {directory / name}: held by {held[name]} (a target's replication base)")
         for name in names:
             path = directory / name
             if not os.path.lexists(path):

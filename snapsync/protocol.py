@@ -1,0 +1,208 @@
+"""The wire protocol between snapsync and ``snapsync serve``: one JSON request line per session.
+
+A session is one process on the far side (an ssh forced command, or a local subprocess). The client
+writes a single request line; for ``receive`` the send stream follows on the same stdin. The server
+answers with a single JSON line on stdout, except ``send``, which answers with a header line and then
+the stream itself. The server's exit status says whether the session succeeded (0), failed (1) or
+was refused (2), so ssh passes the outcome through even when stdout carries a stream.
+
+Everything a request names is validated here, before the server touches a file: relative paths made
+of plain components (no ``..``, no leading dot, no shell metacharacters), snapshot names that our
+naming scheme can produce, and a bounded size. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import quote
+
+VERSION = 1
+MAX_REQUEST = 64 * 1024
+"""Bytes in one request line, newline included; longer requests are refused unread."""
+
+MAX_NAMES = 4096
+
+Role = Literal["receive", "send"]
+OPS: dict[Role, frozenset[str]] = {
+    "receive": frozenset({"hello", "list", "receive", "delete"}),
+    "send": frozenset({"hello", "list", "send", "hold"}),
+}
+
+_COMPONENT = re.compile(r"[A-Za-z0-9_%][A-Za-z0-9._%+=@:-]{0,254}")
+_SNAPSHOT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,254}")
+_GUID = re.compile(r"[0-9a-f]{1,64}")
+_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+_KEY_SAFE = "._-+=@:"
+
+
+class Refused(ValueError):
+    """A request the server will not carry out; the message goes back to the client verbatim."""
+
+
+def dataset_key(dataset: str) -> str:
+    """Where a dataset's copies live below a target's group directory: its path, component by component.
+
+    ``/persist/var/lib/forgejo`` becomes ``persist/var/lib/forgejo``, so a person browsing the backup
+    finds what they expect. Characters outside a conservative set are percent-encoded, and a leading
+    dot too (names starting with a dot are the server's own), so every key passes :func:`check_path`.
+    """
+    parts = [p for p in dataset.split("/") if p]
+    if not parts:
+        return "%2F"
+    out = []
+    for part in parts:
+        encoded = quote(part, safe=_KEY_SAFE)
+        out.append("%2E" + encoded[1:] if encoded.startswith(".") else encoded)
+    return "/".join(out)
+
+
+def check_path(value: object, what: str = "path") -> str:
+    """A relative path below the server's root: plain components only."""
+    if not isinstance(value, str) or not value:
+        raise Refused(f"{what} must be a non-empty string")
+    if len(value) > 1024:
+        raise Refused(f"{what} is longer than 1024 characters")
+    if value.startswith("/"):
+        raise Refused(f"{what} {value!r} is absolute; paths are relative to the served root")
+    for part in value.split("/"):
+        if part in ("", ".", ".."):
+            raise Refused(f"{what} {value!r} has an empty, '.' or '..' component")
+        if not _COMPONENT.fullmatch(part):
+            raise Refused(f"{what} {value!r}: component {part!r} has characters outside [A-Za-z0-9._%+=@:-]")
+    return value
+
+
+def check_name(value: object, what: str = "snapshot name") -> str:
+    if not isinstance(value, str) or not _SNAPSHOT.fullmatch(value):
+        raise Refused(f"{what} {value!r} is not a snapshot name (letters, digits and ._:+-)")
+    return value
+
+
+def check_guid(value: object, what: str = "guid") -> str:
+    if not isinstance(value, str) or not _GUID.fullmatch(value):
+        raise Refused(f"{what} {value!r} is not a hex identifier")
+    return value
+
+
+def check_tag(value: object) -> str:
+    if not isinstance(value, str) or not _TAG.fullmatch(value):
+        raise Refused(f"hold tag {value!r} is not a plain name")
+    return value
+
+
+def check_names(value: object, what: str = "names") -> list[str]:
+    if not isinstance(value, list) or len(value) > MAX_NAMES:
+        raise Refused(f"{what} must be a list of at most {MAX_NAMES} snapshot names")
+    return [check_name(v) for v in value]
+
+
+@dataclass(frozen=True)
+class Request:
+    op: str
+    args: dict[str, Any]
+
+
+def parse_request(line: bytes, role: Role) -> Request:
+    """Decode and validate one request line for a server in ``role``; raise :class:`Refused`."""
+    if len(line) > MAX_REQUEST:
+        raise Refused(f"request longer than {MAX_REQUEST} bytes")
+    try:
+        data = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise Refused(f"malformed request: {e}") from None
+    if not isinstance(data, dict):
+        raise Refused("malformed request: expected a JSON object")
+    if data.get("v") != VERSION:
+        raise Refused(f"protocol version {data.get('v')!r} not supported (this server speaks {VERSION})")
+    op = data.get("op")
+    if op not in OPS[role]:
+        allowed = ", ".join(sorted(OPS[role]))
+        raise Refused(f"operation {op!r} is not allowed for role {role!r} (allowed: {allowed})")
+    args = {k: v for k, v in data.items() if k not in ("v", "op")}
+    validate = _VALIDATORS[str(op)]
+    return Request(str(op), validate(args))
+
+
+def _only(args: dict[str, Any], allowed: set[str]) -> None:
+    extra = set(args) - allowed
+    if extra:
+        raise Refused(f"unknown request field(s): {', '.join(sorted(extra))}")
+
+
+def _v_hello(args: dict[str, Any]) -> dict[str, Any]:
+    _only(args, set())
+    return {}
+
+
+def _v_list(args: dict[str, Any]) -> dict[str, Any]:
+    _only(args, {"paths"})
+    paths = args.get("paths")
+    if not isinstance(paths, list) or not paths or len(paths) > 256:
+        raise Refused("paths must be a list of 1 to 256 relative paths")
+    return {"paths": [check_path(p) for p in paths]}
+
+
+def _compress(args: dict[str, Any]) -> str:
+    compress = args.get("compress", "none")
+    if compress not in ("none", "zstd"):
+        raise Refused(f"compress must be 'none' or 'zstd', not {compress!r}")
+    return str(compress)
+
+
+def _v_receive(args: dict[str, Any]) -> dict[str, Any]:
+    _only(args, {"path", "name", "guid", "compress"})
+    return {
+        "path": check_path(args.get("path")),
+        "name": check_name(args.get("name")),
+        "guid": check_guid(args.get("guid")),
+        "compress": _compress(args),
+    }
+
+
+def _v_delete(args: dict[str, Any]) -> dict[str, Any]:
+    _only(args, {"path", "names", "allow_writable", "partial"})
+    flags = {k: args.get(k, False) for k in ("allow_writable", "partial")}
+    for key, value in flags.items():
+        if not isinstance(value, bool):
+            raise Refused(f"{key} must be true or false")
+    return {"path": check_path(args.get("path")), "names": check_names(args.get("names")), **flags}
+
+
+def _v_send(args: dict[str, Any]) -> dict[str, Any]:
+    _only(args, {"path", "name", "base", "compress"})
+    base = args.get("base")
+    return {
+        "path": check_path(args.get("path")),
+        "name": check_name(args.get("name")),
+        "base": None if base is None else check_name(base, "base"),
+        "compress": _compress(args),
+    }
+
+
+def _v_hold(args: dict[str, Any]) -> dict[str, Any]:
+    _only(args, {"path", "tag", "names"})
+    return {"path": check_path(args.get("path")), "tag": check_tag(args.get("tag")), "names": check_names(args.get("names"))}
+
+
+_VALIDATORS = {
+    "hello": _v_hello,
+    "list": _v_list,
+    "receive": _v_receive,
+    "delete": _v_delete,
+    "send": _v_send,
+    "hold": _v_hold,
+}
+
+
+def encode_request(op: str, **args: Any) -> bytes:
+    line = json.dumps({"v": VERSION, "op": op, **args}, separators=(",", ":")).encode() + b"\n"
+    if len(line) > MAX_REQUEST:
+        raise ValueError(f"request {op} is {len(line)} bytes, over the protocol's {MAX_REQUEST}")
+    return line
+
+
+def encode_response(ok: bool, **fields: Any) -> bytes:
+    return json.dumps({"v": VERSION, "ok": ok, **fields}, separators=(",", ":")).encode() + b"\n"

@@ -1,0 +1,488 @@
+"""Carries out replication plans: lists both sides, plans with :mod:`snapsync.replication_plan`, sends.
+
+One :class:`Replication` moves one group's datasets to one target (push) or from one source host
+(pull). The snapshot source and the receiving side are interchangeable parts: locally a backend and
+``btrfs send``; remotely a :class:`~snapsync.peer.Peer` session. Receiving always goes through
+``snapsync serve`` (over ssh, or as a local subprocess for a local target or a pull), so every copy
+is committed the same way (see :mod:`snapsync.store`).
+
+Safety rules kept here: the source is only ever read (apart from the hold that marks the base a
+target needs, moved forward only after the target confirmed a copy); a conflict stops that dataset
+and is reported; transient failures are retried with backoff, then reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal, Protocol
+
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from snapsync.backends.base import SnapshotInfo, StorageBackend
+from snapsync.durations import format_duration
+from snapsync.errors import BackendError, SnapsyncError, TransientError
+from snapsync.naming import parse_snapshot_name
+from snapsync.peer import Peer
+from snapsync.planning import GroupSnapshot
+from snapsync.replication_plan import (
+    DeletePartial,
+    ReplicationPlan,
+    Resume,
+    RollbackTarget,
+    SendFull,
+    SendIncremental,
+    SourceSnapshot,
+    Step,
+    TargetSnapshot,
+    plan_replication,
+)
+from snapsync.retention import PrunePlan, RetentionRules, plan_prune
+from snapsync.store import Copy
+from snapsync.streams import Meter, Proc
+
+log = logging.getLogger("snapsync")
+
+RETRY_ATTEMPTS = int(os.environ.get("SNAPSYNC_RETRY_ATTEMPTS", "4"))
+RETRY_WAIT = float(os.environ.get("SNAPSYNC_RETRY_WAIT", "2"))
+"""Seconds before the first retry; doubles each time, capped at 30 s."""
+
+
+class SnapshotSource(Protocol):
+    """Where snapshots come from: this host's backend (push) or a remote ``serve --role send`` (pull)."""
+
+    def snapshots(self, dataset: str) -> list[SnapshotInfo]: ...
+
+    def start_send(self, dataset: str, name: str, base: str | None, compress: str) -> list[Proc]:
+        """A running pipeline whose last process's stdout is the (possibly compressed) stream."""
+        ...
+
+    def hold(self, dataset: str, tag: str, names: Sequence[str]) -> None: ...
+
+    def estimate(self, dataset: str, name: str, base: str | None) -> int | None: ...
+
+
+class LocalSource:
+    def __init__(self, backend: StorageBackend) -> None:
+        self.backend = backend
+
+    def snapshots(self, dataset: str) -> list[SnapshotInfo]:
+        return self.backend.list_snapshots(dataset)
+
+    def start_send(self, dataset: str, name: str, base: str | None, compress: str) -> list[Proc]:
+        send = Proc.start(self.backend.send_argv(dataset, name, base), stdout=-1, label="btrfs send")
+        if compress != "zstd":
+            return [send]
+        assert send.popen.stdout is not None
+        try:
+            zstd = Proc.start(["zstd", "-1", "-T0", "-q", "-c"], stdin=send.popen.stdout, stdout=-1, label="zstd")
+        except BaseException:
+            send.kill()
+            send.wait()
+            raise
+        send.popen.stdout.close()
+        return [send, zstd]
+
+    def hold(self, dataset: str, tag: str, names: Sequence[str]) -> None:
+        self.backend.set_holds(dataset, tag, names)
+
+    def estimate(self, dataset: str, name: str, base: str | None) -> int | None:
+        """Bytes in a full send, roughly (file sizes); None for incrementals, which only btrfs knows."""
+        if base is not None:
+            return None
+        for snap in self.backend.list_snapshots(dataset):
+            if snap.name == name:
+                total = 0
+                for root, _, files in os.walk(snap.location):
+                    for f in files:
+                        try:
+                            total += os.lstat(os.path.join(root, f)).st_size
+                        except OSError:
+                            pass
+                return total
+        return None
+
+
+class RemoteSource:
+    """A source host running ``snapsync serve --role send``; datasets are paths below its root."""
+
+    def __init__(self, peer: Peer) -> None:
+        self.peer = peer
+
+    def snapshots(self, dataset: str) -> list[SnapshotInfo]:
+        raw = self.peer.list_paths([dataset])[dataset]
+        return [_info_from_json(dataset, s) for s in raw]
+
+    def start_send(self, dataset: str, name: str, base: str | None, compress: str) -> list[Proc]:
+        proc, _ = self.peer.open_send(dataset, name, base, compress)
+        return [proc]
+
+    def hold(self, dataset: str, tag: str, names: Sequence[str]) -> None:
+        self.peer.hold(dataset, tag, names)
+
+    def estimate(self, dataset: str, name: str, base: str | None) -> int | None:
+        return None
+
+
+def _info_from_json(dataset: str, data: dict[str, Any]) -> SnapshotInfo:
+    from datetime import UTC
+
+    return SnapshotInfo(
+        dataset=dataset,
+        name=str(data["name"]),
+        created=datetime.strptime(str(data["created"]), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC),
+        guid=str(data["guid"]),
+        location=str(data.get("location", "")),
+        read_only=bool(data.get("read_only", True)),
+        parent_guid=data.get("parent_guid"),
+        received_guid=data.get("received_guid"),
+        txg=data.get("txg"),
+        kind=data.get("kind", "snapshot"),
+        holds=tuple(data.get("holds", ())),
+    )
+
+
+@dataclass
+class Sent:
+    dataset: str
+    name: str
+    base: str | None
+    bytes: int
+    seconds: float
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "dataset": self.dataset,
+            "name": self.name,
+            "kind": "full" if self.base is None else "incremental",
+            "base": self.base,
+            "bytes": self.bytes,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass
+class TargetReport:
+    """What happened between one group and one target; rendered by the CLI, or as JSON."""
+
+    group: str
+    target: str
+    direction: Literal["push", "pull"] = "push"
+    dry_run: bool = False
+    planned: list[str] = field(default_factory=list)
+    sent: list[Sent] = field(default_factory=list)
+    removed_partials: list[str] = field(default_factory=list)
+    rolled_back: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    skipped: str | None = None
+    newest_source: str | None = None
+    newest_common: str | None = None
+    lag: timedelta | None = None
+    max_lag: timedelta | None = None
+    held_back: list[str] = field(default_factory=list)
+    prune: PrunePlan | None = None
+    pruned: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    @property
+    def lagging(self) -> bool:
+        return self.max_lag is not None and self.lag is not None and self.lag > self.max_lag
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(s.bytes for s in self.sent)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "group": self.group,
+            "target": self.target,
+            "direction": self.direction,
+            "ok": self.ok,
+            "dry_run": self.dry_run,
+            "skipped": self.skipped,
+            "planned": self.planned,
+            "sent": [s.to_json() for s in self.sent],
+            "bytes_sent": self.bytes_sent,
+            "removed_partials": self.removed_partials,
+            "rolled_back": self.rolled_back,
+            "newest_source": self.newest_source,
+            "newest_common": self.newest_common,
+            "lag_seconds": None if self.lag is None else int(self.lag.total_seconds()),
+            "max_lag_seconds": None if self.max_lag is None else int(self.max_lag.total_seconds()),
+            "lagging": self.lagging,
+            "held_back": self.held_back,
+            "notes": self.notes,
+            "errors": self.errors,
+            "prune": None if self.prune is None else self.prune.to_json(),
+            "pruned": self.pruned,
+        }
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The target's side of the policy, as far as moving and pruning copies goes."""
+
+    retention: RetentionRules | None
+    on_diverged: Literal["refuse", "rollback"] = "refuse"
+    compress: Literal["none", "zstd"] = "none"
+    rate_limit: int | None = None
+    max_lag: timedelta | None = None
+
+
+ProgressFactory = Callable[[str, int | None], Callable[[int], None] | None]
+"""(description, estimated bytes) -> a callback taking bytes so far, or None for no progress."""
+
+
+def describe(step: Step) -> str:
+    if isinstance(step, SendFull):
+        return f"full send {step.snapshot.name} (no common base on the target)"
+    if isinstance(step, SendIncremental):
+        return f"incremental {step.base.name} -> {step.snapshot.name}"
+    if isinstance(step, DeletePartial):
+        return f"delete partial copy {step.name} left by an interrupted receive"
+    if isinstance(step, RollbackTarget):
+        return f"roll target back to {step.to}, destroying {', '.join(step.destroys)}"
+    return f"resume receive ({step.token[:16]}...)"
+
+
+def ours(prefix: str, name: str) -> datetime | None:
+    return parse_snapshot_name(prefix, name)
+
+
+def source_entries(prefix: str, snaps: Sequence[SnapshotInfo]) -> list[SourceSnapshot]:
+    """Our snapshots (and bookmarks), oldest first by the time in their name.
+
+    The identity is what ``btrfs send`` writes into the stream: the snapshot's own uuid, or the
+    uuid it was received as, when it arrived by receive itself (a restored or cascaded copy).
+    """
+    mine = [(t, s) for s in snaps if (t := ours(prefix, s.name)) is not None]
+    mine.sort(key=lambda x: (x[0], x[1].name))
+    return [SourceSnapshot(s.name, s.received_guid or s.guid, s.kind) for _, s in mine]
+
+
+def target_entries(prefix: str, copies: Sequence[Copy]) -> list[TargetSnapshot]:
+    """Our copies oldest first; partials (in ``.incoming``) are listed whatever their name."""
+    entries: list[tuple[datetime, TargetSnapshot]] = []
+    partials: list[TargetSnapshot] = []
+    for c in copies:
+        if c.partial:
+            partials.append(TargetSnapshot(c.name, c.received_uuid, complete=False))
+            continue
+        when = ours(prefix, c.name)
+        if when is None:
+            continue
+        complete = c.read_only and c.received_uuid is not None
+        entries.append((when, TargetSnapshot(c.name, c.received_uuid, complete=complete, writable_changed=not complete)))
+    entries.sort(key=lambda x: (x[0], x[1].name))
+    return partials + [t for _, t in entries]
+
+
+@dataclass(frozen=True)
+class DatasetLink:
+    """One dataset of the group: ``ref`` names it at the source, ``path`` below the target's root."""
+
+    ref: str
+    path: str
+
+
+class Replication:
+    def __init__(
+        self,
+        *,
+        group: str,
+        target: str,
+        prefix: str,
+        links: Sequence[DatasetLink],
+        source: SnapshotSource,
+        sink: Peer,
+        settings: Settings,
+        hold_tag: str,
+        now: Callable[[], datetime],
+        direction: Literal["push", "pull"] = "push",
+        progress: ProgressFactory | None = None,
+    ) -> None:
+        self.group = group
+        self.target = target
+        self.prefix = prefix
+        self.links = list(links)
+        self.source = source
+        self.sink = sink
+        self.settings = settings
+        self.hold_tag = hold_tag
+        self.now = now
+        self.direction = direction
+        self.progress = progress
+
+    def _retrying(self) -> Retrying:
+        return Retrying(
+            retry=retry_if_exception_type(TransientError),
+            stop=stop_after_attempt(max(1, RETRY_ATTEMPTS)),
+            wait=wait_exponential(multiplier=RETRY_WAIT, max=30),
+            reraise=True,
+            before_sleep=lambda rs: log.warning(
+                "%s -> %s: %s; retrying (attempt %d of %d)",
+                self.group, self.target, rs.outcome.exception() if rs.outcome else "?",
+                rs.attempt_number + 1, RETRY_ATTEMPTS,
+            ),
+        )
+
+    def run(self, *, dry_run: bool = False, prune: bool = True) -> TargetReport:
+        report = TargetReport(self.group, self.target, self.direction, dry_run, max_lag=self.settings.max_lag)
+        sources: dict[str, list[SnapshotInfo]] = {}
+        try:
+            for link in self.links:
+                sources[link.ref] = self._retrying()(self.source.snapshots, link.ref)
+        except SnapsyncError as e:
+            report.errors.append(f"cannot list the source: {e}")
+            return report
+        try:
+            listing = self._retrying()(self.sink.list_paths, [link.path for link in self.links])
+        except SnapsyncError as e:
+            report.errors.append(f"target unreachable: {e}" if isinstance(e, TransientError) else str(e))
+            self._lag(report, sources, {})
+            return report
+        commons: dict[str, str | None] = {}
+        for link in self.links:
+            copies = [Copy.from_json(c) for c in listing.get(link.path, [])]
+            try:
+                commons[link.path] = self._retrying()(self._dataset, link, sources[link.ref], copies, report, dry_run)
+            except SnapsyncError as e:
+                report.errors.append(f"{link.ref}: {e}")
+                commons[link.path] = None
+        self._lag(report, sources, commons)
+        if prune and self.settings.retention is not None and not report.errors:
+            try:
+                self._prune(report, commons, dry_run)
+            except SnapsyncError as e:
+                report.errors.append(f"prune on target: {e}")
+        return report
+
+    def _dataset(
+        self, link: DatasetLink, snaps: list[SnapshotInfo], copies: list[Copy], report: TargetReport, dry_run: bool
+    ) -> str | None:
+        """Bring one dataset up to date; returns the name of the newest common snapshot afterwards."""
+        if report.sent or report.removed_partials:  # a retry: the first attempt changed the target
+            copies = [Copy.from_json(c) for c in self.sink.list_paths([link.path]).get(link.path, [])]
+        src = source_entries(self.prefix, snaps)
+        plan: ReplicationPlan = plan_replication(
+            src, target_entries(self.prefix, copies), on_diverged=self.settings.on_diverged
+        )
+        if plan.conflict is not None:
+            raise BackendError(plan.conflict.message())
+        for step in plan.steps:
+            report.planned.append(f"{link.ref}: {describe(step)}")
+        if dry_run:
+            return plan.base
+        common = plan.base
+        if common is not None and not plan.steps:
+            self.source.hold(link.ref, self.hold_tag, [common])
+        for step in plan.steps:
+            if isinstance(step, DeletePartial):
+                removed = self.sink.delete(link.path, [step.name], partial=True)
+                report.removed_partials += [f"{link.ref}: {n}" for n in removed]
+            elif isinstance(step, RollbackTarget):
+                deleted = self.sink.delete(link.path, list(step.destroys), allow_writable=True)
+                report.rolled_back += [f"{link.ref}: {n}" for n in deleted]
+                log.warning("%s -> %s: rolled target back to %s, destroyed %s", self.group, self.target, step.to, deleted)
+            elif isinstance(step, (SendFull, SendIncremental)):
+                base = step.base.name if isinstance(step, SendIncremental) else None
+                self._send(link, step.snapshot, base, report)
+                common = step.snapshot.name
+                self.source.hold(link.ref, self.hold_tag, [common])
+            elif isinstance(step, Resume):
+                raise BackendError("resumable receive is a ZFS feature; this target does not support it")
+        return common
+
+    def _send(self, link: DatasetLink, snap: SourceSnapshot, base: str | None, report: TargetReport) -> None:
+        what = f"{self.group} -> {self.target}: {link.ref} {snap.name}"
+        tick = None
+        if self.progress is not None:
+            tick = self.progress(what, self.source.estimate(link.ref, snap.name, base))
+        meter = Meter(tick=tick, rate_limit=self.settings.rate_limit)
+        senders = self.source.start_send(link.ref, snap.name, base, self.settings.compress)
+        response = self.sink.receive(link.path, snap.name, snap.guid, self.settings.compress, senders, meter)
+        if tick is not None:
+            tick(meter.bytes)
+        removed = response.get("removed_partials") or []
+        report.removed_partials += [f"{link.ref}: {n}" for n in removed]
+        report.sent.append(Sent(link.ref, snap.name, base, meter.bytes, meter.seconds))
+        log.info("%s: %s sent (%d bytes, %.1fs)", what, "full" if base is None else f"incremental from {base}",
+                 meter.bytes, meter.seconds)
+
+    def _lag(self, report: TargetReport, sources: dict[str, list[SnapshotInfo]], commons: dict[str, str | None]) -> None:
+        """How far the target is behind: newest source snapshot vs the oldest per-dataset common one.
+
+        Where this run did not establish the common snapshot (target unreachable, a conflict), the
+        hold from the last good run stands in for it: that is what stays pinned on the source.
+        """
+        src = {link.ref: source_entries(self.prefix, sources.get(link.ref, [])) for link in self.links}
+        everything = [s for entries in src.values() for s in entries]
+        if not everything:
+            return
+        newest = max(everything, key=lambda s: (ours(self.prefix, s.name), s.name)).name
+        report.newest_source = newest
+        common_names: list[str] = []
+        for link in self.links:
+            common = commons.get(link.path)
+            if common is None:
+                held = [s.name for s in sources.get(link.ref, []) if self.hold_tag in s.holds]
+                common = max(held, key=lambda n: (ours(self.prefix, n), n)) if held else None
+            if common is None or ours(self.prefix, common) is None:
+                report.notes.append(f"{link.ref}: never replicated to {self.target}")
+                return
+            common_names.append(common)
+        oldest = min(common_names, key=lambda n: (ours(self.prefix, n), n))
+        report.newest_common = oldest
+        t_new, t_old = ours(self.prefix, newest), ours(self.prefix, oldest)
+        assert t_new is not None and t_old is not None
+        report.lag = t_new - t_old
+        if report.lagging:
+            report.held_back = sorted(set(common_names))
+            report.notes.append(
+                f"{self.target} lags {format_duration(report.lag)} behind (max_lag "
+                f"{format_duration(report.max_lag or timedelta())}); holding back {', '.join(report.held_back)} "
+                f"on the source until it catches up or is removed from the group"
+            )
+
+    def _prune(self, report: TargetReport, commons: dict[str, str | None], dry_run: bool) -> None:
+        """Target retention over the group's complete copies; the newest common one is always kept."""
+        assert self.settings.retention is not None
+        listing = self.sink.list_paths([link.path for link in self.links])
+        by_name: dict[str, list[str]] = {}
+        times: dict[str, datetime] = {}
+        pinned: dict[str, list[str]] = {}
+        for link in self.links:
+            copies = [Copy.from_json(c) for c in listing.get(link.path, [])]
+            for c in copies:
+                when = ours(self.prefix, c.name)
+                if c.partial or when is None or not c.read_only or c.received_uuid is None:
+                    continue
+                by_name.setdefault(c.name, []).append(link.path)
+                times[c.name] = when
+            common = commons.get(link.path)
+            if common is not None:
+                pinned.setdefault(common, []).append(f"replication base from {self._origin()}")
+        snaps = [GroupSnapshot(n, times[n], tuple(ps)) for n, ps in by_name.items()]
+        plan = plan_prune(snaps, self.settings.retention, self.now(), pinned)
+        report.prune = plan
+        if plan.future:
+            raise BackendError(
+                "copies dated after this host's clock (" + ", ".join(d.name for d in plan.future) + "); not pruning"
+            )
+        if dry_run:
+            return
+        doomed = {d.name for d in plan.removed}
+        for link in self.links:
+            names = [n for n in doomed if link.path in by_name.get(n, [])]
+            report.pruned += [f"{link.ref}: {n}" for n in self.sink.delete(link.path, sorted(names))]
+
+    def _origin(self) -> str:
+        return "the source" if self.direction == "push" else self.target
+

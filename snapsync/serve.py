@@ -1,0 +1,164 @@
+"""``snapsync serve``: the far end of replication, run as an ssh forced command (or a local subprocess).
+
+One session answers one request (see :mod:`snapsync.protocol`). The role fixed on the command line
+decides which operations exist at all, and ``--root`` confines every path: a key for the receive
+role can add copies below its root and prune them, nothing else; a key for the send role can read
+snapshots below its root. No shell is ever involved: sshd runs the forced command, and this module
+runs ``btrfs`` and ``zstd`` with argument lists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from snapsync.backends.btrfs import BtrfsBackend
+from snapsync.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, SnapsyncError
+from snapsync.protocol import MAX_REQUEST, VERSION, Refused, Role, encode_response, parse_request
+from snapsync.store import BtrfsStore
+from snapsync.streams import Proc, finish
+
+
+def read_request(fd: int = 0) -> bytes:
+    """One line from ``fd`` without reading past it: the send stream follows on the same descriptor."""
+    buf = bytearray()
+    while len(buf) <= MAX_REQUEST:
+        byte = os.read(fd, 1)
+        if not byte:
+            if not buf:
+                raise Refused("no request (empty input)")
+            raise Refused("request line not terminated by a newline")
+        if byte == b"\n":
+            return bytes(buf)
+        buf += byte
+    raise Refused(f"request longer than {MAX_REQUEST} bytes")
+
+
+def _say(payload: bytes) -> None:
+    view = memoryview(payload)
+    while view:
+        view = view[os.write(1, view) :]
+
+
+def _kind(error: Exception) -> str:
+    text = str(error)
+    if "No space left on device" in text or "ENOSPC" in text:
+        return "no_space"
+    return "failed"
+
+
+class Server:
+    def __init__(self, root: str, role: Role, snapshot_dir: str = ".snapsync", append_only: bool = False) -> None:
+        self.root = Path(root)
+        self.role = role
+        self.append_only = append_only
+        self.store = BtrfsStore(root)
+        self.backend = BtrfsBackend(snapshot_dir)
+
+    def handle(self, fd: int = 0) -> int:
+        """Serve one request; always answer with one JSON line (or a header before a stream)."""
+        try:
+            if not self.root.is_dir():
+                raise Refused(f"served root {self.root} does not exist")
+            request = parse_request(read_request(fd), self.role)
+            result = getattr(self, f"op_{request.op}")(fd=fd, **request.args)
+        except Refused as e:
+            print(f"snapsync serve: refused: {e}", file=sys.stderr)
+            _say(encode_response(False, error=str(e), kind="refused"))
+            return EXIT_USAGE
+        except SnapsyncError as e:
+            print(f"snapsync serve: {e}", file=sys.stderr)
+            _say(encode_response(False, error=str(e), kind=_kind(e)))
+            return EXIT_PARTIAL
+        except OSError as e:
+            print(f"snapsync serve: {e}", file=sys.stderr)
+            _say(encode_response(False, error=str(e), kind=_kind(e)))
+            return EXIT_PARTIAL
+        if result is not None:
+            _say(encode_response(True, **result))
+        return EXIT_OK
+
+    def op_hello(self, fd: int) -> dict[str, Any]:
+        from snapsync import __version__
+
+        return {
+            "protocol": VERSION,
+            "version": __version__,
+            "role": self.role,
+            "root": str(self.root),
+            "backend": "btrfs",
+            "append_only": self.append_only,
+        }
+
+    def op_list(self, fd: int, paths: list[str]) -> dict[str, Any]:
+        if self.role == "receive":
+            return {"paths": {p: [c.to_json() for c in self.store.copies(p)] for p in paths}}
+        return {"paths": {p: [s.to_json() for s in self.backend.list_snapshots(str(self._dataset(p)))] for p in paths}}
+
+    def op_receive(self, fd: int, path: str, name: str, guid: str, compress: str) -> dict[str, Any]:
+        return self.store.receive(path, name, guid, fd, compress)
+
+    def op_delete(self, fd: int, path: str, names: list[str], allow_writable: bool, partial: bool) -> dict[str, Any]:
+        if partial:
+            return {"deleted": self.store.delete_partials(path, names)}
+        if self.append_only:
+            raise Refused("this server is append-only (serve --append-only): it never deletes; prune on the target itself")
+        return {"deleted": self.store.delete(path, names, allow_writable)}
+
+    def _dataset(self, rel: str) -> Path:
+        path = self.store.directory(rel)
+        self.backend.check_dataset(str(path))
+        return path
+
+    def op_send(self, fd: int, path: str, name: str, base: str | None, compress: str) -> None:
+        dataset = self._dataset(path)
+        snaps = {s.name: s for s in self.backend.list_snapshots(str(dataset))}
+        for wanted in (name, base):
+            if wanted is not None and (wanted not in snaps or not snaps[wanted].read_only):
+                raise Refused(f"{path}: no read-only snapshot named {wanted!r}")
+        argv = self.backend.send_argv(str(dataset), name, base)
+        _say(encode_response(True, name=name, guid=snaps[name].received_guid or snaps[name].guid))
+        procs: list[Proc] = []
+        try:
+            if compress == "zstd":
+                procs.append(Proc.start(argv, stdout=-1, label="btrfs send (source)"))
+                assert procs[0].popen.stdout is not None
+                procs.append(Proc.start(["zstd", "-1", "-T0", "-q", "-c"], stdin=procs[0].popen.stdout, stdout=1))
+                procs[0].popen.stdout.close()
+            else:
+                procs.append(Proc.start(argv, stdout=1, label="btrfs send (source)"))
+            finish(procs)
+        finally:
+            for p in procs:
+                p.close()
+        return None
+
+    def op_hold(self, fd: int, path: str, tag: str, names: list[str]) -> dict[str, Any]:
+        dataset = self._dataset(path)
+        self.backend.set_holds(str(dataset), f"pull:{tag}", names)
+        return {"held": names}
+
+
+def serve(root: str, role: Role, snapshot_dir: str = ".snapsync", append_only: bool = False) -> int:
+    return Server(root, role, snapshot_dir, append_only).handle(0)
+
+
+def authorized_keys_line(key_line: str, command: list[str]) -> str:
+    """The ``authorized_keys`` entry that confines ``key_line`` to ``command`` (``restrict`` = no pty,
+    no forwarding of any kind)."""
+    import shlex
+
+    forced = " ".join(shlex.quote(a) for a in command)
+    if '"' in forced or "\\" in forced:
+        raise SnapsyncError(f"forced command {forced!r} would need escaping inside authorized_keys; use simpler paths")
+    return f'command="{forced}",restrict {key_line.strip()}'
+
+
+def parse_response(raw: bytes) -> dict[str, Any]:
+    data = json.loads(raw.decode())
+    if not isinstance(data, dict):
+        raise ValueError("response is not a JSON object")
+    return data

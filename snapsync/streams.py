@@ -1,0 +1,163 @@
+"""Moving a send stream between processes without copying it through Python.
+
+Processes are connected by handing one's stdout pipe to the next as stdin; where snapsync must see
+the bytes go by (progress, byte counts, a rate limit) it moves them with ``os.splice`` between
+1 MiB pipes, so the data stays in the kernel. Every process's exit status is collected and checked;
+the error names the side that failed first, with the tail of its stderr.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import IO
+
+from snapsync.errors import CommandFailed
+
+PIPE_SIZE = 1 << 20
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+def parse_rate(text: str | None) -> int | None:
+    """``"4M"`` -> bytes per second (K, M, G are powers of 1024); None means unlimited."""
+    if not text:
+        return None
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    if text[-1] in units:
+        return int(text[:-1]) * units[text[-1]]
+    return int(text)
+
+
+def widen(fd: int) -> None:
+    """Raise a pipe's capacity to 1 MiB; fewer, larger splices. Not fatal if the limit forbids it."""
+    try:
+        fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass
+
+
+@dataclass
+class Proc:
+    """A child process whose stderr goes to a temporary file, so it can never block on a full pipe."""
+
+    argv: list[str]
+    popen: subprocess.Popen[bytes]
+    errfile: IO[bytes]
+    label: str = ""
+
+    @classmethod
+    def start(
+        cls,
+        argv: Sequence[str],
+        *,
+        stdin: int | IO[bytes] | None = None,
+        stdout: int | IO[bytes] | None = None,
+        label: str = "",
+        env: dict[str, str] | None = None,
+    ) -> Proc:
+        errfile = tempfile.TemporaryFile(prefix="snapsync-stderr-")
+        try:
+            popen = subprocess.Popen(
+                list(argv), stdin=stdin, stdout=stdout, stderr=errfile, close_fds=True, env=env,
+                start_new_session=False,
+            )
+        except OSError as e:
+            errfile.close()
+            raise CommandFailed(argv, 127, f"cannot start: {e.strerror or e}") from e
+        return cls(list(argv), popen, errfile, label or argv[0])
+
+    def stderr_tail(self, limit: int = 4096) -> str:
+        self.errfile.seek(0, os.SEEK_END)
+        size = self.errfile.tell()
+        self.errfile.seek(max(0, size - limit))
+        return self.errfile.read().decode(errors="replace")
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.popen.wait(timeout)
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            try:
+                self.popen.send_signal(signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def close(self) -> None:
+        self.errfile.close()
+
+
+def finish(procs: Sequence[Proc], *, timeout: float | None = None) -> None:
+    """Wait for every process; raise :class:`CommandFailed` for the one that failed first.
+
+    A process killed by SIGPIPE (or exiting with EPIPE) usually only reports that the next one died,
+    so a "real" failure elsewhere in the pipeline is preferred over it.
+    """
+    try:
+        codes = [p.wait(timeout) for p in procs]
+    except BaseException:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+        raise
+    failed = [(p, c) for p, c in zip(procs, codes) if c != 0]
+    if not failed:
+        return
+    real = [(p, c) for p, c in failed if c != -signal.SIGPIPE and "Broken pipe" not in p.stderr_tail()]
+    proc, code = (real or failed)[0]
+    raise CommandFailed([proc.label, *proc.argv[1:]], code, proc.stderr_tail())
+
+
+@dataclass
+class Meter:
+    """Bytes moved so far, for progress and reports; ``tick`` is called at most every ``every`` seconds."""
+
+    tick: Callable[[int], None] | None = None
+    every: float = 0.5
+    rate_limit: int | None = None
+    bytes: int = 0
+    started: float = field(default_factory=time.monotonic)
+    _last: float = 0.0
+
+    def add(self, n: int) -> None:
+        self.bytes += n
+        now = time.monotonic()
+        if self.rate_limit:
+            ahead = self.bytes / self.rate_limit - (now - self.started)
+            if ahead > 0:
+                time.sleep(ahead)
+                now = time.monotonic()
+        if self.tick is not None and now - self._last >= self.every:
+            self._last = now
+            self.tick(self.bytes)
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+
+def pump(src: int, dst: int, meter: Meter) -> None:
+    """Splice everything from pipe ``src`` to pipe ``dst`` until EOF, counting bytes.
+
+    Raises BrokenPipeError when the reader went away; the caller then learns why from exit statuses.
+    """
+    widen(src)
+    widen(dst)
+    chunk = PIPE_SIZE if not meter.rate_limit else max(4096, min(PIPE_SIZE, meter.rate_limit // 10))
+    while True:
+        try:
+            n = os.splice(src, dst, chunk)
+        except OSError as e:
+            if e.errno == errno.EINTR:
+                continue
+            raise
+        if n == 0:
+            return
+        meter.add(n)
