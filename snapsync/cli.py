@@ -348,6 +348,12 @@ def _fail(message: str, code: int, as_json: bool) -> NoReturn:
 
 def main(argv: list[str] | None = None) -> NoReturn:
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["serve"]:
+        from snapsync.serve import main as serve_main
+
+        code = serve_main(args[1:])
+        if code >= 0:
+            sys.exit(code)
     as_json = "--json" in args
     command = typer.main.get_command(app)
     try:

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 from snapsync.errors import BackendError, CommandFailed, RemoteRefused, TransientError
@@ -29,6 +30,10 @@ class Peer:
     @property
     def name(self) -> str:
         return self.transport.name
+
+    def connected(self) -> AbstractContextManager[None]:
+        """Share one connection among this run's sessions (ssh multiplexing); nothing for local."""
+        return self.transport.multiplexed()
 
     def _fail(self, op: str, proc: Proc, returncode: int, raw: bytes) -> BackendError:
         stderr = proc.stderr_tail()

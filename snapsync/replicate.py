@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
@@ -64,6 +65,8 @@ class SnapshotSource(Protocol):
 
     def estimate(self, dataset: str, name: str, base: str | None) -> int | None: ...
 
+    def connected(self) -> AbstractContextManager[None]: ...
+
 
 class LocalSource:
     def __init__(self, backend: StorageBackend) -> None:
@@ -88,6 +91,9 @@ class LocalSource:
 
     def hold(self, dataset: str, tag: str, names: Sequence[str]) -> None:
         self.backend.set_holds(dataset, tag, names)
+
+    def connected(self) -> AbstractContextManager[None]:
+        return nullcontext()
 
     def estimate(self, dataset: str, name: str, base: str | None) -> int | None:
         """Bytes in a full send, roughly (file sizes); None for incrementals, which only btrfs knows."""
@@ -122,6 +128,9 @@ class RemoteSource:
 
     def hold(self, dataset: str, tag: str, names: Sequence[str]) -> None:
         self.peer.hold(dataset, tag, names)
+
+    def connected(self) -> AbstractContextManager[None]:
+        return self.peer.connected()
 
     def estimate(self, dataset: str, name: str, base: str | None) -> int | None:
         return None
@@ -319,6 +328,8 @@ class Replication:
         self.now = now
         self.direction = direction
         self.progress = progress
+        self._have: dict[str, set[str]] = {}
+        """Complete copies on the target per dataset path, kept current as steps succeed."""
 
     def _retrying(self) -> Retrying:
         return Retrying(
@@ -334,6 +345,10 @@ class Replication:
         )
 
     def run(self, *, dry_run: bool = False, prune: bool = True) -> TargetReport:
+        with self.source.connected(), self.sink.connected():
+            return self._run(dry_run, prune)
+
+    def _run(self, dry_run: bool, prune: bool) -> TargetReport:
         report = TargetReport(self.group, self.target, self.direction, dry_run, max_lag=self.settings.max_lag)
         sources: dict[str, list[SnapshotInfo]] = {}
         try:
@@ -370,6 +385,10 @@ class Replication:
         """Bring one dataset up to date; returns the name of the newest common snapshot afterwards."""
         if report.sent or report.removed_partials:  # a retry: the first attempt changed the target
             copies = [Copy.from_json(c) for c in self.sink.list_paths([link.path]).get(link.path, [])]
+        have = self._have[link.path] = {
+            c.name for c in copies
+            if not c.partial and c.read_only and c.received_uuid and ours(self.prefix, c.name)
+        }
         src = source_entries(self.prefix, snaps)
         plan: ReplicationPlan = plan_replication(
             src, target_entries(self.prefix, copies), on_diverged=self.settings.on_diverged
@@ -390,11 +409,13 @@ class Replication:
             elif isinstance(step, RollbackTarget):
                 deleted = self.sink.delete(link.path, list(step.destroys), allow_writable=True)
                 report.rolled_back += [f"{link.ref}: {n}" for n in deleted]
+                have.difference_update(deleted)
                 log.warning("%s -> %s: rolled target back to %s, destroyed %s", self.group, self.target, step.to, deleted)
             elif isinstance(step, (SendFull, SendIncremental)):
                 base = step.base.name if isinstance(step, SendIncremental) else None
                 self._send(link, step.snapshot, base, report)
                 common = step.snapshot.name
+                have.add(common)
                 self.source.hold(link.ref, self.hold_tag, [common])
             elif isinstance(step, Resume):
                 raise BackendError("resumable receive is a ZFS feature; this target does not support it")
@@ -454,21 +475,15 @@ class Replication:
     def _prune(self, report: TargetReport, commons: dict[str, str | None], dry_run: bool) -> None:
         """Target retention over the group's complete copies; the newest common one is always kept."""
         assert self.settings.retention is not None
-        listing = self.sink.list_paths([link.path for link in self.links])
         by_name: dict[str, list[str]] = {}
-        times: dict[str, datetime] = {}
         pinned: dict[str, list[str]] = {}
         for link in self.links:
-            copies = [Copy.from_json(c) for c in listing.get(link.path, [])]
-            for c in copies:
-                when = ours(self.prefix, c.name)
-                if c.partial or when is None or not c.read_only or c.received_uuid is None:
-                    continue
-                by_name.setdefault(c.name, []).append(link.path)
-                times[c.name] = when
+            for name in self._have.get(link.path, set()):
+                by_name.setdefault(name, []).append(link.path)
             common = commons.get(link.path)
             if common is not None:
                 pinned.setdefault(common, []).append(f"replication base from {self._origin()}")
+        times = {n: t for n in by_name if (t := ours(self.prefix, n)) is not None}
         snaps = [GroupSnapshot(n, times[n], tuple(ps)) for n, ps in by_name.items()]
         plan = plan_prune(snaps, self.settings.retention, self.now(), pinned)
         report.prune = plan

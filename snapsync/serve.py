@@ -13,7 +13,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from snapsync.backends.btrfs import BtrfsBackend
 from snapsync.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, SnapsyncError
@@ -144,6 +144,30 @@ class Server:
 
 def serve(root: str, role: Role, snapshot_dir: str = ".snapsync", append_only: bool = False) -> int:
     return Server(root, role, snapshot_dir, append_only).handle(0)
+
+
+def main(argv: list[str]) -> int:
+    """``snapsync serve`` without loading the whole CLI: a session starts per request, so its
+    start-up time is paid per snapshot sent (about 60 ms instead of 190 ms). Options and help are
+    those of the ``serve`` command in :mod:`snapsync.cli`; anything unusual goes there."""
+    import argparse
+
+    class Quiet(argparse.ArgumentParser):
+        def error(self, message: str) -> NoReturn:
+            raise SystemExit(2)
+
+    parser = Quiet(prog="snapsync serve", add_help=False)
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--role", choices=("receive", "send"), required=True)
+    parser.add_argument("--snapshot-dir", default=".snapsync")
+    parser.add_argument("--append-only", action="store_true")
+    try:
+        args, rest = parser.parse_known_args(argv)
+    except SystemExit:
+        return -1
+    if rest:
+        return -1
+    return serve(args.root, args.role, args.snapshot_dir, args.append_only)
 
 
 def authorized_keys_line(key_line: str, command: list[str]) -> str:
