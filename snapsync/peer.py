@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
@@ -118,9 +119,10 @@ class Peer:
             except CommandFailed as e:
                 sender_error = e
             response = _decode(raw)
-            if sender_error is not None:
+            session_failed = returncode != 0 or response is None or not response.get("ok")
+            if sender_error is not None and not (session_failed and _cut_off(sender_error)):
                 raise sender_error
-            if returncode != 0 or response is None or not response.get("ok"):
+            if session_failed or response is None:
                 raise self._fail("receive", session, returncode, raw)
             return response
         finally:
@@ -154,6 +156,11 @@ class Peer:
             proc.close()
             raise error
         return proc, header
+
+
+def _cut_off(error: CommandFailed) -> bool:
+    """The sender only died because the reading side went away (SIGPIPE or EPIPE)."""
+    return error.returncode == -signal.SIGPIPE or "Broken pipe" in error.stderr
 
 
 def _decode(raw: bytes) -> dict[str, Any] | None:
