@@ -266,6 +266,7 @@ class Bench:
     target_size: str
     cold: bool
     btrbk: str | None
+    load_start: float = field(default_factory=lambda: os.getloadavg()[0])
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -483,8 +484,10 @@ def main() -> None:
     if reason:
         sys.exit(f"bench/replicate.py: {reason}")
 
+    load_start = os.getloadavg()[0]
     with signals_raise(), ExitStack() as stack:
         b, sizes, send_only = setup(args, stack)
+        b.load_start = load_start
         contestants = [c for c in CONTESTANTS if c[2] is not btrbk_run or b.btrbk]
         results: dict[str, list[dict[str, Timing]]] = {name: [] for name, *_ in contestants}
         for r in range(rounds):
@@ -544,13 +547,14 @@ def summarize(b: Bench, args: argparse.Namespace, rounds: int, sizes: dict[str, 
         "stream_bytes": sizes, "send_only_mb_per_s": {k: round(sizes[k] / v / MB, 1) for k, v in send_only.items()},
         "rows": rows, "goal_ratio": GOAL_RATIO, "goal_rss_mb": GOAL_RSS_MB,
         "peak_client_rss_mb": rss, "rss_pass": rss < GOAL_RSS_MB, "notes": b.notes,
-        "loadavg": os.getloadavg(), "startup_seconds": round(startup_seconds(), 3),
+        "loadavg_start": b.load_start, "loadavg_end": os.getloadavg()[0], "startup_seconds": round(startup_seconds(), 3),
     }
 
 
 def print_table(rep: dict[str, Any]) -> None:
     rounds = rep["rounds"]
-    print(f"dataset {rep['dataset']}; {rep['cache']} cache; {rep['cpus']} CPUs; {rounds} interleaved round(s)")
+    print(f"dataset {rep['dataset']}; {rep['cache']} cache; {rep['cpus']} CPUs; {rounds} interleaved round(s); "
+          f"1-min load {rep['loadavg_start']:.2f} at start, {rep['loadavg_end']:.2f} at end")
     so = rep["send_only_mb_per_s"]
     print(f"stream: full {rep['stream_bytes']['full']:,} B, incremental {rep['stream_bytes']['incremental']:,} B; "
           f"`btrfs send | wc -c` alone: {so['full']} / {so['incremental']} MB/s")

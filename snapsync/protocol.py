@@ -31,7 +31,7 @@ OPS: dict[Role, frozenset[str]] = {
     "send": frozenset({"hello", "list", "send", "hold"}),
 }
 
-_COMPONENT = re.compile(r"[A-Za-z0-9_%][A-Za-z0-9._%+=@:-]{0,254}")
+_COMPONENT = re.compile(r"[A-Za-z0-9_%][A-Za-z0-9._%+=@:-]{0,764}")
 _SNAPSHOT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,254}")
 _GUID = re.compile(r"[0-9a-f]{1,64}")
 _TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
@@ -54,8 +54,10 @@ def dataset_key(dataset: str) -> str:
         return "%2F"
     out = []
     for part in parts:
-        encoded = quote(part, safe=_KEY_SAFE)
-        out.append("%2E" + encoded[1:] if encoded.startswith(".") else encoded)
+        encoded = quote(part, safe=_KEY_SAFE).replace("~", "%7E")
+        if not (encoded[0].isascii() and (encoded[0].isalnum() or encoded[0] in "_%")):
+            encoded = f"%{ord(encoded[0]):02X}{encoded[1:]}"
+        out.append(encoded)
     return "/".join(out)
 
 
@@ -63,15 +65,18 @@ def check_path(value: object, what: str = "path") -> str:
     """A relative path below the server's root: plain components only."""
     if not isinstance(value, str) or not value:
         raise Refused(f"{what} must be a non-empty string")
-    if len(value) > 1024:
-        raise Refused(f"{what} is longer than 1024 characters")
+    if len(value) > 8192:
+        raise Refused(f"{what} is longer than 8192 characters")
     if value.startswith("/"):
         raise Refused(f"{what} {value!r} is absolute; paths are relative to the served root")
     for part in value.split("/"):
         if part in ("", ".", ".."):
             raise Refused(f"{what} {value!r} has an empty, '.' or '..' component")
         if not _COMPONENT.fullmatch(part):
-            raise Refused(f"{what} {value!r}: component {part!r} has characters outside [A-Za-z0-9._%+=@:-]")
+            raise Refused(
+                f"{what} {value!r}: component {part!r} has characters outside [A-Za-z0-9._%+=@:-], "
+                "does not start with [A-Za-z0-9_%], or is longer than 765"
+            )
     return value
 
 
@@ -113,12 +118,15 @@ def parse_request(line: bytes, role: Role) -> Request:
         data = json.loads(line.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise Refused(f"malformed request: {e}") from None
+    except RecursionError:
+        raise Refused("malformed request: nested too deeply") from None
     if not isinstance(data, dict):
         raise Refused("malformed request: expected a JSON object")
-    if data.get("v") != VERSION:
-        raise Refused(f"protocol version {data.get('v')!r} not supported (this server speaks {VERSION})")
+    version = data.get("v")
+    if type(version) is not int or version != VERSION:
+        raise Refused(f"protocol version {version!r} not supported (this server speaks {VERSION})")
     op = data.get("op")
-    if op not in OPS[role]:
+    if not isinstance(op, str) or op not in OPS[role]:
         allowed = ", ".join(sorted(OPS[role]))
         raise Refused(f"operation {op!r} is not allowed for role {role!r} (allowed: {allowed})")
     args = {k: v for k, v in data.items() if k not in ("v", "op")}

@@ -105,12 +105,12 @@ def _plan_table(title: str, plan: PrunePlan, explain: bool) -> Table:
     table.add_column("snapshot", no_wrap=True)
     table.add_column("action", no_wrap=True)
     if explain:
-        table.add_column("kept by")
+        table.add_column("why", overflow="fold")
     for d in reversed(plan.decisions):
         action = "[green]keep[/]" if d.keep else "[red]delete[/]"
         row = [d.name, action]
         if explain:
-            row.append(", ".join(d.reasons) if d.reasons else "-")
+            row.append("kept: " + ", ".join(d.reasons) if d.keep and d.reasons else "-")
         table.add_row(*row)
     return table
 

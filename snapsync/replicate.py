@@ -47,9 +47,14 @@ from snapsync.streams import Meter, Proc
 
 log = logging.getLogger("snapsync")
 
-RETRY_ATTEMPTS = int(os.environ.get("SNAPSYNC_RETRY_ATTEMPTS", "4"))
-RETRY_WAIT = float(os.environ.get("SNAPSYNC_RETRY_WAIT", "2"))
-"""Seconds before the first retry; doubles each time, capped at 30 s."""
+
+
+def _retry_policy() -> tuple[int, float]:
+    """Attempts per operation and seconds before the first retry (doubling, capped at 30 s).
+
+    ``SNAPSYNC_RETRY_ATTEMPTS`` and ``SNAPSYNC_RETRY_WAIT`` override them (tests, flaky links).
+    """
+    return int(os.environ.get("SNAPSYNC_RETRY_ATTEMPTS", "4")), float(os.environ.get("SNAPSYNC_RETRY_WAIT", "2"))
 
 
 class SnapshotSource(Protocol):
@@ -332,15 +337,16 @@ class Replication:
         """Complete copies on the target per dataset path, kept current as steps succeed."""
 
     def _retrying(self) -> Retrying:
+        attempts, wait = _retry_policy()
         return Retrying(
             retry=retry_if_exception_type(TransientError),
-            stop=stop_after_attempt(max(1, RETRY_ATTEMPTS)),
-            wait=wait_exponential(multiplier=RETRY_WAIT, max=30),
+            stop=stop_after_attempt(max(1, attempts)),
+            wait=wait_exponential(multiplier=wait, max=30),
             reraise=True,
             before_sleep=lambda rs: log.warning(
                 "%s -> %s: %s; retrying (attempt %d of %d)",
                 self.group, self.target, rs.outcome.exception() if rs.outcome else "?",
-                rs.attempt_number + 1, RETRY_ATTEMPTS,
+                rs.attempt_number + 1, attempts,
             ),
         )
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from snapsync.backends.btrfs import BtrfsBackend
-from snapsync.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, SnapsyncError
+from snapsync.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, SnapsyncError, UsageError
 from snapsync.protocol import MAX_REQUEST, VERSION, Refused, Role, encode_response, parse_request
 from snapsync.store import BtrfsStore
 from snapsync.streams import Proc, finish
@@ -25,7 +25,7 @@ from snapsync.streams import Proc, finish
 def read_request(fd: int = 0) -> bytes:
     """One line from ``fd`` without reading past it: the send stream follows on the same descriptor."""
     buf = bytearray()
-    while len(buf) <= MAX_REQUEST:
+    while len(buf) < MAX_REQUEST:  # the newline counts too
         byte = os.read(fd, 1)
         if not byte:
             if not buf:
@@ -177,7 +177,7 @@ def authorized_keys_line(key_line: str, command: list[str]) -> str:
 
     forced = " ".join(shlex.quote(a) for a in command)
     if '"' in forced or "\\" in forced:
-        raise SnapsyncError(f"forced command {forced!r} would need escaping inside authorized_keys; use simpler paths")
+        raise UsageError(f"forced command {forced!r} would need escaping inside authorized_keys; use simpler paths")
     return f'command="{forced}",restrict {key_line.strip()}'
 
 

@@ -25,7 +25,7 @@ import btrfsutil
 
 from snapsync.errors import BackendError, CommandFailed
 from snapsync.lock import file_lock
-from snapsync.protocol import check_name, check_path
+from snapsync.protocol import Refused, check_name, check_path
 from snapsync.streams import Proc, finish
 
 MARKERS = ".receiving"
@@ -146,7 +146,7 @@ class BtrfsStore:
         real_root = os.path.realpath(self.root)
         real = os.path.realpath(path)
         if real != real_root and not real.startswith(real_root.rstrip("/") + "/"):
-            raise BackendError(f"{rel}: resolves outside the served root {self.root}")
+            raise Refused(f"{rel}: resolves outside the served root {self.root}")
         return path
 
     def check_root(self) -> None:

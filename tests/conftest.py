@@ -21,6 +21,12 @@ if TYPE_CHECKING:
     from tests.sshd import Sshd
 
 
+@pytest.fixture(autouse=True)
+def _quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retries keep their count, but back off in milliseconds: tests wait for nothing."""
+    monkeypatch.setenv("SNAPSYNC_RETRY_WAIT", "0.05")
+
+
 def _btrfs_unavailable() -> str | None:
     if os.geteuid() != 0:
         return "needs root for loop-mounted btrfs"
