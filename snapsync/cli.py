@@ -135,15 +135,14 @@ def _act(
     from snapsync.runner import select_groups, select_targets
 
     policy = _load()
-    selected = select_groups(policy, groups or [])
-    if targets:
-        select_targets(policy, targets)
+    selected = select_groups(policy, groups or []) if policy.groups or groups else []
+    pulls = select_targets(policy, targets or []) if replicate and not groups else []
 
     def go() -> list[GroupReport]:
         with _progress(as_json) as progress:
             return _runner(policy, progress).run(
                 selected, take=take, only_due=only_due, prune=prune, dry_run=dry_run,
-                replicate=replicate, targets=targets, prune_targets=prune_targets,
+                replicate=replicate, targets=targets, prune_targets=prune_targets, pulls=pulls,
             )
 
     if dry_run:

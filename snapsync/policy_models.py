@@ -402,6 +402,41 @@ class S3Target(_Target):
 
 Target = Annotated[SshTarget | LocalTarget | DirTarget | S3Target, Field(discriminator="type")]
 
+_PLAIN_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=@:-]*")
+
+
+class Pull(SshTarget):
+    """A host this one fetches from (pull): ssh to ``host``, where ``command`` runs
+    ``snapsync serve --role send --root PATH``, and receive its ``datasets`` into ``into``.
+
+    The retention, ``max_lag``, ``on_diverged``, ``compress`` and ``rate_limit`` keys mean what
+    they mean for a target: they govern the copies kept here.
+    """
+
+    type: Literal["ssh"] = "ssh"
+    path: AbsolutePath
+    datasets: tuple[AbsolutePath, ...] = Field(min_length=1)
+    into: AbsolutePath
+    prefix: Prefix | None = None
+
+    @model_validator(mode="after")
+    def _datasets_inside_path(self) -> Pull:
+        root = self.path.rstrip("/") + "/"
+        for i, dataset in enumerate(self.datasets):
+            if not dataset.startswith(root):
+                raise Problem(f"{dataset!r} is not below path {self.path!r} (the root the source serves)", "datasets", i)
+            for part in dataset[len(root) :].split("/"):
+                if not _PLAIN_PART.fullmatch(part):
+                    raise Problem(
+                        f"{dataset!r}: component {part!r} cannot be requested from a source "
+                        "(letters, digits and ._+=@:- only, not starting with a dot)",
+                        "datasets", i,
+                    )
+        return self
+
+    def relative(self, dataset: str) -> str:
+        return dataset[len(self.path.rstrip("/")) + 1 :]
+
 
 class Group(_Table):
     """A consistency group: datasets snapshotted together under one name, with one schedule and retention."""
@@ -481,8 +516,9 @@ class Policy(_Table):
     source: str = Field(default="<policy>", exclude=True)
     host: Text | None = None
     defaults: Defaults = _BUILTIN_DEFAULTS
-    groups: dict[Name, Group] = Field(default_factory=dict, validate_default=True)
+    groups: dict[Name, Group] = Field(default_factory=dict)
     targets: dict[Name, Target] = Field(default_factory=dict)
+    pulls: dict[Name, Pull] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -499,15 +535,10 @@ class Policy(_Table):
             groups[name] = table
         return data | {"groups": groups}
 
-    @field_validator("groups")
-    @classmethod
-    def _some_groups(cls, groups: dict[str, Group]) -> dict[str, Group]:
-        if not groups:
-            raise ValueError("no groups defined")
-        return groups
-
     @model_validator(mode="after")
     def _cross_check(self) -> Policy:
+        if not self.groups and not self.pulls:
+            raise Problem("no groups defined (and no pulls)", "groups")
         owner: dict[tuple[str, str], str] = {}
         for group in self.groups.values():
             for i, name in enumerate(group.targets):
@@ -527,7 +558,10 @@ class Policy(_Table):
 
     def normalized(self) -> dict[str, Any]:
         """Fully resolved and JSON-serialisable; also a valid policy file (absent values are left out)."""
-        return self.model_dump(mode="json", exclude_none=True, exclude={"groups": {"__all__": {"name"}}})
+        exclude: dict[str, Any] = {"groups": {"__all__": {"name"}}}
+        if not self.pulls:
+            exclude["pulls"] = True
+        return self.model_dump(mode="json", exclude_none=True, exclude=exclude)
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.normalized())

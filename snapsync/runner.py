@@ -7,6 +7,7 @@ USB disk that is not plugged in does not stop the snapshots of everything else (
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -74,12 +75,16 @@ def select_groups(policy: Policy, names: Sequence[str]) -> list[Group]:
     return [policy.groups[n] for n in dict.fromkeys(names)]
 
 
-def select_targets(policy: Policy, names: Sequence[str]) -> None:
-    """Unknown target names exit 2 before anything is done."""
-    unknown = [n for n in names if n not in policy.targets]
+def select_targets(policy: Policy, names: Sequence[str]) -> list[str]:
+    """Check target (and pull) names; returns the pulls to run: those named, or all when none are.
+
+    Unknown names exit 2 before anything is done.
+    """
+    unknown = [n for n in names if n not in policy.targets and n not in policy.pulls]
     if unknown:
-        known = ", ".join(policy.targets) or "none"
-        raise UsageError(f"{policy.source}: no target named {', '.join(map(repr, unknown))} (targets: {known})")
+        known = ", ".join([*policy.targets, *policy.pulls]) or "none"
+        raise UsageError(f"{policy.source}: no target or pull named {', '.join(map(repr, unknown))} (known: {known})")
+    return [n for n in policy.pulls if not names or n in names]
 
 
 class Runner:
@@ -220,6 +225,35 @@ class Runner:
             progress=self.progress,
         )
 
+    def pull(self, name: str, report: GroupReport, prune: bool) -> None:
+        """Fetch from a source host into a local directory: the same replication, the other way round."""
+        from snapsync.peer import Peer
+        from snapsync.replicate import RemoteSource
+        from snapsync.streams import parse_rate
+
+        pull = self.policy.pulls[name]
+        here = self.policy.host or socket.gethostname().split(".")[0]
+        replication = Replication(
+            group=name,
+            target=name,
+            prefix=pull.prefix or self.policy.defaults.prefix,
+            links=[DatasetLink(pull.relative(ds), f"{name}/{dataset_key(ds)}") for ds in pull.datasets],
+            source=RemoteSource(Peer(SshTransport.from_target(name, pull), "send")),
+            sink=Peer(LocalTransport(name, pull.into), "receive"),
+            settings=Settings(
+                retention=pull.retention,
+                on_diverged=pull.on_diverged,
+                compress=pull.compress,
+                rate_limit=parse_rate(pull.rate_limit),
+                max_lag=pull.max_lag,
+            ),
+            hold_tag=f"pull:{here}.{name}",
+            now=self.clock.now,
+            direction="pull",
+            progress=self.progress,
+        )
+        report.targets.append(replication.run(dry_run=report.dry_run, prune=prune))
+
     def replicate(self, group: Group, report: GroupReport, targets: Sequence[str] | None, prune: bool) -> None:
         for name in group.targets:
             if targets and name not in targets:
@@ -244,6 +278,7 @@ class Runner:
         replicate: bool = False,
         targets: Sequence[str] | None = None,
         prune_targets: bool = True,
+        pulls: Sequence[str] = (),
     ) -> list[GroupReport]:
         """Snapshot (all groups first, so they share an instant as closely as possible), replicate, prune.
 
@@ -258,11 +293,16 @@ class Runner:
         if replicate:
             for group, report in reports:
                 self._guard(report, "replicate", lambda: self.replicate(group, report, targets, prune_targets))
+        pulled = []
+        for name in pulls:
+            report = GroupReport(name, dry_run=dry_run)
+            pulled.append(report)
+            self._guard(report, "pull", lambda: self.pull(name, report, prune_targets))
         if prune:
             for group, report in reports:
                 if not report.errors:  # a failed target must not stop pruning: its base is pinned
                     self._guard(report, "prune", lambda: self.prune(group, report))
-        return [r for _, r in reports]
+        return [r for _, r in reports] + pulled
 
     @staticmethod
     def _guard(report: GroupReport, what: str, step: Callable[[], None]) -> None:

@@ -137,8 +137,10 @@ class Server:
         return None
 
     def op_hold(self, fd: int, path: str, tag: str, names: list[str]) -> dict[str, Any]:
+        if not tag.startswith("pull:"):
+            raise Refused(f"hold tag {tag!r}: a pulling host's holds are named 'pull:<host>.<pull>'")
         dataset = self._dataset(path)
-        self.backend.set_holds(str(dataset), f"pull:{tag}", names)
+        self.backend.set_holds(str(dataset), tag, names)
         return {"held": names}
 
 
