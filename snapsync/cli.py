@@ -255,18 +255,32 @@ def authorize(
 
 
 @app.command("list")
-def list_(groups: GroupsArg = None, as_json: JsonOpt = False) -> int:
-    """List every snapshot of each group's datasets, ours and foreign."""
+def list_(
+    groups: GroupsArg = None,
+    local: Annotated[bool, typer.Option("--local", help="Do not ask the targets what they have.")] = False,
+    as_json: JsonOpt = False,
+) -> int:
+    """List every snapshot of each group's datasets, ours and foreign; then what each target holds and its lag."""
     from snapsync.naming import parse_snapshot_name
-    from snapsync.render import render_listing
+    from snapsync.render import render_listing, render_target_state
     from snapsync.runner import select_groups
 
     policy = _load()
     runner = _runner(policy)
+    selected = select_groups(policy, groups or []) if policy.groups or groups else []
+    states = {} if local else {
+        r.group: r.targets
+        for r in runner.run(selected, take=False, only_due=False, prune=False, dry_run=True, replicate=True,
+                            prune_targets=False, pulls=[] if groups else list(policy.pulls))
+    }
     result: list[dict[str, object]] = []
     failed = False
-    for group in select_groups(policy, groups or []):
+    for group in selected:
         entry: dict[str, object] = {"group": group.name, "backend": group.backend, "datasets": [], "errors": []}
+        result.append(entry)
+        targets = states.get(group.name, [])
+        entry["targets"] = [t.to_json() for t in targets]
+        failed = failed or any(not t.ok for t in targets)
         try:
             listing = runner.raw_listing(group)
         except SnapsyncError as e:
@@ -274,7 +288,6 @@ def list_(groups: GroupsArg = None, as_json: JsonOpt = False) -> int:
             entry["errors"] = [str(e)]
             if not as_json:
                 err.print(f"[bold]{group.name}[/]: [red]error:[/] {e}")
-            result.append(entry)
             continue
         entry["datasets"] = [
             {
@@ -285,11 +298,17 @@ def list_(groups: GroupsArg = None, as_json: JsonOpt = False) -> int:
             }
             for ds, snaps in listing.items()
         ]
-        result.append(entry)
         if not as_json:
             render_listing(out, group.name, group.backend, listing, group.prefix)
+            for t in targets:
+                render_target_state(out, t)
+    pulls = [] if groups else [t for name in policy.pulls for t in states.get(name, [])]
+    failed = failed or any(not t.ok for t in pulls)
     if as_json:
-        print(json.dumps({"groups": result}))
+        print(json.dumps({"groups": result, "pulls": [t.to_json() for t in pulls]}))
+    else:
+        for t in pulls:
+            render_target_state(out, t)
     return EXIT_PARTIAL if failed else EXIT_OK
 
 

@@ -71,6 +71,29 @@ def render_target(console: Console, t: TargetReport) -> None:
             console.print(f"     would delete on target {d.name}", highlight=False)
 
 
+def render_target_state(console: Console, t: TargetReport) -> None:
+    """One target in `list`: what it holds, how far behind it is, what the next run would send."""
+    arrow = "->" if t.direction == "push" else "<-"
+    if t.skipped:
+        console.print(f"  {arrow} [bold]{t.target}[/]: [yellow]{t.skipped}[/]")
+        return
+    held = [n for names in t.have.values() for n in names]
+    newest = max(held, default=None)
+    parts = [f"{len(set(held))} cop{'y' if len(set(held)) == 1 else 'ies'}" + (f", newest {newest}" if newest else "")]
+    if t.lag is not None:
+        lag = format_duration(t.lag) if t.lag.total_seconds() else "0 (up to date)"
+        parts.append(f"lag {lag}" + (" [red](over max_lag)[/]" if t.lagging else ""))
+    sends = sum(1 for p in t.planned if " send " in f" {p} " or "incremental" in p)
+    if sends:
+        parts.append(f"{sends} to send")
+    status = "" if t.ok else "[red]FAILED[/]: "
+    console.print(f"  {arrow} [bold]{t.target}[/]: {status}" + "; ".join(parts))
+    for note in t.notes:
+        console.print(f"     [yellow]note:[/] {note}", highlight=False)
+    for e in t.errors:
+        console.print(f"     [red]error:[/] {e}", highlight=False)
+
+
 @contextmanager
 def send_progress(console: Console) -> Iterator[ProgressFactory]:
     """Progress bars for sends, on a terminal only; the factory hands out one callback per send."""

@@ -200,6 +200,8 @@ class TargetReport:
     held_back: list[str] = field(default_factory=list)
     prune: PrunePlan | None = None
     pruned: list[str] = field(default_factory=list)
+    have: dict[str, list[str]] = field(default_factory=dict)
+    """Complete copies on the target per dataset, after this run (what `list` shows)."""
 
     @property
     def ok(self) -> bool:
@@ -236,6 +238,7 @@ class TargetReport:
             "errors": self.errors,
             "prune": None if self.prune is None else self.prune.to_json(),
             "pruned": self.pruned,
+            "have": self.have,
         }
 
 
@@ -383,7 +386,11 @@ class Replication:
                 self._prune(report, commons, dry_run)
             except SnapsyncError as e:
                 report.errors.append(f"prune on target: {e}")
+        report.have = {link.ref: self._oldest_first(self._have.get(link.path, set())) for link in self.links}
         return report
+
+    def _oldest_first(self, names: set[str]) -> list[str]:
+        return sorted(names, key=lambda n: (ours(self.prefix, n), n))
 
     def _dataset(
         self, link: DatasetLink, snaps: list[SnapshotInfo], copies: list[Copy], report: TargetReport, dry_run: bool
@@ -502,7 +509,9 @@ class Replication:
         doomed = {d.name for d in plan.removed}
         for link in self.links:
             names = [n for n in doomed if link.path in by_name.get(n, [])]
-            report.pruned += [f"{link.ref}: {n}" for n in self.sink.delete(link.path, sorted(names))]
+            deleted = self.sink.delete(link.path, sorted(names))
+            self._have.get(link.path, set()).difference_update(deleted)
+            report.pruned += [f"{link.ref}: {n}" for n in deleted]
 
     def _origin(self) -> str:
         return "the source" if self.direction == "push" else self.target

@@ -47,3 +47,38 @@ def test_full_then_incremental_over_ssh(btrfs_root: Path, target_root: Path, ssh
         info = btrfsutil.subvolume_info(copy)
         assert info.flags & 1
         assert info.received_uuid == btrfsutil.subvolume_info(src_dir / name).uuid
+
+
+def test_list_shows_what_each_target_has_and_its_lag(
+    btrfs_root: Path, target_root: Path, sshd: Sshd, tmp_path: Path
+) -> None:
+    import time
+
+    data = make_subvolume(btrfs_root / "persist" / "app", "v1")
+    usb = btrfs_root / "usb"
+    usb.mkdir()
+    sshd.authorize(sshd.forced(target_root))
+    policy = write_policy(tmp_path / "p.toml", [data], {
+        "nas": sshd.target_table(target_root, compress='"zstd"'),
+        "usb": f'type = "local"\npath = "{usb}"',
+    })
+    snapsync("-p", str(policy), "snapshot", check=True)
+    run_json("-p", str(policy), "replicate")
+    time.sleep(1.1)
+    snapsync("-p", str(policy), "snapshot", check=True)
+    run_json("-p", str(policy), "replicate", "usb")  # only usb is up to date now
+
+    listing = run_json("-p", str(policy), "list")
+    [group] = listing["groups"]
+    state = {t["target"]: t for t in group["targets"]}
+    first, second = sorted(s["name"] for s in group["datasets"][0]["snapshots"])
+    assert state["usb"]["have"] == {str(data): [first, second]} and state["usb"]["lag_seconds"] == 0
+    assert state["nas"]["have"] == {str(data): [first]} and state["nas"]["lag_seconds"] >= 1
+    assert len(state["nas"]["planned"]) == 1 and "incremental" in state["nas"]["planned"][0]
+    human = snapsync("-p", str(policy), "list")
+    assert human.returncode == 0
+    assert "-> nas: 1 copy" in human.stdout and "1 to send" in human.stdout
+    assert "-> usb: 2 copies" in human.stdout and "up to date" in human.stdout
+    assert copies(target_root, "app", data) == [first]  # listing changed nothing
+    local_only = run_json("-p", str(policy), "list", "--local")
+    assert local_only["groups"][0]["targets"] == []
