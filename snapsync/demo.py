@@ -20,7 +20,8 @@ from rich.progress import Progress
 from snapsync.clock import ManualClock
 from snapsync.errors import EXIT_OK, EXIT_PARTIAL
 from snapsync.policy import Policy, parse_policy
-from snapsync.render import render_reports
+from snapsync.render import render_reports, render_target_state
+from snapsync.replicate import Sent
 from snapsync.runner import GroupReport, Runner
 from snapsync.scratch import scratch_btrfs, signals_raise
 
@@ -28,9 +29,18 @@ START = datetime(2026, 9, 15, tzinfo=UTC)
 FOREIGN = "before-upgrade (manual)"
 
 
-def demo_policy(root: Path) -> Policy:
+PLUGGED_IN_HOURS = 24
+"""The backup disk is plugged in for the last day only: its first run catches up on weeks of history
+(one full send, then every snapshot incrementally), the later ones send one snapshot each."""
+
+
+def _toml(path: Path) -> str:
+    return json.dumps(str(path))[1:-1]
+
+
+def demo_policy(root: Path, usb: Path) -> Policy:
     text = files("snapsync").joinpath("data/demo.toml").read_text()
-    return parse_policy(Template(text).substitute(root=json.dumps(str(root))[1:-1]), source="<demo policy>")
+    return parse_policy(Template(text).substitute(root=_toml(root), usb=_toml(usb)), source="<demo policy>")
 
 
 def _populate(policy: Policy) -> None:
@@ -43,8 +53,10 @@ def _populate(policy: Policy) -> None:
 
 
 def run_demo(days: int, console: Console, as_json: bool = False) -> int:
-    with signals_raise(), scratch_btrfs("512M", label="snapsync-demo") as root:
-        policy = demo_policy(root)
+    with signals_raise(), scratch_btrfs("512M", label="snapsync-demo") as root, \
+            scratch_btrfs("512M", label="snapsync-demo-usb") as usb:
+        policy = demo_policy(root, usb)
+        (usb / "drhorrible").mkdir()
         _populate(policy)
         clock = ManualClock(START)
         runner = Runner(policy, clock)
@@ -54,22 +66,32 @@ def run_demo(days: int, console: Console, as_json: bool = False) -> int:
         btrfsutil.create_snapshot(forge.datasets[0], foreign, read_only=True)
 
         taken = deleted = 0
+        sends: list[Sent] = []
         failures: list[str] = []
         hours = days * 24
         with Progress(console=console, transient=True, disable=as_json) as progress:
             task = progress.add_task(f"simulating {days} days of hourly runs", total=hours)
-            for _ in range(hours):
+            for hour in range(hours):
                 for dataset in forge.datasets:
                     with open(Path(dataset) / "state.log", "a") as f:
                         f.write(f"{clock.now().isoformat()}\n")
-                for report in runner.run(policy.groups.values(), take=True, only_due=True, prune=True):
+                plugged_in = hour >= hours - PLUGGED_IN_HOURS
+                for report in runner.run(
+                    policy.groups.values(), take=True, only_due=True, prune=True, replicate=plugged_in
+                ):
                     taken += report.snapshot is not None
                     deleted += len(report.deleted)
                     failures += [f"{report.group}: {e}" for e in report.errors]
+                    for t in report.targets:
+                        sends += t.sent
+                        failures += [f"{report.group} -> {t.target}: {e}" for e in t.errors]
                 clock.advance(timedelta(hours=1))
                 progress.advance(task)
 
-        final = runner.run(policy.groups.values(), take=False, only_due=False, prune=True, dry_run=True)
+        final = runner.run(
+            policy.groups.values(), take=False, only_due=False, prune=True, dry_run=True, replicate=True,
+            prune_targets=False,
+        )
         on_disk = {g.name: {d: len(runner.backend(g).list_snapshots(d)) for d in g.datasets} for g in policy.groups.values()}
         foreign_kept = foreign.exists()
         summary = {
@@ -78,6 +100,12 @@ def run_demo(days: int, console: Console, as_json: bool = False) -> int:
             "deleted": deleted,
             "foreign_snapshot_untouched": foreign_kept,
             "snapshots_on_disk": on_disk,
+            "replicated": {
+                "sends": len(sends),
+                "full": sum(1 for x in sends if x.base is None),
+                "bytes": sum(x.bytes for x in sends),
+                "targets": [t.to_json() for r in final for t in r.targets],
+            },
             "groups": [r.to_json() for r in final],
             "errors": failures,
         }
@@ -85,6 +113,7 @@ def run_demo(days: int, console: Console, as_json: bool = False) -> int:
             print(json.dumps(summary))
         else:
             _print(console, days, root, taken, deleted, final, on_disk, foreign_kept, failures)
+            _print_replication(console, sends, final)
     if not as_json:
         console.print("cleaned up: unmounted and deleted the demo filesystem")
     return EXIT_OK if not failures and foreign_kept else EXIT_PARTIAL
@@ -115,3 +144,17 @@ def _print(
     console.print(f"foreign snapshot {FOREIGN!r}: {'untouched' if foreign_kept else '[red]MISSING[/]'}")
     for failure in failures:
         console.print(f"[red]error:[/] {failure}")
+
+
+def _print_replication(console: Console, sends: list[Sent], final: list[GroupReport]) -> None:
+    full = sum(1 for s in sends if s.base is None)
+    size = sum(s.bytes for s in sends)
+    console.print(
+        f"\n[bold]replication[/] to the USB disk (a second btrfs, plugged in for the last {PLUGGED_IN_HOURS} hours): "
+        f"{len(sends)} sends, {full} full (the first of each dataset) and {len(sends) - full} incremental, "
+        f"{size / 1024:.0f} KiB in all; each copy checked read-only with the sender's uuid before it counts"
+    )
+    for report in final:
+        console.print(f"[bold]{report.group}[/]:")
+        for t in report.targets:
+            render_target_state(console, t)
