@@ -473,6 +473,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: 96 MiB of data, one round")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 2; 1 with --quick)")
     parser.add_argument("--cold", action="store_true", help="drop the page cache before every timed run")
+    parser.add_argument("--no-warmup", action="store_true",
+                        help="skip the untimed warm-up transfer (the first transfer after set-up runs slow here)")
     parser.add_argument("--no-btrbk", action="store_true", help="leave btrbk out")
     parser.add_argument("--tmp", default="/var/tmp", help="where the scratch filesystems' image files go")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
@@ -488,6 +490,12 @@ def main() -> None:
     with signals_raise(), ExitStack() as stack:
         b, sizes, send_only = setup(args, stack)
         b.load_start = load_start
+        warmup = None
+        if not args.no_warmup:
+            say("warm-up: one untimed raw local transfer ...")
+            with scratch_btrfs(b.target_size, parent=str(b.work), label="bench-dst") as mnt:
+                (mnt / "backups").mkdir()
+                warmup = raw_pipe(b, mnt, False, sizes)["full"].seconds
         contestants = [c for c in CONTESTANTS if c[2] is not btrbk_run or b.btrbk]
         results: dict[str, list[dict[str, Timing]]] = {name: [] for name, *_ in contestants}
         for r in range(rounds):
@@ -499,10 +507,16 @@ def main() -> None:
                 results[name].append(res)
                 say("  " + ", ".join(f"{k} {t.seconds:.2f}s" for k, t in res.items()))
         report = summarize(b, args, rounds, sizes, send_only, results, contestants)
+        report["warmup_seconds"] = None if warmup is None else round(warmup, 3)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
         print_table(report)
+
+
+def revision() -> str:
+    done = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True)
+    return done.stdout.strip() or "unknown"
 
 
 def startup_seconds() -> float:
@@ -547,7 +561,7 @@ def summarize(b: Bench, args: argparse.Namespace, rounds: int, sizes: dict[str, 
         "stream_bytes": sizes, "send_only_mb_per_s": {k: round(sizes[k] / v / MB, 1) for k, v in send_only.items()},
         "rows": rows, "goal_ratio": GOAL_RATIO, "goal_rss_mb": GOAL_RSS_MB,
         "peak_client_rss_mb": rss, "rss_pass": rss < GOAL_RSS_MB, "notes": b.notes,
-        "loadavg_start": b.load_start, "loadavg_end": os.getloadavg()[0], "startup_seconds": round(startup_seconds(), 3),
+        "snapsync_revision": revision(), "loadavg_start": b.load_start, "loadavg_end": os.getloadavg()[0], "startup_seconds": round(startup_seconds(), 3),
     }
 
 
@@ -555,6 +569,9 @@ def print_table(rep: dict[str, Any]) -> None:
     rounds = rep["rounds"]
     print(f"dataset {rep['dataset']}; {rep['cache']} cache; {rep['cpus']} CPUs; {rounds} interleaved round(s); "
           f"1-min load {rep['loadavg_start']:.2f} at start, {rep['loadavg_end']:.2f} at end")
+    warm = rep["warmup_seconds"]
+    print(f"snapsync {rep['snapsync_revision']}; " + (
+        f"warm-up (untimed raw local full, discarded): {warm:.2f}s" if warm is not None else "no warm-up"))
     so = rep["send_only_mb_per_s"]
     print(f"stream: full {rep['stream_bytes']['full']:,} B, incremental {rep['stream_bytes']['incremental']:,} B; "
           f"`btrfs send | wc -c` alone: {so['full']} / {so['incremental']} MB/s")

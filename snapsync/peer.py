@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
@@ -17,7 +16,7 @@ from typing import Any
 
 from snapsync.errors import BackendError, CommandFailed, RemoteRefused, TransientError
 from snapsync.protocol import encode_request
-from snapsync.streams import Meter, Proc, finish, pump
+from snapsync.streams import Meter, Proc, cut_off, finish, pump
 from snapsync.transport import Transport
 
 CALL_TIMEOUT = 600.0
@@ -120,7 +119,7 @@ class Peer:
                 sender_error = e
             response = _decode(raw)
             session_failed = returncode != 0 or response is None or not response.get("ok")
-            if sender_error is not None and not (session_failed and _cut_off(sender_error)):
+            if sender_error is not None and not (session_failed and cut_off(sender_error.returncode, sender_error.stderr)):
                 raise sender_error
             if session_failed or response is None:
                 raise self._fail("receive", session, returncode, raw)
@@ -156,11 +155,6 @@ class Peer:
             proc.close()
             raise error
         return proc, header
-
-
-def _cut_off(error: CommandFailed) -> bool:
-    """The sender only died because the reading side went away (SIGPIPE or EPIPE)."""
-    return error.returncode == -signal.SIGPIPE or "Broken pipe" in error.stderr
 
 
 def _decode(raw: bytes) -> dict[str, Any] | None:

@@ -173,7 +173,7 @@ def render_listing(console: Console, group: str, backend: str, listing: dict[str
         table = Table(title=f"{group} ({backend}) {dataset}", title_justify="left", show_edge=False, pad_edge=False)
         table.add_column("snapshot", no_wrap=True)
         table.add_column("created (fs)", no_wrap=True)
-        for col in ("ro", "id", "ours"):
+        for col in ("ro", "id", "ours", "held by"):
             table.add_column(col)
         for s in snaps:
             ours = parse_snapshot_name(prefix, s.name) is not None
@@ -183,7 +183,8 @@ def render_listing(console: Console, group: str, backend: str, listing: dict[str
                 "yes" if s.read_only else "[red]no[/]",
                 s.guid[:8],
                 "yes" if ours else "[dim]foreign[/]",
+                ", ".join(s.holds),
             )
         if not snaps:
-            table.add_row("(no snapshots)", "", "", "", "")
+            table.add_row("(no snapshots)", "", "", "", "", "")
         console.print(table)

@@ -93,6 +93,11 @@ class Proc:
         self.errfile.close()
 
 
+def cut_off(returncode: int, stderr: str) -> bool:
+    """The process only died because its reader went away: SIGPIPE (or a shell's 128+13), or EPIPE."""
+    return returncode in (-signal.SIGPIPE, 128 + signal.SIGPIPE) or "Broken pipe" in stderr
+
+
 def finish(procs: Sequence[Proc], *, timeout: float | None = None) -> None:
     """Wait for every process; raise :class:`CommandFailed` for the one that failed first.
 
@@ -110,7 +115,7 @@ def finish(procs: Sequence[Proc], *, timeout: float | None = None) -> None:
     failed = [(p, c) for p, c in zip(procs, codes) if c != 0]
     if not failed:
         return
-    real = [(p, c) for p, c in failed if c != -signal.SIGPIPE and "Broken pipe" not in p.stderr_tail()]
+    real = [(p, c) for p, c in failed if not cut_off(c, p.stderr_tail())]
     proc, code = (real or failed)[0]
     raise CommandFailed([proc.label, *proc.argv[1:]], code, proc.stderr_tail())
 
