@@ -325,12 +325,13 @@ def policy_check(
     Also checks that every dataset exists here and can be snapshotted, unless --syntax-only.
     """
     from snapsync.policy import policy_warnings
-    from snapsync.preflight import check_datasets
+    from snapsync.preflight import check_datasets, receiving_warnings
 
     policy = _load(file)
+    warnings = policy_warnings(policy)
     if not syntax_only:
         check_datasets(policy)
-    warnings = policy_warnings(policy)
+        warnings += receiving_warnings(policy)
     if as_json:
         print(json.dumps({"policy": policy.normalized(), "warnings": warnings}))
     else:

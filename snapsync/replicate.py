@@ -438,7 +438,8 @@ class Replication:
         what = f"{self.group} -> {self.target}: {link.ref} {snap.name}"
         tick = None
         if self.progress is not None:
-            tick = self.progress(what, self.source.estimate(link.ref, snap.name, base))
+            short = f"{self.target}: {os.path.basename(link.ref.rstrip('/')) or '/'} {snap.name.rpartition('_')[2]}"
+            tick = self.progress(short, self.source.estimate(link.ref, snap.name, base))
         meter = Meter(tick=tick, rate_limit=self.settings.rate_limit)
         senders = self.source.start_send(link.ref, snap.name, base, self.settings.compress)
         response = self.sink.receive(link.path, snap.name, snap.guid, self.settings.compress, senders, meter)

@@ -82,3 +82,32 @@ def test_list_shows_what_each_target_has_and_its_lag(
     assert copies(target_root, "app", data) == [first]  # listing changed nothing
     local_only = run_json("-p", str(policy), "list", "--local")
     assert local_only["groups"][0]["targets"] == []
+
+
+def test_transient_errors_are_retried_permanent_ones_fail_fast(
+    btrfs_root: Path, target_root: Path, sshd: Sshd, tmp_path: Path
+) -> None:
+    data = make_subvolume(btrfs_root / "persist" / "app", "v1")
+    policy = write_policy(tmp_path / "p.toml", [data], {"nas": sshd.target_table(target_root)})
+    snapsync("-p", str(policy), "snapshot", check=True)
+    env = {"SNAPSYNC_RETRY_ATTEMPTS": "3", "SNAPSYNC_RETRY_WAIT": "0.05"}
+
+    sshd.authorize()  # nobody may log in: a permanent error
+    denied = snapsync("-p", str(policy), "-v", "replicate", env=env)
+    assert denied.returncode == 1
+    assert "Permission denied" in denied.stdout and "retrying" not in denied.stderr
+
+    sshd.stop()  # connection refused: worth retrying, then reported
+    refused = snapsync("-p", str(policy), "-v", "replicate", env=env)
+    assert refused.returncode == 1
+    assert "target unreachable" in refused.stdout and "Connection refused" in refused.stdout
+    assert "retrying (attempt 2 of 3)" in refused.stderr and "retrying (attempt 3 of 3)" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_policy_check_warns_about_an_unplugged_local_target(btrfs_root: Path, tmp_path: Path) -> None:
+    data = make_subvolume(btrfs_root / "persist" / "app", "v1")
+    policy = write_policy(tmp_path / "p.toml", [data], {"usb": 'type = "local"\npath = "/mnt/not-plugged-in"'})
+    proc = snapsync("policy", "check", str(policy))
+    assert proc.returncode == 0
+    assert "warning: targets.usb.path: target root /mnt/not-plugged-in does not exist" in proc.stderr
