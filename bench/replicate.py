@@ -344,7 +344,7 @@ def snapsync_replicate(b: Bench, mnt: Path, over_ssh: bool, sizes: dict[str, int
         policy = b.policy("local", f'type = "local"\npath = {json.dumps(str(root))}')
     hidden = b.s2.with_name(f"hidden-{b.s2.name}")
     out: dict[str, Timing] = {}
-    for kind in ("full", "incremental"):
+    for kind in ("full", "incremental", "noop"):  # noop: nothing left to send, the fixed cost of a run
         hwm, tree = b.work / "hwm", b.work / "tree"
         for f in (hwm, tree):
             f.unlink(missing_ok=True)
@@ -361,12 +361,14 @@ def snapsync_replicate(b: Bench, mnt: Path, over_ssh: bool, sizes: dict[str, int
                 os.rename(hidden, b.s2)
         report = json.loads(stdout)["groups"][0]["targets"][0]
         sent = report["sent"]
-        assert report["ok"] and [s["kind"] for s in sent] == [kind], f"snapsync {kind}: unexpected report {report}"
-        if sent[0]["bytes"] != sizes[kind]:
-            b.notes.append(f"snapsync {kind} reported {sent[0]['bytes']:,} bytes; `btrfs send | wc -c` gave {sizes[kind]:,}")
+        expected = [] if kind == "noop" else [kind]
+        assert report["ok"] and [s["kind"] for s in sent] == expected, f"snapsync {kind}: unexpected report {report}"
+        stream = sizes.get(kind, 0)
+        if sent and sent[0]["bytes"] != stream:
+            b.notes.append(f"snapsync {kind} reported {sent[0]['bytes']:,} bytes; `btrfs send | wc -c` gave {stream:,}")
         out[kind] = Timing(
-            seconds, sizes[kind], rss_kb=int(hwm.read_text()),
-            tree_kb=int(tree.read_text().split()[-1]) if tree.exists() else None, reported=sent[0],
+            seconds, stream, rss_kb=int(hwm.read_text()),
+            tree_kb=int(tree.read_text().split()[-1]) if tree.exists() else None, reported=sent[0] if sent else None,
         )
     copy = root / "bench" / str(b.data).lstrip("/") / b.s2.name
     assert received_ok(copy, b.s2), f"snapsync: {copy} is not a complete copy of S2"
@@ -550,16 +552,18 @@ def summarize(b: Bench, args: argparse.Namespace, rounds: int, sizes: dict[str, 
                     round(rb[kind].seconds / rs[kind].seconds, 3) for rb, rs in zip(results[baseline], results[name])
                 ]
                 row["pass"] = base / med >= GOAL_RATIO
-                row["client_rss_mb"] = round(max(t.rss_kb or 0 for t in runs) / 1024, 1)
+                row["client_rss_mb"] = round(max(t.rss_kb or 0 for res in results[name] for t in res.values()) / 1024, 1)
                 row["tree_rss_mb"] = round(max(t.tree_kb or 0 for t in runs) / 1024, 1) if runs[0].tree_kb else None
                 row["snapsync_reported"] = [t.reported for t in runs]
             rows.append(row)
     rss = max(r["client_rss_mb"] for r in rows if "client_rss_mb" in r)
+    noop = {name: round(statistics.median(res["noop"].seconds for res in results[name]), 3)
+            for name in results if results[name] and "noop" in results[name][0]}
     return {
         "dataset": b.recipe.describe(), "dataset_bytes": b.recipe.total, "rounds": rounds,
         "cache": "cold (dropped before each run)" if b.cold else "warm", "cpus": os.cpu_count(),
         "stream_bytes": sizes, "send_only_mb_per_s": {k: round(sizes[k] / v / MB, 1) for k, v in send_only.items()},
-        "rows": rows, "goal_ratio": GOAL_RATIO, "goal_rss_mb": GOAL_RSS_MB,
+        "rows": rows, "noop_seconds": noop, "goal_ratio": GOAL_RATIO, "goal_rss_mb": GOAL_RSS_MB,
         "peak_client_rss_mb": rss, "rss_pass": rss < GOAL_RSS_MB, "notes": b.notes,
         "snapsync_revision": revision(), "loadavg_start": b.load_start, "loadavg_end": os.getloadavg()[0], "startup_seconds": round(startup_seconds(), 3),
     }
@@ -576,7 +580,7 @@ def print_table(rep: dict[str, Any]) -> None:
     print(f"stream: full {rep['stream_bytes']['full']:,} B, incremental {rep['stream_bytes']['incremental']:,} B; "
           f"`btrfs send | wc -c` alone: {so['full']} / {so['incremental']} MB/s")
     cols = "".join(f"{f'round {i + 1}':>9}" for i in range(rounds))
-    print(f"{'':15} {'':5} {'stream MB':>10}{cols} {'median':>8} {'MB/s':>7} {'vs raw':>7}  goal >= {rep['goal_ratio']}x")
+    print(f"{'':15} {'':5} {'stream MB':>10}{cols} {'median':>8} {'MB/s':>7} {'vs raw':>8}  goal >= {rep['goal_ratio']}x")
     for row in rep["rows"]:
         secs = "".join(f"{s:>8.2f}s" for s in row["seconds"])
         kind = "full" if row["kind"] == "full" else "incr"
@@ -584,14 +588,14 @@ def print_table(rep: dict[str, Any]) -> None:
                 f" {row['mb_per_s']:>7.1f}")
         if "ratio" in row:
             per = "/".join(f"{r:.2f}" for r in row["ratio_per_round"])
-            line += f" {row['ratio']:>6.2f}x  {'PASS' if row['pass'] else 'MISS'} (rounds {per})"
+            line += f" {row['ratio']:>6.3f}x  {'PASS' if row['pass'] else 'MISS'} (rounds {per})"
         print(line)
     print("times: whole command + `btrfs filesystem sync` of the target; btrbk = `btrbk resume` (transfer only)")
     for row in rep["rows"]:
         if "ratio" in row:
             verdict = "PASS" if row["pass"] else "MISS"
             print(f"goal {row['contestant']} {row['kind']} >= {rep['goal_ratio']}x {row['baseline']}: "
-                  f"{row['ratio']:.2f}x {verdict}")
+                  f"{row['ratio']:.3f}x {verdict}")
     tree = [r["tree_rss_mb"] for r in rep["rows"] if r.get("tree_rss_mb")]
     extra = f"; largest process in its tree, /usr/bin/time %M: {max(tree):.1f} MB" if tree else ""
     print(f"goal snapsync client peak RSS < {rep['goal_rss_mb']:.0f} MB: {rep['peak_client_rss_mb']:.1f} MB "
@@ -601,6 +605,9 @@ def print_table(rep: dict[str, Any]) -> None:
         f"{r['contestant'].split()[1]} {r['kind'][:4]} "
         f"{statistics.median(s['seconds'] for s in r['snapsync_reported']):.2f}/{r['median_seconds']:.2f}s"
         for r in own
+    ))
+    print("fixed cost: replicate with nothing to send " + ", ".join(
+        f"{name.split()[1]} {sec:.2f}s" for name, sec in rep["noop_seconds"].items()
     ) + f"; `snapsync --version` start-up {rep['startup_seconds']:.2f}s")
     for note in rep["notes"]:
         print(f"note: {note}")
