@@ -121,16 +121,34 @@ def test_stream_cut_at_random_offsets(world: World) -> None:
     assert any(rc != 0 for _, _, rc in outcomes)
 
 
-def _pids(pattern: str) -> list[int]:
-    found = []
+def _descendants(roots: set[int]) -> set[int]:
+    """Processes below ``roots`` (inclusive): the test kills only what it started, never a real
+    replication that happens to run on the same machine."""
+    parent: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                stat = Path(f"/proc/{entry}/stat").read_text()
             except OSError:
                 continue
-            if pattern in cmdline and int(entry) != os.getpid():
-                found.append(int(entry))
+            parent[int(entry)] = int(stat.rpartition(")")[2].split()[1])
+    found = set(roots)
+    while True:
+        more = {pid for pid, ppid in parent.items() if ppid in found and pid not in found}
+        if not more:
+            return found
+        found |= more
+
+
+def _pids(pattern: str, roots: set[int]) -> list[int]:
+    found = []
+    for pid in _descendants(roots):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if pattern in cmdline:
+            found.append(pid)
     return found
 
 
@@ -157,7 +175,8 @@ def test_sigkill_at_random_moments(world: World) -> None:
         deadline = time.monotonic() + rng.uniform(0.3, 1.2)
         hit = False
         while time.monotonic() < deadline or not hit:
-            pids = _pids(VICTIMS[victim])
+            assert world.sshd.proc is not None
+            pids = _pids(VICTIMS[victim], {proc.pid, world.sshd.proc.pid})
             if pids and time.monotonic() >= deadline:
                 for pid in pids:
                     try:
