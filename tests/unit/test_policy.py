@@ -342,8 +342,35 @@ def test_round_trip_property(
 @pytest.mark.parametrize("path", POLICIES, ids=[p.name for p in POLICIES])
 def test_every_example_policy_parses_without_warnings(path: Path) -> None:
     policy = parse_policy(path.read_text(), str(path))
-    assert policy.groups and policy.host == path.stem
+    assert (policy.groups or policy.pulls) and policy.host == path.stem
     assert policy_warnings(policy) == []
+
+
+PULL = 'version = 1\n[pulls.src]\nhost = "src"\npath = "/persist"\ninto = "/srv/in"\n'
+
+
+@pytest.mark.parametrize(
+    ("datasets", "key", "problem"),
+    [
+        ('["/srv/other"]', "pulls.src.datasets[0]", "is not below path '/persist'"),
+        ('["/persist/a b"]', "pulls.src.datasets[0]", "component 'a b' cannot be requested"),
+        ('["/persist/.hidden"]', "pulls.src.datasets[0]", "component '.hidden' cannot be requested"),
+        ("[]", "pulls.src.datasets", ""),
+    ],
+)
+def test_pull_datasets_must_be_requestable(datasets: str, key: str, problem: str) -> None:
+    with pytest.raises(PolicyError) as raised:
+        parse_policy(PULL + f"datasets = {datasets}\n", SRC)
+    assert raised.value.key == key and problem in raised.value.problem
+
+
+def test_a_policy_of_pulls_only_is_valid() -> None:
+    policy = parse_policy(PULL + 'datasets = ["/persist/var/lib/headscale"]\n[pulls.src.retention]\ndaily = 90\n', SRC)
+    pull = policy.pulls["src"]
+    assert not policy.groups and pull.relative("/persist/var/lib/headscale") == "var/lib/headscale"
+    assert (pull.user, pull.port, pull.command, pull.retention.daily, pull.retention.keep_last) == (
+        "root", 22, ("snapsync",), 90, policy.defaults.retention.keep_last
+    )
 
 
 def test_examples_exist() -> None:
