@@ -62,10 +62,7 @@ def render_target(console: Console, t: TargetReport) -> None:
         console.print(f"     removed partial copy {line}", highlight=False)
     for line in t.rolled_back:
         console.print(f"     [yellow]rolled back (destroyed on target)[/] {line}", highlight=False)
-    for note in t.notes:
-        console.print(f"     [yellow]note:[/] {note}", highlight=False)
-    for err in t.errors:
-        console.print(f"     [red]error:[/] {err}", highlight=False)
+    _notes_and_errors(console, t)
     if t.prune is not None and t.dry_run:
         for d in t.prune.removed:
             console.print(f"     would delete on target {d.name}", highlight=False)
@@ -83,11 +80,14 @@ def render_target_state(console: Console, t: TargetReport) -> None:
     if t.lag is not None:
         lag = format_duration(t.lag) if t.lag.total_seconds() else "0 (up to date)"
         parts.append(f"lag {lag}" + (" [red](over max_lag)[/]" if t.lagging else ""))
-    sends = sum(1 for p in t.planned if " send " in f" {p} " or "incremental" in p)
-    if sends:
-        parts.append(f"{sends} to send")
+    if t.pending:
+        parts.append(f"{t.pending} to send")
     status = "" if t.ok else "[red]FAILED[/]: "
     console.print(f"  {arrow} [bold]{t.target}[/]: {status}" + "; ".join(parts))
+    _notes_and_errors(console, t)
+
+
+def _notes_and_errors(console: Console, t: TargetReport) -> None:
     for note in t.notes:
         console.print(f"     [yellow]note:[/] {note}", highlight=False)
     for e in t.errors:

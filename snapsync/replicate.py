@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
@@ -29,6 +29,7 @@ from snapsync.errors import BackendError, SnapsyncError, TransientError
 from snapsync.naming import parse_snapshot_name
 from snapsync.peer import Peer
 from snapsync.planning import GroupSnapshot
+from snapsync.policy_models import LocalTarget, SshTarget
 from snapsync.replication_plan import (
     DeletePartial,
     ReplicationPlan,
@@ -43,7 +44,7 @@ from snapsync.replication_plan import (
 )
 from snapsync.retention import PrunePlan, RetentionRules, plan_prune
 from snapsync.store import Copy
-from snapsync.streams import Meter, Proc
+from snapsync.streams import Meter, Proc, parse_rate
 
 log = logging.getLogger("snapsync")
 
@@ -60,7 +61,9 @@ def _retry_policy() -> tuple[int, float]:
 class SnapshotSource(Protocol):
     """Where snapshots come from: this host's backend (push) or a remote ``serve --role send`` (pull)."""
 
-    def snapshots(self, dataset: str) -> list[SnapshotInfo]: ...
+    def snapshots(self, datasets: Sequence[str]) -> dict[str, list[SnapshotInfo]]:
+        """Every snapshot of each dataset, ours and foreign; one round trip for a remote source."""
+        ...
 
     def start_send(self, dataset: str, name: str, base: str | None, compress: str) -> list[Proc]:
         """A running pipeline whose last process's stdout is the (possibly compressed) stream."""
@@ -77,8 +80,8 @@ class LocalSource:
     def __init__(self, backend: StorageBackend) -> None:
         self.backend = backend
 
-    def snapshots(self, dataset: str) -> list[SnapshotInfo]:
-        return self.backend.list_snapshots(dataset)
+    def snapshots(self, datasets: Sequence[str]) -> dict[str, list[SnapshotInfo]]:
+        return {d: self.backend.list_snapshots(d) for d in datasets}
 
     def start_send(self, dataset: str, name: str, base: str | None, compress: str) -> list[Proc]:
         send = Proc.start(self.backend.send_argv(dataset, name, base), stdout=-1, label="btrfs send")
@@ -102,19 +105,17 @@ class LocalSource:
 
     def estimate(self, dataset: str, name: str, base: str | None) -> int | None:
         """Bytes in a full send, roughly (file sizes); None for incrementals, which only btrfs knows."""
-        if base is not None:
+        location = os.path.join(self.backend.snapshot_home(dataset), name)
+        if base is not None or not os.path.isdir(location):
             return None
-        for snap in self.backend.list_snapshots(dataset):
-            if snap.name == name:
-                total = 0
-                for root, _, files in os.walk(snap.location):
-                    for f in files:
-                        try:
-                            total += os.lstat(os.path.join(root, f)).st_size
-                        except OSError:
-                            pass
-                return total
-        return None
+        total = 0
+        for root, _, files in os.walk(location):
+            for f in files:
+                try:
+                    total += os.lstat(os.path.join(root, f)).st_size
+                except OSError:
+                    pass
+        return total
 
 
 class RemoteSource:
@@ -123,9 +124,9 @@ class RemoteSource:
     def __init__(self, peer: Peer) -> None:
         self.peer = peer
 
-    def snapshots(self, dataset: str) -> list[SnapshotInfo]:
-        raw = self.peer.list_paths([dataset])[dataset]
-        return [_info_from_json(dataset, s) for s in raw]
+    def snapshots(self, datasets: Sequence[str]) -> dict[str, list[SnapshotInfo]]:
+        raw = self.peer.list_paths(datasets)
+        return {d: [_info_from_json(d, s) for s in raw.get(d, [])] for d in datasets}
 
     def start_send(self, dataset: str, name: str, base: str | None, compress: str) -> list[Proc]:
         proc, _ = self.peer.open_send(dataset, name, base, compress)
@@ -142,8 +143,6 @@ class RemoteSource:
 
 
 def _info_from_json(dataset: str, data: dict[str, Any]) -> SnapshotInfo:
-    from datetime import UTC
-
     return SnapshotInfo(
         dataset=dataset,
         name=str(data["name"]),
@@ -187,6 +186,8 @@ class TargetReport:
     direction: Literal["push", "pull"] = "push"
     dry_run: bool = False
     planned: list[str] = field(default_factory=list)
+    pending: int = 0
+    """Sends the plan called for (all of them, in a dry run or when a step failed)."""
     sent: list[Sent] = field(default_factory=list)
     removed_partials: list[str] = field(default_factory=list)
     rolled_back: list[str] = field(default_factory=list)
@@ -224,6 +225,7 @@ class TargetReport:
             "dry_run": self.dry_run,
             "skipped": self.skipped,
             "planned": self.planned,
+            "pending": self.pending,
             "sent": [s.to_json() for s in self.sent],
             "bytes_sent": self.bytes_sent,
             "removed_partials": self.removed_partials,
@@ -251,6 +253,17 @@ class Settings:
     compress: Literal["none", "zstd"] = "none"
     rate_limit: int | None = None
     max_lag: timedelta | None = None
+
+    @classmethod
+    def of(cls, target: SshTarget | LocalTarget) -> Settings:
+        """A target's (or a pull's, which is an ssh target too) replication keys."""
+        return cls(
+            retention=target.retention,
+            on_diverged=target.on_diverged,
+            compress=target.compress,
+            rate_limit=parse_rate(target.rate_limit),
+            max_lag=target.max_lag,
+        )
 
 
 ProgressFactory = Callable[[str, int | None], Callable[[int], None] | None]
@@ -359,10 +372,8 @@ class Replication:
 
     def _run(self, dry_run: bool, prune: bool) -> TargetReport:
         report = TargetReport(self.group, self.target, self.direction, dry_run, max_lag=self.settings.max_lag)
-        sources: dict[str, list[SnapshotInfo]] = {}
         try:
-            for link in self.links:
-                sources[link.ref] = self._retrying()(self.source.snapshots, link.ref)
+            sources: dict[str, list[SnapshotInfo]] = self._retrying()(self.source.snapshots, [link.ref for link in self.links])
         except SnapsyncError as e:
             report.errors.append(f"cannot list the source: {e}")
             return report
@@ -410,6 +421,7 @@ class Replication:
             raise BackendError(plan.conflict.message())
         for step in plan.steps:
             report.planned.append(f"{link.ref}: {describe(step)}")
+        report.pending += sum(isinstance(step, (SendFull, SendIncremental)) for step in plan.steps)
         if dry_run:
             return plan.base
         common = plan.base

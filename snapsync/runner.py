@@ -204,7 +204,6 @@ class Runner:
         else:
             return None
         from snapsync.peer import Peer
-        from snapsync.streams import parse_rate
 
         return Replication(
             group=group.name,
@@ -213,13 +212,7 @@ class Runner:
             links=[DatasetLink(ds, f"{group.name}/{dataset_key(ds)}") for ds in group.datasets],
             source=LocalSource(self.backend(group)),
             sink=Peer(transport, "receive"),
-            settings=Settings(
-                retention=target.retention,
-                on_diverged=target.on_diverged,
-                compress=target.compress,
-                rate_limit=parse_rate(target.rate_limit),
-                max_lag=target.max_lag,
-            ),
+            settings=Settings.of(target),
             hold_tag=f"target:{target_name}",
             now=self.clock.now,
             progress=self.progress,
@@ -229,7 +222,6 @@ class Runner:
         """Fetch from a source host into a local directory: the same replication, the other way round."""
         from snapsync.peer import Peer
         from snapsync.replicate import RemoteSource
-        from snapsync.streams import parse_rate
 
         pull = self.policy.pulls[name]
         here = self.policy.host or socket.gethostname().split(".")[0]
@@ -240,13 +232,7 @@ class Runner:
             links=[DatasetLink(pull.relative(ds), f"{name}/{dataset_key(ds)}") for ds in pull.datasets],
             source=RemoteSource(Peer(SshTransport.from_target(name, pull), "send")),
             sink=Peer(LocalTransport(name, pull.into), "receive"),
-            settings=Settings(
-                retention=pull.retention,
-                on_diverged=pull.on_diverged,
-                compress=pull.compress,
-                rate_limit=parse_rate(pull.rate_limit),
-                max_lag=pull.max_lag,
-            ),
+            settings=Settings.of(pull),
             hold_tag=f"pull:{here}.{name}",
             now=self.clock.now,
             direction="pull",

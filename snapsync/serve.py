@@ -9,7 +9,6 @@ runs ``btrfs`` and ``zstd`` with argument lists.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -182,9 +181,3 @@ def authorized_keys_line(key_line: str, command: list[str]) -> str:
         raise UsageError(f"forced command {forced!r} would need escaping inside authorized_keys; use simpler paths")
     return f'command="{forced}",restrict {key_line.strip()}'
 
-
-def parse_response(raw: bytes) -> dict[str, Any]:
-    data = json.loads(raw.decode())
-    if not isinstance(data, dict):
-        raise ValueError("response is not a JSON object")
-    return data
