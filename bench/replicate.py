@@ -20,6 +20,10 @@ pipe, and the snapsync client process's peak RSS (its own VmHWM, read at exit) <
 Runs vary by +-15% on a 2-core VM; read the ratios, not the third digit. Needs root, sshd, btrfs.
 
     .venv/bin/python bench/replicate.py [--size 1625M] [--rounds 2] [--quick] [--cold] [--json]
+    .venv/bin/python bench/replicate.py --zfs [--size 48M] [--rounds 2]   # inside a ZFS guest
+
+``--zfs`` boots one vm-tests guest (real OpenZFS 2.3 under QEMU TCG) and runs bench/replicate_zfs.py
+there: snapsync against raw ``zfs send | zfs receive`` on the same snapshots in the same run.
 """
 
 from __future__ import annotations
@@ -480,7 +484,11 @@ def main() -> None:
     parser.add_argument("--no-btrbk", action="store_true", help="leave btrbk out")
     parser.add_argument("--tmp", default="/var/tmp", help="where the scratch filesystems' image files go")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    parser.add_argument("--zfs", action="store_true", help="run the ZFS comparison inside a vm-tests guest instead")
     args = parser.parse_args()
+    if args.zfs:
+        zfs_in_guest(args)
+        return
     if args.quick:
         args.size = "96M"
     rounds = args.rounds or (1 if args.quick else 2)
@@ -514,6 +522,46 @@ def main() -> None:
         print(json.dumps(report, indent=1))
     else:
         print_table(report)
+
+
+def zfs_in_guest(args: argparse.Namespace) -> None:
+    """Boot one guest, install snapsync there, run bench/replicate_zfs.py, print its figures."""
+    sys.path.insert(0, str(REPO / "vm-tests"))
+    from conftest import _install, build_wheels  # type: ignore[import-not-found]
+    from image import ensure_image, unavailable  # type: ignore[import-not-found]
+    from machine import Machine  # type: ignore[import-not-found]
+
+    reason = unavailable()
+    if reason:
+        sys.exit(f"bench/replicate.py --zfs: {reason}")
+    size_mib = _bytes(args.size) >> 20 if args.size != "1625M" else 48
+    rounds = args.rounds or 2
+    with tempfile.TemporaryDirectory(prefix="snapsync-bench-zfs-") as tmp:
+        work = Path(tmp)
+        say("building or reusing the guest image ...")
+        machine = Machine("bench", ensure_image(), work, disks=1, disk_size=f"{max(1024, size_mib * 8)}M")
+        try:
+            say("booting the guest and installing snapsync ...")
+            machine.boot()
+            _install(machine, build_wheels(work / "wheels"))
+            say(f"running bench/replicate_zfs.py --size {size_mib} --rounds {rounds} in the guest ...")
+            result = machine.run(f"cd /root/snapsync && /opt/snapsync/bin/python bench/replicate_zfs.py --size {size_mib} --rounds {rounds}",
+                                 timeout=3600).check()
+        finally:
+            machine.stop()
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report["guest"] = {"zfs": machine.zfs_version, "boot_seconds": round(machine.boot_seconds, 1)}
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return
+    med, ratio, stream = report["median"], report["ratio"], report["stream_bytes"]
+    print(f"ZFS in a QEMU TCG guest (OpenZFS {machine.zfs_version}), {size_mib} MiB random data, {rounds} round(s), medians:")
+    print(f"{'':14}{'stream':>10}{'raw s':>9}{'snapsync s':>12}{'ratio':>8}{'ratio w/o fixed':>17}")
+    for kind in ("full", "incremental"):
+        print(f"{kind:14}{stream[kind] / MB:>8.1f}MB{med['raw'][kind]:>9.2f}{med['snapsync'][kind]:>12.2f}"
+              f"{ratio[kind]['whole_run']:>8.2f}{ratio[kind]['without_fixed_cost']:>17.2f}")
+    print(f"snapsync fixed cost (a replicate with nothing to send): {med['snapsync']['noop']:.2f} s")
+    print("Ratios are raw time / snapsync time (1.0 = as fast as the raw pipe); absolute speeds under TCG mean nothing.")
 
 
 def revision() -> str:

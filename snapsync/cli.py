@@ -217,7 +217,7 @@ def replicate(
 
 @app.command()
 def serve(
-    root: Annotated[str, typer.Option("--root", help="Everything served lives below this directory.")],
+    root: Annotated[str, typer.Option("--root", help="Everything served lives below this directory (btrfs) or dataset (zfs, no leading /).")],
     role: Annotated[Literal["receive", "send"], typer.Option("--role", help="receive: accept copies; send: hand out snapshots.")],
     snapshot_dir: Annotated[str, typer.Option("--snapshot-dir", help="send role: where snapshots live, as in the policy.")] = ".snapsync",
     append_only: Annotated[bool, typer.Option("--append-only", help="receive role: refuse to delete copies.")] = False,
@@ -232,7 +232,7 @@ def serve(
 @app.command()
 def authorize(
     keyfile: Annotated[Path, typer.Argument(help="The client's public key file (e.g. id_ed25519.pub).")],
-    root: Annotated[str, typer.Option("--root", help="The directory this key may use.")],
+    root: Annotated[str, typer.Option("--root", help="The directory (btrfs) or dataset (zfs) this key may use.")],
     role: Annotated[Literal["receive", "send"], typer.Option("--role")] = "receive",
     command: Annotated[str, typer.Option("--command", help="Path of snapsync on this host.")] = "snapsync",
     append_only: Annotated[bool, typer.Option("--append-only", help="receive role: the key may add copies, never delete.")] = False,
@@ -241,8 +241,10 @@ def authorize(
     from snapsync.errors import UsageError
     from snapsync.serve import authorized_keys_line
 
-    if not root.startswith("/"):
-        raise UsageError(f"--root must be an absolute path, got {root!r}")
+    from snapsync.zfs_store import is_dataset_name
+
+    if not root.startswith("/") and not is_dataset_name(root):
+        raise UsageError(f"--root must be an absolute path (btrfs) or a ZFS dataset name (zfs), got {root!r}")
     try:
         lines = [ln for ln in keyfile.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     except OSError as e:

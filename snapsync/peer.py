@@ -70,11 +70,16 @@ class Peer:
         return self.call("hello")
 
     def list_paths(self, paths: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
-        result: dict[str, list[dict[str, Any]]] = self.call("list", paths=list(paths))["paths"]
-        return result
+        return self.listing(paths)[0]
+
+    def listing(self, paths: Sequence[str]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
+        """Entries per path, and the ZFS resume token of each path that has an interrupted receive."""
+        response = self.call("list", paths=list(paths))
+        return response["paths"], dict(response.get("resume") or {})
 
     def delete(self, path: str, names: Sequence[str], *, allow_writable: bool = False, partial: bool = False) -> list[str]:
-        if not names:
+        """Delete copies; ``partial=True`` with no names abandons a ZFS resumable receive."""
+        if not names and not partial:
             return []
         deleted: list[str] = self.call(
             "delete", path=path, names=list(names), allow_writable=allow_writable, partial=partial
@@ -85,8 +90,18 @@ class Peer:
         self.call("hold", path=path, tag=tag, names=list(names))
 
     def receive(
-        self, path: str, name: str, guid: str, compress: str, senders: Sequence[Proc], meter: Meter
+        self, path: str, name: str, guid: str, compress: str, senders: Sequence[Proc], meter: Meter, force: bool = False
     ) -> dict[str, Any]:
+        args: dict[str, Any] = {"path": path, "name": name, "guid": guid, "compress": compress}
+        if force:
+            args["force"] = True
+        return self._stream("receive", args, senders, meter)
+
+    def resume(self, path: str, compress: str, senders: Sequence[Proc], meter: Meter) -> dict[str, Any]:
+        """Feed a ``zfs send -t`` stream into the target's interrupted receive; answers with its name."""
+        return self._stream("resume", {"path": path, "compress": compress}, senders, meter)
+
+    def _stream(self, op: str, args: dict[str, Any], senders: Sequence[Proc], meter: Meter) -> dict[str, Any]:
         """Stream the last sender's stdout into a receive session; check every process.
 
         The sender pipeline is started by the caller; this owns it from here on and waits for it.
@@ -99,7 +114,7 @@ class Peer:
         assert session.popen.stdin is not None and session.popen.stdout is not None
         try:
             try:
-                session.popen.stdin.write(encode_request("receive", path=path, name=name, guid=guid, compress=compress))
+                session.popen.stdin.write(encode_request(op, **args))
                 session.popen.stdin.flush()
                 pump(feed.fileno(), session.popen.stdin.fileno(), meter)
             except BrokenPipeError:
@@ -122,7 +137,7 @@ class Peer:
             if sender_error is not None and not (session_failed and cut_off(sender_error.returncode, sender_error.stderr)):
                 raise sender_error
             if session_failed or response is None:
-                raise self._fail("receive", session, returncode, raw)
+                raise self._fail(op, session, returncode, raw)
             return response
         finally:
             for p in senders:
@@ -132,12 +147,17 @@ class Peer:
             session.wait()
             session.close()
 
-    def open_send(self, path: str, name: str, base: str | None, compress: str) -> tuple[Proc, dict[str, Any]]:
+    def open_send(
+        self, path: str, name: str | None, base: str | None, compress: str, token: str | None = None
+    ) -> tuple[Proc, dict[str, Any]]:
         """Start a send session (pull); returns it with the header, its stdout positioned at the stream."""
         proc = Proc.start(self.transport.argv(self.role), stdin=subprocess.PIPE, stdout=subprocess.PIPE, label="ssh")
         assert proc.popen.stdin is not None and proc.popen.stdout is not None
+        args: dict[str, Any] = {"path": path, "name": name, "base": base, "compress": compress}
+        if token is not None:
+            args["token"] = token
         try:
-            proc.popen.stdin.write(encode_request("send", path=path, name=name, base=base, compress=compress))
+            proc.popen.stdin.write(encode_request("send", **args))
             proc.popen.stdin.close()
         except BrokenPipeError:
             pass

@@ -414,10 +414,17 @@ class Pull(SshTarget):
     """
 
     type: Literal["ssh"] = "ssh"
-    path: AbsolutePath
-    datasets: tuple[AbsolutePath, ...] = Field(min_length=1)
-    into: AbsolutePath
+    path: Text
+    """The root the source serves: a directory (btrfs) or a dataset name (zfs)."""
+    datasets: tuple[Text, ...] = Field(min_length=1)
+    into: Text
+    """Where copies land here: a directory on btrfs, or a ZFS dataset name."""
     prefix: Prefix | None = None
+
+    @field_validator("path", "into")
+    @classmethod
+    def _path_or_dataset(cls, value: str) -> str:
+        return _absolute_path(value) if value.startswith("/") else _zfs_dataset(value)
 
     @model_validator(mode="after")
     def _datasets_inside_path(self) -> Pull:
@@ -451,6 +458,10 @@ class Group(_Table):
     retention: Retention = Field(default_factory=dict, validate_default=True)
     hooks: tuple[Hook, ...] = ()
     targets: tuple[Name, ...] = ()
+    send_raw: bool = False
+    """zfs: send raw (``-w``) streams even for unencrypted datasets; encrypted ones are always raw."""
+    send_compressed: bool = True
+    """zfs: send blocks compressed as they are on disk (``-c``)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -500,6 +511,9 @@ class Group(_Table):
             raise Problem("snapshot_dir applies only to btrfs groups (zfs keeps snapshots in the dataset)", *at)
         if self.backend == "btrfs" and self.snapshot_dir is None:
             raise Problem("missing required key", *at)
+        if self.backend == "btrfs" and (self.send_raw or not self.send_compressed):
+            key = "send_raw" if self.send_raw else "send_compressed"
+            raise Problem("applies only to zfs groups (btrfs streams have no raw or compressed mode)", key)
         return self
 
 

@@ -40,16 +40,19 @@ def check_datasets(policy: Policy, backends: Callable[[Group], StorageBackend] =
 
 
 def receiving_warnings(policy: Policy) -> list[str]:
-    """Local receiving directories that are not usable right now: warnings, since a USB disk that is
+    """Local receiving places that are not usable right now: warnings, since a USB disk that is
     not plugged in is normal; replication reports the target as failed until it is."""
+    from snapsync.serve import is_zfs_root
     from snapsync.store import BtrfsStore
+    from snapsync.zfs_store import ZfsStore
 
     places = [(f"targets.{n}.path", t.path) for n, t in policy.targets.items() if t.type == "local"]
     places += [(f"pulls.{n}.into", p.into) for n, p in policy.pulls.items()]
     warnings = []
     for key, path in places:
         try:
-            BtrfsStore(path).check_root()
+            (ZfsStore(path) if is_zfs_root(path) else BtrfsStore(path)).check_root()
         except SnapsyncError as e:
             warnings.append(f"{key}: {e}")
     return warnings
+

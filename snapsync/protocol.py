@@ -27,13 +27,14 @@ MAX_NAMES = 4096
 
 Role = Literal["receive", "send"]
 OPS: dict[Role, frozenset[str]] = {
-    "receive": frozenset({"hello", "list", "receive", "delete"}),
+    "receive": frozenset({"hello", "list", "receive", "resume", "delete"}),
     "send": frozenset({"hello", "list", "send", "hold"}),
 }
 
 _COMPONENT = re.compile(r"[A-Za-z0-9_%][A-Za-z0-9._%+=@:-]{0,764}")
 _SNAPSHOT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,254}")
 _GUID = re.compile(r"[0-9a-f]{1,64}")
+_TOKEN = re.compile(r"[0-9a-f]+(-[0-9a-f]+){3}")
 _TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 _KEY_SAFE = "._-+=@:"
 
@@ -95,6 +96,29 @@ def check_guid(value: object, what: str = "guid") -> str:
 def check_tag(value: object) -> str:
     if not isinstance(value, str) or not _TAG.fullmatch(value):
         raise Refused(f"hold tag {value!r} is not a plain name")
+    return value
+
+
+def check_token(value: object) -> str:
+    """A ZFS ``receive_resume_token``: four dash-separated hex fields."""
+    if not isinstance(value, str) or len(value) > 32768 or not _TOKEN.fullmatch(value):
+        raise Refused("token is not a ZFS receive_resume_token")
+    return value
+
+
+def check_base(value: object) -> str | None:
+    """An incremental base: a snapshot name, or ``#name`` for a ZFS bookmark."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.startswith("#"):
+        return "#" + check_name(value[1:], "base bookmark")
+    return check_name(value, "base")
+
+
+def _flag(args: dict[str, Any], key: str) -> bool:
+    value = args.get(key, False)
+    if not isinstance(value, bool):
+        raise Refused(f"{key} must be true or false")
     return value
 
 
@@ -161,32 +185,36 @@ def _compress(args: dict[str, Any]) -> str:
 
 
 def _v_receive(args: dict[str, Any]) -> dict[str, Any]:
-    _only(args, {"path", "name", "guid", "compress"})
+    _only(args, {"path", "name", "guid", "compress", "force"})
     return {
         "path": check_path(args.get("path")),
         "name": check_name(args.get("name")),
         "guid": check_guid(args.get("guid")),
         "compress": _compress(args),
+        "force": _flag(args, "force"),
     }
+
+
+def _v_resume(args: dict[str, Any]) -> dict[str, Any]:
+    _only(args, {"path", "compress"})
+    return {"path": check_path(args.get("path")), "compress": _compress(args)}
 
 
 def _v_delete(args: dict[str, Any]) -> dict[str, Any]:
     _only(args, {"path", "names", "allow_writable", "partial"})
-    flags = {k: args.get(k, False) for k in ("allow_writable", "partial")}
-    for key, value in flags.items():
-        if not isinstance(value, bool):
-            raise Refused(f"{key} must be true or false")
+    flags = {k: _flag(args, k) for k in ("allow_writable", "partial")}
     return {"path": check_path(args.get("path")), "names": check_names(args.get("names")), **flags}
 
 
 def _v_send(args: dict[str, Any]) -> dict[str, Any]:
-    _only(args, {"path", "name", "base", "compress"})
-    base = args.get("base")
+    _only(args, {"path", "name", "base", "compress", "token"})
+    token = args.get("token")
     return {
         "path": check_path(args.get("path")),
-        "name": check_name(args.get("name")),
-        "base": None if base is None else check_name(base, "base"),
+        "name": check_name(args.get("name")) if token is None or args.get("name") is not None else None,
+        "base": check_base(args.get("base")),
         "compress": _compress(args),
+        "token": None if token is None else check_token(token),
     }
 
 
@@ -199,6 +227,7 @@ _VALIDATORS = {
     "hello": _v_hello,
     "list": _v_list,
     "receive": _v_receive,
+    "resume": _v_resume,
     "delete": _v_delete,
     "send": _v_send,
     "hold": _v_hold,

@@ -65,8 +65,12 @@ class SnapshotSource(Protocol):
         """Every snapshot of each dataset, ours and foreign; one round trip for a remote source."""
         ...
 
-    def start_send(self, dataset: str, name: str, base: str | None, compress: str) -> list[Proc]:
-        """A running pipeline whose last process's stdout is the (possibly compressed) stream."""
+    def start_send(self, dataset: str, name: str | None, base: str | None, compress: str, token: str | None = None) -> list[Proc]:
+        """A running pipeline whose last process's stdout is the (possibly compressed) stream.
+
+        ``base`` is a snapshot name or ``#name`` for a ZFS bookmark; with a ZFS resume ``token`` the
+        stream continues an interrupted send instead (``name`` and ``base`` are then unused).
+        """
         ...
 
     def hold(self, dataset: str, tag: str, names: Sequence[str]) -> None: ...
@@ -83,8 +87,13 @@ class LocalSource:
     def snapshots(self, datasets: Sequence[str]) -> dict[str, list[SnapshotInfo]]:
         return {d: self.backend.list_snapshots(d) for d in datasets}
 
-    def start_send(self, dataset: str, name: str, base: str | None, compress: str) -> list[Proc]:
-        send = Proc.start(self.backend.send_argv(dataset, name, base), stdout=-1, label="btrfs send")
+    def start_send(self, dataset: str, name: str | None, base: str | None, compress: str, token: str | None = None) -> list[Proc]:
+        if token is not None:
+            argv = self.backend.resume_argv(token)
+        else:
+            assert name is not None
+            argv = self.backend.send_argv(dataset, name, base)
+        send = Proc.start(argv, stdout=-1, label=f"{self.backend.kind} send")
         if compress != "zstd":
             return [send]
         assert send.popen.stdout is not None
@@ -104,18 +113,7 @@ class LocalSource:
         return nullcontext()
 
     def estimate(self, dataset: str, name: str, base: str | None) -> int | None:
-        """Bytes in a full send, roughly (file sizes); None for incrementals, which only btrfs knows."""
-        location = os.path.join(self.backend.snapshot_home(dataset), name)
-        if base is not None or not os.path.isdir(location):
-            return None
-        total = 0
-        for root, _, files in os.walk(location):
-            for f in files:
-                try:
-                    total += os.lstat(os.path.join(root, f)).st_size
-                except OSError:
-                    pass
-        return total
+        return self.backend.estimate(dataset, name, base)
 
 
 class RemoteSource:
@@ -128,8 +126,8 @@ class RemoteSource:
         raw = self.peer.list_paths(datasets)
         return {d: [_info_from_json(d, s) for s in raw.get(d, [])] for d in datasets}
 
-    def start_send(self, dataset: str, name: str, base: str | None, compress: str) -> list[Proc]:
-        proc, _ = self.peer.open_send(dataset, name, base, compress)
+    def start_send(self, dataset: str, name: str | None, base: str | None, compress: str, token: str | None = None) -> list[Proc]:
+        proc, _ = self.peer.open_send(dataset, name, base, compress, token)
         return [proc]
 
     def hold(self, dataset: str, tag: str, names: Sequence[str]) -> None:
@@ -378,7 +376,7 @@ class Replication:
             report.errors.append(f"cannot list the source: {e}")
             return report
         try:
-            listing = self._retrying()(self.sink.list_paths, [link.path for link in self.links])
+            listing, tokens = self._retrying()(self.sink.listing, [link.path for link in self.links])
         except SnapsyncError as e:
             report.errors.append(f"target unreachable: {e}" if isinstance(e, TransientError) else str(e))
             self._lag(report, sources, {})
@@ -387,7 +385,9 @@ class Replication:
         for link in self.links:
             copies = [Copy.from_json(c) for c in listing.get(link.path, [])]
             try:
-                commons[link.path] = self._retrying()(self._dataset, link, sources[link.ref], copies, report, dry_run)
+                commons[link.path] = self._retrying()(
+                    self._dataset, link, sources[link.ref], copies, tokens.get(link.path), report, dry_run
+                )
             except SnapsyncError as e:
                 report.errors.append(f"{link.ref}: {e}")
                 commons[link.path] = None
@@ -404,11 +404,26 @@ class Replication:
         return sorted(names, key=lambda n: (ours(self.prefix, n), n))
 
     def _dataset(
-        self, link: DatasetLink, snaps: list[SnapshotInfo], copies: list[Copy], report: TargetReport, dry_run: bool
+        self,
+        link: DatasetLink,
+        snaps: list[SnapshotInfo],
+        copies: list[Copy],
+        token: str | None,
+        report: TargetReport,
+        dry_run: bool,
     ) -> str | None:
         """Bring one dataset up to date; returns the name of the newest common snapshot afterwards."""
         if report.sent or report.removed_partials:  # a retry: the first attempt changed the target
-            copies = [Copy.from_json(c) for c in self.sink.list_paths([link.path]).get(link.path, [])]
+            listing, tokens = self.sink.listing([link.path])
+            copies, token = [Copy.from_json(c) for c in listing.get(link.path, [])], tokens.get(link.path)
+        if token is not None:
+            report.planned.append(f"{link.ref}: resume the interrupted receive")
+            if dry_run:
+                report.pending += 1
+            else:
+                self._resume(link, token, report)
+                listing, _ = self.sink.listing([link.path])
+                copies = [Copy.from_json(c) for c in listing.get(link.path, [])]
         have = self._have[link.path] = {
             c.name for c in copies
             if not c.partial and c.read_only and c.received_uuid and ours(self.prefix, c.name)
@@ -437,7 +452,9 @@ class Replication:
                 have.difference_update(deleted)
                 log.warning("%s -> %s: rolled target back to %s, destroyed %s", self.group, self.target, step.to, deleted)
             elif isinstance(step, (SendFull, SendIncremental)):
-                base = step.base.name if isinstance(step, SendIncremental) else None
+                base = None
+                if isinstance(step, SendIncremental):
+                    base = f"#{step.base.name}" if step.base.kind == "bookmark" else step.base.name
                 self._send(link, step.snapshot, base, report)
                 common = step.snapshot.name
                 have.add(common)
@@ -454,7 +471,8 @@ class Replication:
             tick = self.progress(short, self.source.estimate(link.ref, snap.name, base))
         meter = Meter(tick=tick, rate_limit=self.settings.rate_limit)
         senders = self.source.start_send(link.ref, snap.name, base, self.settings.compress)
-        response = self.sink.receive(link.path, snap.name, snap.guid, self.settings.compress, senders, meter)
+        force = self.settings.on_diverged == "rollback"
+        response = self.sink.receive(link.path, snap.name, snap.guid, self.settings.compress, senders, meter, force)
         if tick is not None:
             tick(meter.bytes)
         removed = response.get("removed_partials") or []
@@ -462,6 +480,27 @@ class Replication:
         report.sent.append(Sent(link.ref, snap.name, base, meter.bytes, meter.seconds))
         log.info("%s: %s sent (%d bytes, %.1fs)", what, "full" if base is None else f"incremental from {base}",
                  meter.bytes, meter.seconds)
+
+    def _resume(self, link: DatasetLink, token: str, report: TargetReport) -> None:
+        """Finish a ZFS receive that was interrupted, from the byte where it stopped.
+
+        If the source can no longer produce the stream (the snapshot is gone), the token is useless:
+        the target's partial state is abandoned and the caller plans ordinary sends instead. A
+        connection failure keeps the token for the next attempt.
+        """
+        meter = Meter(rate_limit=self.settings.rate_limit)
+        try:
+            senders = self.source.start_send(link.ref, None, None, self.settings.compress, token=token)
+            response = self.sink.resume(link.path, self.settings.compress, senders, meter)
+        except TransientError:
+            raise
+        except SnapsyncError as e:
+            self.sink.delete(link.path, [], partial=True)
+            report.notes.append(f"{link.ref}: could not resume the interrupted receive ({e}); abandoned it")
+            return
+        name = str(response.get("name"))
+        report.sent.append(Sent(link.ref, name, "(resumed)", meter.bytes, meter.seconds))
+        log.info("%s -> %s: %s %s resumed (%d bytes)", self.group, self.target, link.ref, name, meter.bytes)
 
     def _lag(self, report: TargetReport, sources: dict[str, list[SnapshotInfo]], commons: dict[str, str | None]) -> None:
         """How far the target is behind: newest source snapshot vs the oldest per-dataset common one.

@@ -150,9 +150,11 @@ class Runner:
                         reason = f"replication base for {name}"
                     elif kind == "pull":
                         reason = f"replication base for {name} (pulls from here)"
-                    else:
+                    elif kind == "target":
                         stale[(dataset, tag)] = None
                         continue
+                    else:
+                        reason = f"held by {tag} (not snapsync's hold; release it yourself)"
                     reasons = pinned.setdefault(snap.name, [])
                     if reason not in reasons:
                         reasons.append(reason)

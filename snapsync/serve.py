@@ -12,12 +12,16 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
+from snapsync.backends.base import StorageBackend
 from snapsync.backends.btrfs import BtrfsBackend
 from snapsync.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, SnapsyncError, UsageError
 from snapsync.protocol import MAX_REQUEST, VERSION, Refused, Role, encode_response, parse_request
 from snapsync.store import BtrfsStore
+
+if TYPE_CHECKING:
+    from snapsync.zfs_store import ZfsStore
 from snapsync.streams import Proc, finish
 
 
@@ -49,18 +53,33 @@ def _kind(error: Exception) -> str:
     return "failed"
 
 
+def is_zfs_root(root: str) -> bool:
+    """A served root is a directory (btrfs) when absolute, else a ZFS dataset name."""
+    return not root.startswith("/")
+
+
 class Server:
     def __init__(self, root: str, role: Role, snapshot_dir: str = ".snapsync", append_only: bool = False) -> None:
-        self.root = Path(root)
+        self.root = root
         self.role = role
         self.append_only = append_only
-        self.store = BtrfsStore(root)
-        self.backend = BtrfsBackend(snapshot_dir)
+        self.zfs = is_zfs_root(root)
+        self.store: BtrfsStore | ZfsStore
+        self.backend: StorageBackend
+        if self.zfs:
+            from snapsync.backends.zfs import ZfsBackend
+            from snapsync.zfs_store import ZfsStore
+
+            self.store = ZfsStore(root)
+            self.backend = ZfsBackend()
+        else:
+            self.store = BtrfsStore(root)
+            self.backend = BtrfsBackend(snapshot_dir)
 
     def handle(self, fd: int = 0) -> int:
         """Serve one request; always answer with one JSON line (or a header before a stream)."""
         try:
-            if not self.root.is_dir():
+            if not self.zfs and not Path(self.root).is_dir():
                 raise Refused(f"served root {self.root} does not exist")
             request = parse_request(read_request(fd), self.role)
             result = getattr(self, f"op_{request.op}")(fd=fd, **request.args)
@@ -88,17 +107,28 @@ class Server:
             "version": __version__,
             "role": self.role,
             "root": str(self.root),
-            "backend": "btrfs",
+            "backend": self.backend.kind,
             "append_only": self.append_only,
         }
 
     def op_list(self, fd: int, paths: list[str]) -> dict[str, Any]:
         if self.role == "receive":
-            return {"paths": {p: [c.to_json() for c in self.store.copies(p)] for p in paths}}
-        return {"paths": {p: [s.to_json() for s in self.backend.list_snapshots(str(self._dataset(p)))] for p in paths}}
+            listed = {p: self.store.listing(p) for p in paths}
+            return {
+                "paths": {p: [c.to_json() for c in copies] for p, (copies, _) in listed.items()},
+                "resume": {p: token for p, (_, token) in listed.items() if token is not None},
+            }
+        return {"paths": {p: [s.to_json() for s in self.backend.list_snapshots(self._dataset(p))] for p in paths}}
 
-    def op_receive(self, fd: int, path: str, name: str, guid: str, compress: str) -> dict[str, Any]:
-        return self.store.receive(path, name, guid, fd, compress)
+    def op_receive(self, fd: int, path: str, name: str, guid: str, compress: str, force: bool) -> dict[str, Any]:
+        if isinstance(self.store, BtrfsStore):
+            return self.store.receive(path, name, guid, fd, compress)
+        return self.store.receive(path, name, guid, fd, compress, force)
+
+    def op_resume(self, fd: int, path: str, compress: str) -> dict[str, Any]:
+        if isinstance(self.store, BtrfsStore):
+            raise Refused("resumable receive is a ZFS feature; this btrfs target has nothing to resume")
+        return self.store.resume(path, fd, compress)
 
     def op_delete(self, fd: int, path: str, names: list[str], allow_writable: bool, partial: bool) -> dict[str, Any]:
         if partial:
@@ -107,39 +137,64 @@ class Server:
             raise Refused("this server is append-only (serve --append-only): it never deletes; prune on the target itself")
         return {"deleted": self.store.delete(path, names, allow_writable)}
 
-    def _dataset(self, rel: str) -> Path:
-        path = self.store.directory(rel)
-        self.backend.check_dataset(str(path))
-        return path
+    def _dataset(self, rel: str) -> str:
+        """The source dataset a send-role path names: a directory below the root, or a child dataset."""
+        if isinstance(self.store, BtrfsStore):
+            dataset = str(self.store.directory(rel))
+        else:
+            from snapsync.protocol import check_path
 
-    def op_send(self, fd: int, path: str, name: str, base: str | None, compress: str) -> None:
+            dataset = f"{self.root}/{check_path(rel)}"
+        self.backend.check_dataset(dataset)
+        return dataset
+
+    def op_send(self, fd: int, path: str, name: str | None, base: str | None, compress: str, token: str | None) -> None:
         dataset = self._dataset(path)
-        snaps = {s.name: s for s in self.backend.list_snapshots(str(dataset))}
-        for wanted in (name, base):
-            if wanted is not None and (wanted not in snaps or not snaps[wanted].read_only):
-                raise Refused(f"{path}: no read-only snapshot named {wanted!r}")
-        argv = self.backend.send_argv(str(dataset), name, base)
-        _say(encode_response(True, name=name, guid=snaps[name].received_guid or snaps[name].guid))
+        if token is not None:
+            argv, name, guid = self._resume_send(dataset, token)
+        else:
+            assert name is not None
+            entries = self.backend.list_snapshots(dataset)
+            snaps = {s.name: s for s in entries if s.kind == "snapshot"}
+            marks = {s.name for s in entries if s.kind == "bookmark"}
+            if name not in snaps or not snaps[name].read_only:
+                raise Refused(f"{path}: no read-only snapshot named {name!r}")
+            if base is not None and not (base[1:] in marks if base.startswith("#") else base in snaps and snaps[base].read_only):
+                raise Refused(f"{path}: no read-only snapshot or bookmark named {base!r}")
+            argv = self.backend.send_argv(dataset, name, base)
+            guid = snaps[name].received_guid or snaps[name].guid
+        _say(encode_response(True, name=name, guid=guid))
         procs: list[Proc] = []
         try:
             if compress == "zstd":
-                procs.append(Proc.start(argv, stdout=-1, label="btrfs send (source)"))
+                procs.append(Proc.start(argv, stdout=-1, label=f"{self.backend.kind} send (source)"))
                 assert procs[0].popen.stdout is not None
                 procs.append(Proc.start(["zstd", "-1", "-T0", "-q", "-c"], stdin=procs[0].popen.stdout, stdout=1))
                 procs[0].popen.stdout.close()
             else:
-                procs.append(Proc.start(argv, stdout=1, label="btrfs send (source)"))
+                procs.append(Proc.start(argv, stdout=1, label=f"{self.backend.kind} send (source)"))
             finish(procs)
         finally:
             for p in procs:
                 p.close()
         return None
 
+    def _resume_send(self, dataset: str, token: str) -> tuple[list[str], str, str]:
+        """``zfs send -t`` for a token the puller holds, only if the token names a snapshot of
+        ``dataset`` (a token can name any snapshot on this host; the root confines it)."""
+        from snapsync.backends.zfs import ZfsBackend
+
+        if not isinstance(self.backend, ZfsBackend):
+            raise Refused("resume tokens are a ZFS feature; this source is btrfs")
+        full, guid = self.backend.token_target(token)
+        if full.partition("@")[0] != dataset:
+            raise Refused(f"resume token names {full!r}, which is not a snapshot of {dataset!r}")
+        return self.backend.resume_argv(token), full.partition("@")[2], guid
+
     def op_hold(self, fd: int, path: str, tag: str, names: list[str]) -> dict[str, Any]:
         if not tag.startswith("pull:"):
             raise Refused(f"hold tag {tag!r}: a pulling host's holds are named 'pull:<host>.<pull>'")
-        dataset = self._dataset(path)
-        self.backend.set_holds(str(dataset), tag, names)
+        self.backend.set_holds(self._dataset(path), tag, names)
         return {"held": names}
 
 

@@ -163,6 +163,10 @@ class BtrfsStore:
         markers = _markers(directory)
         return [_copy(n, i, partial=n in markers) for n, i in _subvolumes(directory)]
 
+    def listing(self, rel: str) -> tuple[list[Copy], str | None]:
+        """Copies and resume token; btrfs has no resumable receive, so never a token."""
+        return self.copies(rel), None
+
     @contextmanager
     def _locked(self, directory: Path) -> Iterator[None]:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from snapsync.errors import BackendError
 
 if TYPE_CHECKING:
     from snapsync.backends.base import StorageBackend
@@ -19,7 +18,9 @@ def _btrfs(group: Group) -> StorageBackend:
 
 
 def _zfs(group: Group) -> StorageBackend:
-    raise BackendError(f"group {group.name!r}: the zfs backend is not available in this version of snapsync")
+    from snapsync.backends.zfs import ZfsBackend
+
+    return ZfsBackend(raw=group.send_raw, compressed=group.send_compressed)
 
 
 BACKENDS: dict[str, Callable[[Group], StorageBackend]] = {"btrfs": _btrfs, "zfs": _zfs}

@@ -111,6 +111,15 @@ class StorageBackend(Protocol):
         """The command that writes snapshot ``name`` as a stream to stdout, incremental from ``base``."""
         ...
 
+    def resume_argv(self, token: str) -> list[str]:
+        """The command that continues an interrupted send from a receiver's resume token (ZFS);
+        backends without ``capabilities.resumable_receive`` raise BackendError."""
+        ...
+
+    def estimate(self, dataset: str, name: str, base: str | None) -> int | None:
+        """Roughly how many bytes the send of ``name`` (from ``base``) will be, for progress; None if unknown."""
+        ...
+
     def destroy(self, dataset: str, names: Sequence[str]) -> None:
         """Destroy the named snapshots of ``dataset``.
 

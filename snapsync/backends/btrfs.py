@@ -167,6 +167,23 @@ class BtrfsBackend:
             argv += ["-p", str(directory / base)]
         return argv + [str(directory / name)]
 
+    def resume_argv(self, token: str) -> list[str]:
+        raise BackendError("btrfs has no resumable send; an interrupted receive is deleted and sent again")
+
+    def estimate(self, dataset: str, name: str, base: str | None) -> int | None:
+        """Bytes in a full send, roughly (file sizes); None for incrementals, which only btrfs knows."""
+        location = self.snapshot_path(dataset) / name
+        if base is not None or not location.is_dir():
+            return None
+        total = 0
+        for root, _, files in os.walk(location):
+            for f in files:
+                try:
+                    total += os.lstat(os.path.join(root, f)).st_size
+                except OSError:
+                    pass
+        return total
+
     def snapshot_group(self, datasets: Sequence[str], name: str) -> list[SnapshotInfo]:
         _check_name(name)
         for dataset in datasets:

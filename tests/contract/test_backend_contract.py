@@ -96,6 +96,8 @@ def test_each_dataset_has_its_own_snapshot_home(env: BackendEnv) -> None:
 
 @pytest.mark.parametrize("leaf", ["with space", "nön-ascii ünïcödé", "dash-.dot"])
 def test_awkward_dataset_names(env: BackendEnv, leaf: str) -> None:
+    if not env.name_ok(leaf):
+        pytest.skip(f"{leaf!r} is not a valid dataset name on this filesystem")
     ds = env.new_dataset(leaf)
     env.write(ds, "f", leaf)
     env.backend.snapshot_group([ds], NAME)
@@ -103,3 +105,21 @@ def test_awkward_dataset_names(env: BackendEnv, leaf: str) -> None:
     assert env.read(snap, "f") == leaf
     env.backend.destroy(ds, [NAME])
     assert env.backend.list_snapshots(ds) == []
+
+
+def test_held_snapshot_is_refused_until_the_hold_moves(env: BackendEnv) -> None:
+    ds = env.new_dataset("d")
+    env.backend.snapshot_group([ds], NAME)
+    env.backend.snapshot_group([ds], LATER)
+    env.backend.set_holds(ds, "target:nas", [NAME])
+    held = {s.name: s.holds for s in env.backend.list_snapshots(ds) if s.kind == "snapshot"}
+    assert held == {NAME: ("target:nas",), LATER: ()}
+    with pytest.raises(BackendError, match="held"):
+        env.backend.destroy(ds, [LATER, NAME])
+    assert {s.name for s in env.backend.list_snapshots(ds) if s.kind == "snapshot"} == {NAME, LATER}
+    env.backend.set_holds(ds, "target:nas", [LATER])
+    env.backend.destroy(ds, [NAME])
+    (left,) = [s for s in env.backend.list_snapshots(ds) if s.kind == "snapshot"]
+    assert (left.name, left.holds) == (LATER, ("target:nas",))
+    env.backend.set_holds(ds, "target:nas", [])
+    assert all(not s.holds for s in env.backend.list_snapshots(ds))

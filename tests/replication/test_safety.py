@@ -170,3 +170,17 @@ def test_removed_target_releases_its_hold(rig: Rig) -> None:
     assert report.ok
     assert report.released and "target:nas" in report.released[0]
     assert not any(s.holds for s in rig.backend.list_snapshots(str(rig.data)))
+
+
+def test_a_hold_snapsync_did_not_place_pins_and_is_never_released(rig: Rig) -> None:
+    first = rig.step()
+    assert first.ok and first.snapshot
+    rig.backend.set_holds(str(rig.data), "zfs:keep", [first.snapshot])  # how the zfs backend reports a foreign hold
+    for _ in range(3):
+        report = rig.step()
+        assert report.ok and not report.released
+    assert report.plan is not None
+    decision = {d.name: d for d in report.plan.decisions}[first.snapshot]
+    assert decision.keep and any("held by zfs:keep" in r for r in decision.reasons)
+    held = {s.name: s.holds for s in rig.backend.list_snapshots(str(rig.data))}
+    assert "zfs:keep" in held[first.snapshot]

@@ -574,11 +574,17 @@ def test_authorize_rejects_an_unreadable_key_file(tmp_path: Path, path: str) -> 
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("snapsync: error: ") and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("root", ["srv/x", "~/backups"])
-def test_authorize_rejects_a_relative_root(client_key: Path, root: str) -> None:
+@pytest.mark.parametrize("root", ["srv//x", "~/backups", "tank/a@b", "./x"])
+def test_authorize_rejects_a_root_that_is_neither_path_nor_dataset(client_key: Path, root: str) -> None:
     proc = authorize("--root", root, f"{client_key}.pub")
     assert proc.returncode == 2 and proc.stdout == ""
-    assert "--root must be an absolute path" in proc.stderr and proc.stderr.count("\n") == 1
+    assert "--root must be an absolute path (btrfs) or a ZFS dataset name" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_authorize_accepts_a_zfs_dataset_root(client_key: Path) -> None:
+    proc = authorize("--root", "tank/backup", f"{client_key}.pub")
+    assert proc.returncode == 0, proc.stderr
+    assert 'serve --root tank/backup --role receive",restrict ssh-' in proc.stdout
 
 
 def test_authorize_root_needing_escapes_is_bad_input(client_key: Path) -> None:

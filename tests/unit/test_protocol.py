@@ -28,6 +28,7 @@ from snapsync.protocol import (
 
 NAME = "app_2026-03-01T12:00:00Z"
 GUID = "0123456789abcdef0123456789abcdef"
+TOKEN = "1-e6b6b1a3c-c0-789c636064000310a500c4ec50360710e72765a52697303030"
 
 
 def line(**fields: Any) -> bytes:
@@ -49,13 +50,19 @@ VALID: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     (
         "receive",
         {"op": "receive", "path": "app/persist/app", "name": NAME, "guid": GUID},
-        {"path": "app/persist/app", "name": NAME, "guid": GUID, "compress": "none"},
+        {"path": "app/persist/app", "name": NAME, "guid": GUID, "compress": "none", "force": False},
     ),
     (
         "receive",
         {"op": "receive", "path": "g/d", "name": NAME, "guid": "ab", "compress": "zstd"},
-        {"path": "g/d", "name": NAME, "guid": "ab", "compress": "zstd"},
+        {"path": "g/d", "name": NAME, "guid": "ab", "compress": "zstd", "force": False},
     ),
+    (
+        "receive",
+        {"op": "receive", "path": "g/d", "name": NAME, "guid": "1234567890", "force": True},
+        {"path": "g/d", "name": NAME, "guid": "1234567890", "compress": "none", "force": True},
+    ),
+    ("receive", {"op": "resume", "path": "g/d"}, {"path": "g/d", "compress": "none"}),
     (
         "receive",
         {"op": "delete", "path": "g/d", "names": [NAME, "other:1"]},
@@ -71,12 +78,22 @@ VALID: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     (
         "send",
         {"op": "send", "path": "persist/app", "name": NAME},
-        {"path": "persist/app", "name": NAME, "base": None, "compress": "none"},
+        {"path": "persist/app", "name": NAME, "base": None, "compress": "none", "token": None},
+    ),
+    (
+        "send",
+        {"op": "send", "path": "persist/app", "name": NAME, "base": "#app_2026-02-28T12:00:00Z"},
+        {"path": "persist/app", "name": NAME, "base": "#app_2026-02-28T12:00:00Z", "compress": "none", "token": None},
+    ),
+    (
+        "send",
+        {"op": "send", "path": "persist/app", "token": TOKEN},
+        {"path": "persist/app", "name": None, "base": None, "compress": "none", "token": TOKEN},
     ),
     (
         "send",
         {"op": "send", "path": "persist/app", "name": NAME, "base": "app_2026-02-28T12:00:00Z", "compress": "zstd"},
-        {"path": "persist/app", "name": NAME, "base": "app_2026-02-28T12:00:00Z", "compress": "zstd"},
+        {"path": "persist/app", "name": NAME, "base": "app_2026-02-28T12:00:00Z", "compress": "zstd", "token": None},
     ),
     (
         "send",
@@ -211,7 +228,8 @@ def test_deeply_nested_json_is_refused() -> None:
 UNKNOWN_FIELDS = [
     ("receive", {"op": "hello", "path": "g/d"}, "path"),
     ("receive", {"op": "list", "paths": ["g/d"], "recursive": True}, "recursive"),
-    ("receive", {"op": "receive", "path": "g/d", "name": NAME, "guid": GUID, "force": True}, "force"),
+    ("receive", {"op": "receive", "path": "g/d", "name": NAME, "guid": GUID, "rollback": True}, "rollback"),
+    ("receive", {"op": "resume", "path": "g/d", "token": "1-a-b-c"}, "token"),
     ("receive", {"op": "delete", "path": "g/d", "names": [NAME], "recursive": True, "all": 1}, "all, recursive"),
     ("send", {"op": "send", "path": "g/d", "name": NAME, "argv": ["rm", "-rf", "/"]}, "argv"),
     ("send", {"op": "hold", "path": "g/d", "tag": "t", "names": [], "release": True}, "release"),
@@ -385,6 +403,35 @@ def test_bad_hold_tags_are_refused(tag: Any) -> None:
 @pytest.mark.parametrize("value", [1, 0, "true", "false", "yes", None, [], {}, 1.0])
 def test_non_bool_flags_are_refused(flag: str, value: Any) -> None:
     refused(line(op="delete", path="g/d", names=[NAME], **{flag: value}), "receive", f"{flag} must be true or false")
+
+
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_non_bool_force_is_refused(value: Any) -> None:
+    refused(line(op="receive", path="g/d", name=NAME, guid=GUID, force=value), "receive", "force must be true or false")
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["", "1-abc", "1-a-b-c-d", "1-a-b-C", "1-a-b-c; rm -rf /", "-a-b-c", "x" * 10, 7, None, ["1-a-b-c"], "1-a-b-c\n"],
+)
+def test_malformed_resume_tokens_are_refused(token: Any) -> None:
+    if token is None:  # no token is a plain send, which then needs a name
+        refused(line(op="send", path="g/d", token=token), "send", "is not a snapshot name")
+        return
+    refused(line(op="send", path="g/d", token=token), "send", "not a ZFS receive_resume_token")
+
+
+def test_oversized_resume_token_is_refused() -> None:
+    refused(line(op="send", path="g/d", token="1-a-b-" + "c" * 40000), "send", "not a ZFS receive_resume_token")
+
+
+@pytest.mark.parametrize("base", ["#", "##x", "#a/b", "#a@b", "a#b", "#-x"])
+def test_bad_bookmark_bases_are_refused(base: str) -> None:
+    refused(line(op="send", path="g/d", name=NAME, base=base), "send", "not a snapshot name")
+
+
+def test_resume_is_a_receive_role_op_only() -> None:
+    refused(line(op="resume", path="g/d"), "send", "not allowed for role 'send'")
 
 
 def test_too_many_names_are_refused() -> None:
