@@ -178,7 +178,7 @@ def render_listing(console: Console, group: str, backend: str, listing: dict[str
         for s in snaps:
             ours = parse_snapshot_name(prefix, s.name) is not None
             table.add_row(
-                s.name,
+                f"#{s.name}" if s.kind == "bookmark" else s.name,
                 s.created.strftime("%Y-%m-%d %H:%M:%SZ"),
                 "yes" if s.read_only else "[red]no[/]",
                 s.guid[:8],

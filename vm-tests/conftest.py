@@ -121,4 +121,9 @@ def guest_pytest(machine: Machine, args: str, env: dict[str, str] | None = None)
     )
     if result.returncode != 0:
         pytest.fail(f"pytest in guest {machine.name} failed ({result.returncode}):\n{result.stdout[-8000:]}\n{result.stderr[-2000:]}")
+    summary = os.environ.get("SNAPSYNC_VM_SUMMARY")
+    if summary:  # vm-tests/run prints what ran inside the guests, not only the host-side count
+        last = [line for line in result.stdout.splitlines() if " in " in line and ("passed" in line or "failed" in line)]
+        with open(summary, "a") as f:
+            f.write(f"  in guest: pytest {args}: {last[-1].strip('= ') if last else '?'}\n")
     return result.stdout

@@ -72,6 +72,27 @@ def names(alpha: Machine, beta: Machine) -> Iterator[tuple[str, str]]:
     beta.run(f"zfs destroy -r -f {root}; zfs destroy -r -f tank/persist-{tag}")
 
 
+def cut_then_resume(runner: Machine, policy_path: str, limited: str, kill: str, receiver: Machine, root: str) -> str:
+    """Run ``replicate`` under ``limited`` (a policy with ``rate_limit = "64K"``) and SIGKILL it and
+    the processes matching ``kill`` mid-stream, as a crash would; check the receiver kept a resume
+    token; replicate again without the limit. Returns the name of the snapshot the resume finished."""
+    runner.run(f"timeout -s KILL 25 snapsync -p {policy_path} replicate; pkill -KILL -f {shlex.quote(kill)} || true")
+    for _ in range(30):  # the receive notices the cut stream once its session closes
+        if sh(receiver, f"zfs get -H -o value receive_resume_token -r {root} | grep -v '^-$' || true").strip():
+            break
+        time.sleep(1)
+    else:
+        raise AssertionError("the cut receive left no resume token: " + sh(receiver, f"zfs list -r -t all {root}"))
+    unlimited = limited.replace('rate_limit = "64K"\n', "")
+    assert unlimited != limited
+    sh(runner, f"cat > {policy_path} <<'EOF'\n{unlimited}EOF")
+    target = snapsync_json(runner, policy_path, "replicate")["groups"][0]["targets"][0]
+    assert target["ok"], target["errors"]
+    assert [s["base"] for s in target["sent"]] == ["(resumed)"]
+    assert 0 < target["sent"][0]["bytes"] < 1536 * 1024, "the resume sent the whole stream again"
+    return str(target["sent"][0]["name"])
+
+
 def write(machine: Machine, dataset: str, name: str, kib: int, seed: int) -> None:
     sh(machine, f"head -c {kib * 1024} /dev/urandom > /{dataset}/{name} && echo {seed} > /{dataset}/seed")
 
@@ -97,6 +118,10 @@ def test_push_full_then_incremental_with_target_pruning(alpha: Machine, beta: Ma
     assert all(len(v) == 2 for v in per_dataset.values()), listing  # keep_last = 2 on the target
     holds = sh(alpha, f"zfs holds -H {src}/db@{snap}")
     assert "snapsync:target:nas" in holds
+    listed = snapsync_json(alpha, "/root/push.toml", "list", "--local")["groups"][0]["datasets"][0]["snapshots"]
+    entries = {(s["kind"], s["name"]): s["holds"] for s in listed}
+    assert entries[("snapshot", snap)] == ["target:nas"] and ("bookmark", snap) in entries
+    assert sum(1 for kind, _ in entries if kind == "bookmark") == 1  # the hold moved: older bookmarks went
     copy = sh(beta, f"zfs list -H -o name {root}/app/{src.replace('/', '/')}/db").strip()
     sh(beta, f"zfs set mountpoint=/mnt/check {copy} && zfs mount {copy}")
     assert tree_sum(beta, f"/mnt/check/.zfs/snapshot/{snap}") == tree_sum(alpha, f"/{src}/db/.zfs/snapshot/{snap}")
@@ -106,26 +131,10 @@ def test_interrupted_push_resumes_over_ssh(alpha: Machine, beta: Machine, names:
     src, root = names
     key = authorize(beta, alpha, "receive", root, "resume-key")
     text = policy([f"{src}/files"], ssh_table(beta, key, root) + 'rate_limit = "64K"\n')
-    sh(alpha, f"cat > /root/resume.toml <<'EOF'\n{text}EOF")
     write(alpha, f"{src}/files", "big.bin", 1536, 1)
+    sh(alpha, f"cat > /root/resume.toml <<'EOF'\n{text}EOF")
     sh(alpha, "snapsync -p /root/resume.toml snapshot")
-    # Cut the transfer after a few seconds: kill snapsync and its send (as a crash or a reboot would).
-    alpha.run("timeout -s KILL 25 snapsync -p /root/resume.toml replicate; pkill -KILL -f 'zfs send' || true")
-    token = ""
-    for _ in range(30):  # beta's receive notices the cut stream when its ssh session closes
-        token = sh(beta, f"zfs get -H -o value receive_resume_token -r {root} | grep -v '^-$' || true").strip()
-        if token:
-            break
-        time.sleep(1)
-    assert token, "the cut receive left no resume token: " + sh(beta, f"zfs list -r -t all {root}")
-    unlimited = text.replace('rate_limit = "64K"\n', "")
-    sh(alpha, f"cat > /root/resume.toml <<'EOF'\n{unlimited}EOF")
-    report = snapsync_json(alpha, "/root/resume.toml", "replicate")
-    target = report["groups"][0]["targets"][0]
-    assert target["ok"], target["errors"]
-    assert [s["base"] for s in target["sent"]] == ["(resumed)"]
-    assert 0 < target["sent"][0]["bytes"] < 1536 * 1024
-    snap = target["sent"][0]["name"]
+    snap = cut_then_resume(alpha, "/root/resume.toml", text, "zfs send", beta, root)
     copy = f"{root}/app/{src}/files"
     assert sh(beta, f"zfs get -H -p -o value guid {copy}@{snap}") == sh(alpha, f"zfs get -H -p -o value guid {src}/files@{snap}")
 
@@ -151,3 +160,21 @@ def test_pull_from_the_application_host(alpha: Machine, beta: Machine, names: tu
     assert "snapsync:pull:beta.alpha" in holds
     again = snapsync_json(beta, "/root/pull.toml", "replicate")
     assert again["groups"][0]["targets"][0]["sent"] == []
+
+
+def test_interrupted_pull_resumes_through_the_send_role(alpha: Machine, beta: Machine, names: tuple[str, str]) -> None:
+    src, root = names
+    key = authorize(alpha, beta, "send", "tank", "pull-resume-key")
+    write(alpha, f"{src}/files", "big.bin", 1536, 1)
+    sh(alpha, f"zfs snapshot {src}/files@snapsync_2026-11-26T10:00:00Z")
+    rel = src.split("/", 1)[1]
+    text = "\n".join([
+        "version = 1", 'host = "beta"', "[defaults.retention]", "keep_last = 100",
+        "[pulls.alpha]", ssh_table(alpha, key, "tank"), 'rate_limit = "64K"',
+        f'datasets = ["tank/{rel}/files"]', f'into = "{root}"',
+    ]) + "\n"
+    sh(beta, f"cat > /root/pull-resume.toml <<'EOF'\n{text}EOF")
+    assert cut_then_resume(beta, "/root/pull-resume.toml", text, "snapsync serve", beta, root) == "snapsync_2026-11-26T10:00:00Z"
+    copy = f"{root}/alpha/{src}/files"
+    assert sh(beta, f"zfs get -H -p -o value guid {copy}@snapsync_2026-11-26T10:00:00Z") == \
+        sh(alpha, f"zfs get -H -p -o value guid {src}/files@snapsync_2026-11-26T10:00:00Z")

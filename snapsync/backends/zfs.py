@@ -63,9 +63,17 @@ def _lzc() -> Any:
         return None
     try:
         import libzfs_core  # type: ignore[import-not-found]
+        import libzfs_core.exceptions  # type: ignore[import-not-found]  # noqa: F401
     except ImportError:
         return None
     return libzfs_core
+
+
+def _lzc_failure(error: Exception) -> tuple[set[str], str]:
+    """The kinds (exception class names) and a message of a libzfs_core failure; a batch
+    operation raises one exception carrying each dataset's own error in ``errors``."""
+    parts = list(getattr(error, "errors", None) or [error])
+    return {type(p).__name__ for p in parts}, "; ".join(f"{type(p).__name__}: {p}" for p in parts)
 
 
 def parse_listing(text: str) -> list[SnapshotInfo]:
@@ -168,7 +176,7 @@ class ZfsBackend:
             by_pool.setdefault(pool_of(dataset), []).append(f"{dataset}@{name}")
         existing = zfs("list", "-H", "-o", "name", "-t", "snapshot", *(f for fs in by_pool.values() for f in fs), check=False)
         if existing.stdout.strip():
-            taken = ", ".join(existing.stdout.split("\n")[:3]).strip(", ")
+            taken = ", ".join(existing.stdout.splitlines()[:3])
             raise BackendError(f"snapshot {name} already exists ({taken})")
         created: list[str] = []
         try:
@@ -185,9 +193,9 @@ class ZfsBackend:
         if self.lzc is not None:
             try:
                 self.lzc.lzc_snapshot([f.encode() for f in fulls])
-            except Exception as e:
-                details = "; ".join(str(x) for x in getattr(e, "errors", ()) or ()) or str(e)
-                if "exist" in details.lower() and "not" not in details.lower():
+            except self.lzc.exceptions.ZFSError as e:
+                kinds, details = _lzc_failure(e)
+                if "SnapshotExists" in kinds:
                     raise BackendError(f"snapshot already exists: {details}") from e
                 raise BackendError(f"snapshot {', '.join(fulls)} failed: {details}") from e
             return
@@ -204,9 +212,8 @@ class ZfsBackend:
         if self.lzc is not None:
             try:
                 self.lzc.lzc_destroy_snaps([f.encode() for f in fulls], False)
-            except Exception as e:
-                details = "; ".join(str(x) for x in getattr(e, "errors", ()) or ()) or str(e)
-                raise BackendError(f"destroy of {', '.join(fulls)} failed: {details}") from e
+            except self.lzc.exceptions.ZFSError as e:
+                raise BackendError(f"destroy of {', '.join(fulls)} failed: {_lzc_failure(e)[1]}") from e
             return
         by_dataset: dict[str, list[str]] = {}
         for full in fulls:
@@ -263,8 +270,8 @@ class ZfsBackend:
             try:
                 self.lzc.lzc_bookmark({f"{dataset}#{name}".encode(): f"{dataset}@{name}".encode()})
                 return
-            except Exception as e:
-                raise BackendError(f"bookmark {dataset}#{name} failed: {e}") from e
+            except self.lzc.exceptions.ZFSError as e:
+                raise BackendError(f"bookmark {dataset}#{name} failed: {_lzc_failure(e)[1]}") from e
         zfs("bookmark", f"{dataset}@{name}", f"{dataset}#{name}")
 
     def _destroy_bookmarks(self, dataset: str, names: Iterable[str]) -> None:
@@ -272,7 +279,10 @@ class ZfsBackend:
         if not fulls:
             return
         if self.lzc is not None:
-            self.lzc.lzc_destroy_bookmarks([f.encode() for f in fulls])
+            try:
+                self.lzc.lzc_destroy_bookmarks([f.encode() for f in fulls])
+            except self.lzc.exceptions.ZFSError as e:
+                raise BackendError(f"destroying bookmarks {', '.join(fulls)} failed: {_lzc_failure(e)[1]}") from e
             return
         for full in fulls:
             zfs("destroy", full)
@@ -283,9 +293,10 @@ class ZfsBackend:
         if self.lzc is not None:
             try:
                 self.lzc.lzc_hold({f.encode(): tag.encode() for f in fulls})
-            except Exception as e:
-                if "exist" not in str(e).lower():
-                    raise BackendError(f"hold {tag} on {', '.join(fulls)} failed: {e}") from e
+            except self.lzc.exceptions.ZFSError as e:
+                kinds, details = _lzc_failure(e)
+                if kinds != {"HoldExists"}:
+                    raise BackendError(f"hold {tag} on {', '.join(fulls)} failed: {details}") from e
             return
         zfs("hold", tag, *fulls)
 
@@ -295,8 +306,8 @@ class ZfsBackend:
         if self.lzc is not None:
             try:
                 self.lzc.lzc_release({f.encode(): [tag.encode()] for f in fulls})
-            except Exception as e:
-                raise BackendError(f"release {tag} on {', '.join(fulls)} failed: {e}") from e
+            except self.lzc.exceptions.ZFSError as e:
+                raise BackendError(f"release {tag} on {', '.join(fulls)} failed: {_lzc_failure(e)[1]}") from e
             return
         zfs("release", tag, *fulls)
 
