@@ -416,22 +416,24 @@ class Replication:
         if report.sent or report.removed_partials:  # a retry: the first attempt changed the target
             listing, tokens = self.sink.listing([link.path])
             copies, token = [Copy.from_json(c) for c in listing.get(link.path, [])], tokens.get(link.path)
-        if token is not None:
-            report.planned.append(f"{link.ref}: resume the interrupted receive")
-            if dry_run:
+        src = source_entries(self.prefix, snaps)
+        plan: ReplicationPlan = plan_replication(
+            src, target_entries(self.prefix, copies), token, on_diverged=self.settings.on_diverged
+        )
+        if plan.needs_replan:  # an interrupted ZFS receive: finish it first, then plan what remains
+            for step in plan.steps:
+                assert isinstance(step, Resume)
+                report.planned.append(f"{link.ref}: {describe(step)}")
                 report.pending += 1
-            else:
-                self._resume(link, token, report)
-                listing, _ = self.sink.listing([link.path])
-                copies = [Copy.from_json(c) for c in listing.get(link.path, [])]
+                if not dry_run:
+                    self._resume(link, step.token, report)
+                    listing, _ = self.sink.listing([link.path])
+                    copies = [Copy.from_json(c) for c in listing.get(link.path, [])]
+            plan = plan_replication(src, target_entries(self.prefix, copies), on_diverged=self.settings.on_diverged)
         have = self._have[link.path] = {
             c.name for c in copies
             if not c.partial and c.read_only and c.received_uuid and ours(self.prefix, c.name)
         }
-        src = source_entries(self.prefix, snaps)
-        plan: ReplicationPlan = plan_replication(
-            src, target_entries(self.prefix, copies), on_diverged=self.settings.on_diverged
-        )
         if plan.conflict is not None:
             raise BackendError(plan.conflict.message())
         for step in plan.steps:
@@ -459,8 +461,6 @@ class Replication:
                 common = step.snapshot.name
                 have.add(common)
                 self.source.hold(link.ref, self.hold_tag, [common])
-            elif isinstance(step, Resume):
-                raise BackendError("resumable receive is a ZFS feature; this target does not support it")
         return common
 
     def _send(self, link: DatasetLink, snap: SourceSnapshot, base: str | None, report: TargetReport) -> None:

@@ -53,13 +53,18 @@ class ZfsStore:
             raise BackendError(f"target root dataset {self.root} does not exist (zfs create -o canmount=off {self.root})")
 
     def _listing(self, dataset: str) -> tuple[list[Copy], str | None]:
+        copies, token, _ = self._state(dataset)
+        return copies, token
+
+    def _state(self, dataset: str) -> tuple[list[Copy], str | None, bool]:
+        """Copies, resume token and whether the dataset exists, from one ``zfs list``."""
         result = zfs(
             "list", "-H", "-p", "-t", "filesystem,volume,snapshot", "-o", LIST_FIELDS + ",receive_resume_token",
             "-d", "1", dataset, check=False,
         )
         if result.returncode != 0:
             if "does not exist" in result.stderr:
-                return [], None
+                return [], None, False
             raise BackendError(f"{dataset}: cannot list: {result.stderr.strip()}")
         copies, token = [], None
         for line in result.stdout.splitlines():
@@ -70,7 +75,7 @@ class ZfsStore:
                 name = full.partition("@")[2]
                 created = datetime.fromtimestamp(int(creation), UTC)
                 copies.append(Copy(name, guid, guid, read_only=True, partial=False, created=created))
-        return copies, token
+        return copies, token, True
 
     def listing(self, rel: str) -> tuple[list[Copy], str | None]:
         """The copies of ``rel`` and its resume token, from one ``zfs list``."""
@@ -79,16 +84,22 @@ class ZfsStore:
     def copies(self, rel: str) -> list[Copy]:
         return self._listing(self.dataset(rel))[0]
 
-    def resume_token(self, rel: str) -> str | None:
-        return self._listing(self.dataset(rel))[1]
+    def _make_parents(self, dataset: str) -> None:
+        """Create the datasets between the root and ``dataset`` with ``canmount=off`` (``zfs create
+        -p`` would ignore ``-o`` for them and mount each one)."""
+        parts = dataset[len(self.root) + 1 :].split("/")[:-1]
+        prefixes = [f"{self.root}/{'/'.join(parts[: i + 1])}" for i in range(len(parts))]
+        if not prefixes:
+            return
+        existing = set(zfs("list", "-H", "-o", "name", *prefixes, check=False).stdout.splitlines())
+        for prefix in prefixes:
+            if prefix not in existing:
+                zfs("create", "-o", "canmount=off", prefix)
 
     def _receive_argv(self, dataset: str, force: bool) -> list[str]:
         return ["zfs", "receive", "-s", "-u", *(["-F"] if force else []), "-o", "canmount=noauto", dataset]
 
     def _run_receive(self, dataset: str, stdin: int, compress: str, force: bool) -> None:
-        parent = dataset.rpartition("/")[0]
-        if parent and parent != self.root:
-            zfs("create", "-p", "-o", "canmount=off", parent)
         procs: list[Proc] = []
         try:
             feed = stdin
@@ -109,17 +120,19 @@ class ZfsStore:
         """Receive one stream as ``name``; it must arrive with the source's ``guid``."""
         check_name(name)
         check_snapshot_name(name)
-        self.check_root()
         dataset = self.dataset(rel)
-        before, token = self._listing(dataset)
+        before, token, exists = self._state(dataset)
         if token is not None:
             raise BackendError(f"{dataset} has an interrupted receive; resume or abort it first")
         if any(c.name == name for c in before):
             raise BackendError(f"{rel}@{name} already exists on the target")
+        if not exists:  # a full receive creates the dataset, below parents that must exist
+            self.check_root()
+            self._make_parents(dataset)
         self._run_receive(dataset, stdin, compress, force)
-        arrived = {c.name: c for c in self.copies(rel)}.get(name)
-        if arrived is None or arrived.uuid != guid:
-            raise BackendError(f"zfs receive into {dataset} did not produce {name} with guid {guid}")
+        arrived = zfs("list", "-H", "-p", "-o", "guid", f"{dataset}@{name}", check=False).stdout.strip()
+        if arrived != guid:
+            raise BackendError(f"zfs receive into {dataset} did not produce {name} with guid {guid} (found {arrived or 'nothing'})")
         return {"name": name, "path": f"{rel}/{name}", "removed_partials": []}
 
     def resume(self, rel: str, stdin: int, compress: str = "none") -> dict[str, object]:

@@ -211,6 +211,10 @@ def test_names_with_spaces_replicate_and_prune(space: str) -> None:
     assert first.targets[0].ok, first.targets[0].errors
     copy = site.copy(src)
     assert " " not in copy.split("/backup/", 1)[1] and ":20" in copy
+    between = copy[len(f"{space}/backup/"):].split("/")[:-1]
+    for i in range(len(between)):
+        assert prop(f"{space}/backup/" + "/".join(between[: i + 1]), "canmount") == "off"
+    assert prop(copy, "canmount") == "noauto" and prop(copy, "mounted") == "no"
     fill(src, 4)
     second = site.step()
     assert [s.to_json()["kind"] for s in second.targets[0].sent] == ["incremental"]
