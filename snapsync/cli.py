@@ -256,6 +256,17 @@ def authorize(
     return EXIT_OK
 
 
+@app.command(hidden=True)
+def thaw(
+    path: Annotated[str, typer.Argument(help="cgroup v2 directory")],
+    seconds: Annotated[float, typer.Argument(help="thaw after this many seconds")],
+) -> int:
+    """The freeze hook's dead-man switch (started by snapsync itself): thaw PATH after SECONDS."""
+    from snapsync.hooks import thaw_after
+
+    return thaw_after(path, seconds)
+
+
 @app.command("list")
 def list_(
     groups: GroupsArg = None,

@@ -288,6 +288,7 @@ class PostgresHook(_Table):
     dbname: Text | None = None
     mode: Literal["checkpoint", "backup"] = "checkpoint"
     timeout: Duration = timedelta(seconds=30)
+    on_failure: Literal["abort", "continue"] = "abort"
 
     @model_validator(mode="after")
     def _dsn_or_parts(self) -> PostgresHook:
@@ -302,6 +303,7 @@ class SqliteHook(_Table):
     type: Literal["sqlite"]
     databases: tuple[AbsolutePath, ...] = Field(min_length=1)
     busy_timeout: Duration = timedelta(seconds=10)
+    on_failure: Literal["abort", "continue"] = "abort"
 
 
 class FreezeHook(_Table):
@@ -311,6 +313,7 @@ class FreezeHook(_Table):
     unit: SystemdUnit | None = None
     cgroup: Cgroup | None = None
     max_pause: Duration = timedelta(seconds=30)
+    on_failure: Literal["abort", "continue"] = "abort"
 
     @model_validator(mode="after")
     def _one_target(self) -> FreezeHook:

@@ -19,6 +19,7 @@ from rich.progress import (
 from rich.table import Table
 
 from snapsync.backends.base import SnapshotInfo
+from snapsync.hooks import HookReport
 from snapsync.naming import parse_snapshot_name
 from snapsync.durations import format_duration
 from snapsync.replicate import ProgressFactory, TargetReport
@@ -138,6 +139,11 @@ def _plan_table(title: str, plan: PrunePlan, explain: bool) -> Table:
     return table
 
 
+def _hook(h: HookReport) -> str:
+    paused = f", paused {h.paused_seconds:.2f}s" if h.paused_seconds is not None else ""
+    return f"{h.kind} {h.status} ({h.seconds:.2f}s{paused})"
+
+
 def render_reports(console: Console, reports: Sequence[GroupReport], *, explain: bool = False) -> None:
     for r in reports:
         would = "would " if r.dry_run else ""
@@ -145,6 +151,8 @@ def render_reports(console: Console, reports: Sequence[GroupReport], *, explain:
         parts: list[str] = []
         if r.snapshot:
             parts.append(f"{would}take {r.snapshot}" if r.dry_run else f"took {r.snapshot}")
+        if r.hooks:
+            parts.append("hooks " + ", ".join(_hook(h) for h in r.hooks))
         elif r.not_due is not None:
             parts.append(f"not due (newest {r.not_due})")
         if r.plan is not None:

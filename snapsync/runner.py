@@ -15,6 +15,7 @@ from snapsync.backends import backend_for
 from snapsync.backends.base import SnapshotInfo, StorageBackend
 from snapsync.clock import Clock
 from snapsync.errors import BackendError, SnapsyncError, UsageError
+from snapsync.hooks import HookReport, Hooks, Moment
 from snapsync.naming import snapshot_name
 from snapsync.planning import GroupListing, is_due, merge_listing, plan_group_prune
 from snapsync.policy import Group, Policy
@@ -40,6 +41,7 @@ class GroupReport:
     released: list[str] = field(default_factory=list)
     targets: list[TargetReport] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    hooks: list[HookReport] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -56,6 +58,7 @@ class GroupReport:
             "plan": self.plan.to_json() if self.plan is not None else None,
             "released_holds": self.released,
             "targets": [t.to_json() for t in self.targets],
+            "hooks": [h.to_json() for h in self.hooks],
             "errors": self.errors,
         }
 
@@ -114,12 +117,6 @@ class Runner:
         return merge_listing(group.prefix, self.raw_listing(group))
 
     def snapshot(self, group: Group, report: GroupReport, *, only_if_due: bool) -> None:
-        if group.hooks:
-            log.warning(
-                "group %s: %d hook(s) declared, but this version of snapsync does not run hooks yet; "
-                "the snapshot is crash-consistent only",
-                group.name, len(group.hooks),
-            )
         now = self.clock.now()
         name = snapshot_name(group.prefix, now)
         if only_if_due:
@@ -130,8 +127,24 @@ class Runner:
         if report.dry_run:
             report.snapshot = name
             return
-        self.backend(group).snapshot_group(group.datasets, name)
-        report.snapshot = name
+        hooks = Hooks(group.hooks, Moment(group.name, name, tuple(group.datasets)))
+        try:
+            with hooks.around() as proceed:
+                if proceed:
+                    self.backend(group).snapshot_group(group.datasets, name)
+                    report.snapshot = name
+        finally:
+            report.hooks = hooks.reports
+            for failed in hooks.failed:
+                what = "snapshot skipped" if report.snapshot is None else f"snapshot {name} taken anyway"
+                if failed.status == "cleanup-failed":
+                    what = "after the snapshot"
+                report.errors.append(f"hook {failed.index} ({failed.kind}) {failed.status}: {failed.message} ({what})")
+        if report.snapshot is None:
+            return
+        for hook in hooks.reports:
+            if hook.backup_label is not None:
+                self.backend(group).annotate(group.datasets[0], name, "backup_label", hook.backup_label)
         log.info("group %s: took snapshot %s of %d dataset(s)", group.name, name, len(group.datasets))
 
     def replication_pins(self, group: Group, report: GroupReport, raw: Mapping[str, Sequence[SnapshotInfo]]) -> dict[str, list[str]]:

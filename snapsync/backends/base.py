@@ -120,6 +120,14 @@ class StorageBackend(Protocol):
         """Roughly how many bytes the send of ``name`` (from ``base``) will be, for progress; None if unknown."""
         ...
 
+    def annotate(self, dataset: str, name: str, key: str, text: str) -> None:
+        """Keep ``text`` with snapshot ``name`` (PostgreSQL's backup_label), removed with it."""
+        ...
+
+    def annotation(self, dataset: str, name: str, key: str) -> str | None:
+        """What ``annotate`` stored, or None."""
+        ...
+
     def destroy(self, dataset: str, names: Sequence[str]) -> None:
         """Destroy the named snapshots of ``dataset``.
 

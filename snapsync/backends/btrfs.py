@@ -7,6 +7,7 @@ out. btrfs cannot snapshot several subvolumes in one operation, so a group snaps
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -167,6 +168,26 @@ class BtrfsBackend:
             argv += ["-p", str(directory / base)]
         return argv + [str(directory / name)]
 
+    def _annotation_path(self, dataset: str, name: str, key: str) -> Path:
+        _check_name(name)
+        _check_name(key)
+        return self.snapshot_path(dataset) / f".{name}.{key}"
+
+    def annotate(self, dataset: str, name: str, key: str, text: str) -> None:
+        """A file ``.<snapshot>.<key>`` beside the snapshot (a read-only snapshot cannot take it)."""
+        path = self._annotation_path(dataset, name, key)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def annotation(self, dataset: str, name: str, key: str) -> str | None:
+        try:
+            return self._annotation_path(dataset, name, key).read_text()
+        except FileNotFoundError:
+            return None
+
     def resume_argv(self, token: str) -> list[str]:
         raise BackendError("btrfs has no resumable send; an interrupted receive is deleted and sent again")
 
@@ -234,3 +255,5 @@ class BtrfsBackend:
                 btrfsutil.delete_subvolume(path)
             except btrfsutil.BtrfsUtilError as e:
                 raise BackendError(f"{path}: delete failed: {e.strerror or e}") from e
+            for note in directory.glob(f".{glob.escape(name)}.*"):
+                note.unlink()

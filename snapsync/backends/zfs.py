@@ -311,6 +311,16 @@ class ZfsBackend:
             return
         zfs("release", tag, *fulls)
 
+    def annotate(self, dataset: str, name: str, key: str, text: str) -> None:
+        """A user property ``snapsync:<key>`` on the snapshot: it goes wherever the snapshot goes."""
+        check_snapshot_name(name)
+        zfs("set", f"snapsync:{key}={text}", f"{dataset}@{name}")
+
+    def annotation(self, dataset: str, name: str, key: str) -> str | None:
+        check_snapshot_name(name)
+        value = zfs("get", "-H", "-p", "-o", "value", f"snapsync:{key}", f"{dataset}@{name}").stdout.rstrip("\n")
+        return None if value == "-" else value
+
     def encrypted(self, dataset: str) -> bool:
         if dataset not in self._encrypted:
             value = zfs("get", "-H", "-p", "-o", "value", "encryption", dataset).stdout.strip()

@@ -1,0 +1,345 @@
+"""Application hooks around a group's snapshot: what makes the bytes on disk worth restoring.
+
+Each hook is a context manager entered, in policy order, right before the group's snapshot and left,
+in reverse order, right after it, whatever happened in between (an error, a signal turned into an
+exception by the CLI). Leaving is where the dangerous states end: a frozen cgroup is thawed, backup
+mode is stopped, a SQLite write lock is released. Two further guards cover snapsync being killed
+outright, where no ``finally`` runs:
+
+- a frozen cgroup has a dead-man switch, a detached ``snapsync thaw`` process started before the
+  freeze that thaws it after ``max_pause`` unless it is killed first;
+- PostgreSQL's non-exclusive backup mode (the only kind since PostgreSQL 15) ends by itself when the
+  session that started it disconnects, which a killed process does.
+
+A hook that fails on the way in either aborts the snapshot (``on_failure = "abort"``, the default:
+better no snapshot than one that claims a consistency it lacks) or is reported and the snapshot taken
+anyway (``"continue"``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from snapsync.errors import SnapsyncError
+from snapsync.policy_models import CommandHook, FreezeHook, Hook, PostgresHook, SqliteHook
+
+log = logging.getLogger("snapsync")
+UNIFIED_ROOTS = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
+
+
+class HookFailed(SnapsyncError):
+    """A hook could not make its application consistent (or could not undo what it did)."""
+
+
+@dataclass
+class HookReport:
+    """One hook's outcome in one run; rendered in the group's report and, later, as metrics."""
+
+    index: int
+    kind: str
+    status: str = "ok"
+    """ok, failed (on the way in), cleanup-failed (on the way out)."""
+    seconds: float = 0.0
+    message: str | None = None
+    paused_seconds: float | None = None
+    """freeze: how long the application was frozen."""
+    backup_label: str | None = None
+    """postgres backup mode: the backup_label pg_backup_stop returned, for point-in-time recovery."""
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "hook": self.index,
+            "type": self.kind,
+            "status": self.status,
+            "seconds": round(self.seconds, 3),
+            "message": self.message,
+            "paused_seconds": None if self.paused_seconds is None else round(self.paused_seconds, 3),
+            "backup_label": self.backup_label,
+        }
+
+
+@dataclass(frozen=True)
+class Moment:
+    """What a hook may know about the snapshot it surrounds."""
+
+    group: str
+    snapshot: str
+    datasets: tuple[str, ...]
+
+
+@dataclass
+class Hooks:
+    """The hooks of one group for one snapshot; ``run()`` is the context to take the snapshot in."""
+
+    hooks: Sequence[Hook]
+    moment: Moment
+    reports: list[HookReport] = field(default_factory=list)
+
+    @contextmanager
+    def around(self) -> Iterator[bool]:
+        """Enter every hook; yield whether the snapshot may be taken; leave them all afterwards.
+
+        Yields False when a hook with ``on_failure = "abort"`` failed; the hooks already entered
+        are left (thawed, backup stopped) before the caller sees it.
+        """
+        with ExitStack() as stack:
+            proceed = True
+            for index, hook in enumerate(self.hooks):
+                report = HookReport(index, hook.type)
+                self.reports.append(report)
+                started = time.monotonic()
+                try:
+                    stack.enter_context(_enter(hook, self.moment, report))
+                except HookFailed as e:
+                    report.status, report.message = "failed", str(e)
+                finally:
+                    report.seconds = time.monotonic() - started
+                if report.status == "failed":
+                    log.error("group %s: %s hook failed: %s", self.moment.group, hook.type, report.message)
+                    if hook.on_failure == "abort":
+                        proceed = False
+                        break
+            yield proceed
+        for report in self.reports:
+            if report.status == "cleanup-failed":
+                log.error("group %s: %s hook: %s", self.moment.group, report.kind, report.message)
+
+    @property
+    def failed(self) -> list[HookReport]:
+        return [r for r in self.reports if r.status != "ok"]
+
+
+def _enter(hook: Hook, moment: Moment, report: HookReport) -> Any:
+    if isinstance(hook, PostgresHook):
+        return postgres(hook, report)
+    if isinstance(hook, SqliteHook):
+        return sqlite(hook, report)
+    if isinstance(hook, FreezeHook):
+        return freeze(hook, report)
+    return command(hook, moment, report)
+
+
+# --- postgres --------------------------------------------------------------------------------------
+
+
+def _conninfo(hook: PostgresHook) -> dict[str, Any]:
+    timeout = max(1, int(hook.timeout.total_seconds()))
+    if hook.dsn is not None:
+        return {"conninfo": hook.dsn, "connect_timeout": timeout}
+    parts = {k: v for k, v in (("host", hook.host), ("port", hook.port), ("user", hook.user), ("dbname", hook.dbname)) if v is not None}
+    return {"conninfo": "", "connect_timeout": timeout, **parts}
+
+
+@contextmanager
+def postgres(hook: PostgresHook, report: HookReport) -> Iterator[None]:
+    """CHECKPOINT right before the snapshot, or backup mode held across it on one connection."""
+    try:
+        import psycopg
+    except ImportError as e:
+        raise HookFailed("the postgres hook needs psycopg (pip install 'psycopg[binary]')") from e
+    timeout_ms = int(hook.timeout.total_seconds() * 1000)
+    try:
+        conn = psycopg.connect(**_conninfo(hook), autocommit=True)
+    except psycopg.Error as e:
+        raise HookFailed(f"cannot connect to PostgreSQL: {_pg_message(e)}") from e
+    with conn:
+        try:
+            conn.execute(f"SET statement_timeout = {timeout_ms}")
+            if hook.mode == "checkpoint":
+                conn.execute("CHECKPOINT")
+            else:
+                conn.execute("SELECT pg_backup_start(%s, true)", ["snapsync"])
+        except psycopg.Error as e:
+            raise HookFailed(f"{'CHECKPOINT' if hook.mode == 'checkpoint' else 'pg_backup_start'} failed: {_pg_message(e)}") from e
+        try:
+            yield
+        finally:
+            if hook.mode == "backup":
+                try:
+                    row = conn.execute("SELECT labelfile FROM pg_backup_stop(false)").fetchone()
+                    report.backup_label = None if row is None else str(row[0])
+                except psycopg.Error as e:
+                    report.status, report.message = "cleanup-failed", f"pg_backup_stop failed: {_pg_message(e)}"
+
+
+def _pg_message(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+# --- sqlite ----------------------------------------------------------------------------------------
+
+
+@contextmanager
+def sqlite(hook: SqliteHook, report: HookReport) -> Iterator[None]:
+    """Checkpoint each database's WAL into the main file and hold its write lock across the snapshot.
+
+    ``wal_checkpoint(TRUNCATE)`` leaves the whole database in the main file and an empty WAL;
+    ``BEGIN IMMEDIATE`` then keeps writers out (they wait, up to their own busy timeout) until the
+    snapshot is taken, so the database and its WAL in the snapshot agree.
+    """
+    timeout = hook.busy_timeout.total_seconds()
+    connections: list[sqlite3.Connection] = []
+    try:
+        for path in hook.databases:
+            if not os.path.exists(path):
+                raise HookFailed(f"sqlite database {path} does not exist")
+            conn = sqlite3.connect(path, timeout=timeout, isolation_level=None)
+            connections.append(conn)
+            try:
+                busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                if busy:
+                    raise HookFailed(f"{path}: a reader or writer kept the checkpoint from finishing within {timeout:g}s")
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as e:
+                raise HookFailed(f"{path}: {e}") from e
+        yield
+    finally:
+        for conn in connections:
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            finally:
+                conn.close()
+
+
+# --- freeze ----------------------------------------------------------------------------------------
+
+
+def cgroup_dir(hook: FreezeHook) -> Path:
+    """The cgroup v2 directory to freeze: the policy's path, or the unit's ControlGroup."""
+    if hook.cgroup is not None:
+        return Path(hook.cgroup)
+    assert hook.unit is not None
+    done = subprocess.run(["systemctl", "show", "--property=ControlGroup", "--value", hook.unit],
+                          capture_output=True, text=True, timeout=30)
+    group = done.stdout.strip()
+    if done.returncode != 0 or not group:
+        raise HookFailed(f"unit {hook.unit}: no control group (is it running?) {done.stderr.strip()}")
+    for root in UNIFIED_ROOTS:
+        path = Path(root + group)
+        if (path / "cgroup.freeze").exists():
+            return path
+    raise HookFailed(f"unit {hook.unit}: cgroup {group} has no cgroup v2 freezer")
+
+
+def _set_frozen(path: Path, frozen: bool) -> None:
+    (path / "cgroup.freeze").write_text("1" if frozen else "0")
+
+
+def _frozen(path: Path) -> bool:
+    for line in (path / "cgroup.events").read_text().splitlines():
+        key, _, value = line.partition(" ")
+        if key == "frozen":
+            return value.strip() == "1"
+    return False
+
+
+@contextmanager
+def freeze(hook: FreezeHook, report: HookReport) -> Iterator[None]:
+    """Freeze the cgroup, wait until the kernel says every task stopped, thaw after the snapshot.
+
+    A detached watchdog (``snapsync thaw PATH SECONDS``) is started first: if snapsync dies while the
+    application is frozen, the watchdog thaws it after ``max_pause``. It is killed after the thaw.
+    """
+    path = cgroup_dir(hook)
+    if not (path / "cgroup.freeze").exists():
+        raise HookFailed(f"{path}: not a cgroup v2 directory with a freezer (cgroup.freeze missing)")
+    max_pause = hook.max_pause.total_seconds()
+    watchdog = subprocess.Popen(
+        [sys.executable, "-m", "snapsync", "thaw", str(path), f"{max_pause:g}"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    if _frozen(path):
+        log.warning("%s was already frozen (a run that died before thawing?); it is thawed after this snapshot", path)
+    started = time.monotonic()
+    try:
+        _set_frozen(path, True)
+        deadline = started + min(max_pause / 2, 10.0)
+        while not _frozen(path):
+            if time.monotonic() > deadline:
+                raise HookFailed(f"{path}: tasks did not freeze within {deadline - started:.1f}s (stuck in the kernel?)")
+            time.sleep(0.005)
+        yield
+    finally:
+        try:
+            _set_frozen(path, False)
+        except OSError as e:
+            report.status, report.message = "cleanup-failed", f"thaw of {path} failed: {e}; the watchdog thaws it within {max_pause:g}s"
+        else:
+            watchdog.kill()
+        watchdog.wait()
+        report.paused_seconds = time.monotonic() - started
+
+
+def thaw_after(path: str, seconds: float) -> int:
+    """``snapsync thaw``: the freeze hook's dead-man switch. Sleeps, then thaws unconditionally."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    time.sleep(seconds)
+    try:
+        _set_frozen(Path(path), False)
+    except OSError as e:
+        print(f"snapsync thaw: {path}: {e}", file=sys.stderr)
+        return 1
+    print(f"snapsync thaw: thawed {path} after {seconds:g}s (the snapshot run did not)", file=sys.stderr)
+    return 0
+
+
+# --- command ---------------------------------------------------------------------------------------
+
+
+def _run_command(argv: Sequence[str], hook: CommandHook, moment: Moment, phase: str) -> None:
+    env = {
+        **os.environ,
+        "SNAPSYNC_GROUP": moment.group,
+        "SNAPSYNC_SNAPSHOT": moment.snapshot,
+        "SNAPSYNC_DATASETS": "\n".join(moment.datasets),
+        "SNAPSYNC_PHASE": phase,
+    }
+    timeout = hook.timeout.total_seconds()
+    try:
+        proc = subprocess.Popen(list(argv), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    except OSError as e:
+        raise HookFailed(f"{phase} command {shlex.join(argv)}: {e.strerror or e}") from e
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except BaseException as e:  # the timeout, or snapsync itself interrupted: take the whole group down
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if isinstance(e, subprocess.TimeoutExpired):
+            raise HookFailed(f"{phase} command {shlex.join(argv)} killed after {timeout:g}s") from e
+        raise
+    if proc.returncode != 0:
+        tail = " | ".join(stderr.strip().splitlines()[-3:]) or "(no output)"
+        raise HookFailed(f"{phase} command {shlex.join(argv)} exited {proc.returncode}: {tail}")
+
+
+@contextmanager
+def command(hook: CommandHook, moment: Moment, report: HookReport) -> Iterator[None]:
+    """``pre`` before the snapshot; ``post`` after it, or after the snapshot was skipped, whenever
+    ``pre`` was started, even if it failed: post is where a stopped service is started again."""
+    if hook.pre is not None:
+        try:
+            _run_command(hook.pre, hook, moment, "pre")
+        except HookFailed as e:
+            report.status, report.message = "failed", str(e)
+    try:
+        yield
+    finally:
+        if hook.post is not None:
+            try:
+                _run_command(hook.post, hook, moment, "post")
+            except HookFailed as e:
+                report.status, report.message = "cleanup-failed", str(e)
