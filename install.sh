@@ -10,9 +10,9 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 export DEBIAN_FRONTEND=noninteractive
-# zstd and openssh-client are used by replication; openssh-server (sshd) only by the test suite,
-# which starts its own on 127.0.0.1 with a private config.
-apt_packages=(btrfs-progs libbtrfsutil-dev gcc python3-dev python3-venv util-linux mount zstd openssh-client openssh-server)
+# zstd and openssh-client are used by replication; openssh-server (sshd) and postgresql (the hook
+# tests' PostgreSQL 15) only by the test suite, which starts its own servers with private configs.
+apt_packages=(btrfs-progs libbtrfsutil-dev gcc python3-dev python3-venv util-linux mount zstd openssh-client openssh-server postgresql)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -4,6 +4,7 @@ and holds every transaction that committed before the snapshot was taken."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -28,6 +29,8 @@ START = datetime(2026, 11, 26, tzinfo=UTC)
 def pg(tmp_path: Path) -> Iterator[tuple[Path, Server]]:
     reason = pg_unavailable()
     if reason:
+        if os.environ.get("SNAPSYNC_REQUIRE_BTRFS") == "1":  # CI: a missing tier is a failure
+            pytest.fail(f"PostgreSQL tier required but unavailable: {reason}")
         pytest.skip(reason)
     from tests.conftest import _require_btrfs
 
