@@ -81,7 +81,7 @@ class Moment:
 
 @dataclass
 class Hooks:
-    """The hooks of one group for one snapshot; ``run()`` is the context to take the snapshot in."""
+    """The hooks of one group for one snapshot; ``around()`` is the context to take the snapshot in."""
 
     hooks: Sequence[Hook]
     moment: Moment

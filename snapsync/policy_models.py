@@ -277,7 +277,12 @@ class Defaults(_Table):
 _BUILTIN_DEFAULTS = Defaults()
 
 
-class PostgresHook(_Table):
+class _Hook(_Table):
+    on_failure: Literal["abort", "continue"] = "abort"
+    """abort: a hook that fails on the way in skips the group's snapshot; continue: take it anyway."""
+
+
+class PostgresHook(_Hook):
     """PostgreSQL: a CHECKPOINT before the snapshot (or backup mode around it), so recovery replays little WAL."""
 
     type: Literal["postgres"]
@@ -288,7 +293,6 @@ class PostgresHook(_Table):
     dbname: Text | None = None
     mode: Literal["checkpoint", "backup"] = "checkpoint"
     timeout: Duration = timedelta(seconds=30)
-    on_failure: Literal["abort", "continue"] = "abort"
 
     @model_validator(mode="after")
     def _dsn_or_parts(self) -> PostgresHook:
@@ -297,23 +301,21 @@ class PostgresHook(_Table):
         return self
 
 
-class SqliteHook(_Table):
+class SqliteHook(_Hook):
     """SQLite databases kept from writing across the snapshot, waiting up to busy_timeout for a writer."""
 
     type: Literal["sqlite"]
     databases: tuple[AbsolutePath, ...] = Field(min_length=1)
     busy_timeout: Duration = timedelta(seconds=10)
-    on_failure: Literal["abort", "continue"] = "abort"
 
 
-class FreezeHook(_Table):
+class FreezeHook(_Hook):
     """A unit or cgroup frozen across the snapshot: consistency for any application, at the cost of a pause."""
 
     type: Literal["freeze"]
     unit: SystemdUnit | None = None
     cgroup: Cgroup | None = None
     max_pause: Duration = timedelta(seconds=30)
-    on_failure: Literal["abort", "continue"] = "abort"
 
     @model_validator(mode="after")
     def _one_target(self) -> FreezeHook:
@@ -322,14 +324,13 @@ class FreezeHook(_Table):
         return self
 
 
-class CommandHook(_Table):
+class CommandHook(_Hook):
     """Programs run as root before and/or after the snapshot, as argv lists: never through a shell."""
 
     type: Literal["command"]
     pre: Argv | None = None
     post: Argv | None = None
     timeout: Duration = timedelta(seconds=60)
-    on_failure: Literal["abort", "continue"] = "abort"
 
     @model_validator(mode="after")
     def _something_to_run(self) -> CommandHook:

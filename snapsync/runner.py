@@ -136,9 +136,10 @@ class Runner:
         finally:
             report.hooks = hooks.reports
             for failed in hooks.failed:
-                what = "snapshot skipped" if report.snapshot is None else f"snapshot {name} taken anyway"
                 if failed.status == "cleanup-failed":
                     what = "after the snapshot"
+                else:
+                    what = "snapshot skipped" if report.snapshot is None else f"snapshot {name} taken anyway"
                 report.errors.append(f"hook {failed.index} ({failed.kind}) {failed.status}: {failed.message} ({what})")
         if report.snapshot is None:
             return

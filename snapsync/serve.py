@@ -19,10 +19,10 @@ from snapsync.backends.btrfs import BtrfsBackend
 from snapsync.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, SnapsyncError, UsageError
 from snapsync.protocol import MAX_REQUEST, VERSION, Refused, Role, encode_response, parse_request
 from snapsync.store import BtrfsStore
+from snapsync.streams import Proc, finish
 
 if TYPE_CHECKING:
     from snapsync.zfs_store import ZfsStore
-from snapsync.streams import Proc, finish
 
 
 def read_request(fd: int = 0) -> bytes:
@@ -84,9 +84,7 @@ class Server:
             request = parse_request(read_request(fd), self.role)
             result = getattr(self, f"op_{request.op}")(fd=fd, **request.args)
         except Refused as e:
-            print(f"snapsync serve: refused: {e}", file=sys.stderr)
-            _say(encode_response(False, error=str(e), kind="refused"))
-            return EXIT_USAGE
+            return _refuse(e)
         except SnapsyncError as e:
             print(f"snapsync serve: {e}", file=sys.stderr)
             _say(encode_response(False, error=str(e), kind=_kind(e)))
@@ -121,13 +119,9 @@ class Server:
         return {"paths": {p: [s.to_json() for s in self.backend.list_snapshots(self._dataset(p))] for p in paths}}
 
     def op_receive(self, fd: int, path: str, name: str, guid: str, compress: str, force: bool) -> dict[str, Any]:
-        if isinstance(self.store, BtrfsStore):
-            return self.store.receive(path, name, guid, fd, compress)
         return self.store.receive(path, name, guid, fd, compress, force)
 
     def op_resume(self, fd: int, path: str, compress: str) -> dict[str, Any]:
-        if isinstance(self.store, BtrfsStore):
-            raise Refused("resumable receive is a ZFS feature; this btrfs target has nothing to resume")
         return self.store.resume(path, fd, compress)
 
     def op_delete(self, fd: int, path: str, names: list[str], allow_writable: bool, partial: bool) -> dict[str, Any]:
@@ -149,6 +143,8 @@ class Server:
         return dataset
 
     def op_send(self, fd: int, path: str, name: str | None, base: str | None, compress: str, token: str | None) -> None:
+        if token is not None and not self.zfs:
+            raise Refused("resume tokens are a ZFS feature; this source is btrfs")
         dataset = self._dataset(path)
         if token is not None:
             argv, name, guid = self._resume_send(dataset, token)
@@ -184,8 +180,7 @@ class Server:
         ``dataset`` (a token can name any snapshot on this host; the root confines it)."""
         from snapsync.backends.zfs import ZfsBackend
 
-        if not isinstance(self.backend, ZfsBackend):
-            raise Refused("resume tokens are a ZFS feature; this source is btrfs")
+        assert isinstance(self.backend, ZfsBackend)
         full, guid = self.backend.token_target(token)
         if full.partition("@")[0] != dataset:
             raise Refused(f"resume token names {full!r}, which is not a snapshot of {dataset!r}")
@@ -198,8 +193,18 @@ class Server:
         return {"held": names}
 
 
+def _refuse(error: Exception) -> int:
+    print(f"snapsync serve: refused: {error}", file=sys.stderr)
+    _say(encode_response(False, error=str(error), kind="refused"))
+    return EXIT_USAGE
+
+
 def serve(root: str, role: Role, snapshot_dir: str = ".snapsync", append_only: bool = False) -> int:
-    return Server(root, role, snapshot_dir, append_only).handle(0)
+    try:
+        server = Server(root, role, snapshot_dir, append_only)
+    except SnapsyncError as e:  # a --root that is neither a directory path nor a dataset name
+        return _refuse(e)
+    return server.handle(0)
 
 
 def main(argv: list[str]) -> int:

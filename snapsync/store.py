@@ -188,10 +188,14 @@ class BtrfsStore:
             _unmark(directory, name)
         return removed
 
-    def receive(self, rel: str, name: str, guid: str, stdin: int, compress: str = "none") -> dict[str, object]:
+    def receive(
+        self, rel: str, name: str, guid: str, stdin: int, compress: str = "none", force: bool = False
+    ) -> dict[str, object]:
         """Receive one stream from ``stdin`` (an fd) as ``name``; it must carry the identity ``guid``.
 
         Returns what happened, including partial copies of earlier attempts that were removed first.
+        ``force`` (roll the target back) needs nothing here: btrfs receives into a new subvolume, and
+        the planner deletes the diverged copies before.
         """
         check_name(name)
         self.check_root()
@@ -241,6 +245,9 @@ class BtrfsStore:
                 f"received {name} is incomplete (read_only={copy.read_only}, received_uuid={copy.received_uuid}, "
                 f"expected {guid}); discarded"
             )
+
+    def resume(self, rel: str, stdin: int, compress: str = "none") -> dict[str, object]:
+        raise Refused("resumable receive is a ZFS feature; this btrfs target has nothing to resume")
 
     def delete_partials(self, rel: str, names: list[str]) -> list[str]:
         """Delete leftovers of interrupted receives (only copies that still carry a marker)."""

@@ -121,7 +121,7 @@ class ZfsBackend:
     def check_datasets(self, datasets: Sequence[str]) -> None:
         """One ``zfs list`` for all of them; DatasetMissing names the first that is absent."""
         for dataset in datasets:
-            if not dataset or set(dataset) & set("@#,%\0\n\t") or dataset.startswith("/"):
+            if not dataset or set(dataset) & (_FORBIDDEN - {"/"}) or dataset.startswith("/"):
                 raise DatasetMissing(f"{dataset}: not a ZFS dataset name")
         result = zfs("list", "-H", "-p", "-o", "name,type", *datasets, check=False)
         types = dict(line.split("\t", 1) for line in result.stdout.splitlines() if "\t" in line)

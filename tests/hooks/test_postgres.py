@@ -101,4 +101,4 @@ def test_every_snapshot_under_load_restores_and_holds_what_was_committed(pg: tup
         result = check_restored(snapdir / name, subvolume.parent.parent, free_port(), before)
         assert result["present"] == before, f"{name}: committed before the snapshot {before}, found {result['present']}\n{result['log']}"
         assert result["amcheck"] == 0, result["amcheck_out"]
-        assert "redo" in str(result["log"]) or "database system was interrupted" in str(result["log"]) or mode == "backup"
+        assert "database system was interrupted" in str(result["log"]), result["log"]  # it recovered, as after a crash

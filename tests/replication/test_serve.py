@@ -591,3 +591,13 @@ def test_authorize_root_needing_escapes_is_bad_input(client_key: Path) -> None:
     proc = authorize("--root", '/srv/x"y', f"{client_key}.pub")
     assert proc.stdout == "" and "would need escaping" in proc.stderr
     assert proc.returncode == 2
+
+
+def test_zfs_only_requests_are_refused_by_a_btrfs_server(shared_root: Path) -> None:
+    assert_refused(serve(shared_root, request("resume", path="g/d"), "receive"), "resumable receive is a ZFS feature")
+    assert_refused(serve(shared_root, request("send", path="g/d", token="1-ab-cd-ef"), "send"), "resume tokens are a ZFS feature")
+
+
+def test_a_root_that_is_neither_a_path_nor_a_dataset_is_refused(tmp_path: Path) -> None:
+    answer = serve(Path("bad name!"), request("hello"), "receive")
+    assert_refused(answer, "is not a ZFS dataset name")

@@ -92,6 +92,19 @@ class Site:
         return f"{self.target_root}/app/" + "/".join(zfs_component(p) for p in dataset_key(dataset).split("/"))
 
 
+def replicated_once(space: str, retention: str = "keep_last = 100", target: str = "") -> tuple[str, Site, str]:
+    """``<space>/src`` with some data, replicated once to the local target; returns it, the site and
+    the snapshot (now the target's base). ``target`` adds keys to ``[targets.usb]``."""
+    src = f"{space}/src"
+    zfs("create", src)
+    fill(src, 1)
+    site = Site([src], f"{space}/backup", retention=retention)
+    site.text = site.text.replace("[targets.usb.retention]", f"{target}\n[targets.usb.retention]")
+    report = site.step()
+    assert report.targets[0].ok and report.snapshot, report.to_json()
+    return src, site, report.snapshot
+
+
 def mounted_copy(copy: str) -> Path:
     """Mount a received copy (received with canmount=noauto) to read its snapshots."""
     where = Path("/mnt") / uuid.uuid4().hex[:8]
@@ -145,11 +158,7 @@ def test_cut_stream_resumes_from_token_with_identical_data(space: str) -> None:
 
 
 def test_hold_keeps_the_base_from_pruning(space: str) -> None:
-    src = f"{space}/src"
-    zfs("create", src)
-    site = Site([src], f"{space}/backup", retention="keep_last = 1")
-    fill(src, 1)
-    base = site.step().snapshot
+    src, site, base = replicated_once(space, retention="keep_last = 1")
     assert zfs("holds", "-H", f"{src}@{base}").split("\t")[1] == "snapsync:target:usb"
     offline = site.text.replace(f'path = "{site.target_root}"', f'path = "{space}/not-plugged-in"')
     for seed in (2, 3):
@@ -166,11 +175,7 @@ def test_hold_keeps_the_base_from_pruning(space: str) -> None:
 
 
 def test_bookmark_is_the_incremental_source_after_its_snapshot_was_pruned(space: str) -> None:
-    src = f"{space}/src"
-    zfs("create", src)
-    site = Site([src], f"{space}/backup", retention="keep_last = 1")
-    fill(src, 1)
-    base = site.step().snapshot
+    src, site, base = replicated_once(space, retention="keep_last = 1")
     without_target = site.text.replace('targets = ["usb"]', "targets = []")
     fill(src, 2)
     report = site.step(replicate=False, prune=True, text=without_target)
@@ -235,11 +240,7 @@ def test_cli_only_backend_replicates_too(space: str, monkeypatch: pytest.MonkeyP
 
 
 def test_a_resume_token_the_source_cannot_serve_is_abandoned_then_sent_afresh(space: str) -> None:
-    src = f"{space}/src"
-    zfs("create", src)
-    fill(src, 1)
-    site = Site([src], f"{space}/backup")
-    base = site.step().snapshot
+    src, site, base = replicated_once(space)
     fill(src, 2, size=1024 * 1024)
     doomed = site.step(replicate=False).snapshot
     copy = site.copy(src)
@@ -276,12 +277,7 @@ def test_send_role_refuses_a_token_for_a_snapshot_outside_its_root(space: str) -
 
 @pytest.mark.parametrize("on_diverged", ["refuse", "rollback"])
 def test_diverged_target_is_refused_or_rolled_back_by_policy(space: str, on_diverged: str) -> None:
-    src = f"{space}/src"
-    zfs("create", src)
-    fill(src, 1)
-    site = Site([src], f"{space}/backup")
-    site.text = site.text.replace("[targets.usb.retention]", f'on_diverged = "{on_diverged}"\n[targets.usb.retention]')
-    base = site.step().snapshot
+    src, site, base = replicated_once(space, target=f'on_diverged = "{on_diverged}"')
     copy = site.copy(src)
     zfs("snapshot", f"{copy}@snapsync_2026-11-26T12:00:30Z")  # a copy the source never had
     fill(src, 2)
