@@ -183,27 +183,34 @@ def _pg_message(error: Exception) -> str:
 
 @contextmanager
 def sqlite(hook: SqliteHook, report: HookReport) -> Iterator[None]:
-    """Checkpoint each database's WAL into the main file and hold its write lock across the snapshot.
+    """Hold each database's write lock across the snapshot, after checkpointing what can be.
 
-    ``wal_checkpoint(TRUNCATE)`` leaves the whole database in the main file and an empty WAL;
-    ``BEGIN IMMEDIATE`` then keeps writers out (they wait, up to their own busy timeout) until the
-    snapshot is taken, so the database and its WAL in the snapshot agree.
+    ``BEGIN IMMEDIATE`` (waiting up to ``busy_timeout`` for the current writer) keeps every writer out
+    until the snapshot is taken, so the database file and its WAL in the snapshot agree: a restore
+    opens them like after a crash, with nothing half-written. Before that, ``wal_checkpoint(TRUNCATE)``
+    moves the WAL into the main file so the restore has little to replay; it gets at most a second,
+    because busy writers can starve a checkpoint, and when it cannot finish the WAL simply carries
+    the rest (the write lock is what makes the pair consistent).
     """
     timeout = hook.busy_timeout.total_seconds()
     connections: list[sqlite3.Connection] = []
+    partial: list[str] = []
     try:
         for path in hook.databases:
             if not os.path.exists(path):
                 raise HookFailed(f"sqlite database {path} does not exist")
-            conn = sqlite3.connect(path, timeout=timeout, isolation_level=None)
+            conn = sqlite3.connect(path, timeout=min(timeout, 1.0), isolation_level=None)
             connections.append(conn)
             try:
                 busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
                 if busy:
-                    raise HookFailed(f"{path}: a reader or writer kept the checkpoint from finishing within {timeout:g}s")
+                    partial.append(path)
+                conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as e:
-                raise HookFailed(f"{path}: {e}") from e
+                raise HookFailed(f"{path}: {e} (no write lock within {timeout:g}s)") from e
+        if partial:
+            report.message = f"checkpoint incomplete (busy writers), the WAL carries the rest: {', '.join(partial)}"
         yield
     finally:
         for conn in connections:

@@ -84,7 +84,9 @@ def test_sqlite_snapshots_under_concurrent_writers_are_intact(btrfs_root: Path, 
     snapdir = BtrfsBackend().snapshot_path(str(data))
     for name, before in results:
         copy = tmp_path / f"{name}.db"
-        copy.write_bytes((snapdir / name / db.name).read_bytes())  # the main file alone: the hook emptied the WAL
+        for suffix in ("", "-wal"):  # what a restore brings back: the database and its WAL, if any
+            if (snapdir / name / (db.name + suffix)).exists():
+                (tmp_path / (copy.name + suffix)).write_bytes((snapdir / name / (db.name + suffix)).read_bytes())
         with sqlite3.connect(copy) as conn:
             assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
             for writer, n in enumerate(before):
