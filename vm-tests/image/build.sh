@@ -19,7 +19,7 @@ mkdir -p "$out"
 packages=(
   linux-image-cloud-amd64 linux-headers-cloud-amd64 initramfs-tools systemd-sysv udev kmod dbus
   iproute2 procps openssh-server openssh-client python3 python3-venv python3-pyzfs zfsutils-linux
-  btrfs-progs libbtrfsutil1 mbuffer pv zstd coreutils
+  btrfs-progs libbtrfsutil1 mbuffer pv zstd coreutils postgresql-15
 )
 IFS=,
 

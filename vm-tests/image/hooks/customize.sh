@@ -28,7 +28,7 @@ chmod 700 "$root/root/.ssh"
 chmod 600 "$root/root/.ssh/authorized_keys"
 echo zfsguest > "$root/etc/hostname"
 for unit in zfs-load-module zfs-import-cache zfs-import-scan zfs-import.target zfs-mount zfs-share \
-  zfs-zed zfs-volume-wait systemd-udev-settle apt-daily.timer apt-daily-upgrade.timer; do
+  zfs-zed zfs-volume-wait systemd-udev-settle apt-daily.timer apt-daily-upgrade.timer postgresql; do
   chr systemctl mask "$unit"
 done
 chr systemctl enable systemd-networkd snapsync-zfs-module snapsync-ready ssh
