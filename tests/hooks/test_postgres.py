@@ -102,3 +102,28 @@ def test_every_snapshot_under_load_restores_and_holds_what_was_committed(pg: tup
         assert result["present"] == before, f"{name}: committed before the snapshot {before}, found {result['present']}\n{result['log']}"
         assert result["amcheck"] == 0, result["amcheck_out"]
         assert "database system was interrupted" in str(result["log"]), result["log"]  # it recovered, as after a crash
+
+
+def test_a_hook_hanging_after_backup_mode_is_killed_and_backup_mode_ended(pg: tuple[Path, Server]) -> None:
+    subvolume, server = pg
+    text = f"""
+version = 1
+[groups.db]
+backend = "btrfs"
+datasets = ["{subvolume}"]
+interval = "1m"
+[[groups.db.hooks]]
+type = "postgres"
+dsn = "{server.dsn}"
+mode = "backup"
+[[groups.db.hooks]]
+type = "command"
+pre = ["sleep", "30"]
+timeout = "1s"
+"""
+    runner = Runner(parse_policy(text, "<test>"), ManualClock(START))
+    (report,) = runner.run(list(runner.policy.groups.values()), take=True, only_due=False, prune=False)
+    assert report.snapshot is None and "killed after 1s" in " ".join(report.errors)
+    backup, hang = report.hooks
+    assert (backup.status, hang.status) == ("ok", "failed")
+    assert backup.backup_label and "START WAL LOCATION" in backup.backup_label  # pg_backup_stop ran on the way out
