@@ -7,6 +7,7 @@ shows that snapsync never touches what it did not create.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import UTC, datetime, timedelta
 from importlib.resources import files
@@ -20,10 +21,12 @@ from rich.progress import Progress
 from snapsync.clock import ManualClock
 from snapsync.errors import EXIT_OK, EXIT_PARTIAL
 from snapsync.policy import Policy, parse_policy
+from snapsync.policy_models import DirTarget
 from snapsync.render import render_reports, render_target_state
 from snapsync.replicate import Sent
 from snapsync.runner import GroupReport, Runner
 from snapsync.scratch import scratch_btrfs, signals_raise
+from snapsync.sealing import create_key_file
 
 START = datetime(2026, 9, 15, tzinfo=UTC)
 FOREIGN = "before-upgrade (manual)"
@@ -32,6 +35,10 @@ FOREIGN = "before-upgrade (manual)"
 PLUGGED_IN_HOURS = 24
 """The backup disk is plugged in for the last day only: its first run catches up on weeks of history
 (one full send, then every snapshot incrementally), the later ones send one snapshot each."""
+OFFSITE_HOURS = 73
+"""The offsite directory is reachable from Berlin midnight three days before the end (23:00 UTC): its
+first upload is the newest snapshot as a full stream, then one incremental per snapshot, with a new
+chain every day."""
 
 
 def _toml(path: Path) -> str:
@@ -57,6 +64,8 @@ def run_demo(days: int, console: Console, as_json: bool = False) -> int:
             scratch_btrfs("512M", label="snapsync-demo-usb") as usb:
         policy = demo_policy(root, usb)
         (usb / "drhorrible").mkdir()
+        (usb / "offsite").mkdir()
+        create_key_file(root / "offsite.key")
         _populate(policy)
         clock = ManualClock(START)
         runner = Runner(policy, clock)
@@ -67,6 +76,7 @@ def run_demo(days: int, console: Console, as_json: bool = False) -> int:
 
         taken = deleted = 0
         sends: list[Sent] = []
+        uploads: list[Sent] = []
         failures: list[str] = []
         hours = days * 24
         with Progress(console=console, transient=True, disable=as_json) as progress:
@@ -75,15 +85,16 @@ def run_demo(days: int, console: Console, as_json: bool = False) -> int:
                 for dataset in forge.datasets:
                     with open(Path(dataset) / "state.log", "a") as f:
                         f.write(f"{clock.now().isoformat()}\n")
-                plugged_in = hour >= hours - PLUGGED_IN_HOURS
+                reachable = [name for name, since in (("usb", PLUGGED_IN_HOURS), ("offsite", OFFSITE_HOURS)) if hour >= hours - since]
                 for report in runner.run(
-                    policy.groups.values(), take=True, only_due=True, prune=True, replicate=plugged_in
+                    policy.groups.values(), take=True, only_due=True, prune=True, replicate=bool(reachable),
+                    targets=reachable,
                 ):
                     taken += report.snapshot is not None
                     deleted += len(report.deleted)
                     failures += [f"{report.group}: {e}" for e in report.errors]
                     for t in report.targets:
-                        sends += t.sent
+                        (uploads if t.target == "offsite" else sends).extend(t.sent)
                         failures += [f"{report.group} -> {t.target}: {e}" for e in t.errors]
                 clock.advance(timedelta(hours=1))
                 progress.advance(task)
@@ -92,6 +103,7 @@ def run_demo(days: int, console: Console, as_json: bool = False) -> int:
             policy.groups.values(), take=False, only_due=False, prune=True, dry_run=True, replicate=True,
             prune_targets=False,
         )
+        offsite = _offsite_check(policy, runner, usb, uploads, failures)
         on_disk = {g.name: {d: len(runner.backend(g).list_snapshots(d)) for d in g.datasets} for g in policy.groups.values()}
         foreign_kept = foreign.exists()
         summary = {
@@ -106,6 +118,7 @@ def run_demo(days: int, console: Console, as_json: bool = False) -> int:
                 "bytes": sum(x.bytes for x in sends),
                 "targets": [t.to_json() for r in final for t in r.targets],
             },
+            "offsite": offsite,
             "groups": [r.to_json() for r in final],
             "errors": failures,
         }
@@ -114,9 +127,64 @@ def run_demo(days: int, console: Console, as_json: bool = False) -> int:
         else:
             _print(console, days, root, taken, deleted, final, on_disk, foreign_kept, failures)
             _print_replication(console, sends, final)
+            _print_offsite(console, offsite)
     if not as_json:
         console.print("cleaned up: unmounted and deleted the demo filesystem")
     return EXIT_OK if not failures and foreign_kept else EXIT_PARTIAL
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()
+    }
+
+
+def _offsite_check(policy: Policy, runner: Runner, usb: Path, uploads: list[Sent], failures: list[str]) -> dict[str, object]:
+    """What a sysadmin should do after setting up offsite: verify the archive, and restore from it."""
+    from snapsync.offsite import open_archive
+    from snapsync.protocol import dataset_key
+    from snapsync.restore import restore, verify
+
+    target = policy.targets["offsite"]
+    assert isinstance(target, DirTarget)
+    archive = open_archive(target)
+    checked = verify(archive, "offsite")
+    failures += [f"offsite verify: {p}" for p in checked.problems]
+    (usb / "restored").mkdir()
+    restored = restore(archive, "offsite", "forge", str(usb / "restored"))
+    forge = policy.groups["forge"]
+    identical = all(
+        _digest(usb / "restored" / "forge" / dataset_key(ds) / restored.snapshot)
+        == _digest(Path(runner.backend(forge).snapshot_home(ds)) / restored.snapshot)
+        for ds in forge.datasets
+    )
+    if not identical:
+        failures.append("offsite restore: restored files differ from the source snapshot")
+    return {
+        "uploads": len(uploads),
+        "full": sum(1 for u in uploads if u.base is None),
+        "verify": checked.to_json(),
+        "restore": restored.to_json(),
+        "restored_identical": identical,
+    }
+
+
+def _print_offsite(console: Console, offsite: dict[str, object]) -> None:
+    checked = offsite["verify"]
+    restored = offsite["restore"]
+    assert isinstance(checked, dict) and isinstance(restored, dict)
+    console.print(
+        f"\n[bold]offsite[/] (an encrypted archive in a directory, reachable for the last {OFFSITE_HOURS} hours, "
+        f"a new chain every day): {offsite['uploads']} uploads, {offsite['full']} of them full; "
+        f"verify read all {checked['chunks_read']} chunks of the {checked['manifests']} uploads retention kept: "
+        f"{'[green]ok[/]' if checked['ok'] else '[red]FAILED[/]'}"
+    )
+    chains = ", ".join(str(len(d["chain"])) for d in restored["datasets"])
+    console.print(
+        f"restored forge@{restored['snapshot']} from it (chains of {chains} streams) into a fresh directory: "
+        f"{'[green]byte-identical[/] to the source snapshot' if offsite['restored_identical'] else '[red]DIFFERENT[/]'}"
+    )
 
 
 def _print(

@@ -10,7 +10,10 @@ The CLI maps these to exit codes in one place (``snapsync.cli``); nothing else p
         ├── DatasetMissing
         ├── CommandFailed         (a subprocess exited non-zero; carries its stderr tail)
         ├── TransientError        (worth retrying: connection refused, timeouts)
-        └── RemoteRefused         (the far end's snapsync serve refused the request)
+        ├── RemoteRefused         (the far end's snapsync serve refused the request)
+        ├── StoreError            (object storage refused: no bucket, access denied)
+        └── IntegrityError        (an offsite object is missing, corrupt, tampered with)
+            └── WrongKey          (the key file is not the one the backups were made with)
 """
 
 from __future__ import annotations
@@ -78,3 +81,17 @@ class TransientError(BackendError):
 
 class RemoteRefused(BackendError):
     """``snapsync serve`` on the other side refused a request: a permanent error, never retried."""
+
+
+class StoreError(BackendError):
+    """Object storage (or the directory standing in for it) refused for good; not retried."""
+
+
+class IntegrityError(BackendError):
+    """An offsite object is missing, truncated, corrupt or not what its manifest says; names the object."""
+
+
+class WrongKey(IntegrityError):
+    """The key file differs from the one the backups were made with: bad input, nothing can be decrypted."""
+
+    exit_code = EXIT_USAGE

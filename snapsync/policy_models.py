@@ -35,6 +35,7 @@ from pydantic_core import CoreSchema, core_schema
 
 from snapsync.durations import format_duration, parse_duration
 from snapsync.retention import RetentionRules
+from snapsync.streams import parse_rate
 
 POLICY_VERSION = 1
 BUILTIN_RETENTION = RetentionRules(hourly=48, daily=30, weekly=8, monthly=12, yearly=3)
@@ -359,7 +360,7 @@ class _Target(_Table):
     def _no_credentials(cls, data: Any) -> Any:
         """Policy files are meant to be shared and committed; a secret in one leaks."""
         for key in data if isinstance(data, dict) else ():
-            if _CREDENTIAL_KEY.search(str(key)):
+            if _CREDENTIAL_KEY.search(str(key)) and not str(key).endswith("_file"):
                 raise Problem(
                     "credentials never go in the policy file; use the environment or a credentials file", key
                 )
@@ -386,14 +387,69 @@ class LocalTarget(_Target):
     path: Text
 
 
-class DirTarget(_Target):
+def _size(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if not isinstance(value, str) or not re.fullmatch(r"\d+[KMG]?", value):
+        raise ValueError(f"expected a size like '64M' (K, M and G are powers of 1024), got {show(value)}")
+    return parse_rate(value) or 0
+
+
+def _full_every(value: object) -> timedelta | int:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration like '30d' or a number of incrementals, got {show(value)}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"a number of incrementals must be 0 or more, got {value}")
+        return value
+    return _duration(value)
+
+
+def _chunk_size(value: object) -> int:
+    size = _size(value)
+    if not (1 << 20) <= size <= (1 << 30):
+        raise ValueError(f"a chunk is between '1M' and '1G' of stream, got {show(value)}")
+    return size
+
+
+ChunkSize = Annotated[int, BeforeValidator(_chunk_size)]
+FullEvery = Annotated[
+    timedelta | int,
+    BeforeValidator(_full_every),
+    PlainSerializer(lambda v: v if isinstance(v, int) else format_duration(v), return_type=object),
+]
+StorageClass = Literal[
+    "STANDARD", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING", "REDUCED_REDUNDANCY", "GLACIER_IR"
+]
+DEFAULT_KEY_FILE = "/var/lib/snapsync/offsite.key"
+
+
+class _OffsiteTarget(_Target):
+    """Snapshots stored as chunked, compressed, encrypted send streams (see docs/offsite.md)."""
+
+    key_file: AbsolutePath = DEFAULT_KEY_FILE
+    """This host's offsite key; back it up elsewhere, without it nothing uploaded can be restored."""
+    full_every: FullEvery = timedelta(days=30)
+    chunk_size: ChunkSize = 64 << 20
+    compress: Literal["none", "zstd"] = "zstd"
+    compress_level: int = Field(default=3, ge=1, le=19)
+
+    @field_validator("on_diverged")
+    @classmethod
+    def _never_rolls_back(cls, value: str) -> str:
+        if value != "refuse":
+            raise ValueError("offsite targets never roll back; a source that diverged starts a new chain instead")
+        return value
+
+
+class DirTarget(_OffsiteTarget):
     """A plain directory holding snapshot streams as files (the offsite format), on any filesystem."""
 
     type: Literal["dir"]
     path: AbsolutePath
 
 
-class S3Target(_Target):
+class S3Target(_OffsiteTarget):
     """An S3 bucket for streams in the offsite format; credentials come from the environment."""
 
     type: Literal["s3"]
@@ -401,7 +457,10 @@ class S3Target(_Target):
     bucket: Text
     prefix: Text | None = None
     region: Text | None = None
-    storage_class: Text | None = None
+    storage_class: StorageClass | None = None
+    profile: Text | None = None
+    credentials_file: AbsolutePath | None = None
+    """A shared credentials file (the AWS format); the secrets stay in it, not in the policy."""
 
 
 Target = Annotated[SshTarget | LocalTarget | DirTarget | S3Target, Field(discriminator="type")]

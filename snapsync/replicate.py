@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
 
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+from tenacity import Retrying
 
 from snapsync.backends.base import SnapshotInfo, StorageBackend
 from snapsync.durations import format_duration
@@ -43,19 +43,12 @@ from snapsync.replication_plan import (
     plan_replication,
 )
 from snapsync.retention import PrunePlan, RetentionRules, plan_prune
+from snapsync.retry import retrying
 from snapsync.store import Copy
 from snapsync.streams import Meter, Proc, parse_rate
 
 log = logging.getLogger("snapsync")
 
-
-
-def _retry_policy() -> tuple[int, float]:
-    """Attempts per operation and seconds before the first retry (doubling, capped at 30 s).
-
-    ``SNAPSYNC_RETRY_ATTEMPTS`` and ``SNAPSYNC_RETRY_WAIT`` override them (tests, flaky links).
-    """
-    return int(os.environ.get("SNAPSYNC_RETRY_ATTEMPTS", "4")), float(os.environ.get("SNAPSYNC_RETRY_WAIT", "2"))
 
 
 class SnapshotSource(Protocol):
@@ -351,18 +344,7 @@ class Replication:
         """Complete copies on the target per dataset path, kept current as steps succeed."""
 
     def _retrying(self) -> Retrying:
-        attempts, wait = _retry_policy()
-        return Retrying(
-            retry=retry_if_exception_type(TransientError),
-            stop=stop_after_attempt(max(1, attempts)),
-            wait=wait_exponential(multiplier=wait, max=30),
-            reraise=True,
-            before_sleep=lambda rs: log.warning(
-                "%s -> %s: %s; retrying (attempt %d of %d)",
-                self.group, self.target, rs.outcome.exception() if rs.outcome else "?",
-                rs.attempt_number + 1, attempts,
-            ),
-        )
+        return retrying(f"{self.group} -> {self.target}")
 
     def run(self, *, dry_run: bool = False, prune: bool = True) -> TargetReport:
         with self.source.connected(), self.sink.connected():

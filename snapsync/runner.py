@@ -10,6 +10,7 @@ import logging
 import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from snapsync.backends import backend_for
 from snapsync.backends.base import SnapshotInfo, StorageBackend
@@ -19,11 +20,14 @@ from snapsync.hooks import HookReport, Hooks, Moment
 from snapsync.naming import snapshot_name
 from snapsync.planning import GroupListing, is_due, merge_listing, plan_group_prune
 from snapsync.policy import Group, Policy
-from snapsync.policy_models import LocalTarget, SshTarget
+from snapsync.policy_models import DirTarget, LocalTarget, S3Target, SshTarget
 from snapsync.protocol import dataset_key
 from snapsync.replicate import DatasetLink, LocalSource, ProgressFactory, Replication, Settings, TargetReport
 from snapsync.retention import PrunePlan
 from snapsync.transport import LocalTransport, SshTransport
+
+if TYPE_CHECKING:
+    from snapsync.offsite import Offsite
 
 log = logging.getLogger("snapsync")
 
@@ -256,17 +260,25 @@ class Runner:
         )
         report.targets.append(replication.run(dry_run=report.dry_run, prune=prune))
 
+    def offsite(self, group: Group, target_name: str) -> Offsite:
+        from snapsync.offsite import Offsite
+
+        target = self.policy.targets[target_name]
+        assert isinstance(target, (DirTarget, S3Target))
+        return Offsite(
+            group=group, target_name=target_name, target=target, backend=self.backend(group),
+            now=self.clock.now, progress=self.progress, host=self.policy.host,
+        )
+
     def replicate(self, group: Group, report: GroupReport, targets: Sequence[str] | None, prune: bool) -> None:
         for name in group.targets:
             if targets and name not in targets:
                 continue
-            replication = self.replication(group, name)
-            if replication is None:
-                kind = self.policy.targets[name].type
-                skipped = TargetReport(group.name, name, dry_run=report.dry_run)
-                skipped.skipped = f"type {kind!r} targets are not supported by this version yet"
-                report.targets.append(skipped)
+            if isinstance(self.policy.targets[name], (DirTarget, S3Target)):
+                report.targets.append(self.offsite(group, name).run(dry_run=report.dry_run, prune=prune))
                 continue
+            replication = self.replication(group, name)
+            assert replication is not None
             report.targets.append(replication.run(dry_run=report.dry_run, prune=prune))
 
     def run(

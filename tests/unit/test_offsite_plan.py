@@ -1,0 +1,166 @@
+"""Offsite planning: what is uploaded as full or incremental, and retention that never breaks a chain."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from snapsync.offsite_plan import (
+    NEWEST,
+    PartialUpload,
+    SourceSnap,
+    Stored,
+    chain,
+    plan_store_prune,
+    plan_uploads,
+)
+from snapsync.retention import RetentionRules
+from snapsync.retention import plan_prune as plain_prune
+
+T0 = datetime(2026, 3, 1, tzinfo=UTC)
+
+
+def snap(hour: int, guid: str | None = None) -> SourceSnap:
+    return SourceSnap(f"s{hour:04d}", T0 + timedelta(hours=hour), guid or f"g{hour}")
+
+
+def stored(hour: int, parent: int | None, guid: str | None = None) -> Stored:
+    return Stored(
+        f"s{hour:04d}", T0 + timedelta(hours=hour), guid or f"g{hour}",
+        None if parent is None else f"s{parent:04d}", None if parent is None else f"g{parent}",
+    )
+
+
+def test_an_empty_store_gets_the_newest_snapshot_as_a_full_upload() -> None:
+    plan = plan_uploads([snap(0), snap(1), snap(2)], [], [], 5)
+    assert [(u.name, u.parent) for u in plan.uploads] == [("s0002", None)]
+    assert plan.base is None
+
+
+def test_newer_snapshots_follow_incrementally_until_a_new_chain_is_due_by_count() -> None:
+    plan = plan_uploads([snap(h) for h in range(8)], [stored(0, None), stored(1, 0)], [], 3)
+    assert plan.base == "s0001"
+    assert [(u.name, u.parent) for u in plan.uploads] == [
+        ("s0002", "s0001"), ("s0003", "s0002"), ("s0004", None), ("s0005", "s0004"),
+        ("s0006", "s0005"), ("s0007", "s0006"),
+    ]
+
+
+def test_a_new_chain_is_due_by_the_age_of_its_full_upload() -> None:
+    plan = plan_uploads([snap(h) for h in range(0, 72, 12)], [stored(0, None)], [], timedelta(days=1))
+    assert [(u.name, u.parent) for u in plan.uploads] == [
+        ("s0012", "s0000"), ("s0024", None), ("s0036", "s0024"), ("s0048", None), ("s0060", "s0048"),
+    ]
+
+
+def test_a_stored_snapshot_is_no_base_when_the_source_has_another_one_of_that_name() -> None:
+    plan = plan_uploads([snap(0, guid="other"), snap(1)], [stored(0, None)], [], 10)
+    assert [(u.name, u.parent) for u in plan.uploads] == [("s0001", None)]
+    assert plan.base is None and "not the snapshot stored" in plan.notes[0]
+
+
+def test_a_base_gone_from_the_source_starts_a_new_chain_without_deleting_anything() -> None:
+    plan = plan_uploads([snap(5)], [stored(0, None), stored(1, 0)], [], 10)
+    assert [(u.name, u.parent) for u in plan.uploads] == [("s0005", None)]
+    assert not plan.discard
+
+
+def test_an_unfinished_upload_of_the_same_stream_is_continued_others_are_discarded() -> None:
+    partials = [PartialUpload("s0002", "g2", "s0001", 3), PartialUpload("s0009", "g9", None, 1)]
+    plan = plan_uploads([snap(h) for h in range(4)], [stored(0, None), stored(1, 0)], partials, 10)
+    assert [(u.name, u.resume_from) for u in plan.uploads] == [("s0002", 3), ("s0003", 0)]
+    assert plan.discard == ("s0009",)
+
+
+def test_an_unfinished_upload_with_another_parent_starts_again() -> None:
+    plan = plan_uploads([snap(0), snap(1), snap(2)], [stored(0, None), stored(1, 0)], [PartialUpload("s0002", "g2", None, 2)], 10)
+    assert plan.uploads[0].resume_from == 0 and plan.discard == ("s0002",)
+
+
+def test_chain_walks_back_to_the_full_upload_and_refuses_a_gap_or_a_wrong_identity() -> None:
+    store = {s.name: s for s in [stored(0, None), stored(1, 0), stored(2, 1)]}
+    assert [s.name for s in chain("s0002", store) or []] == ["s0000", "s0001", "s0002"]
+    del store["s0001"]
+    assert chain("s0002", store) is None
+    assert chain("s0001", {"s0001": stored(1, 0), "s0000": stored(0, None, guid="x")}) is None
+
+
+def test_prune_keeps_the_chain_of_every_kept_snapshot_and_deletes_whole_old_chains() -> None:
+    history = [stored(0, None), stored(1, 0), stored(2, 1), stored(3, None), stored(4, 3), stored(5, 4)]
+    plan = plan_store_prune({"d": history}, RetentionRules(keep_last=1), T0 + timedelta(hours=6))
+    assert plan.delete == {"d": ("s0002", "s0001", "s0000")}
+    reasons = {d.name: d.reasons for d in plan.plan.decisions}
+    assert NEWEST in reasons["s0005"]
+    assert any("base of s0005" in r for r in reasons["s0003"])
+
+
+def test_prune_deletes_the_tail_of_a_chain_nothing_depends_on() -> None:
+    history = [stored(0, None), stored(1, 0), stored(2, 1), stored(3, None)]
+    rules = RetentionRules(keep_within=timedelta(hours=1), daily=1)
+    plan = plan_store_prune({"d": history}, rules, T0 + timedelta(hours=3, minutes=30))
+    kept = {d.name for d in plan.plan.kept}
+    assert "s0003" in kept
+    for name in kept:
+        assert chain(name, {s.name: s for s in history}) is not None
+        assert all(link.name in kept for link in chain(name, {s.name: s for s in history}) or [])
+
+
+def test_broken_chains_are_reported_and_left_alone() -> None:
+    history = [stored(1, 0), stored(2, 1), stored(3, None)]
+    plan = plan_store_prune({"d": history}, RetentionRules(keep_last=1), T0 + timedelta(hours=4))
+    assert plan.broken == {"d": ("s0001", "s0002")}
+    assert "d" not in plan.delete
+
+
+rules_strategy = st.builds(
+    RetentionRules,
+    keep_last=st.integers(0, 4),
+    keep_within=st.one_of(st.none(), st.integers(1, 72).map(lambda h: timedelta(hours=h))),
+    hourly=st.integers(0, 12),
+    daily=st.integers(0, 7),
+    weekly=st.integers(0, 3),
+    monthly=st.integers(0, 2),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    rules=rules_strategy,
+    full_every=st.one_of(st.integers(0, 6), st.integers(1, 96).map(lambda h: timedelta(hours=h))),
+    gaps=st.lists(st.integers(1, 30), min_size=1, max_size=60),
+    datasets=st.integers(1, 3),
+)
+def test_retention_in_the_store_never_orphans_an_incremental(
+    rules: RetentionRules, full_every: timedelta | int, gaps: list[int], datasets: int
+) -> None:
+    """Simulate runs: each snapshot is uploaded as planned, then the store is pruned, every time.
+
+    After every prune, each stored snapshot's chain is complete, the newest upload is there, and
+    everything the plain retention rules would keep is still there.
+    """
+    store: dict[str, dict[str, Stored]] = {f"d{i}": {} for i in range(datasets)}
+    source: list[SourceSnap] = []
+    hour = 0
+    for gap in gaps:
+        hour += gap
+        source.append(snap(hour))
+        now = T0 + timedelta(hours=hour, minutes=5)
+        for ds, have in store.items():
+            plan = plan_uploads(source, list(have.values()), [], full_every)
+            for up in plan.uploads:
+                parent = have.get(up.parent) if up.parent else None
+                have[up.name] = Stored(up.name, up.created, up.guid, up.parent, parent.guid if parent else None)
+        before = {ds: dict(h) for ds, h in store.items()}
+        pruned = plan_store_prune({ds: list(h.values()) for ds, h in store.items()}, rules, now)
+        for ds, names in pruned.delete.items():
+            for name in names:
+                del store[ds][name]
+        assert not pruned.broken
+        for ds, have in store.items():
+            assert source[-1].name in have
+            for name in have:
+                assert chain(name, have) is not None, f"{name} lost part of its chain"
+            wanted = plain_prune(list(before[ds].values()), rules, now).kept
+            assert {d.name for d in wanted} <= have.keys()
