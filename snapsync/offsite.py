@@ -26,7 +26,7 @@ from typing import cast
 from snapsync.archive import CHUNK, MANIFEST, PROGRESS, Archive, DatasetState, Manifest, snapshot_dir
 from snapsync.backends.base import SnapshotInfo, StorageBackend
 from snapsync.chunks import RawSource, StreamChanged, store_chunk
-from snapsync.errors import BackendError, SnapsyncError
+from snapsync.errors import BackendError, SnapsyncError, StoreError
 from snapsync.objectstore import DirStore, ObjectStore, S3Store
 from snapsync.offsite_plan import SourceSnap, StorePrunePlan, Upload, plan_store_prune, plan_uploads
 from snapsync.policy_models import DirTarget, Group, S3Target
@@ -109,6 +109,7 @@ class Offsite:
         archive.store.check()
         sources = {ds: source_snaps(self.group.prefix, self.backend.list_snapshots(ds)) for ds in self.group.datasets}
         states = archive.scan(self.group.name)
+        self._same_host(states)
         keys = {ds: dataset_key(ds) for ds in self.group.datasets}
         if not dry_run:
             stale = archive.store.clean_incomplete(f"{self.group.name}/")
@@ -127,6 +128,17 @@ class Offsite:
             ds: [m.snapshot for m in sorted(states[keys[ds]].stored.values(), key=lambda m: (m.created, m.snapshot))]
             for ds in self.group.datasets
         }
+
+    def _same_host(self, states: dict[str, DatasetState]) -> None:
+        """Two hosts uploading one group to one place would prune each other's chains: refuse."""
+        for state in states.values():
+            for m in [*state.stored.values(), *state.partial.values()]:
+                if m.host and m.host != self.host:
+                    raise StoreError(
+                        f"{self.archive.name(m.directory())}: uploaded by host {m.host!r}, this is {self.host!r}; "
+                        f"give each host its own prefix (or path), or set host = {m.host!r} in the policy if "
+                        f"this host took its place"
+                    )
 
     def _dataset(
         self, ds: str, key: str, source: list[SourceSnap], state: DatasetState, report: TargetReport, dry_run: bool
@@ -181,7 +193,14 @@ class Offsite:
         self, ds: str, key: str, up: Upload, state: DatasetState, parent_guid: str | None, report: TargetReport
     ) -> Manifest:
         progress = state.partial.get(up.name) if up.resume_from else None
-        if progress is None or progress.chunk_size != self.target.chunk_size or progress.compression != self.target.compress:
+        files = state.objects.get(up.name, {})
+        if progress is not None and (
+            progress.chunk_size != self.target.chunk_size
+            or progress.compression != self.target.compress
+            or any(files.get(CHUNK.format(i)) != c.size for i, c in enumerate(progress.chunks))
+        ):
+            progress = None  # settings changed, or a recorded chunk is not in the store as recorded
+        if progress is None:
             if up.name in state.objects:
                 self._delete_snapshot(state, key, up.name)
             progress = self._fresh(ds, key, up, parent_guid)

@@ -54,5 +54,28 @@ def receiving_warnings(policy: Policy) -> list[str]:
             (ZfsStore(path) if is_zfs_root(path) else BtrfsStore(path)).check_root()
         except SnapsyncError as e:
             warnings.append(f"{key}: {e}")
+    return warnings + offsite_warnings(policy)
+
+
+def offsite_warnings(policy: Policy) -> list[str]:
+    """Offsite targets that cannot work from here yet: no key file, no directory. Buckets are not
+    contacted (``policy check`` works offline); the first run reports them."""
+    from snapsync.objectstore import DirStore
+    from snapsync.policy_models import DirTarget, S3Target
+    from snapsync.sealing import Key
+
+    warnings = []
+    for name, target in policy.targets.items():
+        if not isinstance(target, (DirTarget, S3Target)):
+            continue
+        try:
+            Key.load(target.key_file)
+        except SnapsyncError as e:
+            warnings.append(f"targets.{name}.key_file: {e}")
+        if isinstance(target, DirTarget):
+            try:
+                DirStore(target.path).check()
+            except SnapsyncError as e:
+                warnings.append(f"targets.{name}.path: {e}")
     return warnings
 

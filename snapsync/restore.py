@@ -38,6 +38,8 @@ class Receiver(Protocol):
 
     def delete(self, rel: str, names: list[str], allow_writable: bool = False) -> list[str]: ...
 
+    def delete_partials(self, rel: str, names: list[str]) -> list[str]: ...
+
 
 @dataclass
 class DatasetRestore:
@@ -207,6 +209,10 @@ def _replay(archive: Archive, manifest: Manifest, store: Receiver, rel: str, met
         os.close(read_end)
         read_end = -1
         feeder.join()
+        try:
+            store.delete_partials(rel, [manifest.snapshot])  # ZFS keeps a resumable partial; drop it
+        except SnapsyncError:
+            pass
         if failure and not isinstance(failure[0], BrokenPipeError):
             raise failure[0] from e
         raise

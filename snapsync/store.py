@@ -15,6 +15,7 @@ policies or retention.
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -213,7 +214,7 @@ class BtrfsStore:
                     procs.append(Proc.start(["zstd", "-d", "-q", "-c"], stdin=stdin, stdout=-1, label="zstd -d (target)"))
                     assert procs[0].popen.stdout is not None
                     feed = procs[0].popen.stdout.fileno()
-                procs.append(Proc.start(["btrfs", "receive", "-e", str(directory)], stdin=feed, label="btrfs receive"))
+                procs.append(Proc.start(["btrfs", "receive", "-e", str(directory)], stdin=feed, stdout=subprocess.DEVNULL, label="btrfs receive"))
                 if compress == "zstd":
                     assert procs[0].popen.stdout is not None
                     procs[0].popen.stdout.close()

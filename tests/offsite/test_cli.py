@@ -1,0 +1,130 @@
+"""The offsite commands as a sysadmin runs them, on a dir target (a NAS share or USB disk)."""
+
+from __future__ import annotations
+
+import json
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_subvolume
+from tests.replication.helpers import run_json, snapsync, tree_digest, write_policy
+
+pytestmark = pytest.mark.btrfs
+
+
+@pytest.fixture
+def nas_site(btrfs_root: Path, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A group of one dataset with a dir target on a directory of the same btrfs; returns (policy, dataset, nas)."""
+    app = make_subvolume(btrfs_root / "persist" / "app", "v1\n")
+    nas = btrfs_root / "nas"
+    nas.mkdir()
+    key = tmp_path / "offsite.key"
+    assert snapsync("keygen", str(key)).returncode == 0
+    table = f'type = "dir"\npath = "{nas}"\nkey_file = "{key}"\nchunk_size = "1M"'
+    extra = '[targets.ssh]\ntype = "ssh"\nhost = "backup.lan"\npath = "/backups"'
+    policy = write_policy(tmp_path / "policy.toml", [app], {"nas": table})
+    policy.write_text(policy.read_text() + extra + "\n")
+    return policy, app, nas
+
+
+def test_keygen_writes_a_private_key_once(tmp_path: Path) -> None:
+    path = tmp_path / "k"
+    proc = snapsync("keygen", str(path))
+    assert proc.returncode == 0 and "key id" in proc.stdout and "back it up" in proc.stdout
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    again = snapsync("keygen", str(path))
+    assert again.returncode == 2 and "refusing to overwrite" in again.stderr
+
+
+def test_run_uploads_then_verify_list_and_restore(nas_site: tuple[Path, Path, Path], target_root: Path) -> None:
+    policy, app, nas = nas_site
+    p = ["--policy", str(policy)]
+    first = run_json(*p, "run")
+    (target,) = first["groups"][0]["targets"]
+    assert target["target"] == "nas" and target["ok"] and target["sent"][0]["kind"] == "full"
+    (app / "data.txt").write_text("v2\n")
+    time.sleep(1.1)  # snapshot names carry the second
+    second = run_json(*p, "snapshot")
+    assert second["groups"][0]["snapshot"]
+    up = run_json(*p, "replicate")
+    assert [s["kind"] for s in up["groups"][0]["targets"][0]["sent"]] == ["incremental"]
+
+    checked = run_json(*p, "verify", "nas")
+    assert checked["ok"] and checked["manifests"] == 2 and checked["chunks_read"] == checked["chunks"] == 2
+    sampled = run_json(*p, "verify", "nas", "--sample", "1")
+    assert sampled["chunks_read"] == 1
+
+    listed = run_json(*p, "list")
+    (state,) = [t for t in listed["groups"][0]["targets"] if t["target"] == "nas"]
+    assert len(state["have"][str(app)]) == 2 and state["lag_seconds"] == 0
+
+    plan = run_json(*p, "restore", "app", "--from", "nas", "--to", str(target_root), "--dry-run")
+    assert plan["dry_run"] and len(plan["datasets"][0]["chain"]) == 2 and not (target_root / "app").exists()
+    done = run_json(*p, "restore", "app", "--from", "nas", "--to", str(target_root))  # stdout is JSON only
+    candidates = list((target_root / "app").rglob(done["snapshot"]))
+    assert len(candidates) == 1
+    assert tree_digest(candidates[0]) == tree_digest(app)
+    again = run_json(*p, "restore", f"app@{done['snapshot']}", "--from", "nas", "--to", str(target_root))
+    assert again["bytes"] == 0 and len(again["datasets"][0]["already_present"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["restore", "app", "--from", "nope", "--to", "/tmp"], "no target 'nope'"),
+        (["restore", "app", "--from", "ssh", "--to", "/tmp"], "restore and verify read offsite targets"),
+        (["verify", "ssh"], "restore and verify read offsite targets"),
+        (["restore", "ghost", "--from", "nas", "--to", "/tmp"], "group 'ghost' has nothing stored"),
+        (["restore", "app", "--from", "nas", "--to", "pool/restore"], None),
+        (["restore", "app", "--from", "nas", "--to", "/tmp", "--key-file", "/nonexistent/k"], "key file does not exist"),
+    ],
+)
+def test_bad_restore_and_verify_input_is_one_line_exit_2(nas_site: tuple[Path, Path, Path], args: list[str], message: str | None) -> None:
+    policy, _, _ = nas_site
+    run_json("--policy", str(policy), "run")
+    proc = snapsync("--policy", str(policy), *args)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    line = proc.stderr.strip()
+    assert "\n" not in line and "Traceback" not in proc.stderr
+    if message:
+        assert message in line
+    else:
+        assert "restores into a directory on btrfs" in line
+
+
+def test_verify_reports_a_damaged_chunk_with_exit_1(nas_site: tuple[Path, Path, Path]) -> None:
+    policy, _, nas = nas_site
+    run_json("--policy", str(policy), "run")
+    (chunk,) = nas.rglob("chunk-000000")
+    chunk.write_bytes(chunk.read_bytes()[:-1] + b"\0")
+    proc = snapsync("--policy", str(policy), "verify", "nas", "--json")
+    assert proc.returncode == 1
+    report = json.loads(proc.stdout)
+    assert not report["ok"] and any("chunk-000000" in p for p in report["problems"])
+
+
+def test_a_second_host_uploading_the_same_group_to_the_same_place_is_refused(nas_site: tuple[Path, Path, Path]) -> None:
+    policy, _, nas = nas_site
+    run_json("--policy", str(policy), "run")
+    before = sorted(p.relative_to(nas) for p in nas.rglob("*"))
+    other = policy.with_name("other.toml")
+    other.write_text(policy.read_text().replace('host = "src"', 'host = "other"'))
+    result = run_json("--policy", str(other), "run", expect=1)
+    (target,) = [t for t in result["groups"][0]["targets"] if t["target"] == "nas"]
+    assert "uploaded by host 'src', this is 'other'; give each host its own prefix" in target["errors"][0]
+    assert sorted(p.relative_to(nas) for p in nas.rglob("*")) == before  # nothing uploaded, nothing pruned
+
+
+def test_policy_check_warns_about_a_missing_key_and_directory(btrfs_root: Path, tmp_path: Path) -> None:
+    app = make_subvolume(btrfs_root / "app")
+    table = f'type = "dir"\npath = "{tmp_path}/unmounted"\nkey_file = "{tmp_path}/none.key"\nfull_every = 6'
+    policy = write_policy(tmp_path / "p.toml", [app], {"nas": table})
+    result = run_json("--policy", str(policy), "policy", "check")
+    warnings = result["warnings"]
+    assert any(w.startswith("targets.nas.key_file:") and "snapsync keygen" in w for w in warnings), warnings
+    assert any(w.startswith("targets.nas.path:") and "is the disk or share mounted?" in w for w in warnings), warnings
+    nas = result["policy"]["targets"]["nas"]
+    assert nas["full_every"] == 6 and nas["chunk_size"] == 64 << 20

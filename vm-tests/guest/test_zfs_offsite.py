@@ -1,0 +1,74 @@
+"""Offsite on real OpenZFS: a zfs group uploaded to a dir target, verified, restored into a dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from snapsync.errors import IntegrityError
+from snapsync.offsite import open_archive
+from snapsync.policy_models import DirTarget
+from snapsync.restore import restore, verify
+from snapsync.sealing import create_key_file
+
+from test_zfs import POOL, Site, digest, fill, mounted_copy, snapshot_dir, space, zfs  # noqa: F401  (space: the fixture)
+
+pytestmark = pytest.mark.skipif(not POOL, reason="needs SNAPSYNC_ZFS_POOL (runs inside the vm-tests guest)")
+
+
+def offsite_site(space: str, tmp_path: Path) -> tuple[str, Site, DirTarget]:
+    src = f"{space}/src"
+    zfs("create", src)
+    (tmp_path / "nas").mkdir()
+    create_key_file(tmp_path / "offsite.key")
+    site = Site([src], f"{space}/backup")
+    site.text = site.text.replace('targets = ["usb"]', 'targets = ["off"]') + "\n".join([
+        "[targets.off]", 'type = "dir"', f'path = "{tmp_path / "nas"}"', f'key_file = "{tmp_path / "offsite.key"}"',
+        'chunk_size = "1M"', "full_every = 10",
+    ]) + "\n"
+    target = site.runner().policy.targets["off"]
+    assert isinstance(target, DirTarget)
+    return src, site, target
+
+
+def test_a_zfs_chain_uploads_and_restores_into_a_dataset_byte_identical(space: str, tmp_path: Path) -> None:
+    src, site, target = offsite_site(space, tmp_path)
+    names = []
+    for seed in range(3):
+        fill(src, seed, size=1_500_000)
+        report = site.step()
+        assert report.targets[0].ok, report.to_json()
+        names.append(report.snapshot)
+    sent = [s.base for s in report.targets[0].sent]
+    assert sent == [names[1]]  # the third upload is incremental from the second
+
+    archive = open_archive(target)
+    assert verify(archive, "off").ok
+    zfs("create", "-o", "canmount=off", f"{space}/restore")
+    restored = restore(archive, "off", "app", f"{space}/restore")
+    assert restored.snapshot == names[-1] and restored.datasets[0].received == names
+    copy = f"{space}/restore/app/" + "/".join(src.split("/"))
+    assert zfs("get", "-H", "-o", "value", "canmount", copy).strip() == "noauto"
+    where = mounted_copy(copy)
+    for name in names:
+        assert digest(where / ".zfs" / "snapshot" / name) == digest(snapshot_dir(src, name))
+
+
+def test_a_damaged_chunk_stops_the_restore_and_leaves_no_partial_receive(space: str, tmp_path: Path) -> None:
+    src, site, target = offsite_site(space, tmp_path)
+    for seed in range(2):
+        fill(src, seed, size=1_500_000)
+        assert site.step().targets[0].ok
+    chunk = sorted((tmp_path / "nas").rglob("chunk-000001"))[-1]
+    data = bytearray(chunk.read_bytes())
+    data[100] ^= 1
+    chunk.write_bytes(bytes(data))
+    zfs("create", "-o", "canmount=off", f"{space}/restore")
+    with pytest.raises(IntegrityError, match="chunk-000001"):
+        restore(open_archive(target), "off", "app", f"{space}/restore")
+    copy = f"{space}/restore/app/" + "/".join(src.split("/"))
+    token = zfs("get", "-H", "-o", "value", "receive_resume_token", copy, check=False).strip()
+    assert token in ("-", "")  # no half-received state left behind
+    snapshots = zfs("list", "-H", "-t", "snapshot", "-o", "name", "-r", f"{space}/restore").split()
+    assert len(snapshots) == 1  # the full stream arrived; the damaged incremental did not
