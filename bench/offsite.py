@@ -127,7 +127,7 @@ def main() -> int:
                 results["up_snapsync"].append(seconds)
                 rss["upload"].append(peak)
                 stored_bytes = sum(
-                    o["Size"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+                    o["Size"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="g/")
                     for o in page.get("Contents", ())
                 )
 

@@ -43,13 +43,16 @@ class ChunkRecord:
     raw_sha256: str
     size: int
     sha256: str
+    salt: str
+    """The chunk object's own random salt: binds this record to exactly one sealed object, so an
+    object left by an earlier attempt at the same place is refused before any of it is decrypted."""
 
     def to_json(self) -> dict[str, object]:
-        return {"raw": self.raw, "raw_sha256": self.raw_sha256, "size": self.size, "sha256": self.sha256}
+        return {"raw": self.raw, "raw_sha256": self.raw_sha256, "size": self.size, "sha256": self.sha256, "salt": self.salt}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ChunkRecord:
-        return cls(int(data["raw"]), str(data["raw_sha256"]), int(data["size"]), str(data["sha256"]))
+        return cls(int(data["raw"]), str(data["raw_sha256"]), int(data["size"]), str(data["sha256"]), str(data["salt"]))
 
 
 @dataclass(frozen=True)

@@ -45,19 +45,22 @@ class RawSource:
         self.view = memoryview(self.buffer)
         self.bytes = 0
 
-    def read(self, limit: int) -> memoryview:
+    def read(self, limit: int, metered: bool = True) -> memoryview:
         n = self.file.readinto(self.view[: min(READ, limit)]) or 0
         self.bytes += n
-        if n:
+        if n and metered:
             self.meter.add(n)
         return self.view[:n]
 
     def skip(self, record: ChunkRecord) -> None:
-        """Consume one already-stored chunk's raw bytes, checking they are the same bytes."""
+        """Consume one already-stored chunk's raw bytes, checking they are the same bytes.
+
+        Not metered: these bytes go nowhere, so neither the rate limit nor progress applies.
+        """
         digest = hashlib.sha256()
         left = record.raw
         while left:
-            piece = self.read(left)
+            piece = self.read(left, metered=False)
             if not piece:
                 raise StreamChanged("the stream ended early")
             digest.update(piece)
@@ -117,7 +120,7 @@ def store_chunk(
         raise
     if stored != size:
         raise IntegrityError(f"{manifest.chunk_key(index)}: stored {stored} bytes, wrote {size}")
-    return ChunkRecord(raw, raw_hash.hexdigest(), size, stored_hash.hexdigest())
+    return ChunkRecord(raw, raw_hash.hexdigest(), size, stored_hash.hexdigest(), sealer.salt.hex())
 
 
 def replay_chunk(
@@ -151,7 +154,7 @@ def replay_chunk(
     if manifest.compression == "zstd":
         decompress = zstandard.ZstdDecompressor().decompressobj().decompress
     try:
-        for plain in open_chunk(read, key, manifest.place(index), name):
+        for plain in open_chunk(read, key, manifest.place(index), name, bytes.fromhex(record.salt)):
             out = decompress(plain) if decompress else plain
             if out:
                 raw_hash.update(out)

@@ -397,10 +397,12 @@ def restore(
     from snapsync.offsite import open_archive
     from snapsync.restore import restore as run_restore
 
+    from snapsync.lock import policy_lock
+
     policy = _load()
     target = _offsite_target(policy, source)
     group, _, snapshot = what.partition("@")
-    with _progress(as_json) as progress:
+    with policy_lock(policy.source, 60.0), _progress(as_json) as progress:  # no prune may run meanwhile
         report = run_restore(
             open_archive(target, key_file), source, group, to, snapshot or None, dry_run, progress, verify_first
         )
@@ -414,6 +416,8 @@ def restore(
             f"  {d.source} -> {to.rstrip('/')}/{group}/{d.dataset}/{report.snapshot}: chain of {len(d.chain)} "
             f"({', '.join(d.chain)}); received {len(d.received)}, already there {len(d.present)}"
         )
+    for problem in report.problems:
+        err.print(f"[yellow]warning:[/] elsewhere in the archive: {problem}")
     return EXIT_OK
 
 
@@ -430,9 +434,12 @@ def verify(
     from snapsync.offsite import open_archive
     from snapsync.restore import verify as run_verify
 
+    from snapsync.lock import policy_lock
+
     policy = _load()
     target = _offsite_target(policy, target_name)
-    report = run_verify(open_archive(target, key_file), target_name, group or None, sample)
+    with policy_lock(policy.source, 60.0):  # a prune meanwhile would make chunks vanish mid-check
+        report = run_verify(open_archive(target, key_file), target_name, group or None, sample)
     if as_json:
         print(json.dumps(report.to_json()))
     else:

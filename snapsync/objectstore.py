@@ -10,11 +10,13 @@ a :class:`StoreError` with the reason, never with a secret in it.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Protocol, TypeVar
 
@@ -80,11 +82,36 @@ def _check_key(key: str) -> str:
     return key
 
 
+_TRANSIENT_ERRNO = {errno.EIO, errno.ETIMEDOUT, errno.ESTALE, errno.EAGAIN, errno.EINTR, errno.ECONNRESET, errno.EHOSTDOWN}
+
+
+@contextmanager
+def _os_errors(where: str) -> Iterator[None]:
+    """A file system's refusal as snapsync's errors: a full or read-only share is permanent, an
+    NFS hiccup transient; either way one line naming the place, never a traceback."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        text = f"{where}: {e.strerror or e}"
+        raise (TransientError(text) if e.errno in _TRANSIENT_ERRNO else StoreError(text)) from None
+
+
 class DirStore:
-    """Objects as files below ``root``; the directory must exist (a mount point is not created)."""
+    """Objects as files below ``root``; the directory must exist (a mount point is not created).
+
+    Every operation is retried like a network call when the file system fails transiently (NFS).
+    """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
+
+    def _retried(self, what: str, fn: Callable[[], T]) -> T:
+        for attempt in retrying(f"{self.root}: {what}"):
+            with attempt, _os_errors(f"{self.root}: {what}"):
+                return fn()
+        raise AssertionError("unreachable")
 
     def describe(self) -> str:
         return str(self.root)
@@ -98,63 +125,81 @@ class DirStore:
     def _path(self, key: str) -> Path:
         return self.root / _check_key(key)
 
+    def _base(self, prefix: str) -> Path:
+        if prefix:
+            _check_key(prefix.rstrip("/") + "/x")
+        return self.root / prefix if prefix else self.root
+
     def list(self, prefix: str) -> dict[str, int]:
-        out: dict[str, int] = {}
-        base = self.root / prefix if prefix else self.root
-        for directory, _, files in os.walk(base):
-            for name in files:
-                if name.startswith(_TEMP):
-                    continue
-                path = Path(directory) / name
-                out[path.relative_to(self.root).as_posix()] = path.stat().st_size
-        return out
+        def walk() -> dict[str, int]:
+            out: dict[str, int] = {}
+            for directory, _, files in os.walk(self._base(prefix)):
+                for name in files:
+                    if name.startswith(_TEMP):
+                        continue
+                    path = Path(directory) / name
+                    out[path.relative_to(self.root).as_posix()] = path.stat().st_size
+            return out
+
+        return self._retried(f"list {prefix or '/'}", walk)
 
     def get(self, key: str) -> bytes:
         try:
-            return self._path(key).read_bytes()
+            return self._retried(f"read {key}", self._path(key).read_bytes)
         except FileNotFoundError:
             raise Missing(f"{self.root}/{key}: missing") from None
 
     def put(self, key: str, data: bytes) -> None:
-        w = self.writer(key)
-        try:
-            w.write(data)
-            w.commit()
-        except BaseException:
-            w.abort()
-            raise
+        def write() -> None:
+            w = self.writer(key)
+            try:
+                w.write(data)
+                w.commit()
+            except BaseException:
+                w.abort()
+                raise
+
+        self._retried(f"write {key}", write)
 
     def writer(self, key: str) -> ObjectWriter:
-        return _FileWriter(self._path(key))
+        with _os_errors(f"{self.root}: write {key}"):
+            return _FileWriter(self._path(key))
 
     def reader(self, key: str) -> ObjectReader:
         try:
-            return open(self._path(key), "rb")
+            with _os_errors(f"{self.root}: read {key}"):
+                return open(self._path(key), "rb")
         except FileNotFoundError:
             raise Missing(f"{self.root}/{key}: missing") from None
 
     def delete(self, keys: Sequence[str]) -> None:
-        parents = set()
-        for key in keys:
-            path = self._path(key)
-            path.unlink(missing_ok=True)
-            parents.add(path.parent)
-        for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):
-            while parent != self.root and parent.is_relative_to(self.root):
-                try:
-                    parent.rmdir()
-                except OSError:
-                    break
-                parent = parent.parent
+        def remove() -> None:
+            parents = set()
+            for key in keys:
+                path = self._path(key)
+                path.unlink(missing_ok=True)
+                parents.add(path.parent)
+            for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):
+                while parent != self.root and parent.is_relative_to(self.root):
+                    try:
+                        parent.rmdir()
+                    except OSError:
+                        break
+                    parent = parent.parent
+
+        self._retried(f"delete {len(keys)} object(s)", remove)
 
     def clean_incomplete(self, prefix: str) -> int:
-        count = 0
-        for directory, _, files in os.walk(self.root / prefix if prefix else self.root):
-            for name in files:
-                if name.startswith(_TEMP):
-                    (Path(directory) / name).unlink(missing_ok=True)
-                    count += 1
-        return count
+        def clean() -> int:
+            count = 0
+            for directory, _, files in os.walk(self._base(prefix)):
+                for name in files:
+                    if name.startswith(_TEMP):
+                        (Path(directory) / name).unlink(missing_ok=True)
+                        count += 1
+            return count
+
+        return self._retried("remove unfinished writes", clean)
 
 
 class _FileWriter:
@@ -165,27 +210,32 @@ class _FileWriter:
         self.file: IO[bytes] = open(self.temp, "xb")
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.file.write(data)
+        with _os_errors(f"write {self.path}"):
+            self.file.write(data)
 
     def commit(self) -> int:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.temp, self.path)
-        fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return self.path.stat().st_size
+        with _os_errors(f"write {self.path}"):
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.temp, self.path)
+            fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return self.path.stat().st_size
 
     def abort(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()  # flushes what is buffered: may fail again on a full disk
+        except OSError:
+            pass
         self.temp.unlink(missing_ok=True)
 
 
-_THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
-              "TooManyRequests", "ServiceUnavailable", "InternalError", "RequestLimitExceeded"}
+_THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "TooManyRequests",
+              "ServiceUnavailable", "InternalError", "RequestLimitExceeded"}
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
            "AllAccessDisabled", "AccountProblem"}
 
@@ -270,6 +320,8 @@ class S3Store:
             ConnectionClosedError,
             ConnectTimeoutError,
             EndpointConnectionError,
+            HTTPClientError,
+            IncompleteReadError,
             NoCredentialsError,
             PartialCredentialsError,
             ReadTimeoutError,
@@ -285,6 +337,8 @@ class S3Store:
             message = scrub(str(info.get("Message", "")))
             if code in _THROTTLED or status >= 500 or status == 429:
                 return TransientError(f"{where}: {code} (HTTP {status})")
+            if code == "RequestTimeTooSkewed":
+                return StoreError(f"{where}: this host's clock is too far off for the store to accept requests; fix the time")
             if code == "NoSuchBucket":
                 return StoreError(f"bucket {self.bucket!r} does not exist at {self.endpoint}")
             if code in ("NoSuchKey", "404", "NotFound"):
@@ -298,7 +352,8 @@ class S3Store:
                 f"or profile / credentials_file in the target)"
             )
         if isinstance(error, (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError,
-                              ResponseStreamingError, Urllib3Error, ConnectionError, TimeoutError)):
+                              ResponseStreamingError, IncompleteReadError, HTTPClientError, Urllib3Error,
+                              ConnectionError, TimeoutError)):
             return TransientError(f"{where}: {scrub(str(error))}")
         return StoreError(f"{where}: {type(error).__name__}: {scrub(str(error))}")
 

@@ -232,13 +232,14 @@ class Offsite:
                     break
                 manifest = replace(manifest, chunks=(*manifest.chunks, record))
                 archive.write(manifest)
-            proc.popen.stdout.close()
             finish([proc])
         except BaseException:
             proc.kill()
             proc.wait()
             raise
         finally:
+            if proc.popen.stdout is not None:
+                proc.popen.stdout.close()
             proc.close()
         if source.bytes != manifest.raw_bytes:
             raise BackendError(f"{ds}: {up.name}: read {source.bytes} bytes from send, the chunks hold {manifest.raw_bytes}")

@@ -203,15 +203,20 @@ def plan_store_prune(
             for n in bad:
                 _pin(pinned, n, "chain incomplete in the store (unrestorable; not deleted automatically)")
     first = plan_prune(group, rules, now, pinned)
-    kept = {d.name for d in first.kept}
-    for ds, snaps in by_dataset.items():
-        for name in sorted(kept & snaps.keys()):
-            current = snaps[name]
-            while current.parent is not None and current.parent in snaps:
-                parent = snaps[current.parent]
-                if parent.name not in kept:
-                    _pin(pinned, parent.name, f"base of {name} (needed to restore it)")
-                current = parent
+    # Everything kept, and every ancestor of it in every dataset, to a fixpoint: a name kept as the
+    # base of one dataset's snapshot is kept for the whole group, so its own parents in the other
+    # datasets must be kept too.
+    todo = [d.name for d in first.kept]
+    kept = set(todo)
+    while todo:
+        name = todo.pop()
+        for snaps in by_dataset.values():
+            current = snaps.get(name)
+            if current is not None and current.parent is not None and current.parent in snaps:
+                _pin(pinned, current.parent, f"base of {name} (needed to restore it)")
+                if current.parent not in kept:
+                    kept.add(current.parent)
+                    todo.append(current.parent)
     plan = plan_prune(group, rules, now, pinned)
     doomed = {d.name for d in plan.removed}
     delete = {

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -21,10 +22,13 @@ from typing import Protocol
 
 from snapsync.archive import Archive, DatasetState, Manifest
 from snapsync.chunks import replay_chunk
-from snapsync.errors import IntegrityError, SnapsyncError, UsageError
+from snapsync.errors import BackendError, IntegrityError, SnapsyncError, UsageError
 from snapsync.offsite_plan import chain
 from snapsync.store import Copy
 from snapsync.streams import Meter, widen
+
+
+_GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 class Receiver(Protocol):
@@ -39,6 +43,8 @@ class Receiver(Protocol):
     def delete(self, rel: str, names: list[str], allow_writable: bool = False) -> list[str]: ...
 
     def delete_partials(self, rel: str, names: list[str]) -> list[str]: ...
+
+    def listing(self, rel: str) -> tuple[list[Copy], str | None]: ...
 
 
 @dataclass
@@ -66,6 +72,8 @@ class RestoreReport:
     dry_run: bool
     datasets: list[DatasetRestore] = field(default_factory=list)
     seconds: float = 0.0
+    problems: list[str] = field(default_factory=list)
+    """Damage elsewhere in the group (other snapshots' records), reported; it did not block this restore."""
 
     @property
     def bytes(self) -> int:
@@ -75,7 +83,7 @@ class RestoreReport:
         return {
             "target": self.target, "group": self.group, "snapshot": self.snapshot, "to": self.to,
             "dry_run": self.dry_run, "ok": True, "datasets": [d.to_json() for d in self.datasets],
-            "bytes": self.bytes, "seconds": round(self.seconds, 3),
+            "bytes": self.bytes, "seconds": round(self.seconds, 3), "problems": self.problems,
         }
 
 
@@ -144,10 +152,18 @@ def restore(
     the download); without it a damaged object stops the restore at that stream, after the
     streams before it were received complete.
     """
+    if not _GROUP.fullmatch(group):
+        raise UsageError(f"{group!r} is not a group name")
     started = time.monotonic()
-    states = archive.scan(group)
+    problems: list[str] = []
+    states = archive.scan(group, problems)  # damage elsewhere in the group must not block this restore
     name = choose_snapshot(group, states, snapshot)
-    plans = {ds: check_chain(archive, state, name) for ds, state in states.items()}
+    try:
+        plans = {ds: check_chain(archive, state, name) for ds, state in states.items()}
+    except IntegrityError as e:
+        if problems:
+            raise IntegrityError(f"{e} (unreadable: {'; '.join(problems)})") from None
+        raise
     if verify_first:
         for manifests in plans.values():
             for m in manifests:
@@ -157,7 +173,7 @@ def restore(
     if len(backends) != 1:
         raise IntegrityError(f"group {group!r} mixes backends in the archive ({', '.join(sorted(backends))})")
     store = _destination(to, backends.pop())
-    report = RestoreReport(target, group, name, to, dry_run)
+    report = RestoreReport(target, group, name, to, dry_run, problems=problems)
     if not dry_run:
         store.check_root()
     for ds, manifests in plans.items():
@@ -185,6 +201,12 @@ def _replay(archive: Archive, manifest: Manifest, store: Receiver, rel: str, met
     The receiving process exits whatever the feeder does (a short stream fails or is refused by the
     store's checks), and closing the read end afterwards unblocks a feeder stuck on a full pipe.
     """
+    _, token = store.listing(rel)
+    if token is not None:
+        raise BackendError(
+            f"{rel} at the destination has an interrupted receive that this restore did not start; "
+            f"finish or abort it (zfs receive -A) first"
+        )
     read_end, write_end = os.pipe()
     widen(write_end)
     failure: list[BaseException] = []

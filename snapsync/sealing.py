@@ -123,8 +123,14 @@ class ChunkSealer:
         return _LENGTH.pack(len(sealed)) + sealed
 
 
-def open_chunk(read: Callable[[int], bytes], key: Key, place: bytes, name: str) -> Iterator[bytes]:
-    """Yield a chunk's plaintext segments; raise :class:`IntegrityError` naming ``name`` on any defect."""
+def open_chunk(
+    read: Callable[[int], bytes], key: Key, place: bytes, name: str, salt: bytes | None = None
+) -> Iterator[bytes]:
+    """Yield a chunk's plaintext segments; raise :class:`IntegrityError` naming ``name`` on any defect.
+
+    ``salt`` (from the authenticated manifest) pins the exact object: another object sealed for the
+    same place, by an earlier attempt, is refused before anything is decrypted.
+    """
 
     def exactly(n: int, what: str) -> bytes:
         data = b""
@@ -137,7 +143,10 @@ def open_chunk(read: Callable[[int], bytes], key: Key, place: bytes, name: str) 
 
     if exactly(len(MAGIC), "header") != MAGIC:
         raise IntegrityError(f"{name}: not a snapsync chunk (bad header)")
-    aead = key.chunk_cipher(exactly(SALT_BYTES, "header"))
+    found = exactly(SALT_BYTES, "header")
+    if salt is not None and found != salt:
+        raise IntegrityError(f"{name}: not the object its manifest records (another upload's chunk)")
+    aead = key.chunk_cipher(found)
     counter = 0
     while True:
         head = read(_LENGTH.size)

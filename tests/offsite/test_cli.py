@@ -128,3 +128,49 @@ def test_policy_check_warns_about_a_missing_key_and_directory(btrfs_root: Path, 
     assert any(w.startswith("targets.nas.path:") and "is the disk or share mounted?" in w for w in warnings), warnings
     nas = result["policy"]["targets"]["nas"]
     assert nas["full_every"] == 6 and nas["chunk_size"] == 64 << 20
+
+
+def test_damage_to_an_old_upload_does_not_block_restoring_the_newest(btrfs_root: Path, target_root: Path, tmp_path: Path) -> None:
+    app = make_subvolume(btrfs_root / "app", "v0\n")
+    nas = btrfs_root / "nas"
+    nas.mkdir()
+    key = tmp_path / "k"
+    snapsync("keygen", str(key), check=True)
+    policy = write_policy(tmp_path / "p.toml", [app], {"nas": f'type = "dir"\npath = "{nas}"\nkey_file = "{key}"\nfull_every = 0'})
+    for step in range(3):
+        (app / "data.txt").write_text(f"v{step}\n")
+        run_json("--policy", str(policy), "snapshot")
+        run_json("--policy", str(policy), "replicate")
+        time.sleep(1.1)
+    oldest = sorted(nas.rglob("manifest.json"))[0]
+    oldest.write_text(oldest.read_text().replace('"complete":true', '"complete":false'))
+    checked = run_json("--policy", str(policy), "verify", "nas", expect=1)
+    assert any(str(oldest.relative_to(nas)) in p for p in checked["problems"])
+    done = run_json("--policy", str(policy), "restore", "app", "--from", "nas", "--to", str(target_root))
+    assert done["problems"] and (app / "data.txt").read_text() == "v2\n"
+    (copy,) = list((target_root / "app").rglob(done["snapshot"]))
+    assert (copy / "data.txt").read_text() == "v2\n"
+
+
+def test_a_full_share_is_a_one_line_error_and_local_pruning_still_runs(btrfs_root: Path, tmp_path: Path) -> None:
+    import subprocess
+
+    full = tmp_path / "tiny"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(full)], check=True)
+    try:
+        app = make_subvolume(btrfs_root / "app")
+        (app / "big.bin").write_bytes(b"\xa5" * 10 + bytes(range(256)) * 12000)
+        (app / "noise.bin").write_bytes(Path("/dev/urandom").open("rb").read(3 << 20))
+        key = tmp_path / "k"
+        snapsync("keygen", str(key), check=True)
+        policy = write_policy(tmp_path / "p.toml", [app], {"nas": f'type = "dir"\npath = "{full}"\nkey_file = "{key}"'})
+        proc = snapsync("--policy", str(policy), "run", "--json")
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+        (group,) = json.loads(proc.stdout)["groups"]
+        assert group["snapshot"] and group["plan"] is not None  # the snapshot was taken and local pruning ran
+        (target,) = group["targets"]
+        assert "No space left on device" in target["errors"][0] and "\n" not in target["errors"][0]
+        assert not list(full.rglob("manifest.json")) and not list(full.rglob(".part-*"))
+    finally:
+        subprocess.run(["umount", str(full)], check=True)

@@ -115,3 +115,10 @@ def test_bad_key_files_give_one_line_errors(tmp_path: Path, content: str | None,
         path.write_text(content)
     with pytest.raises(UsageError, match=message):
         Key.load(path)
+
+
+def test_an_object_from_an_earlier_attempt_at_the_same_place_is_refused_before_decrypting(key: Key) -> None:
+    earlier = sealed(key, b"first attempt")
+    current = ChunkSealer(key, PLACE)
+    with pytest.raises(IntegrityError, match="obj: not the object its manifest records"):
+        b"".join(open_chunk(io.BytesIO(earlier).read, key, PLACE, "obj", current.salt))
