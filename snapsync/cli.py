@@ -467,6 +467,67 @@ def keygen(
 
 
 @app.command()
+def rollback(
+    group: Annotated[str, typer.Argument(help="The group to roll back.")],
+    snapshot: Annotated[str, typer.Argument(help="The snapshot to return to (see `snapsync list GROUP`).")],
+    force: Annotated[bool, typer.Option("--force", help="Roll back even while processes or mounts use the data.")] = False,
+    dry_run: DryRunOpt = False,
+    as_json: JsonOpt = False,
+    lock_timeout: LockTimeoutOpt = 60.0,
+) -> int:
+    """Return every dataset of GROUP to SNAPSHOT, together, destroying nothing.
+
+    Takes a held safety snapshot of the current state first and moves the current state aside;
+    refuses while the data is in use (naming the processes and units to stop) unless --force.
+    """
+    from snapsync.clock import SystemClock
+    from snapsync.lock import policy_lock
+    from snapsync.rollback import rollback as run_rollback
+    from snapsync.runner import select_groups
+
+    policy = _load()
+    (chosen,) = select_groups(policy, [group])
+    backend = _runner(policy).backend(chosen)
+    if dry_run:
+        report = run_rollback(chosen, backend, snapshot, SystemClock().now(), force=force, dry_run=True)
+    else:
+        with policy_lock(policy.source, lock_timeout):
+            report = run_rollback(chosen, backend, snapshot, SystemClock().now(), force=force)
+    if as_json:
+        print(json.dumps(report.to_json()))
+        return EXIT_OK
+    out.print(f"{'would roll' if dry_run else 'rolled'} {group} back to {snapshot}:", markup=False)
+    for step in report.steps:
+        out.print(f"  - {step}", markup=False)
+    for note in report.notes:
+        out.print(f"  note: {note}", markup=False)
+    if not dry_run:
+        out.print(
+            f"the previous state is kept beside each dataset ({', '.join(report.aside.values())}) and as safety "
+            f"snapshot {report.safety}; when satisfied: snapsync release {group} {report.safety}", markup=False,
+        )
+    return EXIT_OK
+
+
+@app.command()
+def release(
+    group: Annotated[str, typer.Argument(help="The group.")],
+    snapshot: Annotated[str, typer.Argument(help="The safety snapshot a rollback took.")],
+) -> int:
+    """Release a rollback's safety snapshot, so retention may prune it like any other."""
+    from snapsync.rollback import SAFETY
+    from snapsync.runner import select_groups
+
+    policy = _load()
+    (chosen,) = select_groups(policy, [group])
+    backend = _runner(policy).backend(chosen)
+    for ds in chosen.datasets:
+        backend.set_holds(ds, f"{SAFETY}:{snapshot}", [])
+    out.print(f"released {SAFETY}:{snapshot} on {len(chosen.datasets)} dataset(s) of {group}", markup=False)
+    return EXIT_OK
+
+
+@app.command()
 def demo(
     days: Annotated[int, typer.Option(min=1, max=400, help="Simulated days of hourly runs.")] = 45,
     as_json: JsonOpt = False,

@@ -168,6 +168,8 @@ class Runner:
                         reason = f"replication base for {name}"
                     elif kind == "pull":
                         reason = f"replication base for {name} (pulls from here)"
+                    elif kind == "safety":
+                        reason = f"safety snapshot of a rollback (release with `snapsync release {group.name} {name}`)"
                     elif kind == "target":
                         stale[(dataset, tag)] = None
                         continue

@@ -128,6 +128,14 @@ class StorageBackend(Protocol):
         """What ``annotate`` stored, or None."""
         ...
 
+    def rollback(self, dataset: str, name: str, aside: str) -> None:
+        """Make ``dataset`` the state of snapshot ``name`` again, keeping the current state at ``aside``.
+
+        MUST NOT destroy any snapshot (newer ones are replication bases and history); MUST leave the
+        dataset either as it was or rolled back, and a repeated call after a crash finishes the job.
+        """
+        ...
+
     def destroy(self, dataset: str, names: Sequence[str]) -> None:
         """Destroy the named snapshots of ``dataset``.
 

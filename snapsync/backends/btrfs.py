@@ -231,6 +231,40 @@ class BtrfsBackend:
             raise
         return [self._info(d, name, btrfsutil.subvolume_info(p), p) for d, p in zip(datasets, created)]
 
+    def rollback(self, dataset: str, name: str, aside: str) -> None:
+        """Move the subvolume aside and put a writable snapshot of ``name`` in its place.
+
+        The new subvolume is made under a temporary name first, so the only instant without a
+        subvolume at ``dataset`` is between two renames; a call after a crash there finds the
+        temporary one and finishes.
+        """
+        _check_name(name)
+        path = Path(dataset)
+        snapshot = self.snapshot_path(dataset) / name
+        fresh = path.with_name(f".{path.name}.rollback-{name}")
+        target = Path(aside)
+        if target.parent != path.parent:
+            raise BackendError(f"{aside}: must be beside {dataset}")
+        if not snapshot.is_dir() or not btrfsutil.is_subvolume(snapshot):
+            raise BackendError(f"{dataset}: no snapshot {name} in {snapshot.parent}")
+        try:
+            if not os.path.lexists(path):
+                if os.path.lexists(fresh) and os.path.lexists(target):  # crashed between the renames
+                    os.rename(fresh, path)
+                    return
+                raise DatasetMissing(f"{dataset}: does not exist")
+            if os.path.lexists(target):
+                raise BackendError(f"{aside} already exists; not moving {dataset} over it")
+            if os.path.lexists(fresh):
+                btrfsutil.delete_subvolume(fresh)  # a writable snapshot of ours, from an attempt that died
+            btrfsutil.create_snapshot(snapshot, fresh, read_only=False)
+            os.rename(path, target)
+            os.rename(fresh, path)
+        except btrfsutil.BtrfsUtilError as e:
+            raise BackendError(f"{dataset}: rollback to {name} failed: {e.strerror or e}") from e
+        except OSError as e:
+            raise BackendError(f"{dataset}: rollback to {name} failed: {e.strerror or e}") from e
+
     def destroy(self, dataset: str, names: Sequence[str]) -> None:
         directory = self.snapshot_path(dataset)
         for name in names:

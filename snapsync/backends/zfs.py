@@ -222,6 +222,62 @@ class ZfsBackend:
         for dataset, names in by_dataset.items():
             zfs("destroy", f"{dataset}@{','.join(names)}")
 
+    def _exists(self, dataset: str) -> bool:
+        return zfs("list", "-H", "-o", "name", dataset, check=False).returncode == 0
+
+    def rollback(self, dataset: str, name: str, aside: str) -> None:
+        """Clone ``name``, promote the clone, and swap it in by renames; nothing is destroyed.
+
+        After the promotion the clone owns every snapshot up to ``name`` and the old dataset (now at
+        ``aside``, unmounted, ``canmount=noauto``) keeps the newer ones, holds included. A local
+        ``mountpoint`` moves to the new dataset. A call after a crash between the renames finishes.
+        """
+        check_snapshot_name(name)
+        parent, _, leaf = dataset.rpartition("/")
+        if not parent:
+            raise BackendError(f"{dataset}: a pool's root dataset cannot be swapped; roll back a child dataset")
+        if aside.rpartition("/")[0] != parent:
+            raise BackendError(f"{aside}: must be beside {dataset}")
+        fresh = f"{parent}/{leaf}.rollback-new"
+        if not self._exists(dataset):
+            if self._exists(fresh) and self._exists(aside):
+                self._swap_in(fresh, dataset, aside)
+                return
+            raise DatasetMissing(f"{dataset}: does not exist")
+        if self._exists(aside):
+            raise BackendError(f"{aside} already exists; not renaming {dataset} over it")
+        if self._exists(fresh):
+            origin = zfs("get", "-H", "-o", "value", "origin", fresh).stdout.strip()
+            if origin != f"{dataset}@{name}":
+                raise BackendError(f"{fresh} exists and is not a clone of {dataset}@{name}; remove it first")
+            zfs("destroy", fresh)
+        zfs("clone", "-o", "canmount=noauto", f"{dataset}@{name}", fresh)
+        zfs("promote", fresh)
+        self._swap_in(fresh, dataset, aside)
+
+    def _swap_in(self, fresh: str, dataset: str, aside: str) -> None:
+        if self._exists(dataset):
+            value, source = zfs("get", "-H", "-o", "value,source", "mountpoint", dataset).stdout.strip().split("\t")
+            canmount = zfs("get", "-H", "-o", "value", "canmount", dataset).stdout.strip()
+            zfs("set", f"snapsync:rollback-mountpoint={value if source == 'local' else '-'}", dataset)
+            zfs("set", f"snapsync:rollback-canmount={canmount}", dataset)
+            if zfs("get", "-H", "-o", "value", "mounted", dataset).stdout.strip() == "yes":
+                zfs("unmount", dataset)
+            zfs("set", "canmount=noauto", dataset)
+            zfs("rename", "-u", dataset, aside)
+        saved = {
+            key: zfs("get", "-H", "-o", "value", f"snapsync:rollback-{key}", aside).stdout.strip()
+            for key in ("mountpoint", "canmount")
+        }
+        zfs("rename", "-u", fresh, dataset)
+        if saved["mountpoint"] not in ("-", ""):
+            zfs("set", f"mountpoint={saved['mountpoint']}", dataset)
+            zfs("set", "mountpoint=none", aside)
+        canmount = saved["canmount"] if saved["canmount"] in ("on", "off", "noauto") else "on"
+        zfs("set", f"canmount={canmount}", dataset)
+        if canmount == "on":
+            zfs("mount", dataset)
+
     def destroy(self, dataset: str, names: Sequence[str]) -> None:
         """Batched destroy of existing snapshots; a held one is refused before anything is destroyed."""
         for name in names:
