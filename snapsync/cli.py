@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from snapsync.policy import Policy
     from snapsync.policy_models import DirTarget, S3Target
     from snapsync.replicate import ProgressFactory
+    from snapsync.restore import Landing, RestoreReport
     from snapsync.runner import GroupReport, Runner
 
 DEFAULT_POLICY = "/etc/snapsync/policy.toml"
@@ -379,46 +380,91 @@ KeyFileOpt = Annotated[
 @app.command()
 def restore(
     what: Annotated[str, typer.Argument(metavar="GROUP[@SNAPSHOT]", help="The group, and a snapshot (default: the newest complete one).")],
-    source: Annotated[str, typer.Option("--from", help="The offsite target (dir or s3) to restore from.")],
-    to: Annotated[str, typer.Option("--to", help="Where copies land: a directory on btrfs, or a ZFS dataset (pool/restore).")],
+    source: Annotated[str, typer.Option("--from", help="The target to restore from: offsite (dir, s3) or another host (ssh, local).")],
+    to: Annotated[str | None, typer.Option("--to", help="Where copies land: a directory on btrfs, or a ZFS dataset (pool/restore).")] = None,
+    in_place: Annotated[
+        bool, typer.Option("--in-place", help="Restore each dataset where the policy has it (bare-metal recovery); they must not exist.")
+    ] = False,
     key_file: KeyFileOpt = None,
     verify_first: Annotated[
-        bool, typer.Option("--verify-first", help="Read and check every chunk before receiving anything (downloads twice).")
+        bool, typer.Option("--verify-first", help="Offsite: read and check every chunk before receiving anything (downloads twice).")
     ] = False,
     dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
 ) -> int:
-    """Download and replay a group's chain (full, then each incremental) into TO/GROUP/DATASET/SNAPSHOT.
+    """Bring a group back from a target: into TO/GROUP/DATASET/SNAPSHOT, or --in-place.
 
-    Every manifest is authenticated and every chunk object checked for presence and size before
-    anything is written; every segment is authenticated before it reaches receive. Copies already
-    present at TO are not fetched again.
+    From offsite, the chain (full, then each incremental) is replayed; every manifest is
+    authenticated and every chunk object checked before anything is written, and every segment
+    before it reaches receive. From another host, one full send of the snapshot per dataset. After
+    --in-place the policy takes over: the next run replicates incrementally from the restored
+    snapshot. Copies already present are not fetched again.
     """
-    from snapsync.offsite import open_archive
-    from snapsync.restore import restore as run_restore
-
+    from snapsync.errors import UsageError
     from snapsync.lock import policy_lock
+    from snapsync.policy_models import DirTarget, S3Target  # noqa: F811
+    from snapsync.restore import InPlace
+    from snapsync.restore import restore as run_restore
+    from snapsync.runner import select_groups
 
+    if (to is None) == (not in_place):
+        raise UsageError("restore needs exactly one of --to PATH|DATASET and --in-place")
     policy = _load()
-    target = _offsite_target(policy, source)
     group, _, snapshot = what.partition("@")
+    target = policy.targets.get(source) or policy.pulls.get(source)
+    if target is None:
+        raise UsageError(f"{policy.source}: no target {source!r} (targets: {', '.join(sorted(policy.targets)) or 'none'})")
+    landing: str | Landing
+    if in_place:
+        (chosen,) = select_groups(policy, [group])
+        landing = InPlace(chosen, _runner(policy).backend(chosen))
+    else:
+        assert to is not None
+        landing = to
     with policy_lock(policy.source, 60.0), _progress(as_json) as progress:  # no prune may run meanwhile
-        report = run_restore(
-            open_archive(target, key_file), source, group, to, snapshot or None, dry_run, progress, verify_first
-        )
+        if isinstance(target, (DirTarget, S3Target)):
+            from snapsync.offsite import open_archive
+
+            report = run_restore(
+                open_archive(target, key_file), source, group, landing, snapshot or None, dry_run, progress, verify_first
+            )
+        else:
+            report = _restore_from_host(policy, source, group, landing, snapshot or None, dry_run, progress)
     if as_json:
         print(json.dumps(report.to_json()))
         return EXIT_OK
     verb = "would restore" if dry_run else "restored"
-    out.print(f"{verb} {group}@{report.snapshot} from {source} into {to} ({report.bytes} bytes, {report.seconds:.1f}s)")
+    out.print(f"{verb} {group}@{report.snapshot} from {source} into {report.to} ({report.bytes} bytes, {report.seconds:.1f}s)", markup=False)
     for d in report.datasets:
         out.print(
-            f"  {d.source} -> {to.rstrip('/')}/{group}/{d.dataset}/{report.snapshot}: chain of {len(d.chain)} "
-            f"({', '.join(d.chain)}); received {len(d.received)}, already there {len(d.present)}"
+            f"  {d.source}: chain of {len(d.chain)} ({', '.join(d.chain)}); received {len(d.received)}, "
+            f"already there {len(d.present)}", markup=False,
         )
     for problem in report.problems:
         err.print(f"[yellow]warning:[/] elsewhere in the archive: {problem}")
     return EXIT_OK
+
+
+def _restore_from_host(
+    policy: Policy, source: str, group: str, landing: str | Landing, snapshot: str | None, dry_run: bool,
+    progress: ProgressFactory | None,
+) -> RestoreReport:
+    """Another host's copies, through ``snapsync serve --role send`` there (a one-shot pull)."""
+    from snapsync.peer import Peer
+    from snapsync.policy_models import LocalTarget
+    from snapsync.restore import ToRoot, restore_from_peer
+    from snapsync.runner import select_groups
+    from snapsync.transport import LocalTransport, SshTransport
+
+    (chosen,) = select_groups(policy, [group])
+    target = policy.targets.get(source) or policy.pulls[source]
+    transport = (
+        LocalTransport.from_target(source, target) if isinstance(target, LocalTarget)
+        else SshTransport.from_target(source, target)  # type: ignore[arg-type]
+    )
+    if isinstance(landing, str):
+        landing = ToRoot(landing, chosen.name, chosen.backend)
+    return restore_from_peer(Peer(transport, "send"), source, chosen, landing, snapshot, dry_run, progress)
 
 
 @app.command()

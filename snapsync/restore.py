@@ -18,14 +18,19 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from snapsync.archive import Archive, DatasetState, Manifest
 from snapsync.chunks import replay_chunk
 from snapsync.errors import BackendError, IntegrityError, SnapsyncError, UsageError
+from snapsync.backends.base import StorageBackend
+from snapsync.naming import parse_snapshot_name
 from snapsync.offsite_plan import chain
+from snapsync.peer import Peer
+from snapsync.policy_models import Group
 from snapsync.store import Copy
-from snapsync.streams import Meter, widen
+from snapsync.streams import Meter, finish, pump, widen
 
 
 _GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -136,11 +141,111 @@ def _destination(to: str, backend: str) -> Receiver:
     return ZfsStore(to)
 
 
+class Landing(Protocol):
+    """Where restored streams go: a receiving root (``--to``), or the group's own places (``--in-place``)."""
+
+    description: str
+
+    def prepare(self, keys: dict[str, str], dry_run: bool) -> None:
+        """``keys``: dataset key -> the dataset it was uploaded from. Refuse before anything is written."""
+        ...
+
+    def receiver(self, key: str) -> tuple[Receiver, str]: ...
+
+    def finish(self, key: str, name: str) -> None: ...
+
+
+class ToRoot:
+    """Copies land as on a replication target: ``<to>/<group>/<dataset key>/<snapshot>``."""
+
+    def __init__(self, to: str, group: str, backend: str) -> None:
+        self.store = _destination(to, backend)
+        self.group = group
+        self.description = to
+
+    def prepare(self, keys: dict[str, str], dry_run: bool) -> None:
+        if not dry_run:
+            self.store.check_root()
+
+    def receiver(self, key: str) -> tuple[Receiver, str]:
+        return self.store, f"{self.group}/{key}"
+
+    def finish(self, key: str, name: str) -> None:
+        pass
+
+
+class InPlace:
+    """Bare-metal recovery: each dataset is restored where the policy has it, so the policy takes over.
+
+    btrfs: the snapshot is received into the dataset's snapshot directory (as a received copy, with
+    the source's identity, so replication continues incrementally from it) and the subvolume is
+    created as a writable snapshot of it. ZFS: the dataset is received in place and mounted. A
+    dataset that already exists is refused: this fills empty places only.
+    """
+
+    def __init__(self, group: Group, backend: StorageBackend) -> None:
+        self.group = group
+        self.backend = backend
+        self.description = "the group's own datasets"
+        self.places: dict[str, str] = {}
+
+    def prepare(self, keys: dict[str, str], dry_run: bool) -> None:
+        for key, source in keys.items():
+            if source not in self.group.datasets:
+                raise UsageError(
+                    f"the backup of {source} is not a dataset of group {self.group.name} in this policy; "
+                    f"restore it --to a directory instead"
+                )
+            self.places[key] = source
+            if self._exists(source):
+                raise UsageError(
+                    f"{source} already exists; --in-place restores into empty places only (move it aside, "
+                    f"use `snapsync rollback`, or restore --to somewhere else)"
+                )
+        if not dry_run and self.backend.kind == "btrfs":
+            for source in self.places.values():
+                Path(self.backend.snapshot_home(source)).mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def _exists(self, dataset: str) -> bool:
+        if self.backend.kind == "btrfs":
+            return os.path.lexists(dataset)
+        from snapsync.backends.zfs import zfs
+
+        return zfs("list", "-H", "-o", "name", dataset, check=False).returncode == 0
+
+    def receiver(self, key: str) -> tuple[Receiver, str]:
+        dataset = self.places[key]
+        if self.backend.kind == "btrfs":
+            from snapsync.store import BtrfsStore
+
+            home = Path(self.backend.snapshot_home(dataset))
+            return BtrfsStore(home.parent), home.name
+        from snapsync.zfs_store import ZfsStore
+
+        parent, _, leaf = dataset.rpartition("/")
+        return ZfsStore(parent), leaf
+
+    def finish(self, key: str, name: str) -> None:
+        dataset = self.places[key]
+        if self._exists(dataset) and self.backend.kind == "btrfs":
+            return
+        if self.backend.kind == "btrfs":
+            import btrfsutil
+
+            btrfsutil.create_snapshot(Path(self.backend.snapshot_home(dataset)) / name, dataset, read_only=False)
+            return
+        from snapsync.backends.zfs import zfs
+
+        zfs("set", "canmount=on", dataset)
+        if zfs("get", "-H", "-o", "value", "mounted", dataset).stdout.strip() != "yes":
+            zfs("mount", dataset)
+
+
 def restore(
     archive: Archive,
     target: str,
     group: str,
-    to: str,
+    to: str | Landing,
     snapshot: str | None = None,
     dry_run: bool = False,
     progress: Callable[[str, int | None], Callable[[int], None] | None] | None = None,
@@ -172,14 +277,13 @@ def restore(
     backends = {m.backend for ms in plans.values() for m in ms}
     if len(backends) != 1:
         raise IntegrityError(f"group {group!r} mixes backends in the archive ({', '.join(sorted(backends))})")
-    store = _destination(to, backends.pop())
-    report = RestoreReport(target, group, name, to, dry_run, problems=problems)
-    if not dry_run:
-        store.check_root()
+    landing = ToRoot(to, group, backends.pop()) if isinstance(to, str) else to
+    landing.prepare({ds: ms[-1].source for ds, ms in plans.items()}, dry_run)
+    report = RestoreReport(target, group, name, landing.description, dry_run, problems=problems)
     for ds, manifests in plans.items():
         item = DatasetRestore(ds, manifests[-1].source, [m.snapshot for m in manifests])
         report.datasets.append(item)
-        rel = f"{group}/{ds}"
+        store, rel = landing.receiver(ds)
         have = {} if dry_run else {c.name: c for c in store.copies(rel) if not c.partial}
         for m in manifests:
             copy = have.get(m.snapshot)
@@ -191,6 +295,70 @@ def restore(
             tick = progress(f"restore {ds} {m.snapshot.rpartition('_')[2]}", m.raw_bytes) if progress else None
             item.bytes += _replay(archive, m, store, rel, Meter(tick=tick))
             item.received.append(m.snapshot)
+        if not dry_run:
+            landing.finish(ds, name)
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def restore_from_peer(
+    peer: Peer,
+    target: str,
+    group: Group,
+    landing: Landing,
+    snapshot: str | None = None,
+    dry_run: bool = False,
+    progress: Callable[[str, int | None], Callable[[int], None] | None] | None = None,
+) -> RestoreReport:
+    """Restore from another host's copies (an ssh or local target): one full send of the snapshot
+    per dataset, served by ``snapsync serve --role send`` on the backup host."""
+    from snapsync.protocol import dataset_key
+
+    started = time.monotonic()
+    keys = {dataset_key(ds): ds for ds in group.datasets}
+    paths = {key: f"{group.name}/{key}" for key in keys}
+    with peer.connected():
+        listed = peer.list_paths(list(paths.values()))
+        names = []
+        for key, path in paths.items():
+            ours = {
+                str(c["name"]) for c in listed.get(path, [])
+                if c.get("read_only", True) and parse_snapshot_name(group.prefix, str(c["name"])) is not None
+            }
+            if not ours:
+                raise UsageError(f"{target} has no copies of {keys[key]} (group {group.name})")
+            names.append(ours)
+        common = set.intersection(*names)
+        if snapshot is not None and snapshot not in common:
+            raise UsageError(f"{group.name}@{snapshot}: not on {target} for every dataset of the group")
+        if not common:
+            raise UsageError(f"{target}: no snapshot of group {group.name} is there for all of its datasets")
+        name = snapshot or max(common, key=lambda n: (parse_snapshot_name(group.prefix, n), n))
+        landing.prepare(keys, dry_run)
+        report = RestoreReport(target, group.name, name, landing.description, dry_run)
+        for key, path in paths.items():
+            item = DatasetRestore(key, keys[key], [name])
+            report.datasets.append(item)
+            store, rel = landing.receiver(key)
+            if not dry_run and any(c.name == name and c.read_only and not c.partial for c in store.copies(rel)):
+                item.present.append(name)
+            elif not dry_run:
+                proc, header = peer.open_send(path, name, None, "none")
+                meter = Meter(tick=progress(f"restore {keys[key]} {name.rpartition('_')[2]}", None) if progress else None)
+                try:
+                    assert proc.popen.stdout is not None
+                    _pumped(store, rel, name, str(header["guid"]), proc.popen.stdout.fileno(), meter)
+                    finish([proc])
+                except BaseException:
+                    proc.kill()
+                    proc.wait()
+                    raise
+                finally:
+                    proc.close()
+                item.received.append(name)
+                item.bytes = meter.bytes
+            if not dry_run:
+                landing.finish(key, name)
     report.seconds = time.monotonic() - started
     return report
 
@@ -246,6 +414,31 @@ def _replay(archive: Archive, manifest: Manifest, store: Receiver, rel: str, met
         store.delete(rel, [manifest.snapshot])
         raise failure[0]
     return moved[0]
+
+
+def _pumped(store: Receiver, rel: str, name: str, guid: str, source: int, meter: Meter) -> None:
+    """Receive from ``source`` through a pipe that a thread fills with ``splice``, counting bytes."""
+    read_end, write_end = os.pipe()
+    failure: list[BaseException] = []
+
+    def feed() -> None:
+        try:
+            pump(source, write_end, meter)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            failure.append(e)
+        finally:
+            os.close(write_end)
+
+    feeder = threading.Thread(target=feed, name="snapsync-restore-pump", daemon=True)
+    feeder.start()
+    try:
+        store.receive(rel, name, guid, read_end)
+    finally:
+        os.close(read_end)
+        feeder.join()
+    if failure and not isinstance(failure[0], BrokenPipeError):
+        store.delete(rel, [name])
+        raise failure[0]
 
 
 @dataclass

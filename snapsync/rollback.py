@@ -110,6 +110,11 @@ def rollback(
                 f"and safety snapshot {safety} holds the state of all); fix the cause and run the same rollback again"
             ) from e
         done.append(ds)
+        if backend.kind == "zfs":
+            # The newer snapshots went aside with the old state; they are no target's base any more.
+            tags = {t for snap in backend.list_snapshots(report.aside[ds]) for t in snap.holds if t.startswith("target:")}
+            for tag in sorted(tags):
+                backend.set_holds(report.aside[ds], tag, [])
     return report
 
 

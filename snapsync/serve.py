@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+import btrfsutil
+
 from snapsync.backends.base import StorageBackend
 from snapsync.backends.btrfs import BtrfsBackend
 from snapsync.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, SnapsyncError, UsageError
@@ -116,7 +118,11 @@ class Server:
                 "paths": {p: [c.to_json() for c in copies] for p, (copies, _) in listed.items()},
                 "resume": {p: token for p, (_, token) in listed.items() if token is not None},
             }
-        return {"paths": {p: [s.to_json() for s in self.backend.list_snapshots(self._dataset(p))] for p in paths}}
+        snapshots: dict[str, list[dict[str, object]]] = {}
+        for p in paths:
+            dataset = self._dataset(p)  # first: it picks the backend for this path
+            snapshots[p] = [s.to_json() for s in self.backend.list_snapshots(dataset)]
+        return {"paths": snapshots}
 
     def op_receive(self, fd: int, path: str, name: str, guid: str, compress: str, force: bool) -> dict[str, Any]:
         return self.store.receive(path, name, guid, fd, compress, force)
@@ -132,9 +138,17 @@ class Server:
         return {"deleted": self.store.delete(path, names, allow_writable)}
 
     def _dataset(self, rel: str) -> str:
-        """The source dataset a send-role path names: a directory below the root, or a child dataset."""
+        """The source dataset a send-role path names: a directory below the root, or a child dataset.
+
+        A btrfs path that is a plain directory, not a subvolume, is a receiving root's copies
+        directory (a host restoring from its backup host): its copies are served as snapshots.
+        """
         if isinstance(self.store, BtrfsStore):
             dataset = str(self.store.directory(rel))
+            if self.role == "send" and Path(dataset).is_dir() and not btrfsutil.is_subvolume(dataset):
+                from snapsync.backends.btrfs import CopiesBackend
+
+                self.backend = CopiesBackend()
         else:
             from snapsync.protocol import check_path
 
@@ -189,7 +203,8 @@ class Server:
     def op_hold(self, fd: int, path: str, tag: str, names: list[str]) -> dict[str, Any]:
         if not tag.startswith("pull:"):
             raise Refused(f"hold tag {tag!r}: a pulling host's holds are named 'pull:<host>.<pull>'")
-        self.backend.set_holds(self._dataset(path), tag, names)
+        dataset = self._dataset(path)  # first: it picks the backend for this path
+        self.backend.set_holds(dataset, tag, names)
         return {"held": names}
 
 

@@ -291,3 +291,18 @@ class BtrfsBackend:
                 raise BackendError(f"{path}: delete failed: {e.strerror or e}") from e
             for note in directory.glob(f".{glob.escape(name)}.*"):
                 note.unlink()
+
+
+class CopiesBackend(BtrfsBackend):
+    """A receiving root's copies directory (``<root>/<group>/<dataset key>``) seen as a dataset whose
+    snapshots are the copies themselves: what a backup host serves when a host is restored from it."""
+
+    def snapshot_path(self, dataset: str) -> Path:
+        return Path(dataset)
+
+    def check_dataset(self, dataset: str) -> None:
+        if not Path(dataset).is_dir():
+            raise DatasetMissing(f"{dataset}: no copies here")
+
+    def set_holds(self, dataset: str, tag: str, names: Sequence[str]) -> None:
+        raise BackendError("copies on a backup host are not held by the hosts restoring from them")

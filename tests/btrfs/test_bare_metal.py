@@ -1,0 +1,112 @@
+"""Bare-metal recovery on real btrfs: the host's disk is replaced by an empty one, the group comes
+back in place from a backup host or from offsite, and replication resumes incrementally."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_subvolume
+from tests.replication.helpers import copies_dir, run_json, snapsync, tree_digest, write_policy
+
+pytestmark = pytest.mark.btrfs
+
+
+class Disk:
+    """A host's /persist: a loop btrfs mounted at a fixed place, which can be swapped for a new, empty one."""
+
+    def __init__(self, where: Path, images: Path) -> None:
+        self.where, self.images, self.count = where, images, 0
+        where.mkdir()
+        self.replace()
+
+    def replace(self) -> None:
+        if self.count:
+            subprocess.run(["umount", str(self.where)], check=True)
+        self.count += 1
+        image = self.images / f"disk{self.count}.img"
+        subprocess.run(["truncate", "-s", "256M", str(image)], check=True)
+        subprocess.run(["mkfs.btrfs", "-q", str(image)], check=True)
+        subprocess.run(["mount", "-o", "loop", str(image), str(self.where)], check=True)
+
+    def close(self) -> None:
+        subprocess.run(["umount", str(self.where)], check=True)
+
+
+@pytest.fixture
+def disk(btrfs_root: Path, tmp_path: Path) -> Iterator[Disk]:
+    d = Disk(tmp_path / "persist", tmp_path)
+    yield d
+    d.close()
+
+
+def test_a_host_restored_in_place_from_its_backup_host_replicates_incrementally_afterwards(
+    disk: Disk, target_root: Path, tmp_path: Path
+) -> None:
+    app = make_subvolume(disk.where / "app", "v1\n")
+    db = make_subvolume(disk.where / "db", "db v1\n")
+    policy = write_policy(tmp_path / "p.toml", [app, db], {"usb": f'type = "local"\npath = "{target_root}"'})
+    p = ["-p", str(policy)]
+    for version in ("v1", "v2"):
+        (app / "data.txt").write_text(f"{version}\n")
+        run_json(*p, "snapshot")
+        run_json(*p, "replicate")
+        time.sleep(1.05)
+    before = {ds: tree_digest(ds) for ds in (app, db)}
+
+    disk.replace()  # the disk died; a new, empty one is mounted where /persist was
+    assert not app.exists()
+    done = run_json(*p, "restore", "app", "--from", "usb", "--in-place")
+    assert [d["received"] for d in done["datasets"]] == [[done["snapshot"]]] * 2
+    assert {ds: tree_digest(ds) for ds in (app, db)} == before
+    assert (app / "data.txt").read_text() == "v2\n"
+
+    (app / "data.txt").write_text("v3 on the new disk\n")
+    run_json(*p, "snapshot")
+    sent = run_json(*p, "replicate")["groups"][0]["targets"][0]["sent"]
+    assert sent and all(s["kind"] == "incremental" and s["base"] == done["snapshot"] for s in sent)
+    newest = sent[0]["name"]
+    assert (copies_dir(target_root, "app", app) / newest / "data.txt").read_text() == "v3 on the new disk\n"
+
+    again = snapsync(*p, "restore", "app", "--from", "usb", "--in-place")
+    assert again.returncode == 2 and "already exists; --in-place restores into empty places only" in again.stderr
+
+
+def test_a_host_restored_in_place_from_offsite_uploads_incrementally_afterwards(
+    disk: Disk, target_root: Path, tmp_path: Path
+) -> None:
+    app = make_subvolume(disk.where / "app", "v1\n")
+    key = tmp_path / "offsite.key"
+    snapsync("keygen", str(key), check=True)
+    nas = target_root / "nas"
+    nas.mkdir()
+    policy = write_policy(tmp_path / "p.toml", [app], {"nas": f'type = "dir"\npath = "{nas}"\nkey_file = "{key}"'})
+    p = ["-p", str(policy)]
+    for version in ("v1", "v2"):
+        (app / "data.txt").write_text(f"{version}\n")
+        run_json(*p, "snapshot")
+        run_json(*p, "replicate")
+        time.sleep(1.05)
+
+    disk.replace()
+    done = run_json(*p, "restore", "app", "--from", "nas", "--in-place")
+    assert done["datasets"][0]["received"] == done["datasets"][0]["chain"] and len(done["datasets"][0]["chain"]) == 2
+    assert (app / "data.txt").read_text() == "v2\n"
+
+    (app / "data.txt").write_text("v3\n")
+    run_json(*p, "snapshot")
+    (target,) = run_json(*p, "replicate")["groups"][0]["targets"]
+    assert [s["kind"] for s in target["sent"]] == ["incremental"] and target["sent"][0]["base"] == done["snapshot"]
+    assert run_json(*p, "verify", "nas")["ok"]
+
+
+def test_restore_needs_exactly_one_destination(disk: Disk, target_root: Path, tmp_path: Path) -> None:
+    app = make_subvolume(disk.where / "app", "v1\n")
+    policy = write_policy(tmp_path / "p.toml", [app], {"usb": f'type = "local"\npath = "{target_root}"'})
+    for extra in ([], ["--to", "/tmp", "--in-place"]):
+        proc = snapsync("-p", str(policy), "restore", "app", "--from", "usb", *extra)
+        assert proc.returncode == 2 and "exactly one of --to" in proc.stderr
