@@ -513,6 +513,47 @@ def keygen(
 
 
 @app.command()
+def drill(
+    groups: GroupsArg = None,
+    target: Annotated[list[str] | None, typer.Option("--target", "-t", help="Only these targets (repeatable; default: every target of each group).")] = None,
+    scratch: Annotated[str | None, typer.Option("--scratch", help="Directory for the throwaway filesystem (default /var/tmp; sparse).")] = None,
+    as_json: JsonOpt = False,
+    lock_timeout: LockTimeoutOpt = 60.0,
+) -> int:
+    """Restore test: restore each group's newest snapshot from each target into a throwaway
+    filesystem, compare files with the source snapshot, check SQLite databases and start PostgreSQL
+    on the copy; record the result for monitoring, clean up. Exit 1 if any drill failed."""
+    from snapsync.clock import SystemClock
+    from snapsync.drill import drill as run_drill
+    from snapsync.lock import policy_lock
+    from snapsync.runner import select_groups, select_targets
+
+    policy = _load()
+    selected = select_groups(policy, groups or [])
+    if target:
+        select_targets(policy, target)
+    runner = _runner(policy)
+    reports = []
+    with policy_lock(policy.source, lock_timeout), _progress(as_json) as progress:
+        for group in selected:
+            for name in group.targets:
+                if target and name not in target:
+                    continue
+                reports.append(run_drill(policy, group, name, runner.backend(group), SystemClock().now(), scratch_parent=scratch, progress=progress))
+    if as_json:
+        print(json.dumps({"drills": [r.to_json() for r in reports]}))
+    else:
+        for r in reports:
+            state = "[green]ok[/]" if r.ok else "[red]FAILED[/]"
+            out.print(f"[bold]{r.group}[/] from {r.target}: {state} ({r.snapshot or 'no snapshot'}, {r.seconds:.1f}s)")
+            if r.error:
+                out.print(f"  [red]error:[/] {r.error}", highlight=False)
+            for c in r.checks:
+                out.print(f"  {'ok ' if c.ok else '[red]BAD[/]'} {c.name}: {c.detail}", highlight=False)
+    return EXIT_OK if all(r.ok for r in reports) else EXIT_PARTIAL
+
+
+@app.command()
 def rollback(
     group: Annotated[str, typer.Argument(help="The group to roll back.")],
     snapshot: Annotated[str, typer.Argument(help="The snapshot to return to (see `snapsync list GROUP`).")],

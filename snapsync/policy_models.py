@@ -294,6 +294,10 @@ class PostgresHook(_Hook):
     dbname: Text | None = None
     mode: Literal["checkpoint", "backup"] = "checkpoint"
     timeout: Duration = timedelta(seconds=30)
+    data_dir: AbsolutePath | None = None
+    """PGDATA, inside one of the group's datasets: ``snapsync drill`` starts a throwaway server on its restored copy."""
+    check_query: Text = "SELECT 1"
+    """What a drill runs against that server; it must succeed (e.g. a count of a table that matters)."""
 
     @model_validator(mode="after")
     def _dsn_or_parts(self) -> PostgresHook:

@@ -306,7 +306,7 @@ def test_normalized_is_resolved_json() -> None:
     pg = data["groups"]["pg"]
     assert "name" not in pg and pg["interval"] == "1h30m" and pg["snapshot_dir"] == "/persist/.snapshots"
     assert pg["retention"] == {"keep_last": 2, "keep_within": "1d12h", "hourly": 0, "daily": 0, "weekly": 3, "monthly": 6, "yearly": 0}
-    assert pg["hooks"][0] == {"type": "postgres", "user": "postgres", "mode": "checkpoint", "timeout": "30s", "on_failure": "abort"}
+    assert pg["hooks"][0] == {"type": "postgres", "user": "postgres", "mode": "checkpoint", "timeout": "30s", "on_failure": "abort", "check_query": "SELECT 1"}
     assert "snapshot_dir" not in data["groups"]["media"]
     assert data["targets"]["b2"]["max_lag"] == "2d"
     assert data["defaults"]["retention"] == {"keep_last": 2, "hourly": 0, "daily": 10, "weekly": 3, "monthly": 0, "yearly": 0}

@@ -1,0 +1,301 @@
+"""``snapsync drill``: prove a backup restores, by restoring it somewhere harmless and checking it.
+
+A backup nobody has restored is a hope. A drill restores a group's newest snapshot from a target
+(offsite or another host) into a throwaway btrfs filesystem, then checks what a person would:
+
+* files: every file of the restored copy against the source snapshot, when this host still has it;
+* SQLite (the group's sqlite hooks): ``PRAGMA integrity_check`` on each database, in a writable copy
+  so the WAL is applied as the application would see it;
+* PostgreSQL (a postgres hook with ``data_dir``): a throwaway server started on a writable copy of
+  the restored PGDATA, as the data's owner, on a private socket, that must recover and answer the
+  hook's ``check_query``.
+
+The result is recorded (``$SNAPSYNC_STATE_DIR/drills/<group>.<target>.json``, default
+``/var/lib/snapsync``) for monitoring, and everything restored is deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import btrfsutil
+
+from snapsync.backends.base import StorageBackend
+from snapsync.errors import SnapsyncError, UsageError
+from snapsync.policy import Group, Policy
+from snapsync.policy_models import DirTarget, LocalTarget, PostgresHook, S3Target, SqliteHook
+from snapsync.protocol import dataset_key
+from snapsync.restore import RestoreReport, ToRoot, restore, restore_from_peer
+from snapsync.scratch import scratch_btrfs
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+    def to_json(self) -> dict[str, object]:
+        return {"check": self.name, "ok": self.ok, "detail": self.detail}
+
+
+@dataclass
+class DrillReport:
+    group: str
+    target: str
+    started: datetime
+    snapshot: str | None = None
+    seconds: float = 0.0
+    restored_bytes: int = 0
+    checks: list[Check] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and bool(self.checks) and all(c.ok for c in self.checks)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "group": self.group, "target": self.target, "ok": self.ok, "snapshot": self.snapshot,
+            "started": self.started.isoformat(), "seconds": round(self.seconds, 3),
+            "restored_bytes": self.restored_bytes, "checks": [c.to_json() for c in self.checks], "error": self.error,
+        }
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("SNAPSYNC_STATE_DIR", "/var/lib/snapsync"))
+
+
+def record(report: DrillReport) -> Path:
+    """Write the result atomically, where monitoring reads it."""
+    directory = state_dir() / "drills"
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{report.group}.{report.target}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report.to_json(), indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _digest(root: Path) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for directory, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(directory) / name
+            rel = str(path.relative_to(root))
+            if path.is_symlink():
+                out[rel] = "-> " + os.readlink(path)
+                continue
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            out[rel] = h.hexdigest()
+    return out
+
+
+def compare_files(restored: Path, source: Path | None, dataset: str) -> Check:
+    if source is None or not source.is_dir():
+        return Check(f"files {dataset}", True, "the source no longer has this snapshot: compared nothing, the stream checks stand")
+    got, want = _digest(restored), _digest(source)
+    if got == want:
+        return Check(f"files {dataset}", True, f"{len(got)} files identical to the source snapshot")
+    differ = sorted(k for k in got.keys() & want.keys() if got[k] != want[k])
+    missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+    parts = [f"{len(differ)} differ ({', '.join(differ[:5])})" if differ else "",
+             f"{len(missing)} missing ({', '.join(missing[:5])})" if missing else "",
+             f"{len(extra)} extra ({', '.join(extra[:5])})" if extra else ""]
+    return Check(f"files {dataset}", False, "; ".join(p for p in parts if p))
+
+
+def _inside(path: str, datasets: list[str]) -> tuple[str, str] | None:
+    """The dataset holding ``path``, and the path relative to it."""
+    best = max((d for d in datasets if path == d or path.startswith(d.rstrip("/") + "/")), key=len, default=None)
+    return None if best is None else (best, os.path.relpath(path, best))
+
+
+def check_sqlite(database: str, copy: Path) -> Check:
+    try:
+        with sqlite3.connect(copy, timeout=5) as conn:
+            rows = [r[0] for r in conn.execute("PRAGMA integrity_check")]
+        conn.close()
+    except sqlite3.Error as e:
+        return Check(f"sqlite {database}", False, f"cannot open: {e}")
+    ok = rows == ["ok"]
+    return Check(f"sqlite {database}", ok, "integrity_check ok" if ok else "; ".join(rows[:5]))
+
+
+def _pg_bin(data: Path) -> Path:
+    version = (data / "PG_VERSION").read_text().strip()
+    candidates = [Path(f"/usr/lib/postgresql/{version}/bin")] + [Path(p).parent for p in glob.glob("/usr/lib/postgresql/*/bin/pg_ctl")]
+    found = shutil.which("pg_ctl")
+    if found:
+        candidates.append(Path(found).parent)
+    for c in candidates:
+        if (c / "pg_ctl").exists() and (c / "postgres").exists():
+            return c
+    raise SnapsyncError(f"no PostgreSQL {version} server binaries here (pg_ctl); install them to drill this group")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def check_postgres(hook: PostgresHook, data: Path, scratch: Path) -> Check:
+    """Start a server on ``data`` (a writable copy) as its owner, run the check query, stop it."""
+    import psycopg
+
+    name = f"postgres {hook.data_dir}"
+    if not (data / "PG_VERSION").exists():
+        return Check(name, False, f"{hook.data_dir} is not a PostgreSQL data directory in the restored copy")
+    owner = data.stat()
+    sock = scratch / f"pg-sock-{os.getpid()}"
+    sock.mkdir(exist_ok=True)
+    os.chown(sock, owner.st_uid, owner.st_gid)
+    hba = sock / "pg_hba.conf"
+    hba.write_text("local all all trust\n")
+    os.chown(hba, owner.st_uid, owner.st_gid)
+    (data / "postmaster.pid").unlink(missing_ok=True)  # the source's; its pid means nothing here
+    port = _free_port()
+    try:
+        binaries = _pg_bin(data)
+    except SnapsyncError as e:
+        return Check(name, False, str(e))
+    log = scratch / "pg-drill.log"
+    log.touch()
+    os.chown(log, owner.st_uid, owner.st_gid)
+    options = f"-p {port} -k {sock} -c listen_addresses='' -c hba_file={hba} -c archive_mode=off"
+
+    def pg_ctl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(binaries / "pg_ctl"), "-D", str(data), *args], user=owner.st_uid, group=owner.st_gid,
+            capture_output=True, text=True, timeout=600,
+        )
+
+    started = time.monotonic()
+    run = pg_ctl("-l", str(log), "-w", "-t", "300", "-o", options, "start")
+    try:
+        if run.returncode != 0:
+            tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
+            return Check(name, False, f"the server did not start: {tail or run.stderr.strip()}")
+        user = hook.user or "postgres"
+        dbname = hook.dbname or "postgres"
+        try:
+            with psycopg.connect(host=str(sock), port=port, user=user, dbname=dbname, autocommit=True, connect_timeout=30) as conn:
+                row = conn.execute(hook.check_query).fetchone()
+        except psycopg.Error as e:
+            return Check(name, False, f"check query failed: {str(e).strip().splitlines()[0]}")
+        return Check(name, True, f"started in {time.monotonic() - started:.1f}s; {hook.check_query!r} answered {row!r}")
+    finally:
+        pg_ctl("-m", "immediate", "-w", "stop")
+        shutil.rmtree(sock, ignore_errors=True)
+
+
+def _writable(copy: Path, scratch: Path, label: str) -> Path:
+    rw = scratch / f"rw-{label}"
+    if not rw.exists():
+        btrfsutil.create_snapshot(copy, rw, read_only=False)
+    return rw
+
+
+def drill(
+    policy: Policy,
+    group: Group,
+    target_name: str,
+    backend: StorageBackend,
+    now: datetime,
+    *,
+    scratch_parent: str | None = None,
+    progress: Callable[[str, int | None], Callable[[int], None] | None] | None = None,
+) -> DrillReport:
+    if group.backend != "btrfs":
+        raise UsageError(f"group {group.name}: drills of {group.backend} groups are not implemented yet (btrfs only)")
+    target = policy.targets[target_name]
+    report = DrillReport(group.name, target_name, now)
+    started = time.monotonic()
+    size = _estimate(group, backend)
+    try:
+        with scratch_btrfs(size, parent=scratch_parent or "/var/tmp", label=f"snapsync-drill-{group.name}") as mnt:
+            root = mnt / "restore"
+            root.mkdir()
+            restored = _restore(policy, group, target_name, target, str(root), progress)
+            report.snapshot = restored.snapshot
+            report.restored_bytes = restored.bytes
+            copies = {ds: root / group.name / dataset_key(ds) / restored.snapshot for ds in group.datasets}
+            for ds, copy in copies.items():
+                source = Path(backend.snapshot_home(ds)) / restored.snapshot
+                report.checks.append(compare_files(copy, source if source.is_dir() else None, ds))
+            scratch = mnt / "scratch"
+            scratch.mkdir()
+            for path in (mnt.parent, mnt, scratch):
+                path.chmod(0o755)  # a database server runs as the data's owner, not root, and must get there
+            for i, hook in enumerate(group.hooks):
+                report.checks += _hook_checks(i, hook, group, copies, scratch)
+    except SnapsyncError as e:
+        report.error = str(e)
+    except OSError as e:
+        report.error = f"{getattr(e, 'filename', '') or ''}: {e.strerror or e}".lstrip(": ")
+    report.seconds = time.monotonic() - started
+    record(report)
+    return report
+
+
+def _hook_checks(index: int, hook: object, group: Group, copies: dict[str, Path], scratch: Path) -> list[Check]:
+    checks = []
+    if isinstance(hook, SqliteHook):
+        for db in hook.databases:
+            where = _inside(db, list(group.datasets))
+            if where is None:
+                checks.append(Check(f"sqlite {db}", False, "not inside any dataset of the group"))
+                continue
+            ds, rel = where
+            rw = _writable(copies[ds], scratch, f"{index}-{dataset_key(ds).replace('/', '_')}")
+            checks.append(check_sqlite(db, rw / rel))
+    elif isinstance(hook, PostgresHook) and hook.data_dir is not None:
+        where = _inside(hook.data_dir, list(group.datasets))
+        if where is None:
+            return [Check(f"postgres {hook.data_dir}", False, "data_dir is not inside any dataset of the group")]
+        ds, rel = where
+        rw = _writable(copies[ds], scratch, f"{index}-{dataset_key(ds).replace('/', '_')}")
+        checks.append(check_postgres(hook, rw / rel, scratch))
+    return checks
+
+
+def _estimate(group: Group, backend: StorageBackend) -> str:
+    """A sparse scratch file big enough for the newest snapshot twice (restored plus writable copies)."""
+    total = 0
+    for ds in group.datasets:
+        snaps = [s for s in backend.list_snapshots(ds) if s.kind == "snapshot"]
+        if snaps:
+            total += backend.estimate(ds, snaps[-1].name, None) or 0
+    return f"{max(512, (total * 3) // (1 << 20) + 256)}M"
+
+
+def _restore(
+    policy: Policy, group: Group, name: str, target: object, to: str,
+    progress: Callable[[str, int | None], Callable[[int], None] | None] | None,
+) -> RestoreReport:
+    if isinstance(target, (DirTarget, S3Target)):
+        from snapsync.offsite import open_archive
+
+        return restore(open_archive(target), name, group.name, to, progress=progress)
+    from snapsync.peer import Peer
+    from snapsync.transport import LocalTransport, SshTransport
+
+    transport = LocalTransport.from_target(name, target) if isinstance(target, LocalTarget) else SshTransport.from_target(name, target)  # type: ignore[arg-type]
+    return restore_from_peer(Peer(transport, "send"), name, group, ToRoot(to, group.name, group.backend), progress=progress)

@@ -1,0 +1,141 @@
+"""Restore drills on real btrfs: pass on good backups, fail loudly on a damaged one, and a PostgreSQL
+group restored from offsite starts and answers its check query."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_subvolume
+from tests.replication.helpers import copies_dir, run_json, snapsync, write_policy
+
+pytestmark = pytest.mark.btrfs
+
+
+@pytest.fixture
+def scratch_parent() -> Iterator[Path]:
+    """Like /var/tmp: a place a database server (not root) can reach."""
+    base = Path(tempfile.mkdtemp(prefix="snapsync-drill-test-", dir="/var/tmp"))
+    base.chmod(0o755)
+    yield base
+    base.rmdir()
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> dict[str, str]:
+    return {"SNAPSYNC_STATE_DIR": str(tmp_path / "state")}
+
+
+def sqlite_site(btrfs_root: Path, target_root: Path, tmp_path: Path) -> tuple[Path, Path]:
+    app = make_subvolume(btrfs_root / "persist" / "hass", "config\n")
+    db = app / "home-assistant_v2.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("CREATE TABLE states (id INTEGER PRIMARY KEY, value TEXT)")
+        conn.executemany("INSERT INTO states (value) VALUES (?)", [(f"v{i}",) for i in range(500)])
+    conn.close()
+    key = tmp_path / "offsite.key"
+    snapsync("keygen", str(key), check=True)
+    nas = target_root / "nas"
+    nas.mkdir()
+    policy = write_policy(tmp_path / "p.toml", [app], {
+        "usb": f'type = "local"\npath = "{target_root}"',
+        "nas": f'type = "dir"\npath = "{nas}"\nkey_file = "{key}"',
+    })
+    policy.write_text(policy.read_text().replace(
+        "[targets.usb]", f'[[groups.app.hooks]]\ntype = "sqlite"\ndatabases = ["{db}"]\n[targets.usb]'
+    ))
+    run_json("-p", str(policy), "run")
+    return policy, app
+
+
+def test_drills_pass_on_good_backups_and_are_recorded(
+    btrfs_root: Path, target_root: Path, tmp_path: Path, scratch_parent: Path, state: dict[str, str]
+) -> None:
+    policy, app = sqlite_site(btrfs_root, target_root, tmp_path)
+    result = run_json("-p", str(policy), "drill", "--scratch", str(scratch_parent), env=state)
+    drills = {d["target"]: d for d in result["drills"]}
+    assert set(drills) == {"usb", "nas"}
+    for d in drills.values():
+        assert d["ok"], d
+        checks = {c["check"]: c for c in d["checks"]}
+        assert checks[f"files {app}"]["detail"].endswith("files identical to the source snapshot")
+        assert checks[f"sqlite {app}/home-assistant_v2.db"]["detail"] == "integrity_check ok"
+        recorded = json.loads((Path(state["SNAPSYNC_STATE_DIR"]) / "drills" / f"app.{d['target']}.json").read_text())
+        assert recorded["ok"] and recorded["snapshot"] == d["snapshot"]
+    assert not [m for m in Path("/proc/mounts").read_text().splitlines() if "snapsync-drill" in m]
+    assert list(scratch_parent.iterdir()) == []  # cleaned up
+
+
+def test_a_drill_fails_loudly_on_a_changed_copy_and_on_a_damaged_chunk(
+    btrfs_root: Path, target_root: Path, tmp_path: Path, scratch_parent: Path, state: dict[str, str]
+) -> None:
+    policy, app = sqlite_site(btrfs_root, target_root, tmp_path)
+    (copy,) = [p for p in copies_dir(target_root, "app", app).iterdir() if not p.name.startswith(".")]
+    subprocess.run(["btrfs", "property", "set", "-f", "-ts", str(copy), "ro", "false"], check=True)
+    (copy / "data.txt").write_text("bit rot\n")
+    subprocess.run(["btrfs", "property", "set", "-ts", str(copy), "ro", "true"], check=True)
+    chunk = next((target_root / "nas").rglob("chunk-000000"))
+    data = bytearray(chunk.read_bytes())
+    data[-5] ^= 1
+    chunk.write_bytes(bytes(data))
+
+    proc = snapsync("-p", str(policy), "drill", "--scratch", str(scratch_parent), "--json", env=state)
+    assert proc.returncode == 1
+    drills = {d["target"]: d for d in json.loads(proc.stdout)["drills"]}
+    usb = {c["check"]: c for c in drills["usb"]["checks"]}
+    assert not drills["usb"]["ok"] and not usb[f"files {app}"]["ok"] and "data.txt" in usb[f"files {app}"]["detail"]
+    assert not drills["nas"]["ok"] and "chunk-000000" in drills["nas"]["error"]
+    text = snapsync("-p", str(policy), "drill", "--scratch", str(scratch_parent), "--target", "usb", env=state)
+    assert text.returncode == 1 and "FAILED" in text.stdout and "1 differ (data.txt)" in text.stdout
+
+
+def test_a_postgres_group_restored_from_offsite_starts_and_answers_its_check_query(
+    tmp_path: Path, scratch_parent: Path, state: dict[str, str]
+) -> None:
+    from snapsync.scratch import scratch_btrfs
+    from tests.hooks.pg import Writer, init_server, pg_unavailable
+
+    if pg_unavailable():
+        if os.environ.get("SNAPSYNC_REQUIRE_BTRFS") == "1":
+            pytest.fail(f"postgres tier required: {pg_unavailable()}")
+        pytest.skip(pg_unavailable() or "")
+    base = Path(tempfile.mkdtemp(prefix="snapsync-pg-drill-", dir="/var/tmp"))
+    base.chmod(0o755)
+    try:
+        with scratch_btrfs("1G", parent=str(base), label="snapsync-pg-drill") as mnt:
+            mnt.parent.chmod(0o755)
+            mnt.chmod(0o755)
+            pg = make_subvolume(mnt / "postgresql")
+            server = init_server(pg, 55433)
+            try:
+                with Writer(server.dsn) as writer:
+                    key = tmp_path / "offsite.key"
+                    snapsync("keygen", str(key), check=True)
+                    nas = tmp_path / "nas"
+                    nas.mkdir()
+                    policy = write_policy(tmp_path / "p.toml", [pg], {"nas": f'type = "dir"\npath = "{nas}"\nkey_file = "{key}"'})
+                    policy.write_text(policy.read_text().replace("[targets.nas]", "\n".join([
+                        "[[groups.app.hooks]]", 'type = "postgres"', f'dsn = "{server.dsn}"',
+                        f'data_dir = "{server.data}"', 'check_query = "SELECT count(*) FROM ledger"', "[targets.nas]",
+                    ])))
+                    committed = writer.committed_now()  # committed before the snapshot was taken
+                    run_json("-p", str(policy), "run")
+            finally:
+                server.stop()
+            result = run_json("-p", str(policy), "drill", "--scratch", str(scratch_parent), env=state)
+    finally:
+        base.rmdir()
+    (d,) = result["drills"]
+    checks = {c["check"]: c for c in d["checks"]}
+    pg_check = checks[f"postgres {server.data}"]
+    assert d["ok"] and pg_check["ok"], d
+    answered = int(pg_check["detail"].rpartition("(")[2].rstrip(",)"))
+    assert answered >= committed > 0  # every transaction committed before the snapshot survived
