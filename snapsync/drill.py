@@ -1,11 +1,12 @@
 """``snapsync drill``: prove a backup restores, by restoring it somewhere harmless and checking it.
 
 A backup nobody has restored is a hope. A drill restores a group's newest snapshot from a target
-(offsite or another host) into a throwaway btrfs filesystem, then checks what a person would:
+(offsite or another host) into a throwaway place (a sparse loop btrfs; on ZFS a scratch dataset in
+the group's pool), then checks what a person would, on a writable copy of what was restored:
 
 * files: every file of the restored copy against the source snapshot, when this host still has it;
-* SQLite (the group's sqlite hooks): ``PRAGMA integrity_check`` on each database, in a writable copy
-  so the WAL is applied as the application would see it;
+* SQLite (the group's sqlite hooks): ``PRAGMA integrity_check`` on each database, with its WAL
+  applied as the application would see it;
 * PostgreSQL (a postgres hook with ``data_dir``): a throwaway server started on a writable copy of
   the restored PGDATA, as the data's owner, on a private socket, that must recover and answer the
   hook's ``check_query``.
@@ -24,8 +25,10 @@ import shutil
 import socket
 import sqlite3
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -206,13 +209,6 @@ def check_postgres(hook: PostgresHook, data: Path, scratch: Path) -> Check:
         shutil.rmtree(sock, ignore_errors=True)
 
 
-def _writable(copy: Path, scratch: Path, label: str) -> Path:
-    rw = scratch / f"rw-{label}"
-    if not rw.exists():
-        btrfsutil.create_snapshot(copy, rw, read_only=False)
-    return rw
-
-
 def drill(
     policy: Policy,
     group: Group,
@@ -223,27 +219,17 @@ def drill(
     scratch_parent: str | None = None,
     progress: Callable[[str, int | None], Callable[[int], None] | None] | None = None,
 ) -> DrillReport:
-    if group.backend != "btrfs":
-        raise UsageError(f"group {group.name}: drills of {group.backend} groups are not implemented yet (btrfs only)")
     target = policy.targets[target_name]
     report = DrillReport(group.name, target_name, now)
     started = time.monotonic()
-    size = _estimate(group, backend)
     try:
-        with scratch_btrfs(size, parent=scratch_parent or "/var/tmp", label=f"snapsync-drill-{group.name}") as mnt:
-            root = mnt / "restore"
-            root.mkdir()
-            restored = _restore(policy, group, target_name, target, str(root), progress)
+        with _scratch(group, backend, scratch_parent) as (where, writable, scratch):
+            restored = _restore(policy, group, target_name, target, where, progress)
             report.snapshot = restored.snapshot
             report.restored_bytes = restored.bytes
-            copies = {ds: root / group.name / dataset_key(ds) / restored.snapshot for ds in group.datasets}
+            copies = {ds: writable(ds, restored.snapshot) for ds in group.datasets}
             for ds, copy in copies.items():
-                source = Path(backend.snapshot_home(ds)) / restored.snapshot
-                report.checks.append(compare_files(copy, source if source.is_dir() else None, ds))
-            scratch = mnt / "scratch"
-            scratch.mkdir()
-            for path in (mnt.parent, mnt, scratch):
-                path.chmod(0o755)  # a database server runs as the data's owner, not root, and must get there
+                report.checks.append(compare_files(copy, _source_snapshot(backend, ds, restored.snapshot), ds))
             for i, hook in enumerate(group.hooks):
                 report.checks += _hook_checks(i, hook, group, copies, scratch)
     except SnapsyncError as e:
@@ -255,25 +241,88 @@ def drill(
     return report
 
 
+def _source_snapshot(backend: StorageBackend, dataset: str, name: str) -> Path | None:
+    """Where this host still has the snapshot's files, to compare against."""
+    if backend.kind == "btrfs":
+        path = Path(backend.snapshot_home(dataset)) / name
+    else:
+        from snapsync.backends.zfs import zfs
+
+        answer = zfs("get", "-H", "-o", "value", "mountpoint", dataset, check=False).stdout.strip()
+        path = Path(answer) / ".zfs" / "snapshot" / name if answer.startswith("/") else Path("/nonexistent")
+    return path if path.is_dir() else None
+
+
+Writable = Callable[[str, str], Path]
+
+
+@contextmanager
+def _scratch(group: Group, backend: StorageBackend, parent: str | None) -> Iterator[tuple[str, Writable, Path]]:
+    """Where to restore (a directory or a dataset), a function giving a writable, mounted copy of a
+    restored snapshot, and a scratch directory; all of it removed afterwards.
+
+    btrfs: a sparse loop filesystem. ZFS: a dataset in the pool of the group's first dataset,
+    destroyed recursively at the end; copies are cloned and mounted below a temporary directory.
+    """
+    if backend.kind == "btrfs":
+        with scratch_btrfs(_estimate(group, backend), parent=parent or "/var/tmp", label=f"snapsync-drill-{group.name}") as mnt:
+            root, scratch = mnt / "restore", mnt / "scratch"
+            root.mkdir()
+            scratch.mkdir()
+            for path in (mnt.parent, mnt, scratch):
+                path.chmod(0o755)  # a database server runs as the data's owner, not root, and must get there
+
+            def btrfs_copy(ds: str, name: str) -> Path:
+                rw = scratch / f"rw-{dataset_key(ds).replace('/', '_')}"
+                btrfsutil.create_snapshot(root / group.name / dataset_key(ds) / name, rw, read_only=False)
+                return rw
+
+            yield str(root), btrfs_copy, scratch
+        return
+    from snapsync.backends.zfs import pool_of, zfs
+    from snapsync.zfs_store import ZfsStore
+
+    base = f"{pool_of(group.datasets[0])}/snapsync-drill-{group.name}-{os.getpid()}"
+    mounts = Path(tempfile.mkdtemp(prefix="snapsync-drill-", dir=parent or "/var/tmp"))
+    mounts.chmod(0o755)
+    zfs("create", "-o", "canmount=off", "-o", "mountpoint=none", base)
+    try:
+        store = ZfsStore(base)
+
+        def zfs_copy(ds: str, name: str) -> Path:
+            where = mounts / dataset_key(ds).replace("/", "_")
+            clone = f"{base}/rw-{dataset_key(ds).replace('/', '_')}"
+            zfs("clone", "-o", f"mountpoint={where}", f"{store.dataset(f'{group.name}/{dataset_key(ds)}')}@{name}", clone)
+            return where
+
+        scratch = mounts / "scratch"
+        scratch.mkdir()
+        scratch.chmod(0o755)
+        yield base, zfs_copy, scratch
+    finally:
+        zfs("destroy", "-r", "-f", base, check=False)
+        shutil.rmtree(mounts, ignore_errors=True)
+
+
 def _hook_checks(index: int, hook: object, group: Group, copies: dict[str, Path], scratch: Path) -> list[Check]:
-    checks = []
+    """SQLite and PostgreSQL checks on the writable copies (``copies``: dataset -> its copy)."""
     if isinstance(hook, SqliteHook):
+        checks = []
         for db in hook.databases:
             where = _inside(db, list(group.datasets))
             if where is None:
                 checks.append(Check(f"sqlite {db}", False, "not inside any dataset of the group"))
                 continue
             ds, rel = where
-            rw = _writable(copies[ds], scratch, f"{index}-{dataset_key(ds).replace('/', '_')}")
-            checks.append(check_sqlite(db, rw / rel))
-    elif isinstance(hook, PostgresHook) and hook.data_dir is not None:
+            checks.append(check_sqlite(db, copies[ds] / rel))
+        return checks
+    if isinstance(hook, PostgresHook) and hook.data_dir is not None:
         where = _inside(hook.data_dir, list(group.datasets))
         if where is None:
             return [Check(f"postgres {hook.data_dir}", False, "data_dir is not inside any dataset of the group")]
         ds, rel = where
-        rw = _writable(copies[ds], scratch, f"{index}-{dataset_key(ds).replace('/', '_')}")
-        checks.append(check_postgres(hook, rw / rel, scratch))
-    return checks
+        return [check_postgres(hook, copies[ds] / rel, scratch)]
+    return []
 
 
 def _estimate(group: Group, backend: StorageBackend) -> str:

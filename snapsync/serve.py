@@ -141,7 +141,8 @@ class Server:
         """The source dataset a send-role path names: a directory below the root, or a child dataset.
 
         A btrfs path that is a plain directory, not a subvolume, is a receiving root's copies
-        directory (a host restoring from its backup host): its copies are served as snapshots.
+        directory (a host restoring from its backup host): its copies are served as snapshots. On
+        ZFS such copies are datasets with escaped names (:func:`snapsync.zfs_store.zfs_component`).
         """
         if isinstance(self.store, BtrfsStore):
             dataset = str(self.store.directory(rel))
@@ -150,9 +151,14 @@ class Server:
 
                 self.backend = CopiesBackend()
         else:
+            from snapsync.backends.zfs import zfs
             from snapsync.protocol import check_path
 
             dataset = f"{self.root}/{check_path(rel)}"
+            if self.role == "send":
+                copies = self.store.dataset(rel)  # a receiving root's copies are stored escaped
+                if copies != dataset and zfs("list", "-H", "-o", "name", copies, check=False).returncode == 0:
+                    dataset = copies
         self.backend.check_dataset(dataset)
         return dataset
 

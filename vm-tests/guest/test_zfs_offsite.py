@@ -12,7 +12,7 @@ from snapsync.policy_models import DirTarget
 from snapsync.restore import restore, verify
 from snapsync.sealing import create_key_file
 
-from test_zfs import POOL, Site, digest, fill, mounted_copy, snapshot_dir, space, zfs  # noqa: F401  (space: the fixture)
+from test_zfs import POOL, Site, digest, fill, mounted_copy, prop, snapshot_dir, space, zfs  # noqa: F401  (space: the fixture)
 
 pytestmark = pytest.mark.skipif(not POOL, reason="needs SNAPSYNC_ZFS_POOL (runs inside the vm-tests guest)")
 
@@ -72,3 +72,31 @@ def test_a_damaged_chunk_stops_the_restore_and_leaves_no_partial_receive(space: 
     assert token in ("-", "")  # no half-received state left behind
     snapshots = zfs("list", "-H", "-t", "snapshot", "-o", "name", "-r", f"{space}/restore").split()
     assert len(snapshots) == 1  # the full stream arrived; the damaged incremental did not
+
+
+def test_drills_of_a_zfs_group_pass_from_offsite_and_a_local_target_and_clean_up(space: str, tmp_path: Path) -> None:
+    import sqlite3
+
+    from snapsync.backends.zfs import ZfsBackend
+    from snapsync.drill import drill
+
+    src, site, _ = offsite_site(space, tmp_path)
+    mountpoint = Path(prop(src, "mountpoint"))
+    with sqlite3.connect(mountpoint / "app.db") as conn:
+        conn.execute("CREATE TABLE t (x)")
+        conn.executemany("INSERT INTO t VALUES (?)", [(i,) for i in range(100)])
+    conn.close()
+    site.text = site.text.replace('targets = ["off"]', f'targets = ["off", "usb"]\n[[groups.app.hooks]]\ntype = "sqlite"\ndatabases = ["{mountpoint}/app.db"]')
+    fill(src, 1)
+    report = site.step()
+    assert all(t.ok for t in report.targets), report.to_json()
+    runner = site.runner()
+    group = runner.policy.groups["app"]
+    for target in ("off", "usb"):
+        result = drill(runner.policy, group, target, ZfsBackend(), site.clock.now(), scratch_parent=str(tmp_path))
+        assert result.ok, result.to_json()
+        checks = {c.name: c for c in result.checks}
+        assert checks[f"files {src}"].detail.endswith("identical to the source snapshot")
+        assert checks[f"sqlite {mountpoint}/app.db"].detail == "integrity_check ok"
+    leftovers = zfs("list", "-H", "-o", "name", "-r", POOL).split()
+    assert not [d for d in leftovers if "snapsync-drill" in d]
