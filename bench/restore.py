@@ -58,7 +58,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    fs = f"{(args.size * (4 + 3 * args.rounds)) // (1 << 20) + 1024}M"
+    fs = f"{(args.size * (6 + 5 * args.rounds)) // (1 << 20) + 2048}M"  # sparse: source, copies, stream, 4 restores a round
     snapsync = [sys.executable, "-m", "snapsync"]
     results: dict[str, list[float]] = {"peer": [], "peer_raw": [], "offsite": [], "offsite_raw": []}
     with scratch_btrfs(fs, label="snapsync-bench-restore") as root:
