@@ -21,6 +21,7 @@ from snapsync import __version__
 from snapsync.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, SnapsyncError
 
 if TYPE_CHECKING:
+    from snapsync.backends.base import SnapshotInfo, StorageBackend
     from snapsync.policy import Policy
     from snapsync.policy_models import DirTarget, S3Target
     from snapsync.replicate import ProgressFactory
@@ -534,7 +535,9 @@ def drill(
         select_targets(policy, target)
     runner = _runner(policy)
     reports = []
-    with policy_lock(policy.source, lock_timeout), _progress(as_json) as progress:
+    from snapsync.scratch import signals_raise
+
+    with signals_raise(), policy_lock(policy.source, lock_timeout), _progress(as_json) as progress:  # SIGTERM cleans up too
         for group in selected:
             for name in group.targets:
                 if target and name not in target:
@@ -602,14 +605,19 @@ def release(
     snapshot: Annotated[str, typer.Argument(help="The safety snapshot a rollback took.")],
 ) -> int:
     """Release a rollback's safety snapshot, so retention may prune it like any other."""
-    from snapsync.rollback import SAFETY
+    from snapsync.lock import policy_lock
+    from snapsync.rollback import SAFETY, aside_name
     from snapsync.runner import select_groups
 
     policy = _load()
     (chosen,) = select_groups(policy, [group])
     backend = _runner(policy).backend(chosen)
-    for ds in chosen.datasets:
-        backend.set_holds(ds, f"{SAFETY}:{snapshot}", [])
+    with policy_lock(policy.source, 60.0):
+        for ds in chosen.datasets:
+            backend.set_holds(ds, f"{SAFETY}:{snapshot}", [])
+            aside = aside_name(ds, snapshot)  # on ZFS the safety snapshot went aside with the old state
+            if chosen.backend == "zfs" and any(s.name == snapshot for s in _list_or_empty(backend, aside)):
+                backend.set_holds(aside, f"{SAFETY}:{snapshot}", [])
     out.print(f"released {SAFETY}:{snapshot} on {len(chosen.datasets)} dataset(s) of {group}", markup=False)
     return EXIT_OK
 
@@ -627,6 +635,13 @@ def demo(
     from snapsync.demo import run_demo
 
     return run_demo(days=days, console=out, as_json=as_json)
+
+
+def _list_or_empty(backend: StorageBackend, dataset: str) -> list[SnapshotInfo]:
+    try:
+        return backend.list_snapshots(dataset)
+    except SnapsyncError:
+        return []
 
 
 def _fail(message: str, code: int, as_json: bool) -> NoReturn:

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import os
 import shutil
 import socket
 import sqlite3
+import stat
 import subprocess
 import tempfile
 import time
@@ -42,6 +42,7 @@ from snapsync.policy_models import DirTarget, LocalTarget, PostgresHook, S3Targe
 from snapsync.protocol import dataset_key
 from snapsync.restore import RestoreReport, ToRoot, restore, restore_from_peer
 from snapsync.scratch import scratch_btrfs
+from snapsync.state import state_dir, write_json
 
 
 @dataclass
@@ -77,18 +78,10 @@ class DrillReport:
         }
 
 
-def state_dir() -> Path:
-    return Path(os.environ.get("SNAPSYNC_STATE_DIR", "/var/lib/snapsync"))
-
-
 def record(report: DrillReport) -> Path:
     """Write the result atomically, where monitoring reads it."""
-    directory = state_dir() / "drills"
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{report.group}.{report.target}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report.to_json(), indent=1) + "\n")
-    os.replace(tmp, path)
+    path = state_dir() / "drills" / f"{report.group}.{report.target}.json"
+    write_json(path, report.to_json())
     return path
 
 
@@ -99,8 +92,12 @@ def _digest(root: Path) -> dict[str, str]:
         for name in sorted(files):
             path = Path(directory) / name
             rel = str(path.relative_to(root))
-            if path.is_symlink():
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode):
                 out[rel] = "-> " + os.readlink(path)
+                continue
+            if not stat.S_ISREG(mode):  # a FIFO or a device node: never opened, compared by type
+                out[rel] = f"type {stat.S_IFMT(mode):o}"
                 continue
             h = hashlib.sha256()
             with open(path, "rb") as f:
@@ -131,8 +128,10 @@ def _inside(path: str, datasets: list[str]) -> tuple[str, str] | None:
 
 
 def check_sqlite(database: str, copy: Path) -> Check:
+    if not copy.is_file():
+        return Check(f"sqlite {database}", False, "missing from the restored copy")
     try:
-        with sqlite3.connect(copy, timeout=5) as conn:
+        with sqlite3.connect(f"file:{copy}?mode=rw", uri=True, timeout=5) as conn:
             rows = [r[0] for r in conn.execute("PRAGMA integrity_check")]
         conn.close()
     except sqlite3.Error as e:
@@ -168,7 +167,8 @@ def check_postgres(hook: PostgresHook, data: Path, scratch: Path) -> Check:
         return Check(name, False, f"{hook.data_dir} is not a PostgreSQL data directory in the restored copy")
     owner = data.stat()
     sock = scratch / f"pg-sock-{os.getpid()}"
-    sock.mkdir(exist_ok=True)
+    sock.mkdir(mode=0o700, exist_ok=True)
+    sock.chmod(0o700)  # trust authentication below: only the owner (and root) may reach the socket
     os.chown(sock, owner.st_uid, owner.st_gid)
     hba = sock / "pg_hba.conf"
     hba.write_text("local all all trust\n")
@@ -182,12 +182,15 @@ def check_postgres(hook: PostgresHook, data: Path, scratch: Path) -> Check:
     log = scratch / "pg-drill.log"
     log.touch()
     os.chown(log, owner.st_uid, owner.st_gid)
-    options = f"-p {port} -k {sock} -c listen_addresses='' -c hba_file={hba} -c archive_mode=off"
+    options = (
+        f"-p {port} -k {sock} -c listen_addresses='' -c unix_socket_permissions=0700 -c hba_file={hba} "
+        f"-c archive_mode=off"
+    )
 
     def pg_ctl(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [str(binaries / "pg_ctl"), "-D", str(data), *args], user=owner.st_uid, group=owner.st_gid,
-            capture_output=True, text=True, timeout=600,
+            extra_groups=[], capture_output=True, text=True, timeout=600,
         )
 
     started = time.monotonic()
@@ -282,7 +285,11 @@ def _scratch(group: Group, backend: StorageBackend, parent: str | None) -> Itera
     from snapsync.backends.zfs import pool_of, zfs
     from snapsync.zfs_store import ZfsStore
 
-    base = f"{pool_of(group.datasets[0])}/snapsync-drill-{group.name}-{os.getpid()}"
+    pool = pool_of(group.datasets[0])
+    for stale in zfs("list", "-H", "-o", "name", "-d", "1", pool).stdout.split():
+        if stale.startswith(f"{pool}/snapsync-drill-{group.name}-"):
+            zfs("destroy", "-r", "-f", stale, check=False)  # left by a drill that was killed
+    base = f"{pool}/snapsync-drill-{group.name}-{os.getpid()}"
     mounts = Path(tempfile.mkdtemp(prefix="snapsync-drill-", dir=parent or "/var/tmp"))
     mounts.chmod(0o755)
     zfs("create", "-o", "canmount=off", "-o", "mountpoint=none", base)

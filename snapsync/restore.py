@@ -146,8 +146,8 @@ class Landing(Protocol):
 
     description: str
 
-    def prepare(self, keys: dict[str, str], dry_run: bool) -> None:
-        """``keys``: dataset key -> the dataset it was uploaded from. Refuse before anything is written."""
+    def prepare(self, keys: dict[str, str], dry_run: bool, snapshot: str) -> None:
+        """``keys``: dataset key -> the dataset it came from. Refuse before anything is written."""
         ...
 
     def receiver(self, key: str) -> tuple[Receiver, str]: ...
@@ -163,7 +163,7 @@ class ToRoot:
         self.group = group
         self.description = to
 
-    def prepare(self, keys: dict[str, str], dry_run: bool) -> None:
+    def prepare(self, keys: dict[str, str], dry_run: bool, snapshot: str) -> None:
         if not dry_run:
             self.store.check_root()
 
@@ -188,8 +188,9 @@ class InPlace:
         self.backend = backend
         self.description = "the group's own datasets"
         self.places: dict[str, str] = {}
+        self.done: set[str] = set()
 
-    def prepare(self, keys: dict[str, str], dry_run: bool) -> None:
+    def prepare(self, keys: dict[str, str], dry_run: bool, snapshot: str) -> None:
         for key, source in keys.items():
             if source not in self.group.datasets:
                 raise UsageError(
@@ -197,7 +198,9 @@ class InPlace:
                     f"restore it --to a directory instead"
                 )
             self.places[key] = source
-            if self._exists(source):
+        self.done = {key for key, source in self.places.items() if self._restored_here(source, snapshot)}
+        for key, source in self.places.items():
+            if key not in self.done and self._exists(source):
                 raise UsageError(
                     f"{source} already exists; --in-place restores into empty places only (move it aside, "
                     f"use `snapsync rollback`, or restore --to somewhere else)"
@@ -205,6 +208,31 @@ class InPlace:
         if not dry_run and self.backend.kind == "btrfs":
             for source in self.places.values():
                 Path(self.backend.snapshot_home(source)).mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def _restored_here(self, dataset: str, snapshot: str) -> bool:
+        """Already restored by an earlier, interrupted run of this restore: carry on with the others.
+
+        btrfs: the subvolume is a writable snapshot of a received copy in its own snapshot
+        directory. ZFS: the dataset arrived by receive (``receive_resume_token`` aside) and holds one
+        of the group's snapshots. Anything else in the place is somebody's data.
+        """
+        if not self._exists(dataset):
+            return False
+        if self.backend.kind == "btrfs":
+            import btrfsutil
+
+            try:
+                parent = btrfsutil.subvolume_info(dataset).parent_uuid
+            except btrfsutil.BtrfsUtilError:
+                return False
+            return any(
+                s.name == snapshot and s.guid == parent.hex() and s.received_guid
+                for s in self.backend.list_snapshots(dataset)
+            )
+        from snapsync.backends.zfs import zfs
+
+        token = zfs("get", "-H", "-o", "value", "receive_resume_token", dataset, check=False).stdout.strip()
+        return token in ("-", "") and any(s.name == snapshot for s in self.backend.list_snapshots(dataset))
 
     def _exists(self, dataset: str) -> bool:
         if self.backend.kind == "btrfs":
@@ -227,9 +255,15 @@ class InPlace:
 
     def finish(self, key: str, name: str) -> None:
         dataset = self.places[key]
-        if self._exists(dataset) and self.backend.kind == "btrfs":
+        if key in self.done:
             return
         if self.backend.kind == "btrfs":
+            if os.path.lexists(dataset):
+                raise BackendError(
+                    f"{dataset} appeared while it was being restored (a unit's StateDirectory=, tmpfiles?); the "
+                    f"restored snapshot is in {self.backend.snapshot_home(dataset)}: move {dataset} away and run "
+                    f"the restore again"
+                )
             import btrfsutil
 
             btrfsutil.create_snapshot(Path(self.backend.snapshot_home(dataset)) / name, dataset, read_only=False)
@@ -278,7 +312,7 @@ def restore(
     if len(backends) != 1:
         raise IntegrityError(f"group {group!r} mixes backends in the archive ({', '.join(sorted(backends))})")
     landing = ToRoot(to, group, backends.pop()) if isinstance(to, str) else to
-    landing.prepare({ds: ms[-1].source for ds, ms in plans.items()}, dry_run)
+    landing.prepare({ds: ms[-1].source for ds, ms in plans.items()}, dry_run, name)
     report = RestoreReport(target, group, name, landing.description, dry_run, problems=problems)
     for ds, manifests in plans.items():
         item = DatasetRestore(ds, manifests[-1].source, [m.snapshot for m in manifests])
@@ -334,7 +368,7 @@ def restore_from_peer(
         if not common:
             raise UsageError(f"{target}: no snapshot of group {group.name} is there for all of its datasets")
         name = snapshot or max(common, key=lambda n: (parse_snapshot_name(group.prefix, n), n))
-        landing.prepare(keys, dry_run)
+        landing.prepare(keys, dry_run, name)
         report = RestoreReport(target, group.name, name, landing.description, dry_run)
         for key, path in paths.items():
             item = DatasetRestore(key, keys[key], [name])
@@ -347,7 +381,7 @@ def restore_from_peer(
                 meter = Meter(tick=progress(f"restore {keys[key]} {name.rpartition('_')[2]}", None) if progress else None)
                 try:
                     assert proc.popen.stdout is not None
-                    _pumped(store, rel, name, str(header["guid"]), proc.popen.stdout.fileno(), meter)
+                    _pumped(store, rel, name, str(header["guid"]), proc.popen.stdout.fileno(), meter, proc.kill)
                     finish([proc])
                 except BaseException:
                     proc.kill()
@@ -416,8 +450,11 @@ def _replay(archive: Archive, manifest: Manifest, store: Receiver, rel: str, met
     return moved[0]
 
 
-def _pumped(store: Receiver, rel: str, name: str, guid: str, source: int, meter: Meter) -> None:
-    """Receive from ``source`` through a pipe that a thread fills with ``splice``, counting bytes."""
+def _pumped(store: Receiver, rel: str, name: str, guid: str, source: int, meter: Meter, stop: Callable[[], None]) -> None:
+    """Receive from ``source`` through a pipe that a thread fills with ``splice``, counting bytes.
+
+    ``stop`` ends the sending side when receive fails, so the feeder never waits on a stalled peer.
+    """
     read_end, write_end = os.pipe()
     failure: list[BaseException] = []
 
@@ -433,6 +470,9 @@ def _pumped(store: Receiver, rel: str, name: str, guid: str, source: int, meter:
     feeder.start()
     try:
         store.receive(rel, name, guid, read_end)
+    except BaseException:
+        stop()
+        raise
     finally:
         os.close(read_end)
         feeder.join()

@@ -14,15 +14,19 @@ stop. Only the group's own datasets are touched: NixOS rolls ``/`` back at boot 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
+from typing import Any
 
 from snapsync.backends.base import SnapshotInfo, StorageBackend
 from snapsync.errors import SnapsyncError, UsageError
 from snapsync.naming import parse_snapshot_name, snapshot_name
 from snapsync.policy import Group
-from snapsync.usage import Holder, holders
+from snapsync.state import read_json, state_dir, write_json
+from snapsync.usage import Holder, holders, mounts
 
 SAFETY = "safety"
 
@@ -62,6 +66,18 @@ def _stop_hint(found: list[Holder]) -> str:
     return "stop them first (or pass --force)"
 
 
+def _plan_path(group: str) -> Path:
+    return state_dir() / "rollback" / f"{group}.json"
+
+
+def _exists(backend: StorageBackend, dataset: str) -> bool:
+    if backend.kind == "btrfs":
+        return os.path.lexists(dataset)
+    from snapsync.backends.zfs import zfs
+
+    return zfs("list", "-H", "-o", "name", dataset, check=False).returncode == 0
+
+
 def rollback(
     group: Group,
     backend: StorageBackend,
@@ -71,8 +87,22 @@ def rollback(
     force: bool = False,
     dry_run: bool = False,
 ) -> RollbackReport:
+    """Roll ``group`` back to ``snapshot`` (see the module docstring).
+
+    The plan (safety snapshot, where each dataset goes aside) is written to the state directory
+    before anything changes and removed when all is done; a run after a crash finds it and finishes
+    the same rollback instead of starting another.
+    """
     if parse_snapshot_name(group.prefix, snapshot) is None:
         raise UsageError(f"{snapshot!r} is not one of group {group.name}'s snapshots (prefix {group.prefix!r})")
+    pending = read_json(_plan_path(group.name))
+    if pending is not None and pending.get("snapshot") != snapshot:
+        raise UsageError(
+            f"an interrupted rollback of group {group.name} to {pending.get('snapshot')} is unfinished; run "
+            f"`snapsync rollback {group.name} {pending.get('snapshot')}` to finish it first"
+        )
+    if pending is not None:
+        return _resume(group, backend, snapshot, pending, dry_run)
     listings = {ds: {s.name: s for s in backend.list_snapshots(ds)} for ds in group.datasets}
     missing = [ds for ds, snaps in listings.items() if snapshot not in snaps]
     if missing:
@@ -97,37 +127,52 @@ def rollback(
     report.notes += _target_notes(group, backend, listings, snapshot)
     if dry_run:
         return report
+    write_json(_plan_path(group.name), {"snapshot": snapshot, "safety": safety, "aside": report.aside})
     backend.snapshot_group(group.datasets, safety)
     for ds in group.datasets:
         backend.set_holds(ds, f"{SAFETY}:{safety}", [safety])
+    return _swap_all(group, backend, snapshot, report)
+
+
+def _resume(group: Group, backend: StorageBackend, snapshot: str, plan: dict[str, Any], dry_run: bool) -> RollbackReport:
+    report = RollbackReport(group.name, snapshot, dry_run, str(plan.get("safety", "")))
+    report.aside = {str(k): str(v) for k, v in dict(plan.get("aside", {})).items()}
+    report.notes.append(f"finishing the interrupted rollback to {snapshot} (safety snapshot {report.safety})")
+    for ds in group.datasets:
+        state = "done" if _exists(backend, report.aside.get(ds, "")) and _exists(backend, ds) else "to do"
+        report.steps.append(f"{ds}: {state}")
+    if dry_run:
+        return report
+    return _swap_all(group, backend, snapshot, report)
+
+
+def _swap_all(group: Group, backend: StorageBackend, snapshot: str, report: RollbackReport) -> RollbackReport:
     done: list[str] = []
     for ds in group.datasets:
-        try:
-            backend.rollback(ds, snapshot, report.aside[ds])
-        except SnapsyncError as e:
-            raise type(e)(
-                f"{e}; rolled back so far: {', '.join(done) or 'nothing'} (their previous state is beside them, "
-                f"and safety snapshot {safety} holds the state of all); fix the cause and run the same rollback again"
-            ) from e
+        aside = report.aside[ds]
+        if not (_exists(backend, aside) and _exists(backend, ds)):
+            try:
+                backend.rollback(ds, snapshot, aside)
+            except SnapsyncError as e:
+                raise type(e)(
+                    f"{e}; rolled back so far: {', '.join(done) or 'nothing'} (safety snapshot {report.safety} holds "
+                    f"the state of all); fix the cause and run `snapsync rollback {group.name} {snapshot}` again to finish"
+                ) from e
         done.append(ds)
         if backend.kind == "zfs":
             # The newer snapshots went aside with the old state; they are no target's base any more.
-            tags = {t for snap in backend.list_snapshots(report.aside[ds]) for t in snap.holds if t.startswith("target:")}
+            tags = {t for snap in backend.list_snapshots(aside) for t in snap.holds if t.startswith("target:")}
             for tag in sorted(tags):
-                backend.set_holds(report.aside[ds], tag, [])
+                backend.set_holds(aside, tag, [])
+    _plan_path(group.name).unlink(missing_ok=True)
     return report
 
 
 def _zfs_holders(datasets: Sequence[str]) -> list[Holder]:
-    """ZFS datasets are used through their mountpoints."""
-    from snapsync.backends.zfs import zfs
-
-    paths = []
-    for ds in datasets:
-        answer = zfs("get", "-H", "-o", "value", "mounted,mountpoint", ds, check=False).stdout.split()
-        if len(answer) == 2 and answer[0] == "yes" and answer[1].startswith("/"):
-            paths.append(answer[1])
-    return holders(paths) if paths else []
+    """ZFS datasets are used where they are mounted: found in mountinfo, so legacy mounts count too."""
+    table = mounts()
+    points = [m.point for m in table if m.fstype == "zfs" and m.source in set(datasets)]
+    return holders(points, table) if points else []
 
 
 def _target_notes(

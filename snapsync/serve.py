@@ -120,8 +120,8 @@ class Server:
             }
         snapshots: dict[str, list[dict[str, object]]] = {}
         for p in paths:
-            dataset = self._dataset(p)  # first: it picks the backend for this path
-            snapshots[p] = [s.to_json() for s in self.backend.list_snapshots(dataset)]
+            dataset, backend = self._dataset(p)
+            snapshots[p] = [s.to_json() for s in backend.list_snapshots(dataset)]
         return {"paths": snapshots}
 
     def op_receive(self, fd: int, path: str, name: str, guid: str, compress: str, force: bool) -> dict[str, Any]:
@@ -137,19 +137,20 @@ class Server:
             raise Refused("this server is append-only (serve --append-only): it never deletes; prune on the target itself")
         return {"deleted": self.store.delete(path, names, allow_writable)}
 
-    def _dataset(self, rel: str) -> str:
+    def _dataset(self, rel: str) -> tuple[str, StorageBackend]:
         """The source dataset a send-role path names: a directory below the root, or a child dataset.
 
         A btrfs path that is a plain directory, not a subvolume, is a receiving root's copies
         directory (a host restoring from its backup host): its copies are served as snapshots. On
         ZFS such copies are datasets with escaped names (:func:`snapsync.zfs_store.zfs_component`).
         """
+        backend = self.backend
         if isinstance(self.store, BtrfsStore):
             dataset = str(self.store.directory(rel))
             if self.role == "send" and Path(dataset).is_dir() and not btrfsutil.is_subvolume(dataset):
                 from snapsync.backends.btrfs import CopiesBackend
 
-                self.backend = CopiesBackend()
+                backend = CopiesBackend()
         else:
             from snapsync.backends.zfs import zfs
             from snapsync.protocol import check_path
@@ -159,25 +160,25 @@ class Server:
                 copies = self.store.dataset(rel)  # a receiving root's copies are stored escaped
                 if copies != dataset and zfs("list", "-H", "-o", "name", copies, check=False).returncode == 0:
                     dataset = copies
-        self.backend.check_dataset(dataset)
-        return dataset
+        backend.check_dataset(dataset)
+        return dataset, backend
 
     def op_send(self, fd: int, path: str, name: str | None, base: str | None, compress: str, token: str | None) -> None:
         if token is not None and not self.zfs:
             raise Refused("resume tokens are a ZFS feature; this source is btrfs")
-        dataset = self._dataset(path)
+        dataset, backend = self._dataset(path)
         if token is not None:
             argv, name, guid = self._resume_send(dataset, token)
         else:
             assert name is not None
-            entries = self.backend.list_snapshots(dataset)
+            entries = backend.list_snapshots(dataset)
             snaps = {s.name: s for s in entries if s.kind == "snapshot"}
             marks = {s.name for s in entries if s.kind == "bookmark"}
             if name not in snaps or not snaps[name].read_only:
                 raise Refused(f"{path}: no read-only snapshot named {name!r}")
             if base is not None and not (base[1:] in marks if base.startswith("#") else base in snaps and snaps[base].read_only):
                 raise Refused(f"{path}: no read-only snapshot or bookmark named {base!r}")
-            argv = self.backend.send_argv(dataset, name, base)
+            argv = backend.send_argv(dataset, name, base)
             guid = snaps[name].received_guid or snaps[name].guid
         _say(encode_response(True, name=name, guid=guid))
         procs: list[Proc] = []
@@ -209,8 +210,8 @@ class Server:
     def op_hold(self, fd: int, path: str, tag: str, names: list[str]) -> dict[str, Any]:
         if not tag.startswith("pull:"):
             raise Refused(f"hold tag {tag!r}: a pulling host's holds are named 'pull:<host>.<pull>'")
-        dataset = self._dataset(path)  # first: it picks the backend for this path
-        self.backend.set_holds(dataset, tag, names)
+        dataset, backend = self._dataset(path)
+        backend.set_holds(dataset, tag, names)
         return {"held": names}
 
 

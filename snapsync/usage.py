@@ -126,28 +126,75 @@ def _links(pid: int) -> Iterator[str]:
         pass
 
 
+def _devices(paths: Iterable[str]) -> set[int]:
+    out = set()
+    for p in paths:
+        try:
+            out.add(os.stat(p).st_dev)
+        except OSError:
+            pass
+    return out
+
+
+def _uses_device(pid: int, devices: set[int]) -> str | None:
+    """A path this process holds on one of ``devices``, seen from its own mount namespace.
+
+    Each btrfs subvolume and each mounted ZFS dataset has a device number of its own, so this finds
+    users that path matching cannot see: a container or a unit with a private bind of the data.
+    """
+    base = f"/proc/{pid}"
+    names = ["cwd", "root"]
+    try:
+        names += [f"fd/{fd}" for fd in os.listdir(f"{base}/fd")]
+    except OSError:
+        pass
+    for name in names:
+        try:
+            if os.stat(f"{base}/{name}").st_dev in devices:
+                return os.readlink(f"{base}/{name}")
+        except OSError:
+            continue
+    wanted = {f"{os.major(d):02x}:{os.minor(d):02x}" for d in devices}
+    try:
+        with open(f"{base}/maps") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[3] in wanted:
+                    return parts[5].rstrip("\n")
+    except OSError:
+        pass
+    return None
+
+
 def holders(paths: Iterable[str], table: list[Mount] | None = None, ignore: Iterable[int] = ()) -> list[Holder]:
-    """Processes and mounts using any of ``paths`` (through any alias); this process is ignored."""
+    """Processes and mounts using any of ``paths``; this process is ignored.
+
+    A mount *of* the data somewhere else (a bind mount, as impermanence makes) counts too: after a
+    rollback it would still show the old state, and writes through it would land in the state set
+    aside. So does a mount inside the data.
+    """
     table = mounts() if table is None else table
+    paths = [os.path.realpath(p) for p in paths]
     tops = sorted({a for p in paths for a in aliases(p, table)})
+    devices = _devices(paths)
     skip = {os.getpid(), *ignore}
     found: list[Holder] = []
     for m in table:
         for top in tops:
-            if m.point != top and _under(m.point, top):
+            if m.point == top and top not in paths:
+                found.append(Holder("mount", f"a mount of the data ({m.fstype} {m.source}, root {m.root})", m.point))
+            elif m.point != top and _under(m.point, top):
                 found.append(Holder("mount", f"{m.fstype} from {m.source}", m.point))
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) in skip:
             continue
         pid = int(entry)
-        for link in _links(pid):
-            link = link.removesuffix(" (deleted)")
-            hit = next((t for t in tops if _under(link, t)), None)
-            if hit is not None:
-                try:
-                    comm = Path(f"/proc/{pid}/comm").read_text().strip()
-                except OSError:
-                    comm = "?"
-                found.append(Holder("process", comm, link, pid, _unit(pid)))
-                break
+        used = next((link for link in (x.removesuffix(" (deleted)") for x in _links(pid)) if any(_under(link, t) for t in tops)), None)
+        used = used or _uses_device(pid, devices)
+        if used is not None:
+            try:
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            except OSError:
+                comm = "?"
+            found.append(Holder("process", comm, used, pid, _unit(pid)))
     return found

@@ -27,6 +27,12 @@ def _quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SNAPSYNC_RETRY_WAIT", "0.05")
 
 
+@pytest.fixture(autouse=True)
+def _private_state(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Drill results and unfinished rollbacks go to the test's own directory, not /var/lib/snapsync."""
+    monkeypatch.setenv("SNAPSYNC_STATE_DIR", str(tmp_path / "snapsync-state"))
+
+
 def _btrfs_unavailable() -> str | None:
     if os.geteuid() != 0:
         return "needs root for loop-mounted btrfs"

@@ -255,6 +255,12 @@ class BtrfsBackend:
                 raise DatasetMissing(f"{dataset}: does not exist")
             if os.path.lexists(target):
                 raise BackendError(f"{aside} already exists; not moving {dataset} over it")
+            nested = [str(p) for p, _ in btrfsutil.SubvolumeIterator(str(path), top=0)] if btrfsutil.is_subvolume(path) else []
+            if nested:
+                raise BackendError(
+                    f"{dataset} contains subvolumes ({', '.join(nested[:3])}); a rollback would move them aside too: "
+                    f"roll back subvolumes without nested ones (list those in the group instead)"
+                )
             if os.path.lexists(fresh):
                 btrfsutil.delete_subvolume(fresh)  # a writable snapshot of ours, from an attempt that died
             btrfsutil.create_snapshot(snapshot, fresh, read_only=False)

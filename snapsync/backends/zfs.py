@@ -246,11 +246,28 @@ class ZfsBackend:
             raise DatasetMissing(f"{dataset}: does not exist")
         if self._exists(aside):
             raise BackendError(f"{aside} already exists; not renaming {dataset} over it")
+        children = zfs("list", "-H", "-o", "name", "-r", "-d", "1", dataset).stdout.split()[1:]
+        if children:
+            raise BackendError(
+                f"{dataset} has child datasets ({', '.join(children[:3])}); a rollback would move them aside too: "
+                f"roll back datasets without children (list the children in the group instead)"
+            )
+        mountpoint, mounted = zfs("get", "-H", "-o", "value", "mountpoint,mounted", dataset).stdout.split()
+        if mountpoint == "legacy" and mounted == "yes":
+            raise BackendError(
+                f"{dataset} is mounted with mountpoint=legacy (outside ZFS's control): unmount it, run the "
+                f"rollback again, and mount it again afterwards"
+            )
+        def prop(name: str, ds: str) -> str:
+            return str(zfs("get", "-H", "-o", "value", name, ds).stdout.strip())
+
         if self._exists(fresh):
-            origin = zfs("get", "-H", "-o", "value", "origin", fresh).stdout.strip()
-            if origin != f"{dataset}@{name}":
-                raise BackendError(f"{fresh} exists and is not a clone of {dataset}@{name}; remove it first")
-            zfs("destroy", fresh)
+            if prop("origin", dataset) == f"{fresh}@{name}":
+                self._swap_in(fresh, dataset, aside)  # promoted before a crash: only the swap is left
+                return
+            if prop("origin", fresh) != f"{dataset}@{name}":
+                raise BackendError(f"{fresh} exists and is not snapsync's clone of {dataset}@{name}; look at it and rename it away")
+            zfs("destroy", fresh)  # our clone from an attempt that died before promoting: nothing of value
         zfs("clone", "-o", "canmount=noauto", f"{dataset}@{name}", fresh)
         zfs("promote", fresh)
         self._swap_in(fresh, dataset, aside)

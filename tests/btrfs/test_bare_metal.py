@@ -110,3 +110,27 @@ def test_restore_needs_exactly_one_destination(disk: Disk, target_root: Path, tm
     for extra in ([], ["--to", "/tmp", "--in-place"]):
         proc = snapsync("-p", str(policy), "restore", "app", "--from", "usb", *extra)
         assert proc.returncode == 2 and "exactly one of --to" in proc.stderr
+
+
+def test_an_interrupted_in_place_restore_continues_with_the_datasets_still_missing(
+    disk: Disk, target_root: Path, tmp_path: Path
+) -> None:
+    import btrfsutil
+
+    app = make_subvolume(disk.where / "app", "app v1\n")
+    db = make_subvolume(disk.where / "db", "db v1\n")
+    policy = write_policy(tmp_path / "p.toml", [app, db], {"usb": f'type = "local"\npath = "{target_root}"'})
+    p = ["-p", str(policy)]
+    run_json(*p, "run")
+    disk.replace()
+    done = run_json(*p, "restore", "app", "--from", "usb", "--in-place")
+    # as if the run had died after the first dataset: the second, and its received copy, are not there
+    btrfsutil.delete_subvolume(db)
+    btrfsutil.delete_subvolume(disk.where / ".snapsync" / "db" / done["snapshot"])
+    (app / "data.txt").write_text("app v1, written after the restore\n")
+
+    again = run_json(*p, "restore", "app", "--from", "usb", "--in-place")
+    by_source = {d["source"]: d for d in again["datasets"]}
+    assert by_source[str(app)]["already_present"] == [done["snapshot"]] and by_source[str(db)]["received"] == [done["snapshot"]]
+    assert (app / "data.txt").read_text() == "app v1, written after the restore\n"  # never overwritten
+    assert (db / "data.txt").read_text() == "db v1\n"

@@ -41,6 +41,7 @@ def sqlite_site(btrfs_root: Path, target_root: Path, tmp_path: Path) -> tuple[Pa
         conn.execute("CREATE TABLE states (id INTEGER PRIMARY KEY, value TEXT)")
         conn.executemany("INSERT INTO states (value) VALUES (?)", [(f"v{i}",) for i in range(500)])
     conn.close()
+    os.mkfifo(app / "spool.fifo")  # a mail spool's FIFO: compared by type, never opened
     key = tmp_path / "offsite.key"
     snapsync("keygen", str(key), check=True)
     nas = target_root / "nas"
@@ -93,6 +94,7 @@ def test_a_drill_fails_loudly_on_a_changed_copy_and_on_a_damaged_chunk(
     usb = {c["check"]: c for c in drills["usb"]["checks"]}
     assert not drills["usb"]["ok"] and not usb[f"files {app}"]["ok"] and "data.txt" in usb[f"files {app}"]["detail"]
     assert not drills["nas"]["ok"] and "chunk-000000" in drills["nas"]["error"]
+    assert usb[f"sqlite {app}/home-assistant_v2.db"]["ok"]
     text = snapsync("-p", str(policy), "drill", "--scratch", str(scratch_parent), "--target", "usb", env=state)
     assert text.returncode == 1 and "FAILED" in text.stdout and "1 differ (data.txt)" in text.stdout
 
@@ -139,3 +141,15 @@ def test_a_postgres_group_restored_from_offsite_starts_and_answers_its_check_que
     assert d["ok"] and pg_check["ok"], d
     answered = int(pg_check["detail"].rpartition("(")[2].rstrip(",)"))
     assert answered >= committed > 0  # every transaction committed before the snapshot survived
+
+
+def test_a_database_missing_from_the_backup_fails_the_drill(
+    btrfs_root: Path, target_root: Path, tmp_path: Path, scratch_parent: Path, state: dict[str, str]
+) -> None:
+    policy, app = sqlite_site(btrfs_root, target_root, tmp_path)
+    policy.write_text(policy.read_text().replace("home-assistant_v2.db", "never-existed.db"))
+    proc = snapsync("-p", str(policy), "drill", "--target", "usb", "--scratch", str(scratch_parent), "--json", env=state)
+    assert proc.returncode == 1
+    (d,) = json.loads(proc.stdout)["drills"]
+    checks = {c["check"]: c for c in d["checks"]}
+    assert checks[f"sqlite {app}/never-existed.db"] == {"check": f"sqlite {app}/never-existed.db", "ok": False, "detail": "missing from the restored copy"}

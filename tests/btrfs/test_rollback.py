@@ -120,6 +120,9 @@ def test_rollback_is_refused_while_a_process_uses_the_data_even_through_a_bind_m
     alias.mkdir()
     subprocess.run(["mount", "--bind", str(db), str(alias)], check=True)
     try:
+        refused = snapsync("-p", str(policy), "rollback", "app", first, "--json")
+        assert refused.returncode == 2 and f"{alias} is a mount point (a mount of the data" in refused.stdout
+        # a bind mount alone blocks: after a rollback it would still show (and take writes into) the old state
         other = sleeper(alias)
         refused = snapsync("-p", str(policy), "rollback", "app", first, "--json")
         assert refused.returncode == 2 and f"pid {other.pid}" in refused.stdout and str(alias) in refused.stdout
@@ -127,13 +130,30 @@ def test_rollback_is_refused_while_a_process_uses_the_data_even_through_a_bind_m
         assert not [n for n in names if ".pre-rollback." in n]  # nothing was done
         assert (db / "data.txt").read_text() == "db v2\n"
         forced = run_json("-p", str(policy), "rollback", "app", first, "--force")
-        assert [h["pid"] for h in forced["in_use"]] == [other.pid]
+        assert [h["pid"] for h in forced["in_use"] if h["kind"] == "process"] == [other.pid]
         assert any("in use, rolled back anyway (--force)" in n for n in forced["notes"])
         assert (db / "data.txt").read_text() == "db v1\n"
         other.kill()
         other.wait()
     finally:
         subprocess.run(["umount", "--lazy", str(alias)], check=True)
+
+
+def test_a_process_in_another_mount_namespace_is_found_by_device(site: tuple[Path, Path, Path]) -> None:
+    """A container or a unit with a private bind mount sees other paths; its files are still on the dataset."""
+    policy, app, db = site
+    first = step(policy, app, db, "v1")
+    script = f"mkdir -p /tmp/ns-view && mount --bind {db} /tmp/ns-view && cd /tmp/ns-view && exec sleep 600"
+    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script])
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not os.readlink(f"/proc/{proc.pid}/cwd").endswith("ns-view"):
+            time.sleep(0.05)
+        refused = snapsync("-p", str(policy), "rollback", "app", first)
+        assert refused.returncode == 2 and f"pid {proc.pid} (sleep" in refused.stderr, refused.stderr
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_dry_run_shows_every_step_and_changes_nothing(site: tuple[Path, Path, Path]) -> None:
@@ -163,26 +183,46 @@ def test_bad_rollback_input_is_one_line_exit_2(site: tuple[Path, Path, Path]) ->
 def test_a_rollback_that_died_between_its_renames_is_finished_by_running_it_again(
     site: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from datetime import UTC, datetime
+
     from snapsync.backends.btrfs import BtrfsBackend
+    from snapsync.policy import load_policy
+    from snapsync.rollback import rollback
 
     policy, app, db = site
     first = step(policy, app, db, "v1")
-    step(policy, app, db, "v2")
-    backend = BtrfsBackend()
-    aside = str(app) + ".pre-rollback.test"
+    second = step(policy, app, db, "v2")
+    group = load_policy(str(policy)).groups["app"]
     real = os.rename
     calls: list[str] = []
 
-    def dies_second_time(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> None:
+    def dies_at_the_fourth_rename(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> None:
+        if str(b).endswith(".holds.json"):
+            return real(a, b)
         calls.append(str(a))
-        if len(calls) == 2:
+        if len(calls) == 4:  # app swapped; db moved aside, its new state not yet in place
             raise OSError(5, "Input/output error (simulated crash)")
         real(a, b)
 
-    monkeypatch.setattr(os, "rename", dies_second_time)
+    monkeypatch.setattr(os, "rename", dies_at_the_fourth_rename)
     with pytest.raises(Exception, match="simulated crash"):
-        backend.rollback(str(app), first, aside)
+        rollback(group, BtrfsBackend(), first, datetime.now(UTC))
     monkeypatch.setattr(os, "rename", real)
-    assert not app.exists() and Path(aside).exists()  # the one instant without the dataset
-    backend.rollback(str(app), first, aside)
-    assert (app / "data.txt").read_text() == "app v1\n" and (Path(aside) / "data.txt").read_text() == "app v2\n"
+    assert not db.exists() and (app / "data.txt").read_text() == "app v1\n"  # the one instant without db
+    other = snapsync("-p", str(policy), "rollback", "app", second)
+    assert other.returncode == 2 and f"an interrupted rollback of group app to {first} is unfinished" in other.stderr
+
+    finished = run_json("-p", str(policy), "rollback", "app", first)
+    assert any("finishing the interrupted rollback" in n for n in finished["notes"])
+    assert (app / "data.txt").read_text() == "app v1\n" and (db / "data.txt").read_text() == "db v1\n"
+    assert [p for p in app.parent.iterdir() if p.name.startswith("db.pre-rollback.")]
+    again = run_json("-p", str(policy), "rollback", "app", first, "--dry-run")
+    assert not any("interrupted" in n for n in again["notes"])  # the plan is gone once finished
+
+
+def test_a_subvolume_with_nested_subvolumes_is_not_rolled_back(site: tuple[Path, Path, Path]) -> None:
+    policy, app, db = site
+    first = step(policy, app, db, "v1")
+    make_subvolume(app / "nested", "inner\n")
+    proc = snapsync("-p", str(policy), "rollback", "app", first)
+    assert proc.returncode == 1 and "contains subvolumes" in proc.stderr and (app / "nested" / "data.txt").exists()
