@@ -7,11 +7,15 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.conftest import make_subvolume
 from tests.replication.helpers import copies_dir, run_json, snapsync, tree_digest, write_policy
+
+if TYPE_CHECKING:
+    from tests.sshd import Sshd
 
 pytestmark = pytest.mark.btrfs
 
@@ -134,3 +138,32 @@ def test_an_interrupted_in_place_restore_continues_with_the_datasets_still_missi
     assert by_source[str(app)]["already_present"] == [done["snapshot"]] and by_source[str(db)]["received"] == [done["snapshot"]]
     assert (app / "data.txt").read_text() == "app v1, written after the restore\n"  # never overwritten
     assert (db / "data.txt").read_text() == "db v1\n"
+
+
+def test_bare_metal_restore_over_ssh_from_the_backup_hosts_send_role(
+    disk: Disk, target_root: Path, tmp_path: Path, sshd: Sshd
+) -> None:
+    """The backup host authorizes the rebuilt host's key for `serve --role send` over its receiving
+    root (runbooks/host-died.md); the restore is a one-shot pull over ssh, then the usual receive key
+    takes over again and replication is incremental."""
+    app = make_subvolume(disk.where / "app", "v1\n")
+    sshd.authorize(sshd.forced(target_root))
+    policy = write_policy(tmp_path / "p.toml", [app], {"nas": sshd.target_table(target_root)})
+    p = ["-p", str(policy)]
+    for version in ("v1", "v2"):
+        (app / "data.txt").write_text(f"{version}\n")
+        run_json(*p, "snapshot")
+        run_json(*p, "replicate")
+        time.sleep(1.05)
+
+    disk.replace()
+    sshd.authorize(sshd.forced(target_root, "send"))
+    done = run_json(*p, "restore", "app", "--from", "nas", "--in-place")
+    assert done["datasets"][0]["received"] == [done["snapshot"]] and done["bytes"] > 0
+    assert (app / "data.txt").read_text() == "v2\n"
+
+    sshd.authorize(sshd.forced(target_root))
+    (app / "data.txt").write_text("v3\n")
+    run_json(*p, "snapshot")
+    sent = run_json(*p, "replicate")["groups"][0]["targets"][0]["sent"]
+    assert [(s["kind"], s["base"]) for s in sent] == [("incremental", done["snapshot"])]
