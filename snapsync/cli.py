@@ -367,8 +367,8 @@ def _offsite_target(policy: Policy, name: str) -> DirTarget | S3Target:
         raise UsageError(f"{policy.source}: no target {name!r} (targets: {', '.join(sorted(policy.targets)) or 'none'})")
     if not isinstance(target, (DirTarget, S3Target)):
         raise UsageError(
-            f"target {name!r} is type {target.type!r}; restore and verify read offsite targets (dir, s3) "
-            f"(a copy on an ssh or local target is a plain filesystem: use it directly)"
+            f"target {name!r} is type {target.type!r}; verify reads offsite targets (dir, s3) "
+            f"(copies on ssh and local targets are snapshots: check them with `snapsync drill --target {name}`)"
         )
     return target
 

@@ -75,8 +75,7 @@ def test_run_uploads_then_verify_list_and_restore(nas_site: tuple[Path, Path, Pa
     ("args", "message"),
     [
         (["restore", "app", "--from", "nope", "--to", "/tmp"], "no target 'nope'"),
-        (["restore", "app", "--from", "ssh", "--to", "/tmp"], "restore and verify read offsite targets"),
-        (["verify", "ssh"], "restore and verify read offsite targets"),
+        (["verify", "ssh"], "verify reads offsite targets"),
         (["restore", "ghost", "--from", "nas", "--to", "/tmp"], "group 'ghost' has nothing stored"),
         (["restore", "app", "--from", "nas", "--to", "pool/restore"], None),
         (["restore", "app", "--from", "nas", "--to", "/tmp", "--key-file", "/nonexistent/k"], "key file does not exist"),
@@ -93,6 +92,13 @@ def test_bad_restore_and_verify_input_is_one_line_exit_2(nas_site: tuple[Path, P
         assert message in line
     else:
         assert "restores into a directory on btrfs" in line
+
+
+def test_restore_from_an_unreachable_host_is_one_line_exit_1(nas_site: tuple[Path, Path, Path]) -> None:
+    policy, _, _ = nas_site
+    proc = snapsync("--policy", str(policy), "restore", "app", "--from", "ssh", "--to", "/tmp")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "\n" not in proc.stderr.strip() and "target ssh (root@backup.lan:22)" in proc.stderr
 
 
 def test_verify_reports_a_damaged_chunk_with_exit_1(nas_site: tuple[Path, Path, Path]) -> None:
