@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +108,9 @@ def rollback(
     if missing:
         raise UsageError(f"group {group.name}: no snapshot {snapshot} of {', '.join(missing)} (`snapsync list {group.name}`)")
     safety = snapshot_name(group.prefix, now)
+    while any(safety in snaps for snaps in listings.values()):  # a snapshot taken this very second
+        now += timedelta(seconds=1)
+        safety = snapshot_name(group.prefix, now)
     report = RollbackReport(group.name, snapshot, dry_run, safety)
     report.holders = holders(group.datasets) if backend.kind == "btrfs" else _zfs_holders(group.datasets)
     if report.holders and not force:
