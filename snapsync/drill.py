@@ -288,7 +288,7 @@ def _scratch(group: Group, backend: StorageBackend, parent: str | None) -> Itera
     pool = pool_of(group.datasets[0])
     for stale in zfs("list", "-H", "-o", "name", "-d", "1", pool).stdout.split():
         if stale.startswith(f"{pool}/snapsync-drill-{group.name}-"):
-            zfs("destroy", "-r", "-f", stale, check=False)  # left by a drill that was killed
+            zfs("destroy", "-R", "-f", stale, check=False)  # left by a drill that was killed
     base = f"{pool}/snapsync-drill-{group.name}-{os.getpid()}"
     mounts = Path(tempfile.mkdtemp(prefix="snapsync-drill-", dir=parent or "/var/tmp"))
     mounts.chmod(0o755)
@@ -307,7 +307,7 @@ def _scratch(group: Group, backend: StorageBackend, parent: str | None) -> Itera
         scratch.chmod(0o755)
         yield base, zfs_copy, scratch
     finally:
-        zfs("destroy", "-r", "-f", base, check=False)
+        zfs("destroy", "-R", "-f", base, check=False)
         shutil.rmtree(mounts, ignore_errors=True)
 
 
