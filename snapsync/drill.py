@@ -233,8 +233,9 @@ def drill(
             copies = {ds: writable(ds, restored.snapshot) for ds in group.datasets}
             for ds, copy in copies.items():
                 report.checks.append(compare_files(copy, _source_snapshot(backend, ds, restored.snapshot), ds))
-            for i, hook in enumerate(group.hooks):
-                report.checks += _hook_checks(i, hook, group, copies, scratch)
+            roots = {ds: _where_mounted(backend, ds) for ds in group.datasets}
+            for hook in group.hooks:
+                report.checks += _hook_checks(hook, roots, copies, scratch)
     except SnapsyncError as e:
         report.error = str(e)
     except OSError as e:
@@ -311,12 +312,30 @@ def _scratch(group: Group, backend: StorageBackend, parent: str | None) -> Itera
         shutil.rmtree(mounts, ignore_errors=True)
 
 
-def _hook_checks(index: int, hook: object, group: Group, copies: dict[str, Path], scratch: Path) -> list[Check]:
-    """SQLite and PostgreSQL checks on the writable copies (``copies``: dataset -> its copy)."""
+def _where_mounted(backend: StorageBackend, dataset: str) -> str:
+    """The directory a hook's paths are written against: the subvolume, or the ZFS mountpoint."""
+    if backend.kind == "btrfs":
+        return dataset
+    from snapsync.backends.zfs import zfs
+
+    return str(zfs("get", "-H", "-o", "value", "mountpoint", dataset, check=False).stdout.strip())
+
+
+def _hook_checks(hook: object, roots: dict[str, str], copies: dict[str, Path], scratch: Path) -> list[Check]:
+    """SQLite and PostgreSQL checks on the writable copies (``roots``: dataset -> where its files are
+    seen; ``copies``: dataset -> its restored copy)."""
+
+    def inside(path: str) -> tuple[str, str] | None:
+        found = _inside(path, [r for r in roots.values() if r.startswith("/")])
+        if found is None:
+            return None
+        dataset = next(ds for ds, r in roots.items() if r == found[0])
+        return dataset, found[1]
+
     if isinstance(hook, SqliteHook):
         checks = []
         for db in hook.databases:
-            where = _inside(db, list(group.datasets))
+            where = inside(db)
             if where is None:
                 checks.append(Check(f"sqlite {db}", False, "not inside any dataset of the group"))
                 continue
@@ -324,7 +343,7 @@ def _hook_checks(index: int, hook: object, group: Group, copies: dict[str, Path]
             checks.append(check_sqlite(db, copies[ds] / rel))
         return checks
     if isinstance(hook, PostgresHook) and hook.data_dir is not None:
-        where = _inside(hook.data_dir, list(group.datasets))
+        where = inside(hook.data_dir)
         if where is None:
             return [Check(f"postgres {hook.data_dir}", False, "data_dir is not inside any dataset of the group")]
         ds, rel = where
