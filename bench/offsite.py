@@ -38,14 +38,10 @@ sys.path.insert(0, str(REPO))
 
 from bench.replicate import HWM_WRAPPER  # noqa: E402
 from snapsync.scratch import scratch_btrfs  # noqa: E402
+from snapsync.streams import parse_rate  # noqa: E402
 from snapsync.sealing import create_key_file  # noqa: E402
 
 ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def size_arg(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
 
 
 def run_rss(args: list[str], env: dict[str, str]) -> tuple[int, str]:
@@ -70,7 +66,7 @@ def sync(path: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=size_arg, default=size_arg("2048M"))
+    parser.add_argument("--size", type=parse_rate, default=parse_rate("2048M"))
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()

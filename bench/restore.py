@@ -33,12 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from snapsync.scratch import scratch_btrfs  # noqa: E402
+from snapsync.streams import parse_rate  # noqa: E402
 from snapsync.sealing import create_key_file  # noqa: E402
-
-
-def size_arg(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
 
 
 def sh(*argv: str) -> None:
@@ -54,7 +50,7 @@ def timed(argv: list[str], sync: Path, **kwargs: object) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=size_arg, default=size_arg("512M"))
+    parser.add_argument("--size", type=parse_rate, default=parse_rate("512M"))
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from snapsync.policy import Policy
     from snapsync.policy_models import DirTarget, S3Target
     from snapsync.replicate import ProgressFactory
-    from snapsync.restore import Landing, RestoreReport
+    from snapsync.restore import Landing
     from snapsync.runner import GroupReport, Runner
 
 DEFAULT_POLICY = "/etc/snapsync/policy.toml"
@@ -403,18 +403,13 @@ def restore(
     """
     from snapsync.errors import UsageError
     from snapsync.lock import policy_lock
-    from snapsync.policy_models import DirTarget, S3Target  # noqa: F811
-    from snapsync.restore import InPlace
-    from snapsync.restore import restore as run_restore
+    from snapsync.restore import InPlace, restore_from
     from snapsync.runner import select_groups
 
     if (to is None) == (not in_place):
         raise UsageError("restore needs exactly one of --to PATH|DATASET and --in-place")
     policy = _load()
     group, _, snapshot = what.partition("@")
-    target = policy.targets.get(source) or policy.pulls.get(source)
-    if target is None:
-        raise UsageError(f"{policy.source}: no target {source!r} (targets: {', '.join(sorted(policy.targets)) or 'none'})")
     landing: str | Landing
     if in_place:
         (chosen,) = select_groups(policy, [group])
@@ -423,14 +418,7 @@ def restore(
         assert to is not None
         landing = to
     with policy_lock(policy.source, 60.0), _progress(as_json) as progress:  # no prune may run meanwhile
-        if isinstance(target, (DirTarget, S3Target)):
-            from snapsync.offsite import open_archive
-
-            report = run_restore(
-                open_archive(target, key_file), source, group, landing, snapshot or None, dry_run, progress, verify_first
-            )
-        else:
-            report = _restore_from_host(policy, source, group, landing, snapshot or None, dry_run, progress)
+        report = restore_from(policy, source, group, landing, snapshot or None, dry_run, progress, key_file, verify_first)
     if as_json:
         print(json.dumps(report.to_json()))
         return EXIT_OK
@@ -444,28 +432,6 @@ def restore(
     for problem in report.problems:
         err.print(f"[yellow]warning:[/] elsewhere in the archive: {problem}")
     return EXIT_OK
-
-
-def _restore_from_host(
-    policy: Policy, source: str, group: str, landing: str | Landing, snapshot: str | None, dry_run: bool,
-    progress: ProgressFactory | None,
-) -> RestoreReport:
-    """Another host's copies, through ``snapsync serve --role send`` there (a one-shot pull)."""
-    from snapsync.peer import Peer
-    from snapsync.policy_models import LocalTarget
-    from snapsync.restore import ToRoot, restore_from_peer
-    from snapsync.runner import select_groups
-    from snapsync.transport import LocalTransport, SshTransport
-
-    (chosen,) = select_groups(policy, [group])
-    target = policy.targets.get(source) or policy.pulls[source]
-    transport = (
-        LocalTransport.from_target(source, target) if isinstance(target, LocalTarget)
-        else SshTransport.from_target(source, target)  # type: ignore[arg-type]
-    )
-    if isinstance(landing, str):
-        landing = ToRoot(landing, chosen.name, chosen.backend)
-    return restore_from_peer(Peer(transport, "send"), source, chosen, landing, snapshot, dry_run, progress)
 
 
 @app.command()

@@ -38,9 +38,9 @@ import btrfsutil
 from snapsync.backends.base import StorageBackend
 from snapsync.errors import SnapsyncError, UsageError
 from snapsync.policy import Group, Policy
-from snapsync.policy_models import DirTarget, LocalTarget, PostgresHook, S3Target, SqliteHook
+from snapsync.policy_models import PostgresHook, SqliteHook
 from snapsync.protocol import dataset_key
-from snapsync.restore import RestoreReport, ToRoot, restore, restore_from_peer
+from snapsync.restore import restore_from
 from snapsync.scratch import scratch_btrfs
 from snapsync.state import state_dir, write_json
 
@@ -222,12 +222,11 @@ def drill(
     scratch_parent: str | None = None,
     progress: Callable[[str, int | None], Callable[[int], None] | None] | None = None,
 ) -> DrillReport:
-    target = policy.targets[target_name]
     report = DrillReport(group.name, target_name, now)
     started = time.monotonic()
     try:
         with _scratch(group, backend, scratch_parent) as (where, writable, scratch):
-            restored = _restore(policy, group, target_name, target, where, progress)
+            restored = restore_from(policy, target_name, group.name, where, progress=progress)
             report.snapshot = restored.snapshot
             report.restored_bytes = restored.bytes
             copies = {ds: writable(ds, restored.snapshot) for ds in group.datasets}
@@ -359,18 +358,3 @@ def _estimate(group: Group, backend: StorageBackend) -> str:
         if snaps:
             total += backend.estimate(ds, snaps[-1].name, None) or 0
     return f"{max(512, (total * 3) // (1 << 20) + 256)}M"
-
-
-def _restore(
-    policy: Policy, group: Group, name: str, target: object, to: str,
-    progress: Callable[[str, int | None], Callable[[int], None] | None] | None,
-) -> RestoreReport:
-    if isinstance(target, (DirTarget, S3Target)):
-        from snapsync.offsite import open_archive
-
-        return restore(open_archive(target), name, group.name, to, progress=progress)
-    from snapsync.peer import Peer
-    from snapsync.transport import LocalTransport, SshTransport
-
-    transport = LocalTransport.from_target(name, target) if isinstance(target, LocalTarget) else SshTransport.from_target(name, target)  # type: ignore[arg-type]
-    return restore_from_peer(Peer(transport, "send"), name, group, ToRoot(to, group.name, group.backend), progress=progress)

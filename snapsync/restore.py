@@ -28,7 +28,7 @@ from snapsync.backends.base import StorageBackend
 from snapsync.naming import parse_snapshot_name
 from snapsync.offsite_plan import chain
 from snapsync.peer import Peer
-from snapsync.policy_models import Group
+from snapsync.policy_models import Group, Policy
 from snapsync.store import Copy
 from snapsync.streams import Meter, finish, pump, widen
 
@@ -479,6 +479,36 @@ def _pumped(store: Receiver, rel: str, name: str, guid: str, source: int, meter:
     if failure and not isinstance(failure[0], BrokenPipeError):
         store.delete(rel, [name])
         raise failure[0]
+
+
+def restore_from(
+    policy: Policy,
+    source: str,
+    group: str,
+    landing: str | Landing,
+    snapshot: str | None = None,
+    dry_run: bool = False,
+    progress: Callable[[str, int | None], Callable[[int], None] | None] | None = None,
+    key_file: str | None = None,
+    verify_first: bool = False,
+) -> RestoreReport:
+    """Restore from any kind of target: offsite replays the chain, another host sends its copy."""
+    from snapsync.policy_models import DirTarget, S3Target
+
+    target = policy.targets.get(source) or policy.pulls.get(source)
+    if target is None:
+        raise UsageError(f"{policy.source}: no target {source!r} (targets: {', '.join(sorted(policy.targets)) or 'none'})")
+    if isinstance(target, (DirTarget, S3Target)):
+        from snapsync.offsite import open_archive
+
+        return restore(open_archive(target, key_file), source, group, landing, snapshot, dry_run, progress, verify_first)
+    from snapsync.runner import select_groups
+    from snapsync.transport import transport_for
+
+    (chosen,) = select_groups(policy, [group])
+    if isinstance(landing, str):
+        landing = ToRoot(landing, chosen.name, chosen.backend)
+    return restore_from_peer(Peer(transport_for(source, target), "send"), source, chosen, landing, snapshot, dry_run, progress)
 
 
 @dataclass

@@ -24,7 +24,7 @@ from snapsync.policy_models import DirTarget, LocalTarget, S3Target, SshTarget
 from snapsync.protocol import dataset_key
 from snapsync.replicate import DatasetLink, LocalSource, ProgressFactory, Replication, Settings, TargetReport
 from snapsync.retention import PrunePlan
-from snapsync.transport import LocalTransport, SshTransport
+from snapsync.transport import LocalTransport, SshTransport, transport_for
 
 if TYPE_CHECKING:
     from snapsync.offsite import Offsite
@@ -218,13 +218,9 @@ class Runner:
 
     def replication(self, group: Group, target_name: str) -> Replication | None:
         target = self.policy.targets[target_name]
-        transport: LocalTransport | SshTransport
-        if isinstance(target, SshTarget):
-            transport = SshTransport.from_target(target_name, target)
-        elif isinstance(target, LocalTarget):
-            transport = LocalTransport.from_target(target_name, target)
-        else:
+        if not isinstance(target, (SshTarget, LocalTarget)):
             return None
+        transport = transport_for(target_name, target)
         from snapsync.peer import Peer
 
         return Replication(

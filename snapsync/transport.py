@@ -126,3 +126,10 @@ class LocalTransport:
 
 
 Transport = SshTransport | LocalTransport
+
+
+def transport_for(name: str, target: SshTarget | LocalTarget) -> Transport:
+    """How to reach a target (or a pull's source): ssh, or the server started locally."""
+    if isinstance(target, LocalTarget):
+        return LocalTransport.from_target(name, target)
+    return SshTransport.from_target(name, target)

@@ -41,6 +41,15 @@ class Disk:
         subprocess.run(["umount", str(self.where)], check=True)
 
 
+def backed_up(p: list[str], app: Path, *versions: str) -> None:
+    """One snapshot per version of app/data.txt, each replicated (or uploaded) at once."""
+    for version in versions:
+        (app / "data.txt").write_text(f"{version}\n")
+        run_json(*p, "snapshot")
+        run_json(*p, "replicate")
+        time.sleep(1.05)
+
+
 @pytest.fixture
 def disk(btrfs_root: Path, tmp_path: Path) -> Iterator[Disk]:
     d = Disk(tmp_path / "persist", tmp_path)
@@ -55,11 +64,7 @@ def test_a_host_restored_in_place_from_its_backup_host_replicates_incrementally_
     db = make_subvolume(disk.where / "db", "db v1\n")
     policy = write_policy(tmp_path / "p.toml", [app, db], {"usb": f'type = "local"\npath = "{target_root}"'})
     p = ["-p", str(policy)]
-    for version in ("v1", "v2"):
-        (app / "data.txt").write_text(f"{version}\n")
-        run_json(*p, "snapshot")
-        run_json(*p, "replicate")
-        time.sleep(1.05)
+    backed_up(p, app, "v1", "v2")
     before = {ds: tree_digest(ds) for ds in (app, db)}
 
     disk.replace()  # the disk died; a new, empty one is mounted where /persist was
@@ -90,11 +95,7 @@ def test_a_host_restored_in_place_from_offsite_uploads_incrementally_afterwards(
     nas.mkdir()
     policy = write_policy(tmp_path / "p.toml", [app], {"nas": f'type = "dir"\npath = "{nas}"\nkey_file = "{key}"'})
     p = ["-p", str(policy)]
-    for version in ("v1", "v2"):
-        (app / "data.txt").write_text(f"{version}\n")
-        run_json(*p, "snapshot")
-        run_json(*p, "replicate")
-        time.sleep(1.05)
+    backed_up(p, app, "v1", "v2")
 
     disk.replace()
     done = run_json(*p, "restore", "app", "--from", "nas", "--in-place")
@@ -150,11 +151,7 @@ def test_bare_metal_restore_over_ssh_from_the_backup_hosts_send_role(
     sshd.authorize(sshd.forced(target_root))
     policy = write_policy(tmp_path / "p.toml", [app], {"nas": sshd.target_table(target_root)})
     p = ["-p", str(policy)]
-    for version in ("v1", "v2"):
-        (app / "data.txt").write_text(f"{version}\n")
-        run_json(*p, "snapshot")
-        run_json(*p, "replicate")
-        time.sleep(1.05)
+    backed_up(p, app, "v1", "v2")
 
     disk.replace()
     sshd.authorize(sshd.forced(target_root, "send"))
