@@ -72,16 +72,18 @@ def _main(
     ] = DEFAULT_POLICY,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every step to stderr.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of internal errors.")] = False,
+    log_format: Annotated[
+        Literal["text", "json"],
+        typer.Option("--log-format", envvar="SNAPSYNC_LOG_FORMAT", help="Log lines as text or JSON (one per event).", show_envvar=True),
+    ] = "text",
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
+    from snapsync.logs import setup
+
     State.policy_path = policy
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING,
-        format="snapsync: %(levelname)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup(log_format, logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
 
 
 def _load(path: str | None = None) -> Policy:
@@ -120,6 +122,7 @@ def _finish(reports: list[GroupReport], as_json: bool, explain: bool = False) ->
 
 
 def _act(
+    command_name: str,
     groups: list[str] | None,
     *,
     take: bool,
@@ -133,8 +136,11 @@ def _act(
     targets: list[str] | None = None,
     prune_targets: bool = True,
 ) -> int:
-    """Load, select, run under the policy's lock (a dry run changes nothing, so it takes none), render."""
+    """Load, select, run under the policy's lock (a dry run changes nothing, so it takes none), record
+    metrics, render."""
+    from snapsync.clock import SystemClock
     from snapsync.lock import policy_lock
+    from snapsync.metrics import record_run
     from snapsync.runner import select_groups, select_targets
 
     policy = _load()
@@ -152,8 +158,35 @@ def _act(
         reports = go()
     else:
         with policy_lock(policy.source, lock_timeout):
-            reports = go()
+            started = SystemClock().now()
+            try:
+                reports = go()
+            except SnapsyncError as e:
+                record_run(policy, command_name, [], started, SystemClock().now(), error=str(e))
+                raise
+            record_run(policy, command_name, reports, started, SystemClock().now())
+        _log_outcomes(command_name, reports)
     return _finish(reports, as_json, explain=explain)
+
+
+def _log_outcomes(command_name: str, reports: list[GroupReport]) -> None:
+    """One line per group and target for the journal: what the table shows, as events."""
+    log = logging.getLogger("snapsync")
+    for r in reports:
+        facts = {"event": f"{command_name}-group", "group": r.group, "ok": not r.errors, "snapshot": r.snapshot,
+                 "deleted": len(r.deleted), "errors": r.errors}
+        if r.errors:
+            log.warning("%s: group %s failed: %s", command_name, r.group, "; ".join(r.errors), extra=facts)
+        else:
+            log.info("%s: group %s ok (snapshot %s, %d pruned)", command_name, r.group, r.snapshot or "none taken", len(r.deleted), extra=facts)
+        for t in r.targets:
+            facts = {"event": f"{command_name}-target", "group": t.group, "target": t.target, "direction": t.direction, "ok": t.ok,
+                     "bytes": t.bytes_sent, "sent": len(t.sent), "lag_seconds": None if t.lag is None else int(t.lag.total_seconds()),
+                     "seconds": round(t.seconds, 3), "errors": t.errors}
+            if t.errors:
+                log.warning("%s: %s %s %s failed: %s", command_name, t.group, "<-" if t.direction == "pull" else "->", t.target, "; ".join(t.errors), extra=facts)
+            else:
+                log.info("%s: %s %s %s ok (%d sent, %d bytes)", command_name, t.group, "<-" if t.direction == "pull" else "->", t.target, len(t.sent), t.bytes_sent, extra=facts)
 
 
 @app.command()
@@ -164,7 +197,7 @@ def snapshot(
     lock_timeout: LockTimeoutOpt = 60.0,
 ) -> int:
     """Take a snapshot of the given groups now, whether due or not (one name across each group)."""
-    return _act(groups, take=True, only_due=False, prune=False, dry_run=dry_run, as_json=as_json, lock_timeout=lock_timeout)
+    return _act("snapshot", groups, take=True, only_due=False, prune=False, dry_run=dry_run, as_json=as_json, lock_timeout=lock_timeout)
 
 
 @app.command()
@@ -177,7 +210,7 @@ def prune(
 ) -> int:
     """Delete the snapshots that no retention rule keeps. Foreign snapshots are never touched."""
     return _act(
-        groups, take=False, only_due=False, prune=True, dry_run=dry_run, as_json=as_json,
+        "prune", groups, take=False, only_due=False, prune=True, dry_run=dry_run, as_json=as_json,
         lock_timeout=lock_timeout, explain=explain,
     )
 
@@ -191,7 +224,7 @@ def run(
 ) -> int:
     """What cron or the systemd timer calls: snapshot what is due, replicate to every target, prune both sides."""
     return _act(
-        None, take=True, only_due=True, prune=True, dry_run=dry_run, as_json=as_json,
+        "run", None, take=True, only_due=True, prune=True, dry_run=dry_run, as_json=as_json,
         lock_timeout=lock_timeout, explain=explain, replicate=True,
     )
 
@@ -213,7 +246,7 @@ def replicate(
     overwritten unless the target's policy says on_diverged = "rollback".
     """
     return _act(
-        group, take=False, only_due=False, prune=False, dry_run=dry_run, as_json=as_json,
+        "replicate", group, take=False, only_due=False, prune=False, dry_run=dry_run, as_json=as_json,
         lock_timeout=lock_timeout, replicate=True, targets=targets, prune_targets=not no_prune,
     )
 
@@ -326,6 +359,60 @@ def list_(
         for t in pulls:
             render_target_state(out, t)
     return EXIT_PARTIAL if failed else EXIT_OK
+
+
+@app.command()
+def check(
+    groups: GroupsArg = None,
+    local: Annotated[bool, typer.Option("--local", help="Judge this host's snapshots only; do not ask the targets.")] = False,
+    no_ping: Annotated[bool, typer.Option("--no-ping", help="Do not ping [monitoring] ping_url.")] = False,
+    as_json: JsonOpt = False,
+) -> int:
+    """Monitoring plugin: is the newest snapshot, here and on every target, fresh enough?
+
+    Each group's newest complete snapshot is judged against its warn_after/crit_after; each target
+    is asked what it holds (the target's own thresholds, else the group's); a failed restore drill
+    warns. Prints one line (Nagios format, with perfdata) and exits 0 OK, 1 WARNING, 2 CRITICAL,
+    3 UNKNOWN (a target that cannot be asked). Pings [monitoring] ping_url, with /fail when not OK
+    or WARNING. Takes no lock and changes nothing.
+    """
+    import os
+
+    from snapsync.check import Status, assess, summary, verdict
+    from snapsync.clock import SystemClock
+    from snapsync.ping import ping
+    from snapsync.runner import select_groups
+
+    os.environ.setdefault("SNAPSYNC_RETRY_ATTEMPTS", "2")  # a monitoring plugin has a deadline
+    try:
+        policy = _load()
+        selected = select_groups(policy, groups or []) if policy.groups or groups else []
+        pulls = [] if groups else list(policy.pulls)
+        findings = assess(policy, _runner(policy), selected, pulls, local, SystemClock().now())
+    except SnapsyncError as e:
+        status = Status(e.exit_code) if 0 < e.exit_code <= 3 else Status.UNKNOWN
+        line = f"SNAPSYNC {status.name} - {' '.join(str(e).split())}"
+        findings = []
+        policy = None
+    else:
+        status = verdict(findings)
+        line = summary(findings)
+    pinged: str | None = None
+    if policy is not None and policy.monitoring.ping_url and not no_ping:
+        try:
+            ping(policy.monitoring.ping_url, status in (Status.OK, Status.WARNING), line, policy.monitoring.ping_timeout.total_seconds())
+            pinged = "ok"
+        except SnapsyncError as e:
+            pinged = str(e)
+            err.print(f"snapsync: warning: {e}", markup=False)
+    if as_json:
+        print(json.dumps({
+            "status": status.name, "exit_code": int(status), "summary": line,
+            "checks": [f.to_json() for f in findings], "ping": pinged,
+        }))
+    else:
+        print(line)
+    return int(status)
 
 
 @policy_app.command("check")
@@ -503,12 +590,15 @@ def drill(
     reports = []
     from snapsync.scratch import signals_raise
 
+    from snapsync.metrics import record_drills
+
     with signals_raise(), policy_lock(policy.source, lock_timeout), _progress(as_json) as progress:  # SIGTERM cleans up too
         for group in selected:
             for name in group.targets:
                 if target and name not in target:
                     continue
                 reports.append(run_drill(policy, group, name, runner.backend(group), SystemClock().now(), scratch_parent=scratch, progress=progress))
+        record_drills(policy, reports, SystemClock().now())
     if as_json:
         print(json.dumps({"drills": [r.to_json() for r in reports]}))
     else:

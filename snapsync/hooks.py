@@ -107,14 +107,16 @@ class Hooks:
                 finally:
                     report.seconds = time.monotonic() - started
                 if report.status == "failed":
-                    log.error("group %s: %s hook failed: %s", self.moment.group, hook.type, report.message)
+                    log.error("group %s: %s hook failed: %s", self.moment.group, hook.type, report.message, extra={
+                        "event": "hook-failed", "group": self.moment.group, "hook": report.index, "type": hook.type})
                     if hook.on_failure == "abort":
                         proceed = False
                         break
             yield proceed
         for report in self.reports:
             if report.status == "cleanup-failed":
-                log.error("group %s: %s hook: %s", self.moment.group, report.kind, report.message)
+                log.error("group %s: %s hook: %s", self.moment.group, report.kind, report.message, extra={
+                    "event": "hook-cleanup-failed", "group": self.moment.group, "hook": report.index, "type": report.kind})
 
     @property
     def failed(self) -> list[HookReport]:

@@ -109,6 +109,7 @@ class Offsite:
         archive.store.check()
         sources = {ds: source_snaps(self.group.prefix, self.backend.list_snapshots(ds)) for ds in self.group.datasets}
         states = archive.scan(self.group.name)
+        report.reached = True
         self._same_host(states)
         keys = {ds: dataset_key(ds) for ds in self.group.datasets}
         if not dry_run:
@@ -256,6 +257,9 @@ class Offsite:
             "%s -> %s: %s %s uploaded (%s, %d raw bytes as %d stored, %d chunk(s)%s)",
             self.group.name, self.target_name, ds, up.name, "full" if up.full else f"incremental from {up.parent}",
             final.raw_bytes, final.stored_bytes, len(final.chunks), f", {done} kept from before" if done else "",
+            extra={"event": "uploaded", "group": self.group.name, "target": self.target_name, "dataset": ds,
+                   "snapshot": up.name, "base": up.parent, "bytes": final.raw_bytes, "stored_bytes": final.stored_bytes,
+                   "chunks": len(final.chunks), "seconds": round(meter.seconds, 3)},
         )
         return final
 
@@ -292,6 +296,7 @@ class Offsite:
             commons.append(max(stored, key=lambda m: (m.created, m.snapshot)))
         oldest = min(commons, key=lambda m: (m.created, m.snapshot))
         report.newest_common = oldest.snapshot
+        report.newest_common_time = oldest.created
         report.lag = top.created - oldest.created
         if report.lagging:
             report.notes.append(f"{self.target_name} lags behind the source by more than max_lag")

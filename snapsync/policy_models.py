@@ -270,6 +270,8 @@ class Defaults(_Table):
     timezone: TimeZone = "UTC"
     interval: Duration = timedelta(hours=1)
     snapshot_dir: SnapshotDir = ".snapsync"
+    warn_after: Duration | None = None
+    crit_after: Duration | None = None
     retention: Annotated[RetentionRules, _Merged(base=RetentionRules(), require_keep=False)] = Field(
         default_factory=lambda: retention_table(BUILTIN_RETENTION), validate_default=True
     )
@@ -358,6 +360,14 @@ class _Target(_Table):
     on_diverged: Literal["refuse", "rollback"] = "refuse"
     compress: Literal["none", "zstd"] = "none"
     rate_limit: RateLimit | None = None
+    warn_after: Duration | None = None
+    """`snapsync check`: the newest copy here may be this old before WARNING (default: the group's)."""
+    crit_after: Duration | None = None
+
+    @model_validator(mode="after")
+    def _ordered_thresholds(self) -> Any:
+        _check_thresholds(self.warn_after, self.crit_after)
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -529,6 +539,10 @@ class Group(_Table):
     """zfs: send raw (``-w``) streams even for unencrypted datasets; encrypted ones are always raw."""
     send_compressed: bool = True
     """zfs: send blocks compressed as they are on disk (``-c``)."""
+    warn_after: Duration
+    """`snapsync check`: the newest snapshot may be this old before WARNING (default: twice the interval)."""
+    crit_after: Duration
+    """... and this old before CRITICAL (default: twice warn_after)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -544,7 +558,26 @@ class Group(_Table):
         }
         if data.get("backend") == "btrfs":
             fill["snapshot_dir"] = defaults.snapshot_dir
-        return fill | data
+        data = fill | data
+        warn, crit = data.get("warn_after", defaults.warn_after), data.get("crit_after", defaults.crit_after)
+        try:
+            interval = _duration(data["interval"])
+            warn = 2 * interval if warn is None else _duration(warn)
+        except (ValueError, TypeError, KeyError):  # a bad interval or warn_after is reported at its own key
+            warn = None
+        if warn is None:
+            return {"warn_after": timedelta(0), "crit_after": timedelta(0)} | data
+        return {"warn_after": warn, "crit_after": 2 * warn if crit is None else crit} | data
+
+    @model_validator(mode="after")
+    def _thresholds_after_interval(self) -> Group:
+        if self.warn_after <= self.interval:
+            raise Problem(
+                f"{format_duration(self.warn_after)} is not longer than interval ({format_duration(self.interval)}): "
+                "every check between two snapshots would warn", "warn_after",
+            )
+        _check_thresholds(self.warn_after, self.crit_after)
+        return self
 
     @field_validator("datasets")
     @classmethod
@@ -584,6 +617,23 @@ class Group(_Table):
         return self
 
 
+def _check_thresholds(warn: timedelta | None, crit: timedelta | None) -> None:
+    if warn is not None and crit is not None and crit <= warn:
+        raise Problem(
+            f"{format_duration(crit)} is not longer than warn_after ({format_duration(warn)})", "crit_after"
+        )
+
+
+class Monitoring(_Table):
+    """The ``[monitoring]`` table: where metrics go and whom `snapsync check` tells (docs/monitoring.md)."""
+
+    textfile: AbsolutePath | None = None
+    """Prometheus textfile (node_exporter's textfile collector); default ``<state dir>/metrics/snapsync.prom``."""
+    ping_url: Url | None = None
+    """A healthchecks-style URL `snapsync check` requests: as is when fresh, with ``/fail`` appended when not."""
+    ping_timeout: Duration = timedelta(seconds=10)
+
+
 def _check_version(version: int) -> int:
     if version != POLICY_VERSION:
         raise ValueError(f"unsupported policy version {version}: this snapsync reads version {POLICY_VERSION}")
@@ -600,6 +650,7 @@ class Policy(_Table):
     groups: dict[Name, Group] = Field(default_factory=dict)
     targets: dict[Name, Target] = Field(default_factory=dict)
     pulls: dict[Name, Pull] = Field(default_factory=dict)
+    monitoring: Monitoring = Monitoring()
 
     @model_validator(mode="before")
     @classmethod

@@ -194,6 +194,11 @@ class TargetReport:
     pruned: list[str] = field(default_factory=list)
     have: dict[str, list[str]] = field(default_factory=dict)
     """Complete copies on the target per dataset, after this run (what `list` shows)."""
+    newest_common_time: datetime | None = None
+    """When ``newest_common`` was taken: how fresh the target's copy of the whole group is."""
+    seconds: float = 0.0
+    reached: bool = False
+    """The target answered (its listing came back), whatever went wrong afterwards."""
 
     @property
     def ok(self) -> bool:
@@ -223,7 +228,10 @@ class TargetReport:
             "rolled_back": self.rolled_back,
             "newest_source": self.newest_source,
             "newest_common": self.newest_common,
+            "newest_common_time": None if self.newest_common_time is None else self.newest_common_time.isoformat(),
             "lag_seconds": None if self.lag is None else int(self.lag.total_seconds()),
+            "seconds": round(self.seconds, 3),
+            "reached": self.reached,
             "max_lag_seconds": None if self.max_lag is None else int(self.max_lag.total_seconds()),
             "lagging": self.lagging,
             "held_back": self.held_back,
@@ -363,6 +371,7 @@ class Replication:
             report.errors.append(f"target unreachable: {e}" if isinstance(e, TransientError) else str(e))
             self._lag(report, sources, {})
             return report
+        report.reached = True
         commons: dict[str, str | None] = {}
         for link in self.links:
             copies = [Copy.from_json(c) for c in listing.get(link.path, [])]
@@ -434,7 +443,9 @@ class Replication:
                 deleted = self.sink.delete(link.path, list(step.destroys), allow_writable=True)
                 report.rolled_back += [f"{link.ref}: {n}" for n in deleted]
                 have.difference_update(deleted)
-                log.warning("%s -> %s: rolled target back to %s, destroyed %s", self.group, self.target, step.to, deleted)
+                log.warning("%s -> %s: rolled target back to %s, destroyed %s", self.group, self.target, step.to, deleted,
+                            extra={"event": "target-rolled-back", "group": self.group, "target": self.target,
+                                   "dataset": link.ref, "snapshot": step.to, "destroyed": deleted})
             elif isinstance(step, (SendFull, SendIncremental)):
                 base = None
                 if isinstance(step, SendIncremental):
@@ -461,7 +472,9 @@ class Replication:
         report.removed_partials += [f"{link.ref}: {n}" for n in removed]
         report.sent.append(Sent(link.ref, snap.name, base, meter.bytes, meter.seconds))
         log.info("%s: %s sent (%d bytes, %.1fs)", what, "full" if base is None else f"incremental from {base}",
-                 meter.bytes, meter.seconds)
+                 meter.bytes, meter.seconds, extra={
+                     "event": "sent", "group": self.group, "target": self.target, "dataset": link.ref, "snapshot": snap.name,
+                     "base": base, "bytes": meter.bytes, "seconds": round(meter.seconds, 3), "direction": self.direction})
 
     def _resume(self, link: DatasetLink, token: str, report: TargetReport) -> None:
         """Finish a ZFS receive that was interrupted, from the byte where it stopped.
@@ -482,7 +495,9 @@ class Replication:
             return
         name = str(response.get("name"))
         report.sent.append(Sent(link.ref, name, "(resumed)", meter.bytes, meter.seconds))
-        log.info("%s -> %s: %s %s resumed (%d bytes)", self.group, self.target, link.ref, name, meter.bytes)
+        log.info("%s -> %s: %s %s resumed (%d bytes)", self.group, self.target, link.ref, name, meter.bytes, extra={
+            "event": "sent", "group": self.group, "target": self.target, "dataset": link.ref, "snapshot": name,
+            "resumed": True, "bytes": meter.bytes, "seconds": round(meter.seconds, 3), "direction": self.direction})
 
     def _lag(self, report: TargetReport, sources: dict[str, list[SnapshotInfo]], commons: dict[str, str | None]) -> None:
         """How far the target is behind: newest source snapshot vs the oldest per-dataset common one.
@@ -510,6 +525,7 @@ class Replication:
         report.newest_common = oldest
         t_new, t_old = ours(self.prefix, newest), ours(self.prefix, oldest)
         assert t_new is not None and t_old is not None
+        report.newest_common_time = t_old
         report.lag = t_new - t_old
         if report.lagging:
             report.held_back = sorted(set(common_names))

@@ -32,7 +32,8 @@ def retrying(what: str | Callable[[], str]) -> Retrying:
         error = state.outcome.exception() if state.outcome else None
         label = what() if callable(what) else what
         text = str(error) if str(error).startswith(label) else f"{label}: {error}"
-        log.warning("%s; retrying (attempt %d of %d)", text, state.attempt_number + 1, attempts)
+        log.warning("%s; retrying (attempt %d of %d)", text, state.attempt_number + 1, attempts,
+                    extra={"event": "retry", "attempt": state.attempt_number + 1, "attempts": attempts})
 
     return Retrying(
         retry=retry_if_exception_type(TransientError),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -45,6 +46,8 @@ class GroupReport:
     released: list[str] = field(default_factory=list)
     targets: list[TargetReport] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    """The kind of each error (snapshot, hook, replicate, pull, prune), for metrics."""
     hooks: list[HookReport] = field(default_factory=list)
 
     @property
@@ -145,12 +148,14 @@ class Runner:
                 else:
                     what = "snapshot skipped" if report.snapshot is None else f"snapshot {name} taken anyway"
                 report.errors.append(f"hook {failed.index} ({failed.kind}) {failed.status}: {failed.message} ({what})")
+                report.failures.append("hook")
         if report.snapshot is None:
             return
         for hook in hooks.reports:
             if hook.backup_label is not None:
                 self.backend(group).annotate(group.datasets[0], name, "backup_label", hook.backup_label)
-        log.info("group %s: took snapshot %s of %d dataset(s)", group.name, name, len(group.datasets))
+        log.info("group %s: took snapshot %s of %d dataset(s)", group.name, name, len(group.datasets), extra={
+            "event": "snapshot", "group": group.name, "snapshot": name, "datasets": len(group.datasets)})
 
     def replication_pins(self, group: Group, report: GroupReport, raw: Mapping[str, Sequence[SnapshotInfo]]) -> dict[str, list[str]]:
         """Pins for the group's own pruning: every snapshot a target (or a pulling host) still needs.
@@ -212,8 +217,10 @@ class Runner:
                 backend.destroy(dataset, names)
             except SnapsyncError as e:
                 report.errors.append(f"prune {dataset}: {e}")
+                report.failures.append("prune")
                 continue
-            log.info("group %s: pruned %d snapshot(s) of %s", group.name, len(names), dataset)
+            log.info("group %s: pruned %d snapshot(s) of %s", group.name, len(names), dataset, extra={
+                "event": "pruned", "group": group.name, "dataset": dataset, "snapshots": names})
         report.deleted = [d.name for d in plan.removed]
 
     def replication(self, group: Group, target_name: str) -> Replication | None:
@@ -256,7 +263,7 @@ class Runner:
             direction="pull",
             progress=self.progress,
         )
-        report.targets.append(replication.run(dry_run=report.dry_run, prune=prune))
+        report.targets.append(_timed(lambda: replication.run(dry_run=report.dry_run, prune=prune)))
 
     def offsite(self, group: Group, target_name: str) -> Offsite:
         from snapsync.offsite import Offsite
@@ -273,11 +280,12 @@ class Runner:
             if targets and name not in targets:
                 continue
             if isinstance(self.policy.targets[name], (DirTarget, S3Target)):
-                report.targets.append(self.offsite(group, name).run(dry_run=report.dry_run, prune=prune))
+                offsite = self.offsite(group, name)
+                report.targets.append(_timed(lambda: offsite.run(dry_run=report.dry_run, prune=prune)))
                 continue
             replication = self.replication(group, name)
             assert replication is not None
-            report.targets.append(replication.run(dry_run=report.dry_run, prune=prune))
+            report.targets.append(_timed(lambda: replication.run(dry_run=report.dry_run, prune=prune)))
 
     def run(
         self,
@@ -322,4 +330,12 @@ class Runner:
             step()
         except SnapsyncError as e:
             report.errors.append(f"{what}: {e}")
-            log.error("group %s: %s failed: %s", report.group, what, e)
+            report.failures.append(what)
+            log.error("group %s: %s failed: %s", report.group, what, e, extra={"event": f"{what}-failed", "group": report.group})
+
+
+def _timed(step: Callable[[], TargetReport]) -> TargetReport:
+    started = time.monotonic()
+    report = step()
+    report.seconds = time.monotonic() - started
+    return report

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_subvolume
+from tests.promtext import Metrics
 from tests.replication.helpers import copies_dir, run_json, snapsync, write_policy
 
 pytestmark = pytest.mark.btrfs
@@ -73,6 +74,12 @@ def test_drills_pass_on_good_backups_and_are_recorded(
         assert recorded["ok"] and recorded["snapshot"] == d["snapshot"]
     assert not [m for m in Path("/proc/mounts").read_text().splitlines() if "snapsync-drill" in m]
     assert list(scratch_parent.iterdir()) == []  # cleaned up
+    metrics = Metrics(Path(state["SNAPSYNC_STATE_DIR"]) / "metrics" / "snapsync.prom")
+    for name, d in drills.items():
+        assert metrics.one("snapsync_drill_ok", group="app", target=name) == 1
+        assert metrics.one("snapsync_drill_restored_bytes", group="app", target=name) == d["restored_bytes"] > 0
+        assert metrics.one("snapsync_drill_last_success_timestamp_seconds", group="app", target=name) > 0
+        assert metrics.one("snapsync_failures_total", group="app", target=name, kind="drill") == 0
 
 
 def test_a_drill_fails_loudly_on_a_changed_copy_and_on_a_damaged_chunk(
@@ -97,6 +104,14 @@ def test_a_drill_fails_loudly_on_a_changed_copy_and_on_a_damaged_chunk(
     assert usb[f"sqlite {app}/home-assistant_v2.db"]["ok"]
     text = snapsync("-p", str(policy), "drill", "--scratch", str(scratch_parent), "--target", "usb", env=state)
     assert text.returncode == 1 and "FAILED" in text.stdout and "1 differ (data.txt)" in text.stdout
+    metrics = Metrics(Path(state["SNAPSYNC_STATE_DIR"]) / "metrics" / "snapsync.prom")
+    assert metrics.one("snapsync_drill_ok", group="app", target="usb") == 0
+    assert metrics.one("snapsync_failures_total", group="app", target="usb", kind="drill") == 2
+    assert metrics.one("snapsync_failures_total", group="app", target="nas", kind="drill") == 1
+    assert metrics.get("snapsync_drill_last_success_timestamp_seconds", group="app", target="usb") is None
+    checked = snapsync("-p", str(policy), "check", env=state)
+    assert checked.returncode == 1, checked.stdout
+    assert "app drill from usb: last drill" in checked.stdout and "app drill from nas: last drill" in checked.stdout
 
 
 def test_a_postgres_group_restored_from_offsite_starts_and_answers_its_check_query(

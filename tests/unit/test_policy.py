@@ -110,6 +110,14 @@ MALFORMED = [
     ("retention keeps nothing", BASE + "[groups.app.retention]\nhourly = 0\ndaily = 0\nweekly = 0\nmonthly = 0\nyearly = 0\n", "groups.app.retention", "retention keeps only the newest snapshot; set keep_last = 1"),
     ("retention empty defaults", with_defaults("[defaults.retention]\n"), "groups.app.retention", "keeps only the newest snapshot"),
     ("retention not a table", BASE + "retention = 7\n", "groups.app.retention", "expected a table, got 7"),
+    ("warn_after not past interval", BASE + 'interval = "1d"\nwarn_after = "12h"\n', "groups.app.warn_after", "12h is not longer than interval (1d)"),
+    ("crit_after before warn_after", BASE + 'warn_after = "6h"\ncrit_after = "3h"\n', "groups.app.crit_after", "3h is not longer than warn_after (6h)"),
+    ("crit_after under default warn", with_defaults('[defaults]\ncrit_after = "1h"\n'), "groups.app.crit_after", "1h is not longer than warn_after (2h)"),
+    ("warn_after bad duration", BASE + 'warn_after = "later"\n', "groups.app.warn_after", "invalid duration 'later'"),
+    ("target crit before warn", BASE + SSH_TARGET + 'warn_after = "1d"\ncrit_after = "1d"\n', "targets.nas.crit_after", "1d is not longer than warn_after (1d)"),
+    ("monitoring ping_url", BASE + '[monitoring]\nping_url = "hc-ping.com/x"\n', "monitoring.ping_url", "expected http://... or https://..."),
+    ("monitoring textfile relative", BASE + '[monitoring]\ntextfile = "snapsync.prom"\n', "monitoring.textfile", "absolute path"),
+    ("monitoring unknown key", BASE + '[monitoring]\npingurl = "https://x"\n', "monitoring.pingurl", "did you mean 'ping_url'?"),
     ("hook type missing", BASE + '[[groups.app.hooks]]\ndsn = "x"\n', "groups.app.hooks[0].type", "missing required key (one of 'postgres', 'sqlite', 'freeze', 'command')"),
     ("hook type unknown", BASE + '[[groups.app.hooks]]\ntype = "postgress"\n', "groups.app.hooks[0].type", "unknown type 'postgress'; expected one of 'postgres'"),
     ("hook unknown key", BASE + '[[groups.app.hooks]]\ntype = "postgres"\ndns = "x"\n', "groups.app.hooks[0].dns", "did you mean 'dsn'?"),
@@ -279,6 +287,15 @@ def test_present_defaults_retention_replaces_the_built_in_one() -> None:
     assert rules == RetentionRules(daily=7)
 
 
+def test_check_thresholds_default_from_the_interval_and_inherit() -> None:
+    group = parse_policy(BASE + 'interval = "6h"\n', SRC).groups["app"]
+    assert (group.warn_after, group.crit_after) == (timedelta(hours=12), timedelta(hours=24))
+    group = parse_policy(with_defaults('[defaults]\nwarn_after = "3h"\n'), SRC).groups["app"]
+    assert (group.warn_after, group.crit_after) == (timedelta(hours=3), timedelta(hours=6))
+    group = parse_policy(with_defaults('[defaults]\nwarn_after = "3h"\n') + 'crit_after = "1d"\n', SRC).groups["app"]
+    assert (group.warn_after, group.crit_after) == (timedelta(hours=3), timedelta(days=1))
+
+
 def test_keep_last_one_alone_is_accepted() -> None:
     text = BASE + "[groups.app.retention]\nkeep_last = 1\nhourly = 0\ndaily = 0\nweekly = 0\nmonthly = 0\nyearly = 0\n"
     assert parse_policy(text, SRC).groups["app"].retention == RetentionRules(keep_last=1)
@@ -302,9 +319,11 @@ def test_hooks_and_targets_get_their_defaults() -> None:
 
 def test_normalized_is_resolved_json() -> None:
     data = parse_policy(RICH, SRC).normalized()
-    assert set(data) == {"version", "host", "defaults", "groups", "targets"}
+    assert set(data) == {"version", "host", "defaults", "groups", "targets", "monitoring"}
     pg = data["groups"]["pg"]
     assert "name" not in pg and pg["interval"] == "1h30m" and pg["snapshot_dir"] == "/persist/.snapshots"
+    assert (pg["warn_after"], pg["crit_after"]) == ("3h", "6h")
+    assert data["monitoring"] == {"ping_timeout": "10s"}
     assert pg["retention"] == {"keep_last": 2, "keep_within": "1d12h", "hourly": 0, "daily": 0, "weekly": 3, "monthly": 6, "yearly": 0}
     assert pg["hooks"][0] == {"type": "postgres", "user": "postgres", "mode": "checkpoint", "timeout": "30s", "on_failure": "abort", "check_query": "SELECT 1"}
     assert "snapshot_dir" not in data["groups"]["media"]

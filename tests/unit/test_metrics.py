@@ -1,0 +1,81 @@
+"""The metrics state and textfile, pure: what a failed run keeps, what accumulates, what Prometheus reads."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from snapsync import __version__
+from snapsync.drill import Check, DrillReport
+from snapsync.hooks import HookReport
+from snapsync.logs import JsonFormatter, TextFormatter
+from snapsync.metrics import observe_drills, observe_run, write_textfile
+from snapsync.replicate import Sent, TargetReport
+from snapsync.runner import GroupReport
+from tests.promtext import Metrics
+
+T0 = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+PREFIXES = {"db": "snapsync"}
+
+
+def good(at: datetime) -> GroupReport:
+    name = f"snapsync_{at.strftime('%Y-%m-%dT%H:%M:%SZ')}"
+    target = TargetReport("db", "nas", sent=[Sent("/x", name, None, 1000, 1.0)], newest_source=name,
+                          newest_common=name, newest_common_time=at, lag=timedelta(0), seconds=2.5, reached=True)
+    return GroupReport("db", snapshot=name, targets=[target], hooks=[HookReport(0, "postgres", seconds=0.2)])
+
+
+def test_a_failed_run_keeps_the_last_success_and_counts_the_failure(tmp_path: Path) -> None:
+    state = observe_run({}, "run", [good(T0)], T0, T0 + timedelta(seconds=5), PREFIXES)
+    failed = GroupReport("db", errors=["hook 0 (postgres) failed: refused (snapshot skipped)"], failures=["hook"],
+                         hooks=[HookReport(0, "postgres", status="failed", message="refused")],
+                         targets=[TargetReport("db", "nas", errors=["target unreachable: x"])])
+    later = T0 + timedelta(hours=1)
+    state = observe_run(state, "run", [failed], later, later + timedelta(seconds=9), PREFIXES)
+    state = observe_run(state, "run", [good(T0 + 2 * timedelta(hours=1))], later, later + timedelta(hours=1), PREFIXES)
+    state = observe_run(state, "run", [failed], later, later + timedelta(hours=2), PREFIXES)
+    json.dumps(state)  # it is stored as JSON
+    path = tmp_path / "snapsync.prom"
+    write_textfile(path, state, later + timedelta(hours=2), "host1")
+    m = Metrics(path)
+    assert m.one("snapsync_info", version=__version__, host="host1") == 1
+    assert m.one("snapsync_last_run_success", command="run") == 0
+    assert m.one("snapsync_last_success_timestamp_seconds", command="run") == (later + timedelta(hours=1)).timestamp()
+    assert m.one("snapsync_failures_total", group="db", target="", kind="hook") == 2
+    assert m.one("snapsync_failures_total", group="db", target="nas", kind="replicate") == 2
+    assert m.one("snapsync_sent_bytes_total", group="db", target="nas") == 2000
+    assert m.one("snapsync_target_last_sent_bytes", group="db", target="nas") == 0
+    assert m.one("snapsync_newest_snapshot_timestamp_seconds", group="db") == (T0 + 2 * timedelta(hours=1)).timestamp()
+    assert m.one("snapsync_newest_snapshot_age_seconds", group="db") == 3600
+    assert m.one("snapsync_hook_ok", group="db", hook="0", type="postgres") == 0
+    assert m.one("snapsync_target_last_success_timestamp_seconds", group="db", target="nas") == (later + timedelta(hours=1)).timestamp()
+
+
+def test_dry_runs_change_nothing_and_drills_are_remembered(tmp_path: Path) -> None:
+    dry = GroupReport("db", dry_run=True, snapshot="snapsync_2026-11-26T12:00:00Z")
+    assert observe_run({}, "run", [dry], T0, T0, PREFIXES)["groups"] == {}
+    ok = DrillReport("db", "nas", T0, "s", 12.0, 4096, [Check("files /x", True, "identical")])
+    bad = DrillReport("db", "nas", T0, "s", 3.0, 0, [], error="chunk damaged")
+    state = observe_drills(observe_drills({}, [ok], T0), [bad], T0 + timedelta(days=1))
+    path = tmp_path / "d.prom"
+    write_textfile(path, state, T0 + timedelta(days=1), "h")
+    m = Metrics(path)
+    assert m.one("snapsync_drill_ok", group="db", target="nas") == 0
+    assert m.one("snapsync_drill_last_success_timestamp_seconds", group="db", target="nas") == T0.timestamp()
+    assert m.one("snapsync_failures_total", group="db", target="nas", kind="drill") == 1
+
+
+def record(msg: str, **extra: object) -> logging.LogRecord:
+    r = logging.LogRecord("snapsync", logging.WARNING, __file__, 1, msg, (), None)
+    r.__dict__.update(extra)
+    return r
+
+
+def test_log_lines_stay_one_line() -> None:
+    text = TextFormatter().format(record("stderr said:\nline two\r\n"))
+    assert text == "snapsync: warning: stderr said:\\nline two\\r\\n"
+    entry = json.loads(JsonFormatter().format(record("sent\nit", event="sent", group="db", bytes=5)))
+    assert (entry["msg"], entry["event"], entry["group"], entry["bytes"], entry["level"]) == ("sent\nit", "sent", "db", 5, "warning")
+    assert "\n" not in JsonFormatter().format(record("a\nb"))
