@@ -11,8 +11,9 @@ fi
 
 export DEBIAN_FRONTEND=noninteractive
 # zstd and openssh-client are used by replication; openssh-server (sshd) and postgresql (the hook
-# tests' PostgreSQL 15) only by the test suite, which starts its own servers with private configs.
-apt_packages=(btrfs-progs libbtrfsutil-dev gcc python3-dev python3-venv util-linux mount zstd openssh-client openssh-server postgresql)
+# tests' PostgreSQL 15) only by the test suite, which starts its own servers with private configs;
+# prometheus (promtool), nix-bin (nix-instantiate) and systemd (systemd-analyze) check deploy/.
+apt_packages=(btrfs-progs libbtrfsutil-dev gcc python3-dev python3-venv util-linux mount zstd openssh-client openssh-server postgresql prometheus nix-bin systemd)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -11,13 +11,14 @@ keeps counting while snapsync does not run. Reference: docs/monitoring.md.
 from __future__ import annotations
 
 import logging
+import os
 import socket
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, write_to_textfile
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -123,7 +124,11 @@ def observe_drills(state: State, reports: Sequence[DrillReport], finished: datet
     return state
 
 
-def families(state: State, now: datetime, host: str) -> list[Metric]:
+Limits = Mapping[tuple[str, str], tuple[float, float]]
+"""(group, target or "") -> (warn_after, crit_after) in seconds: the policy's, so alerts agree with `check`."""
+
+
+def families(state: State, now: datetime, host: str, limits: Limits | None = None) -> list[Metric]:
     """Every metric family the textfile holds, from the remembered state at ``now``."""
     fams: dict[str, Metric] = {}
 
@@ -135,6 +140,13 @@ def families(state: State, now: datetime, host: str) -> list[Metric]:
 
     gauge("snapsync_info", "snapsync's version and the host it runs on.", ["version", "host"]).add_metric([__version__, host], 1)
     gauge("snapsync_textfile_written_timestamp_seconds", "When snapsync last wrote this file.", []).add_metric([], now.timestamp())
+    for (group, target), (warn, crit) in sorted((limits or {}).items()):
+        if target:
+            gauge("snapsync_target_warn_after_seconds", "The policy's warn_after for the target's newest copy.", ["group", "target"]).add_metric([group, target], warn)
+            gauge("snapsync_target_crit_after_seconds", "The policy's crit_after for the target's newest copy.", ["group", "target"]).add_metric([group, target], crit)
+        else:
+            gauge("snapsync_snapshot_warn_after_seconds", "The policy's warn_after for the group's newest snapshot.", ["group"]).add_metric([group], warn)
+            gauge("snapsync_snapshot_crit_after_seconds", "The policy's crit_after for the group's newest snapshot.", ["group"]).add_metric([group], crit)
     for command, c in sorted(state.get("commands", {}).items()):
         gauge("snapsync_last_run_timestamp_seconds", "When the command last finished.", ["command"]).add_metric([command], c["last_run"])
         gauge("snapsync_last_run_success", "1 if the command's last run succeeded for every group and target.", ["command"]).add_metric([command], float(c["ok"]))
@@ -205,19 +217,46 @@ def textfile_path(policy: Policy) -> Path:
     return Path(policy.monitoring.textfile) if policy.monitoring.textfile else state_dir() / "metrics" / "snapsync.prom"
 
 
-def write_textfile(path: Path, state: State, now: datetime, host: str) -> None:
-    """Atomically (prometheus-client writes a temporary file beside it and renames it over)."""
+def policy_limits(policy: Policy) -> dict[tuple[str, str], tuple[float, float]]:
+    from snapsync.check import thresholds
+
+    out: dict[tuple[str, str], tuple[float, float]] = {}
+    for group in policy.groups.values():
+        out[(group.name, "")] = (group.warn_after.total_seconds(), group.crit_after.total_seconds())
+        for name in group.targets:
+            t = thresholds(policy, group, name)
+            out[(group.name, name)] = (t.warn.total_seconds(), t.crit.total_seconds())
+    for name in policy.pulls:
+        t = thresholds(policy, None, name)
+        out[(name, name)] = (t.warn.total_seconds(), t.crit.total_seconds())  # a pull reports as group and target
+    return out
+
+
+def write_textfile(path: Path, state: State, now: datetime, host: str, limits: Limits | None = None) -> None:
+    """Atomically: a temporary file beside it (not ``*.prom``, so the collector never reads it half
+    written), renamed over. Mode 0644 whatever the umask: node_exporter runs as another user."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Families(families(state, now, host)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_to_textfile(str(path), registry)
+    registry.register(_Families(families(state, now, host, limits)))
+    data = generate_latest(registry)
+    if not path.parent.is_dir():
+        path.parent.mkdir(parents=True)
+        path.parent.chmod(0o755)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.fchmod(fd, 0o644)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
 
 
 def _save(policy: Policy, state: State, now: datetime) -> None:
     """Metrics never fail a backup: a problem writing them is logged, and the command's exit status stands."""
     try:
         write_json(state_path(), state)
-        write_textfile(textfile_path(policy), state, now, policy.host or socket.gethostname().split(".")[0])
+        write_textfile(textfile_path(policy), state, now, policy.host or socket.gethostname().split(".")[0], policy_limits(policy))
     except OSError as e:
         log.warning("could not write metrics: %s", e, extra={"event": "metrics-failed"})
 

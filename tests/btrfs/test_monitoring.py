@@ -115,7 +115,8 @@ def test_metrics_after_good_and_failed_runs(btrfs_root: Path, target_root: Path,
     assert m.one("snapsync_last_run_success", command="prune") == 1
     assert m.one("snapsync_last_run_success", command="replicate") == 1
     assert m.one("snapsync_last_run_success", command="run") == 0
-    assert not list(textfile(tmp_path).parent.glob("*.prom.*"))  # no temporary file left beside it
+    assert [p.name for p in textfile(tmp_path).parent.iterdir()] == ["snapsync.prom"]  # no temporary file left
+    assert textfile(tmp_path).stat().st_mode & 0o777 == 0o644  # node_exporter is another user
 
 
 def test_the_textfile_goes_where_the_policy_says_and_a_failure_to_write_it_fails_no_backup(

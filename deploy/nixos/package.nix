@@ -1,0 +1,22 @@
+# snapsync as a Nix package, built from this source tree:
+#   pkgs.python3Packages.callPackage ./package.nix { }
+{ lib, buildPythonApplication, setuptools, pydantic, typer, rich, tenacity, btrfsutil, tzdata, tomli-w
+, psycopg, boto3, cryptography, zstandard, prometheus-client }:
+
+buildPythonApplication {
+  pname = "snapsync";
+  version = "0.1.0";
+  pyproject = true;
+  src = lib.cleanSource ../..;
+  build-system = [ setuptools ];
+  dependencies = [
+    pydantic typer rich tenacity btrfsutil tzdata tomli-w psycopg boto3 cryptography zstandard prometheus-client
+  ];
+  # The test suite needs root, loop devices and real servers: it runs in CI, not in the sandbox.
+  doCheck = false;
+  pythonImportsCheck = [ "snapsync" ];
+  meta = {
+    description = "Consistency-group snapshots of btrfs subvolumes and ZFS datasets, replication, GFS retention";
+    mainProgram = "snapsync";
+  };
+}

@@ -1,0 +1,133 @@
+"""The deployment files are what their tools accept: promtool (rules, and the rules' own unit tests),
+systemd-analyze (units), nix-instantiate (the NixOS module), and our CLI (every command they run)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+UNITS = sorted((DEPLOY / "systemd").glob("*.service")) + sorted((DEPLOY / "systemd").glob("*.timer"))
+
+
+def tool(name: str) -> str:
+    """The tool's path; CI installs every one (install.sh), so there a missing tool fails."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI") == "true" or os.environ.get("SNAPSYNC_REQUIRE_BTRFS") == "1":
+            pytest.fail(f"{name} is not installed (install.sh installs it)")
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+def test_alerting_rules_pass_promtool_and_their_unit_tests() -> None:
+    promtool = tool("promtool")
+    checked = subprocess.run([promtool, "check", "rules", "snapsync.rules.yml"], cwd=DEPLOY / "prometheus", capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "SUCCESS: 11 rules found" in checked.stdout
+    tested = subprocess.run([promtool, "test", "rules", "snapsync.rules.test.yml"], cwd=DEPLOY / "prometheus", capture_output=True, text=True)
+    assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
+
+
+def test_every_metric_the_rules_use_is_one_snapsync_writes() -> None:
+    from datetime import UTC, datetime
+
+    from snapsync.metrics import families
+
+    rules = (DEPLOY / "prometheus" / "snapsync.rules.yml").read_text()
+    used = set(re.findall(r"\b(snapsync_[a-z_]+)", rules))
+    everything = {
+        "commands": {"run": {"last_run": 1.0, "ok": False, "duration": 1.0, "last_success": 1.0, "failures": 1}},
+        "groups": {"g": {"ok": True, "last_success": 1.0, "newest_snapshot": 1.0, "kept": 1, "deleted_total": 0,
+                         "failures": {"hook": 1}, "hooks": [{"index": 0, "type": "freeze", "ok": True, "seconds": 1.0, "paused": 0.1}]}},
+        "targets": {"g/t": {"group": "g", "target": "t", "direction": "push", "ok": True, "last_duration": 1.0, "last_sent_bytes": 1,
+                            "sent_bytes_total": 1, "sent_total": 1, "last_success": 1.0, "newest_copy": 1.0, "lag": 0.0, "kept": 1}},
+        "drills": {"g/t": {"group": "g", "target": "t", "ok": True, "last_run": 1.0, "duration": 1.0, "restored_bytes": 1, "last_success": 1.0}},
+    }
+    written = set()
+    for family in families(everything, datetime.now(UTC), "h", {("g", ""): (1.0, 2.0), ("g", "t"): (1.0, 2.0)}):
+        written |= {s.name for s in family.samples}
+    assert used - written == set()
+
+
+def installed_units(tmp_path: Path) -> list[Path]:
+    """The units as shipped, with ExecStart pointing at this checkout's snapsync (verify needs it to exist)."""
+    snapsync = Path(sys.executable).with_name("snapsync")
+    assert snapsync.exists(), snapsync
+    out = []
+    for unit in UNITS:
+        copy = tmp_path / unit.name
+        copy.write_text(unit.read_text().replace("/usr/local/bin/snapsync", str(snapsync)))
+        out.append(copy)
+    return out
+
+
+def test_systemd_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    analyze = tool("systemd-analyze")
+    units = installed_units(tmp_path)
+    verified = subprocess.run([analyze, "verify", *map(str, units)], capture_output=True, text=True)
+    assert verified.returncode == 0 and not verified.stderr.strip(), verified.stdout + verified.stderr
+
+
+def test_units_are_persistent_randomized_and_sandboxed() -> None:
+    for timer in (DEPLOY / "systemd").glob("*.timer"):
+        text = timer.read_text()
+        assert re.search(r"^RandomizedDelaySec=\S+", text, re.M), timer.name
+        assert re.search(r"^OnCalendar=\S", text, re.M), timer.name
+        assert timer.with_suffix(".service").exists(), timer.name
+        if timer.name != "snapsync-check.timer":
+            assert "\nPersistent=true\n" in text, timer.name
+    for service in (DEPLOY / "systemd").glob("*.service"):
+        text = service.read_text()
+        for option in ("NoNewPrivileges=yes", "PrivateTmp=yes", "ProtectKernelModules=yes", "RestrictAddressFamilies=",
+                       "SystemCallArchitectures=native", "UMask=0077"):
+            assert option in text, (service.name, option)
+        assert "ProtectControlGroups" not in text or service.name == "snapsync-check.service"  # freeze hooks write cgroup.freeze
+
+
+def exec_starts(text: str) -> list[list[str]]:
+    return [shlex.split(m) for m in re.findall(r"^ExecStart=(.+)$", text, re.M)]
+
+
+def test_every_command_the_units_and_cron_run_is_one_snapsync_accepts() -> None:
+    commands = [argv for unit in (DEPLOY / "systemd").glob("*.service") for argv in exec_starts(unit.read_text())]
+    for line in (DEPLOY / "cron" / "snapsync").read_text().splitlines():
+        if not line.strip() or line.startswith("#") or re.match(r"^[A-Z_]+=", line):
+            continue
+        fields = line.split(None, 6)
+        assert len(fields) == 7, line
+        minute, hour, dom, month, dow, user, command = fields
+        for field, top in ((minute, 59), (hour, 23), (dom, 31), (month, 12), (dow, 7)):
+            assert re.fullmatch(r"\*(/\d+)?|\d+(-\d+)?(,\d+(-\d+)?)*(/\d+)?", field), (field, line)
+            assert all(int(n) <= top for n in re.findall(r"\d+", field.split("/")[0])), (field, line)
+        assert user == "root"
+        snippet = command[command.index("snapsync"):]
+        commands.append(shlex.split(re.split(r"[)>|]", snippet)[0]))
+    assert len(commands) == 6
+    for argv in commands:
+        assert Path(argv[0]).name == "snapsync", argv
+        proc = subprocess.run([sys.executable, "-m", "snapsync", *argv[1:], "--help"], capture_output=True, text=True)
+        assert proc.returncode == 0, (argv, proc.stdout, proc.stderr)
+
+
+@pytest.mark.parametrize("name", ["module.nix", "package.nix"])
+def test_nix_files_parse(name: str) -> None:
+    nix = tool("nix-instantiate")
+    parsed = subprocess.run([nix, "--parse", str(DEPLOY / "nixos" / name)], capture_output=True, text=True)
+    assert parsed.returncode == 0, parsed.stderr
+
+
+def test_the_nixos_module_offers_what_the_readme_promises() -> None:
+    text = (DEPLOY / "nixos" / "module.nix").read_text()
+    for option in ("options.services.snapsync", "enable = mkEnableOption", "policy = mkOption", "toml.generate",
+                   "receive = {", "authorizedKeys = mkOption", "zfs allow -u", "drill = {", "check = {",
+                   "Persistent = persistent", "RandomizedDelaySec = delay", "policy check --syntax-only"):
+        assert option in text, option
+    assert 'command="${forced}",restrict' in text  # the same confinement as `snapsync authorize`
