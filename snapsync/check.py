@@ -81,8 +81,12 @@ def judge_age(age: timedelta, limits: Thresholds) -> Status:
 
 
 def approx(age: timedelta) -> str:
-    """``2d3h`` rather than ``2d3h14m9s``: the two largest units are what a reader takes in."""
-    return "".join(re.findall(r"\d+[a-z]", format_duration(age))[:2]) or "0s"
+    """``2d3h`` rather than ``2d3h14m9s``: the largest unit and the next one, which is what a reader takes in."""
+    seconds = max(0, int(age.total_seconds()))
+    for big, small in ((86400, 3600), (3600, 60), (60, 1)):
+        if seconds >= big:
+            return format_duration(timedelta(seconds=seconds - seconds % small))
+    return f"{seconds}s"
 
 
 def _age_text(age: timedelta, limits: Thresholds, status: Status) -> str:
@@ -168,15 +172,7 @@ def _one_line(text: str) -> str:
 
 
 def thresholds(policy: Policy, group: Group | None, target: str) -> Thresholds:
-    """A target's own warn_after/crit_after, else its group's (for a pull: the defaults', else twice the interval)."""
-    t = policy.targets[target] if group is not None else policy.pulls[target]
-    if group is not None:
-        base = Thresholds(group.warn_after, group.crit_after)
-    else:
-        warn = policy.defaults.warn_after or 2 * policy.defaults.interval
-        base = Thresholds(warn, policy.defaults.crit_after or 2 * warn)
-    warn = t.warn_after or base.warn
-    return Thresholds(warn, t.crit_after or (2 * warn if t.warn_after else base.crit))
+    return Thresholds(*policy.freshness(group.name if group else None, target))
 
 
 def assess(

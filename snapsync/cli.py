@@ -599,6 +599,15 @@ def drill(
                     continue
                 reports.append(run_drill(policy, group, name, runner.backend(group), SystemClock().now(), scratch_parent=scratch, progress=progress))
         record_drills(policy, reports, SystemClock().now())
+    log = logging.getLogger("snapsync")
+    for r in reports:
+        facts = {"event": "drill", "group": r.group, "target": r.target, "ok": r.ok, "snapshot": r.snapshot,
+                 "seconds": round(r.seconds, 3), "restored_bytes": r.restored_bytes, "error": r.error}
+        bad = [f"{c.name}: {c.detail}" for c in r.checks if not c.ok]
+        if r.ok:
+            log.info("drill: %s from %s ok (%s)", r.group, r.target, r.snapshot, extra=facts)
+        else:
+            log.warning("drill: %s from %s FAILED: %s", r.group, r.target, r.error or "; ".join(bad), extra=facts)
     if as_json:
         print(json.dumps({"drills": [r.to_json() for r in reports]}))
     else:

@@ -679,6 +679,13 @@ class Policy(_Table):
                     hint = did_you_mean(name, list(self.targets))
                     at = ("groups", group.name, "targets", i)
                     raise Problem(f"unknown target {name!r} (targets: {known}){hint}", *at)
+            for name in group.targets:
+                warn, crit = self.freshness(group.name, name)
+                if crit <= warn:
+                    raise Problem(
+                        f"{format_duration(crit)} is not longer than warn_after ({format_duration(warn)}, "
+                        f"from group {group.name!r})", "targets", name, "crit_after",
+                    )
             for i, dataset in enumerate(group.datasets):
                 other = owner.setdefault((group.backend, dataset), group.name)
                 if other != group.name:
@@ -687,6 +694,19 @@ class Policy(_Table):
                         "groups", group.name, "datasets", i,
                     )
         return self
+
+    def freshness(self, group: str | None, target: str) -> tuple[timedelta, timedelta]:
+        """(warn_after, crit_after) for a target's copies of a group, or for a pull (``group`` None):
+        the target's own, else the group's (a pull's: the defaults', else twice the interval)."""
+        if group is not None:
+            t: _Target = self.targets[target]
+            base = (self.groups[group].warn_after, self.groups[group].crit_after)
+        else:
+            t = self.pulls[target]
+            warn = self.defaults.warn_after or 2 * self.defaults.interval
+            base = (warn, self.defaults.crit_after or 2 * warn)
+        warn = t.warn_after or base[0]
+        return warn, t.crit_after or (2 * warn if t.warn_after else base[1])
 
     def normalized(self) -> dict[str, Any]:
         """Fully resolved and JSON-serialisable; also a valid policy file (absent values are left out)."""

@@ -51,7 +51,7 @@ def setup(tmp_path: Path, btrfs_root: Path) -> tuple[Path, Path]:
     return _write_policy(tmp_path, btrfs_root), btrfs_root
 
 
-@pytest.mark.parametrize("command", [[], ["snapshot"], ["prune"], ["list"], ["run"], ["policy", "check"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["snapshot"], ["prune"], ["list"], ["run"], ["check"], ["policy", "check"], ["demo"]])
 def test_every_command_documents_itself(command: list[str]) -> None:
     proc = snapsync(*command, "--help")
     assert proc.returncode == 0, proc.stderr

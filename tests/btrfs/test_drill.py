@@ -102,8 +102,11 @@ def test_a_drill_fails_loudly_on_a_changed_copy_and_on_a_damaged_chunk(
     assert not drills["usb"]["ok"] and not usb[f"files {app}"]["ok"] and "data.txt" in usb[f"files {app}"]["detail"]
     assert not drills["nas"]["ok"] and "chunk-000000" in drills["nas"]["error"]
     assert usb[f"sqlite {app}/home-assistant_v2.db"]["ok"]
-    text = snapsync("-p", str(policy), "drill", "--scratch", str(scratch_parent), "--target", "usb", env=state)
+    text = snapsync("-p", str(policy), "--log-format", "json", "drill", "--scratch", str(scratch_parent), "--target", "usb", env=state)
     assert text.returncode == 1 and "FAILED" in text.stdout and "1 differ (data.txt)" in text.stdout
+    (event,) = [e for e in map(json.loads, text.stderr.splitlines()) if e.get("event") == "drill"]
+    assert (event["group"], event["target"], event["ok"], event["level"]) == ("app", "usb", False, "warning")
+    assert "1 differ (data.txt)" in event["msg"]
     metrics = Metrics(Path(state["SNAPSYNC_STATE_DIR"]) / "metrics" / "snapsync.prom")
     assert metrics.one("snapsync_drill_ok", group="app", target="usb") == 0
     assert metrics.one("snapsync_failures_total", group="app", target="usb", kind="drill") == 2

@@ -217,6 +217,22 @@ def test_check_calls_an_unreachable_target_critical_when_its_last_copy_is_alread
     assert "1 of 2 fresh" in line
 
 
+def test_check_asks_an_offsite_archive(btrfs_root: Path, target_root: Path, tmp_path: Path) -> None:
+    app = make_subvolume(btrfs_root / "persist" / "app", "v1\n")
+    key = tmp_path / "offsite.key"
+    snapsync("keygen", str(key), check=True)
+    share = target_root / "share"
+    share.mkdir()
+    policy = write_policy(tmp_path / "p.toml", [app], {"nas": f'type = "dir"\npath = "{share}"\nkey_file = "{key}"'}, interval="1h")
+    old_history(policy, 3)
+    run_json("-p", str(policy), "snapshot")
+    rc, line, data = check(policy)
+    assert rc == 1 and line.startswith("SNAPSYNC WARNING - app->nas: newest copy 3h old (warn 2h)"), line
+    share.rename(target_root / "unmounted")  # the share is gone: an error, never an empty archive
+    rc, line, _ = check(policy)
+    assert rc == 3 and line.startswith("SNAPSYNC UNKNOWN - app->nas: cannot ask: "), line
+
+
 def test_check_with_a_broken_policy_is_one_critical_line(tmp_path: Path) -> None:
     policy = tmp_path / "p.toml"
     policy.write_text('version = 1\n[groups.app]\nbackend = "btrfs"\ndatasets = ["/x"]\nwarn_after = "soon"\n')
@@ -281,5 +297,6 @@ def test_log_lines_are_one_per_event(site: Path) -> None:
     sent = next(e for e in events if e["event"] == "sent")
     assert (sent["group"], sent["target"], sent["direction"]) == ("app", "usb", "push") and sent["bytes"] > 0
     assert all({"time", "level", "msg"} <= set(e) for e in events)
+    time.sleep(1.1)  # snapshot names have one-second resolution
     text = snapsync("-p", str(site), "-v", "snapshot")
     assert text.stderr and all(line.startswith("snapsync: info: ") for line in text.stderr.splitlines())

@@ -115,6 +115,7 @@ MALFORMED = [
     ("crit_after under default warn", with_defaults('[defaults]\ncrit_after = "1h"\n'), "groups.app.crit_after", "1h is not longer than warn_after (2h)"),
     ("warn_after bad duration", BASE + 'warn_after = "later"\n', "groups.app.warn_after", "invalid duration 'later'"),
     ("target crit before warn", BASE + SSH_TARGET + 'warn_after = "1d"\ncrit_after = "1d"\n', "targets.nas.crit_after", "1d is not longer than warn_after (1d)"),
+    ("target crit under the group's warn", BASE + 'targets = ["nas"]\nwarn_after = "2d"\n' + SSH_TARGET + 'crit_after = "1d"\n', "targets.nas.crit_after", "1d is not longer than warn_after (2d, from group 'app')"),
     ("monitoring ping_url", BASE + '[monitoring]\nping_url = "hc-ping.com/x"\n', "monitoring.ping_url", "expected http://... or https://..."),
     ("monitoring textfile relative", BASE + '[monitoring]\ntextfile = "snapsync.prom"\n', "monitoring.textfile", "absolute path"),
     ("monitoring unknown key", BASE + '[monitoring]\npingurl = "https://x"\n', "monitoring.pingurl", "did you mean 'ping_url'?"),
