@@ -127,77 +127,109 @@ def observe_drills(state: State, reports: Sequence[DrillReport], finished: datet
 Limits = Mapping[tuple[str, str], tuple[float, float]]
 """(group, target or "") -> (warn_after, crit_after) in seconds: the policy's, so alerts agree with `check`."""
 
+GT = ("group", "target")
+METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    # name: (gauge or counter, labels, help); docs/monitoring.md lists them for people.
+    "snapsync_info": ("gauge", ("version", "host"), "snapsync's version and the host it runs on."),
+    "snapsync_textfile_written_timestamp_seconds": ("gauge", (), "When snapsync last wrote this file."),
+    "snapsync_snapshot_warn_after_seconds": ("gauge", ("group",), "The policy's warn_after for the group's newest snapshot."),
+    "snapsync_snapshot_crit_after_seconds": ("gauge", ("group",), "The policy's crit_after for the group's newest snapshot."),
+    "snapsync_target_warn_after_seconds": ("gauge", GT, "The policy's warn_after for the target's newest copy."),
+    "snapsync_target_crit_after_seconds": ("gauge", GT, "The policy's crit_after for the target's newest copy."),
+    "snapsync_last_run_timestamp_seconds": ("gauge", ("command",), "When the command last finished."),
+    "snapsync_last_run_success": ("gauge", ("command",), "1 if the command's last run succeeded for every group and target."),
+    "snapsync_last_run_duration_seconds": ("gauge", ("command",), "How long the command's last run took."),
+    "snapsync_last_success_timestamp_seconds": ("gauge", ("command",), "When the command last succeeded everywhere."),
+    "snapsync_command_failures": ("counter", ("command",), "Runs of the command that failed as a whole (an internal error)."),
+    "snapsync_group_ok": ("gauge", ("group",), "1 if the group's last run had no error on this host (snapshot, hooks, pruning)."),
+    "snapsync_group_last_success_timestamp_seconds": ("gauge", ("group",), "When a run last finished the group without error on this host."),
+    "snapsync_newest_snapshot_timestamp_seconds": ("gauge", ("group",), "When the group's newest snapshot was taken."),
+    "snapsync_newest_snapshot_age_seconds": ("gauge", ("group",), "Age of the group's newest snapshot when this file was written."),
+    "snapsync_snapshots_kept": ("gauge", GT, "Snapshots retention keeps, here (target \"\") or on a target."),
+    "snapsync_snapshots_deleted": ("counter", GT, "Snapshots pruned, here (target \"\") or on a target."),
+    "snapsync_failures": ("counter", (*GT, "kind"), "Failed steps, by kind (snapshot, hook, prune, replicate, pull, drill)."),
+    "snapsync_hook_ok": ("gauge", ("group", "hook", "type"), "1 if the hook succeeded in the group's last snapshot."),
+    "snapsync_hook_duration_seconds": ("gauge", ("group", "hook", "type"), "How long the hook took."),
+    "snapsync_hook_paused_seconds": ("gauge", ("group", "hook", "type"), "How long a freeze hook kept the application frozen."),
+    "snapsync_target_ok": ("gauge", (*GT, "direction"), "1 if the last replication to (or pull from) the target had no error."),
+    "snapsync_target_last_success_timestamp_seconds": ("gauge", GT, "When replication to the target last succeeded."),
+    "snapsync_target_newest_copy_timestamp_seconds": ("gauge", GT, "When the newest snapshot the target holds of every dataset was taken."),
+    "snapsync_target_lag_seconds": ("gauge", GT, "How far the target's newest copy is behind the source's newest snapshot."),
+    "snapsync_target_last_duration_seconds": ("gauge", GT, "How long the last replication to the target took."),
+    "snapsync_target_last_sent_bytes": ("gauge", GT, "Bytes sent to the target in the last run."),
+    "snapsync_sent_bytes": ("counter", GT, "Bytes of snapshot streams sent to the target."),
+    "snapsync_sent_snapshots": ("counter", GT, "Snapshot streams sent to the target."),
+    "snapsync_drill_ok": ("gauge", GT, "1 if the last restore drill from the target passed."),
+    "snapsync_drill_last_run_timestamp_seconds": ("gauge", GT, "When the last restore drill finished."),
+    "snapsync_drill_last_success_timestamp_seconds": ("gauge", GT, "When a restore drill from the target last passed."),
+    "snapsync_drill_duration_seconds": ("gauge", GT, "How long the last drill took."),
+    "snapsync_drill_restored_bytes": ("gauge", GT, "Bytes the last drill restored."),
+}
+
 
 def families(state: State, now: datetime, host: str, limits: Limits | None = None) -> list[Metric]:
     """Every metric family the textfile holds, from the remembered state at ``now``."""
     fams: dict[str, Metric] = {}
 
-    def gauge(name: str, doc: str, labels: Sequence[str]) -> GaugeMetricFamily:
-        return fams.setdefault(name, GaugeMetricFamily(name, doc, labels=labels))  # type: ignore[return-value]
+    def emit(name: str, labels: Sequence[str], value: float | None) -> None:
+        if value is None:
+            return
+        if name not in fams:
+            kind, names, doc = METRICS[name]
+            fams[name] = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(name, doc, labels=names)
+        fams[name].add_metric(list(labels), float(value))  # type: ignore[attr-defined]
 
-    def counter(name: str, doc: str, labels: Sequence[str]) -> CounterMetricFamily:
-        return fams.setdefault(name, CounterMetricFamily(name, doc, labels=labels))  # type: ignore[return-value]
-
-    gauge("snapsync_info", "snapsync's version and the host it runs on.", ["version", "host"]).add_metric([__version__, host], 1)
-    gauge("snapsync_textfile_written_timestamp_seconds", "When snapsync last wrote this file.", []).add_metric([], now.timestamp())
+    emit("snapsync_info", [__version__, host], 1)
+    emit("snapsync_textfile_written_timestamp_seconds", [], now.timestamp())
     for (group, target), (warn, crit) in sorted((limits or {}).items()):
-        if target:
-            gauge("snapsync_target_warn_after_seconds", "The policy's warn_after for the target's newest copy.", ["group", "target"]).add_metric([group, target], warn)
-            gauge("snapsync_target_crit_after_seconds", "The policy's crit_after for the target's newest copy.", ["group", "target"]).add_metric([group, target], crit)
-        else:
-            gauge("snapsync_snapshot_warn_after_seconds", "The policy's warn_after for the group's newest snapshot.", ["group"]).add_metric([group], warn)
-            gauge("snapsync_snapshot_crit_after_seconds", "The policy's crit_after for the group's newest snapshot.", ["group"]).add_metric([group], crit)
+        kind = "target" if target else "snapshot"
+        labels = [group, target] if target else [group]
+        emit(f"snapsync_{kind}_warn_after_seconds", labels, warn)
+        emit(f"snapsync_{kind}_crit_after_seconds", labels, crit)
     for command, c in sorted(state.get("commands", {}).items()):
-        gauge("snapsync_last_run_timestamp_seconds", "When the command last finished.", ["command"]).add_metric([command], c["last_run"])
-        gauge("snapsync_last_run_success", "1 if the command's last run succeeded for every group and target.", ["command"]).add_metric([command], float(c["ok"]))
-        gauge("snapsync_last_run_duration_seconds", "How long the command's last run took.", ["command"]).add_metric([command], c["duration"])
-        if "last_success" in c:
-            gauge("snapsync_last_success_timestamp_seconds", "When the command last succeeded everywhere.", ["command"]).add_metric([command], c["last_success"])
-        counter("snapsync_command_failures", "Runs of the command that failed as a whole (bad policy, lock, crash).", ["command"]).add_metric([command], c.get("failures", 0))
+        emit("snapsync_last_run_timestamp_seconds", [command], c["last_run"])
+        emit("snapsync_last_run_success", [command], c["ok"])
+        emit("snapsync_last_run_duration_seconds", [command], c["duration"])
+        emit("snapsync_last_success_timestamp_seconds", [command], c.get("last_success"))
+        emit("snapsync_command_failures", [command], c.get("failures", 0))
     for group, g in sorted(state.get("groups", {}).items()):
-        gauge("snapsync_group_ok", "1 if the group's last run had no error on this host (snapshot, hooks, pruning); targets have their own.", ["group"]).add_metric([group], float(g["ok"]))
-        if "last_success" in g:
-            gauge("snapsync_group_last_success_timestamp_seconds", "When a run last finished the group without error on this host.", ["group"]).add_metric([group], g["last_success"])
+        emit("snapsync_group_ok", [group], g["ok"])
+        emit("snapsync_group_last_success_timestamp_seconds", [group], g.get("last_success"))
         if "newest_snapshot" in g:
-            gauge("snapsync_newest_snapshot_timestamp_seconds", "When the group's newest snapshot was taken.", ["group"]).add_metric([group], g["newest_snapshot"])
-            gauge("snapsync_newest_snapshot_age_seconds", "Age of the group's newest snapshot when this file was written.", ["group"]).add_metric([group], max(0.0, now.timestamp() - g["newest_snapshot"]))
+            emit("snapsync_newest_snapshot_timestamp_seconds", [group], g["newest_snapshot"])
+            emit("snapsync_newest_snapshot_age_seconds", [group], max(0.0, now.timestamp() - g["newest_snapshot"]))
         if "kept" in g:
-            gauge("snapsync_snapshots_kept", "Snapshots retention keeps, on the source or a target.", ["group", "target"]).add_metric([group, ""], g["kept"])
-            counter("snapsync_snapshots_deleted", "Snapshots pruned, on the source or a target.", ["group", "target"]).add_metric([group, ""], g.get("deleted_total", 0))
+            emit("snapsync_snapshots_kept", [group, ""], g["kept"])
+            emit("snapsync_snapshots_deleted", [group, ""], g.get("deleted_total", 0))
         for kind, n in sorted(g.get("failures", {}).items()):
-            counter("snapsync_failures", "Failed steps, by kind (snapshot, hook, replicate, pull, prune, drill).", ["group", "target", "kind"]).add_metric([group, "", kind], n)
+            emit("snapsync_failures", [group, "", kind], n)
         for h in g.get("hooks", []):
             labels = [group, str(h["index"]), h["type"]]
-            gauge("snapsync_hook_ok", "1 if the hook succeeded in the group's last snapshot.", ["group", "hook", "type"]).add_metric(labels, float(h["ok"]))
-            gauge("snapsync_hook_duration_seconds", "How long the hook took.", ["group", "hook", "type"]).add_metric(labels, h["seconds"])
-            if h.get("paused") is not None:
-                gauge("snapsync_hook_paused_seconds", "How long a freeze hook kept the application frozen.", ["group", "hook", "type"]).add_metric(labels, h["paused"])
+            emit("snapsync_hook_ok", labels, h["ok"])
+            emit("snapsync_hook_duration_seconds", labels, h["seconds"])
+            emit("snapsync_hook_paused_seconds", labels, h.get("paused"))
     for _, t in sorted(state.get("targets", {}).items()):
         labels = [t["group"], t["target"]]
-        gauge("snapsync_target_ok", "1 if the last replication to (or pull from) the target had no error.", ["group", "target", "direction"]).add_metric([*labels, t["direction"]], float(t["ok"]))
-        if "last_success" in t:
-            gauge("snapsync_target_last_success_timestamp_seconds", "When replication to the target last succeeded.", ["group", "target"]).add_metric(labels, t["last_success"])
-        if "newest_copy" in t:
-            gauge("snapsync_target_newest_copy_timestamp_seconds", "When the newest snapshot the target holds of every dataset was taken.", ["group", "target"]).add_metric(labels, t["newest_copy"])
-        if "lag" in t:
-            gauge("snapsync_target_lag_seconds", "How far the target's newest copy is behind the source's newest snapshot.", ["group", "target"]).add_metric(labels, t["lag"])
-        gauge("snapsync_target_last_duration_seconds", "How long the last replication to the target took.", ["group", "target"]).add_metric(labels, t["last_duration"])
-        gauge("snapsync_target_last_sent_bytes", "Bytes sent to the target in the last run.", ["group", "target"]).add_metric(labels, t["last_sent_bytes"])
-        counter("snapsync_sent_bytes", "Bytes of snapshot streams sent to the target.", ["group", "target"]).add_metric(labels, t["sent_bytes_total"])
-        counter("snapsync_sent_snapshots", "Snapshot streams sent to the target.", ["group", "target"]).add_metric(labels, t["sent_total"])
-        counter("snapsync_failures", "Failed steps, by kind (snapshot, hook, replicate, pull, prune, drill).", ["group", "target", "kind"]).add_metric([*labels, "pull" if t["direction"] == "pull" else "replicate"], t.get("failures_total", 0))
+        emit("snapsync_target_ok", [*labels, t["direction"]], t["ok"])
+        emit("snapsync_target_last_success_timestamp_seconds", labels, t.get("last_success"))
+        emit("snapsync_target_newest_copy_timestamp_seconds", labels, t.get("newest_copy"))
+        emit("snapsync_target_lag_seconds", labels, t.get("lag"))
+        emit("snapsync_target_last_duration_seconds", labels, t["last_duration"])
+        emit("snapsync_target_last_sent_bytes", labels, t["last_sent_bytes"])
+        emit("snapsync_sent_bytes", labels, t["sent_bytes_total"])
+        emit("snapsync_sent_snapshots", labels, t["sent_total"])
+        emit("snapsync_failures", [*labels, "pull" if t["direction"] == "pull" else "replicate"], t.get("failures_total", 0))
         if "kept" in t:
-            gauge("snapsync_snapshots_kept", "Snapshots retention keeps, on the source or a target.", ["group", "target"]).add_metric(labels, t["kept"])
-            counter("snapsync_snapshots_deleted", "Snapshots pruned, on the source or a target.", ["group", "target"]).add_metric(labels, t.get("deleted_total", 0))
+            emit("snapsync_snapshots_kept", labels, t["kept"])
+            emit("snapsync_snapshots_deleted", labels, t.get("deleted_total", 0))
     for _, d in sorted(state.get("drills", {}).items()):
         labels = [d["group"], d["target"]]
-        gauge("snapsync_drill_ok", "1 if the last restore drill from the target passed.", ["group", "target"]).add_metric(labels, float(d["ok"]))
-        gauge("snapsync_drill_last_run_timestamp_seconds", "When the last restore drill finished.", ["group", "target"]).add_metric(labels, d["last_run"])
-        if "last_success" in d:
-            gauge("snapsync_drill_last_success_timestamp_seconds", "When a restore drill from the target last passed.", ["group", "target"]).add_metric(labels, d["last_success"])
-        gauge("snapsync_drill_duration_seconds", "How long the last drill took.", ["group", "target"]).add_metric(labels, d["duration"])
-        gauge("snapsync_drill_restored_bytes", "Bytes the last drill restored.", ["group", "target"]).add_metric(labels, d["restored_bytes"])
-        counter("snapsync_failures", "Failed steps, by kind (snapshot, hook, replicate, pull, prune, drill).", ["group", "target", "kind"]).add_metric([*labels, "drill"], d.get("failures_total", 0))
+        emit("snapsync_drill_ok", labels, d["ok"])
+        emit("snapsync_drill_last_run_timestamp_seconds", labels, d["last_run"])
+        emit("snapsync_drill_last_success_timestamp_seconds", labels, d.get("last_success"))
+        emit("snapsync_drill_duration_seconds", labels, d["duration"])
+        emit("snapsync_drill_restored_bytes", labels, d["restored_bytes"])
+        emit("snapsync_failures", [*labels, "drill"], d.get("failures_total", 0))
     return list(fams.values())
 
 

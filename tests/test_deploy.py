@@ -131,3 +131,11 @@ def test_the_nixos_module_offers_what_the_readme_promises() -> None:
                    "Persistent = persistent", "RandomizedDelaySec = delay", "policy check --syntax-only"):
         assert option in text, option
     assert 'command="${forced}",restrict' in text  # the same confinement as `snapsync authorize`
+
+
+def test_every_metric_is_documented() -> None:
+    from snapsync.metrics import METRICS
+
+    doc = (DEPLOY.parent / "docs" / "monitoring.md").read_text()
+    missing = [n + ("_total" if kind == "counter" else "") for n, (kind, _, _) in METRICS.items()]
+    assert [n for n in missing if f"`{n}`" not in doc] == []
