@@ -38,7 +38,8 @@ let
   global = "--policy /etc/snapsync/policy.toml --log-format ${cfg.logFormat}";
   zfsEnabled = config.boot.zfs.enabled or false;
   zfsPackage = config.boot.zfs.package or pkgs.zfs;
-  tools = [ pkgs.openssh pkgs.zstd pkgs.btrfs-progs pkgs.util-linux pkgs.coreutils ]
+  # ssh and zstd carry streams; btrfs-progs and zfs snapshot and receive; systemctl for freeze and command hooks.
+  tools = [ pkgs.openssh pkgs.zstd pkgs.btrfs-progs pkgs.util-linux pkgs.coreutils config.systemd.package ]
     ++ optional zfsEnabled zfsPackage;
 
   # What snapsync.service needs (root: snapshots, receives, /dev/zfs, cgroup.freeze, ssh keys,
@@ -70,7 +71,7 @@ let
     serviceConfig = hardening // {
       Type = "oneshot";
       ExecStart = "${snapsync} ${global} ${command}";
-      StateDirectory = "snapsync";
+      StateDirectory = lib.removePrefix "/var/lib/" cfg.stateDir;
       StateDirectoryMode = "0755"; # node_exporter reads metrics/ below it; the files are 0600
     } // extra;
   };
@@ -224,6 +225,10 @@ in
         {
           assertion = cfg.policyFile != null || cfg.policy != { };
           message = "services.snapsync: set policy (Nix attributes) or policyFile.";
+        }
+        {
+          assertion = lib.hasPrefix "/var/lib/" cfg.stateDir;
+          message = "services.snapsync.stateDir must be below /var/lib (it is the units' StateDirectory).";
         }
       ];
 
