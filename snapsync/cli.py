@@ -161,8 +161,8 @@ def _act(
             started = SystemClock().now()
             try:
                 reports = go()
-            except SnapsyncError as e:
-                record_run(policy, command_name, [], started, SystemClock().now(), error=str(e))
+            except Exception as e:
+                record_run(policy, command_name, [], started, SystemClock().now(), error=f"{type(e).__name__}: {e}")
                 raise
             record_run(policy, command_name, reports, started, SystemClock().now())
         _log_outcomes(command_name, reports)
@@ -389,18 +389,24 @@ def check(
         selected = select_groups(policy, groups or []) if policy.groups or groups else []
         pulls = [] if groups else list(policy.pulls)
         findings = assess(policy, _runner(policy), selected, pulls, local, SystemClock().now())
-    except SnapsyncError as e:
-        status = Status(e.exit_code) if 0 < e.exit_code <= 3 else Status.UNKNOWN
-        line = f"SNAPSYNC {status.name} - {' '.join(str(e).split())}"
+    except Exception as e:  # a monitoring plugin answers in its own terms, whatever broke
+        if "--debug" in sys.argv:
+            raise
+        # a policy that does not load is the operator's to fix now; anything else leaves the verdict unknown
+        status = Status.CRITICAL if isinstance(e, SnapsyncError) and e.exit_code == EXIT_USAGE else Status.UNKNOWN
+        reason = str(e) if isinstance(e, SnapsyncError) else f"internal error: {type(e).__name__}: {e}"
+        line = f"SNAPSYNC {status.name} - {' '.join(reason.split())}"
         findings = []
         policy = None
     else:
         status = verdict(findings)
         line = summary(findings)
     pinged: str | None = None
-    if policy is not None and policy.monitoring.ping_url and not no_ping:
+    url = os.environ.get("SNAPSYNC_PING_URL") or (policy.monitoring.ping_url if policy is not None else None)
+    if url and not no_ping:
+        timeout = policy.monitoring.ping_timeout.total_seconds() if policy is not None else 10.0
         try:
-            ping(policy.monitoring.ping_url, status in (Status.OK, Status.WARNING), line, policy.monitoring.ping_timeout.total_seconds())
+            ping(url, status in (Status.OK, Status.WARNING), line, timeout)
             pinged = "ok"
         except SnapsyncError as e:
             pinged = str(e)

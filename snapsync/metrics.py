@@ -2,7 +2,7 @@
 
 A textfile is a snapshot of state, not a stream of events: a failed run must not erase when the
 last good one was. So every command folds its reports into a small remembered state
-(``<state dir>/metrics.json``), and the textfile is rendered from all of it. ``observe_*`` and
+(``<state dir>/metrics-*.json``, one per textfile), and the textfile is rendered from all of it. ``observe_*`` and
 ``families`` are pure (data and a time in, data out); ``record_*`` do the file I/O, atomically.
 Timestamps are exported rather than ages where an alert needs them: ``time() - ts`` in PromQL
 keeps counting while snapsync does not run. Reference: docs/monitoring.md.
@@ -10,10 +10,11 @@ keeps counting while snapsync does not run. Reference: docs/monitoring.md.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -241,8 +242,10 @@ class _Families(Collector):
         return iter(self.metrics)
 
 
-def state_path() -> Path:
-    return state_dir() / "metrics.json"
+def state_path(policy: Policy) -> Path:
+    """One state per textfile: two policies on a host, each with its own textfile, keep apart."""
+    tag = hashlib.sha256(str(textfile_path(policy)).encode()).hexdigest()[:12]
+    return state_dir() / f"metrics-{tag}.json"
 
 
 def textfile_path(policy: Policy) -> Path:
@@ -284,12 +287,36 @@ def write_textfile(path: Path, state: State, now: datetime, host: str, limits: L
     os.replace(tmp, path)
 
 
-def _save(policy: Policy, state: State, now: datetime) -> None:
-    """Metrics never fail a backup: a problem writing them is logged, and the command's exit status stands."""
+def forget(state: State, groups: Mapping[str, tuple[Sequence[str], int]]) -> State:
+    """Drop what the policy no longer has: ``groups`` maps each group (and pull) to its targets and
+    its number of hooks. A removed target must not keep an alert firing forever."""
+    state = {k: dict(v) for k, v in state.items()}
+    for name in [g for g in state.get("groups", {}) if g not in groups]:
+        del state["groups"][name]
+    for name, g in state.get("groups", {}).items():
+        if "hooks" in g:
+            g = state["groups"][name] = dict(g)
+            g["hooks"] = [h for h in g["hooks"] if h["index"] < groups[name][1]]
+    for section in ("targets", "drills"):
+        for key, entry in list(state.get(section, {}).items()):
+            if entry["target"] not in groups.get(entry["group"], ((), 0))[0]:
+                del state[section][key]
+    return state
+
+
+def _shape(policy: Policy) -> dict[str, tuple[Sequence[str], int]]:
+    shape: dict[str, tuple[Sequence[str], int]] = {g.name: (g.targets, len(g.hooks)) for g in policy.groups.values()}
+    return shape | {name: ((name,), 0) for name in policy.pulls}  # a pull reports as group and target
+
+
+def _record(policy: Policy, now: datetime, fold: Callable[[State], State]) -> None:
+    """Metrics never fail a backup: any problem with them is logged, and the command's exit status stands."""
     try:
-        write_json(state_path(), state)
+        path = state_path(policy)
+        state = forget(fold(read_json(path) or {}), _shape(policy))
+        write_json(path, state)
         write_textfile(textfile_path(policy), state, now, policy.host or socket.gethostname().split(".")[0], policy_limits(policy))
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 (the backup is done; its report must still be shown)
         log.warning("could not write metrics: %s", e, extra={"event": "metrics-failed"})
 
 
@@ -299,9 +326,8 @@ def record_run(
 ) -> None:
     prefixes = {name: g.prefix for name, g in policy.groups.items()}
     prefixes |= {name: p.prefix or policy.defaults.prefix for name, p in policy.pulls.items()}
-    state = observe_run(read_json(state_path()) or {}, command, reports, started, finished, prefixes, error)
-    _save(policy, state, finished)
+    _record(policy, finished, lambda state: observe_run(state, command, reports, started, finished, prefixes, error))
 
 
 def record_drills(policy: Policy, reports: Sequence[DrillReport], finished: datetime) -> None:
-    _save(policy, observe_drills(read_json(state_path()) or {}, reports, finished), finished)
+    _record(policy, finished, lambda state: observe_drills(state, reports, finished))

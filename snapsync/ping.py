@@ -1,4 +1,4 @@
-"""Tell a healthchecks-style service (healthchecks.io, Uptime Kuma push, a self-hosted hc) the verdict.
+"""Tell a healthchecks-style service (healthchecks.io, or a self-hosted Healthchecks) the verdict.
 
 The URL is requested as is when all is well (OK or WARNING) and with ``/fail`` appended otherwise;
 the check's one line goes along as the body, where such services show it. The service then also
@@ -7,9 +7,10 @@ notices when pings stop: a host that is down, or a timer that never fires.
 
 from __future__ import annotations
 
+import http.client
 import urllib.error
 import urllib.request
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from snapsync import __version__
 from snapsync.errors import SnapsyncError, TransientError
@@ -17,7 +18,11 @@ from snapsync.retry import retrying
 
 
 def ping_url(url: str, healthy: bool) -> str:
-    return url if healthy else url.rstrip("/") + "/fail"
+    """``/fail`` goes on the path, before any query string."""
+    if healthy:
+        return url
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/fail"))
 
 
 def ping(url: str, healthy: bool, body: str, timeout: float) -> None:
@@ -37,8 +42,10 @@ def ping(url: str, healthy: bool, body: str, timeout: float) -> None:
                     if e.code == 429 or e.code >= 500:
                         raise TransientError(f"ping {where}: HTTP {e.code}") from None
                     raise SnapsyncError(f"ping {where}: HTTP {e.code} {e.reason}") from None
-                except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                    reason = getattr(e, "reason", e)
+                except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+                    reason = getattr(e, "reason", None) or f"{type(e).__name__}: {e}"
                     raise TransientError(f"ping {where}: {reason}") from None
+                except ValueError as e:
+                    raise SnapsyncError(f"ping {where}: {e}") from None
     except TransientError as e:
         raise SnapsyncError(str(e)) from None

@@ -96,7 +96,7 @@ def exec_starts(text: str) -> list[list[str]]:
     return [shlex.split(m) for m in re.findall(r"^ExecStart=(.+)$", text, re.M)]
 
 
-def test_every_command_the_units_and_cron_run_is_one_snapsync_accepts() -> None:
+def test_every_command_the_units_and_cron_run_is_one_snapsync_accepts(tmp_path: Path) -> None:
     commands = [argv for unit in (DEPLOY / "systemd").glob("*.service") for argv in exec_starts(unit.read_text())]
     for line in (DEPLOY / "cron" / "snapsync").read_text().splitlines():
         if not line.strip() or line.startswith("#") or re.match(r"^[A-Z_]+=", line):
@@ -113,8 +113,12 @@ def test_every_command_the_units_and_cron_run_is_one_snapsync_accepts() -> None:
     assert len(commands) == 6
     for argv in commands:
         assert Path(argv[0]).name == "snapsync", argv
-        proc = subprocess.run([sys.executable, "-m", "snapsync", *argv[1:], "--help"], capture_output=True, text=True)
-        assert proc.returncode == 0, (argv, proc.stdout, proc.stderr)
+        args = [a if a != "/etc/snapsync/policy.toml" else str(tmp_path / "absent.toml") for a in argv[1:]]
+        assert str(tmp_path / "absent.toml") in args, argv  # each names the policy: never run it here for real
+        proc = subprocess.run([sys.executable, "-m", "snapsync", *args], capture_output=True, text=True)
+        # Every option was accepted: it got as far as reading the (absent) policy.
+        assert proc.returncode == 2 and "cannot read the policy file" in proc.stdout + proc.stderr, (argv, proc.stdout, proc.stderr)
+        assert "Usage:" not in proc.stderr
 
 
 @pytest.mark.parametrize("name", ["module.nix", "package.nix"])

@@ -39,8 +39,10 @@ let
   zfsEnabled = config.boot.zfs.enabled or false;
   zfsPackage = config.boot.zfs.package or pkgs.zfs;
   # ssh and zstd carry streams; btrfs-progs and zfs snapshot and receive; systemctl for freeze and command hooks.
+  # The drill starts PostgreSQL on a restored copy: with the host's own server binaries.
   tools = [ pkgs.openssh pkgs.zstd pkgs.btrfs-progs pkgs.util-linux pkgs.coreutils config.systemd.package ]
-    ++ optional zfsEnabled zfsPackage;
+    ++ optional zfsEnabled zfsPackage
+    ++ optional config.services.postgresql.enable config.services.postgresql.package;
 
   # What snapsync.service needs (root: snapshots, receives, /dev/zfs, cgroup.freeze, ssh keys,
   # the network); everything else is taken away. Kept in step with deploy/systemd/.
@@ -53,8 +55,7 @@ let
     ProtectClock = true;
     ProtectHostname = true;
     RestrictRealtime = true;
-    RestrictSUIDSGID = true;
-    LockPersonality = true;
+    LockPersonality = true; # not RestrictSUIDSGID: btrfs receive chmod()s setuid and setgid files
     RestrictNamespaces = true;
     SystemCallArchitectures = "native";
     RestrictAddressFamilies = [ "AF_UNIX" "AF_INET" "AF_INET6" "AF_NETLINK" ];
@@ -169,6 +170,15 @@ in
     check = {
       enable = mkEnableOption "`snapsync check` every 15 minutes (pings monitoring.ping_url of the policy)";
       startAt = mkOption { type = types.str; default = "*:0/15"; description = "When the check runs."; };
+      environmentFile = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "/run/secrets/snapsync-check.env";
+        description = ''
+          A file with SNAPSYNC_PING_URL=https://hc-ping.com/... (from sops-nix or agenix): keeps the ping
+          URL, whose path is the check's secret, out of the world-readable Nix store.
+        '';
+      };
     };
 
     prometheus = {
@@ -245,10 +255,11 @@ in
       };
       systemd.timers.snapsync = timer { onCalendar = cfg.startAt; delay = cfg.randomizedDelay; };
 
-      services.prometheus.exporters.node = mkIf cfg.prometheus.configureNodeExporter {
-        enabledCollectors = [ "textfile" ];
-        extraFlags = [ "--collector.textfile.directory=${cfg.prometheus.textfileDir}" ];
-      };
+      # Conditions on the leaves: a condition on the whole submodule would need node.enable to decide
+      # whether it defines node, and configureNodeExporter's default reads node.enable.
+      services.prometheus.exporters.node.enabledCollectors = mkIf cfg.prometheus.configureNodeExporter [ "textfile" ];
+      services.prometheus.exporters.node.extraFlags =
+        mkIf cfg.prometheus.configureNodeExporter [ "--collector.textfile.directory=${cfg.prometheus.textfileDir}" ];
       systemd.tmpfiles.rules = [ "d ${cfg.prometheus.textfileDir} 0755 root root -" ];
     })
 
@@ -265,7 +276,16 @@ in
       systemd.services.snapsync-check = service {
         description = "snapsync freshness check";
         command = "check";
-        extra = { SuccessExitStatus = 1; ProtectSystem = "strict"; ReadWritePaths = [ "-/root/.ssh" ]; TimeoutStartSec = "10m"; };
+        extra = {
+          SuccessExitStatus = 1;
+          ProtectSystem = "strict";
+          ReadWritePaths = [ "-/root/.ssh" ];
+          RestrictSUIDSGID = true;
+          ProtectControlGroups = true;
+          ProtectKernelTunables = true;
+          TimeoutStartSec = "10m";
+          EnvironmentFile = lib.mkIf (cfg.check.environmentFile != null) cfg.check.environmentFile;
+        };
       };
       systemd.timers.snapsync-check = timer { onCalendar = cfg.check.startAt; delay = "1m"; persistent = false; };
     })

@@ -116,6 +116,15 @@ def test_metrics_after_good_and_failed_runs(btrfs_root: Path, target_root: Path,
     assert m.one("snapsync_last_run_success", command="replicate") == 1
     assert m.one("snapsync_last_run_success", command="run") == 0
     assert [p.name for p in textfile(tmp_path).parent.iterdir()] == ["snapsync.prom"]  # no temporary file left
+
+    # The unreachable target is removed from the policy: its series go with it, its alerts stop.
+    assert m.get("snapsync_target_ok", group="app", target="gone", direction="push") == 0
+    policy.write_text(policy.read_text().replace('targets = ["usb", "gone"]', 'targets = ["usb"]'))
+    run_json("-p", str(policy), "prune")
+    m = Metrics(textfile(tmp_path))
+    assert m.get("snapsync_target_ok", group="app", target="gone", direction="push") is None
+    assert m.get("snapsync_failures_total", group="app", target="gone", kind="replicate") is None
+    assert m.one("snapsync_target_ok", group="app", target="usb", direction="push") == 1
     assert textfile(tmp_path).stat().st_mode & 0o777 == 0o644  # node_exporter is another user
 
 
@@ -271,13 +280,18 @@ def test_check_pings_success_and_failure(site: Path, ping_server: str) -> None:
     site.write_text(site.read_text() + f'[monitoring]\nping_url = "{ping_server}"\n')
     old_history(site, 5)
     stale = snapsync("-p", str(site), "check")
-    assert stale.returncode == 2
+    old_history(site, 3)
+    late = snapsync("-p", str(site), "check")
     run_json("-p", str(site), "run")
     fresh = snapsync("-p", str(site), "check")
-    assert fresh.returncode == 0
+    assert (stale.returncode, late.returncode, fresh.returncode) == (2, 1, 0)
     assert snapsync("-p", str(site), "check", "--no-ping").returncode == 0
-    assert Pings.received == [("/ping/3f2a/fail", stale.stdout.strip()), ("/ping/3f2a", fresh.stdout.strip())]
-    assert stale.stdout.startswith("SNAPSYNC CRITICAL") and fresh.stdout.startswith("SNAPSYNC OK")
+    assert Pings.received == [
+        ("/ping/3f2a/fail", stale.stdout.strip()), ("/ping/3f2a", late.stdout.strip()), ("/ping/3f2a", fresh.stdout.strip()),
+    ]
+    # the environment's URL wins over the policy's (it keeps the secret out of the file)
+    assert snapsync("-p", str(site), "check", env={"SNAPSYNC_PING_URL": ping_server + "-env"}).returncode == 0
+    assert Pings.received[-1][0] == "/ping/3f2a-env"
 
 
 def test_ping_failure_warns_and_keeps_the_verdict(site: Path, tmp_path: Path) -> None:
@@ -286,6 +300,39 @@ def test_ping_failure_warns_and_keeps_the_verdict(site: Path, tmp_path: Path) ->
     proc = snapsync("-p", str(site), "check", env=NO_RETRY)
     assert proc.returncode == 2 and proc.stdout.startswith("SNAPSYNC CRITICAL")
     assert "warning: ping 127.0.0.1:" in proc.stderr and "/abc" not in proc.stderr
+
+
+def test_a_ping_to_a_server_that_answers_garbage_warns_and_keeps_the_verdict(site: Path) -> None:
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+
+    def answer() -> None:
+        for _ in range(2):
+            conn, _ = server.accept()
+            conn.recv(65536)
+            conn.sendall(b"garbage\r\n\r\n")
+            conn.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    old_history(site, 5)
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/abc"
+    proc = snapsync("-p", str(site), "check", env={"SNAPSYNC_PING_URL": url, "SNAPSYNC_RETRY_ATTEMPTS": "2"})
+    server.close()
+    assert proc.returncode == 2 and proc.stdout.startswith("SNAPSYNC CRITICAL"), proc.stdout + proc.stderr
+    assert "warning: ping 127.0.0.1:" in proc.stderr and "internal error" not in proc.stdout + proc.stderr
+
+
+def test_a_check_that_breaks_is_unknown_not_warning(site: Path, tmp_path: Path) -> None:
+    run_json("-p", str(site), "run")
+    drills = tmp_path / "snapsync-state" / "drills"
+    drills.mkdir(parents=True)
+    (drills / "app.usb.json").write_text('{"ok": false, "checks": [1]}')  # a record in a shape check never wrote
+    proc = snapsync("-p", str(site), "check")
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("SNAPSYNC UNKNOWN - internal error: AttributeError") and len(proc.stdout.splitlines()) == 1
 
 
 def test_log_lines_are_one_per_event(site: Path) -> None:

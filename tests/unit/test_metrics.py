@@ -79,3 +79,33 @@ def test_log_lines_stay_one_line() -> None:
     entry = json.loads(JsonFormatter().format(record("sent\nit", event="sent", group="db", bytes=5)))
     assert (entry["msg"], entry["event"], entry["group"], entry["bytes"], entry["level"]) == ("sent\nit", "sent", "db", 5, "warning")
     assert "\n" not in JsonFormatter().format(record("a\nb"))
+
+
+def test_what_the_policy_no_longer_has_is_forgotten() -> None:
+    from snapsync.metrics import forget
+
+    state = observe_run({}, "run", [good(T0)], T0, T0, PREFIXES)
+    state = observe_drills(state, [DrillReport("db", "nas", T0, "s", 1.0, 1, [Check("files /x", True, "ok")])], T0)
+    kept = forget(state, {"db": (("nas",), 1)})
+    assert kept == state
+    no_hooks = forget(state, {"db": (("nas",), 0)})
+    assert no_hooks["groups"]["db"]["hooks"] == [] and no_hooks["targets"] and no_hooks["drills"]
+    no_target = forget(state, {"db": ((), 1)})
+    assert no_target["targets"] == {} and no_target["drills"] == {} and no_target["groups"]["db"]["hooks"]
+    assert forget(state, {"web": ((), 0)}) == {"commands": state["commands"], "groups": {}, "targets": {}, "drills": {}}
+
+
+def test_a_command_that_failed_as_a_whole_is_counted() -> None:
+    state = observe_run({}, "run", [good(T0)], T0, T0, PREFIXES)
+    state = observe_run(state, "run", [], T0, T0 + timedelta(hours=1), PREFIXES, error="RuntimeError: boom")
+    assert state["commands"]["run"]["failures"] == 1 and state["commands"]["run"]["ok"] is False
+    assert state["commands"]["run"]["last_success"] == T0.timestamp()
+    assert state["groups"]["db"]["ok"] is True  # nothing was learnt about the group
+
+
+def test_fail_goes_on_the_path() -> None:
+    from snapsync.ping import ping_url
+
+    assert ping_url("https://hc-ping.com/abc", healthy=False) == "https://hc-ping.com/abc/fail"
+    assert ping_url("https://hc.example/ping/abc/?rid=1", healthy=False) == "https://hc.example/ping/abc/fail?rid=1"
+    assert ping_url("https://hc.example/ping/abc?rid=1", healthy=True) == "https://hc.example/ping/abc?rid=1"
