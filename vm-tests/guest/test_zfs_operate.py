@@ -1,6 +1,6 @@
-"""Operating snapsync on a real systemd host with real OpenZFS: the shipped units run sandboxed and do
-their job, the metrics are readable by another user, and a receiving account needs no root, only
-the `zfs allow` permissions the NixOS module delegates."""
+"""Operating snapsync on a real systemd host: the shipped units run sandboxed and do their job on ZFS
+and on btrfs (setuid and setgid files included), the metrics are readable by another user, and a
+receiving account needs no root, only the `zfs allow` permissions the NixOS module delegates."""
 
 from __future__ import annotations
 
@@ -120,6 +120,51 @@ path = "{space}/backup"
     assert all(f"snapsync{s}.timer" in timers for s in ("", "-drill", "-check")), timers
     assert sh("systemctl", "show", "snapsync.timer", "-p", "Persistent", "--value").stdout.strip() == "yes"
     assert sh("systemctl", "show", "snapsync.timer", "-p", "RandomizedDelayUSec", "--value").stdout.strip() == "5min"
+
+
+@pytest.fixture
+def btrfs_mount() -> Iterator[Path]:
+    """A loop-mounted btrfs outside /tmp and /var/tmp (the units have private ones)."""
+    tag = uuid.uuid4().hex[:6]
+    image, mnt = Path(f"/root/btrfs-{tag}.img"), Path(f"/mnt/btrfs-{tag}")
+    sh("truncate", "-s", "400M", str(image))
+    sh("mkfs.btrfs", "-q", str(image))
+    mnt.mkdir()
+    sh("mount", "-o", "loop", str(image), str(mnt))
+    try:
+        yield mnt
+    finally:
+        sh("umount", str(mnt), check=False)
+        mnt.rmdir()
+        image.unlink()
+
+
+def test_the_shipped_units_snapshot_replicate_and_drill_btrfs_with_setuid_files(systemd_host: str, btrfs_mount: Path) -> None:
+    app = btrfs_mount / "persist" / "app"
+    app.parent.mkdir()
+    sh("btrfs", "subvolume", "create", str(app))
+    (app / "journal").mkdir()
+    (app / "journal").chmod(0o2755)  # like /var/log/journal
+    shutil.copy("/bin/true", app / "tool")
+    (app / "tool").chmod(0o4755)
+    (btrfs_mount / "backup").mkdir()
+    Path("/etc/snapsync/policy.toml").write_text(f"""
+version = 1
+[groups.app]
+backend = "btrfs"
+datasets = ["{app}"]
+targets = ["usb"]
+[targets.usb]
+type = "local"
+path = "{btrfs_mount / 'backup'}"
+""")
+    result, journal = start("snapsync.service")
+    assert result == "success", journal
+    (copy,) = [p for p in (btrfs_mount / "backup").rglob("snapsync_*") if p.is_dir() and (p / "tool").exists()]
+    assert (copy / "tool").stat().st_mode & 0o7777 == 0o4755
+    assert (copy / "journal").stat().st_mode & 0o7777 == 0o2755
+    result, journal = start("snapsync-drill.service")
+    assert result == "success" and "app from usb: ok" in journal, journal
 
 
 def module_permissions() -> list[str]:
