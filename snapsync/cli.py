@@ -140,6 +140,7 @@ def _act(
     metrics, render."""
     from snapsync.clock import SystemClock
     from snapsync.lock import policy_lock
+    from snapsync.logs import log_reports
     from snapsync.metrics import record_run
     from snapsync.runner import select_groups, select_targets
 
@@ -165,28 +166,8 @@ def _act(
                 record_run(policy, command_name, [], started, SystemClock().now(), error=f"{type(e).__name__}: {e}")
                 raise
             record_run(policy, command_name, reports, started, SystemClock().now())
-        _log_outcomes(command_name, reports)
+        log_reports(command_name, reports)
     return _finish(reports, as_json, explain=explain)
-
-
-def _log_outcomes(command_name: str, reports: list[GroupReport]) -> None:
-    """One line per group and target for the journal: what the table shows, as events."""
-    log = logging.getLogger("snapsync")
-    for r in reports:
-        facts = {"event": f"{command_name}-group", "group": r.group, "ok": not r.errors, "snapshot": r.snapshot,
-                 "deleted": len(r.deleted), "errors": r.errors}
-        if r.errors:
-            log.warning("%s: group %s failed: %s", command_name, r.group, "; ".join(r.errors), extra=facts)
-        else:
-            log.info("%s: group %s ok (snapshot %s, %d pruned)", command_name, r.group, r.snapshot or "none taken", len(r.deleted), extra=facts)
-        for t in r.targets:
-            facts = {"event": f"{command_name}-target", "group": t.group, "target": t.target, "direction": t.direction, "ok": t.ok,
-                     "bytes": t.bytes_sent, "sent": len(t.sent), "lag_seconds": None if t.lag is None else int(t.lag.total_seconds()),
-                     "seconds": round(t.seconds, 3), "errors": t.errors}
-            if t.errors:
-                log.warning("%s: %s %s %s failed: %s", command_name, t.group, "<-" if t.direction == "pull" else "->", t.target, "; ".join(t.errors), extra=facts)
-            else:
-                log.info("%s: %s %s %s ok (%d sent, %d bytes)", command_name, t.group, "<-" if t.direction == "pull" else "->", t.target, len(t.sent), t.bytes_sent, extra=facts)
 
 
 @app.command()
@@ -596,6 +577,7 @@ def drill(
     reports = []
     from snapsync.scratch import signals_raise
 
+    from snapsync.logs import log_drills
     from snapsync.metrics import record_drills
 
     with signals_raise(), policy_lock(policy.source, lock_timeout), _progress(as_json) as progress:  # SIGTERM cleans up too
@@ -605,15 +587,7 @@ def drill(
                     continue
                 reports.append(run_drill(policy, group, name, runner.backend(group), SystemClock().now(), scratch_parent=scratch, progress=progress))
         record_drills(policy, reports, SystemClock().now())
-    log = logging.getLogger("snapsync")
-    for r in reports:
-        facts = {"event": "drill", "group": r.group, "target": r.target, "ok": r.ok, "snapshot": r.snapshot,
-                 "seconds": round(r.seconds, 3), "restored_bytes": r.restored_bytes, "error": r.error}
-        bad = [f"{c.name}: {c.detail}" for c in r.checks if not c.ok]
-        if r.ok:
-            log.info("drill: %s from %s ok (%s)", r.group, r.target, r.snapshot, extra=facts)
-        else:
-            log.warning("drill: %s from %s FAILED: %s", r.group, r.target, r.error or "; ".join(bad), extra=facts)
+    log_drills(reports)
     if as_json:
         print(json.dumps({"drills": [r.to_json() for r in reports]}))
     else:

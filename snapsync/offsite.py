@@ -33,7 +33,7 @@ from snapsync.policy_models import DirTarget, Group, S3Target
 from snapsync.protocol import dataset_key
 from snapsync.replicate import ProgressFactory, Sent, TargetReport, ours
 from snapsync.sealing import CIPHER, Key
-from snapsync.streams import Meter, Proc, finish, parse_rate, widen
+from snapsync.streams import Meter, Proc, finish, parse_rate, reaped, widen
 
 log = logging.getLogger("snapsync")
 OffsiteTarget = DirTarget | S3Target
@@ -221,7 +221,7 @@ class Offsite:
         meter = Meter(tick=tick, rate_limit=parse_rate(self.target.rate_limit))
         done = len(manifest.chunks)
         proc = Proc.start(self.backend.send_argv(ds, up.name, up.parent), stdout=-1, label=f"{self.backend.kind} send")
-        try:
+        with reaped(proc):
             assert proc.popen.stdout is not None
             widen(proc.popen.stdout.fileno())
             source = RawSource(cast(io.RawIOBase, io.FileIO(proc.popen.stdout.fileno(), closefd=False)), meter)
@@ -234,14 +234,6 @@ class Offsite:
                 manifest = replace(manifest, chunks=(*manifest.chunks, record))
                 archive.write(manifest)
             finish([proc])
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        finally:
-            if proc.popen.stdout is not None:
-                proc.popen.stdout.close()
-            proc.close()
         if source.bytes != manifest.raw_bytes:
             raise BackendError(f"{ds}: {up.name}: read {source.bytes} bytes from send, the chunks hold {manifest.raw_bytes}")
         final = replace(manifest, complete=True, uploaded=self.now())

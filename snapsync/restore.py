@@ -30,7 +30,7 @@ from snapsync.offsite_plan import chain
 from snapsync.peer import Peer
 from snapsync.policy_models import Group, Policy
 from snapsync.store import Copy
-from snapsync.streams import Meter, finish, pump, widen
+from snapsync.streams import Meter, finish, pump, reaped, widen
 
 
 _GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -379,16 +379,10 @@ def restore_from_peer(
             elif not dry_run:
                 proc, header = peer.open_send(path, name, None, "none")
                 meter = Meter(tick=progress(f"restore {keys[key]} {name.rpartition('_')[2]}", None) if progress else None)
-                try:
+                with reaped(proc):
                     assert proc.popen.stdout is not None
                     _pumped(store, rel, name, str(header["guid"]), proc.popen.stdout.fileno(), meter, proc.kill)
                     finish([proc])
-                except BaseException:
-                    proc.kill()
-                    proc.wait()
-                    raise
-                finally:
-                    proc.close()
                 item.received.append(name)
                 item.bytes = meter.bytes
             if not dry_run:

@@ -15,7 +15,8 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -91,6 +92,23 @@ class Proc:
 
     def close(self) -> None:
         self.errfile.close()
+
+
+@contextmanager
+def reaped(proc: Proc) -> Iterator[Proc]:
+    """Whatever happens while its output is read, the process is gone afterwards: killed and waited
+    for on any error (a reader that stopped must not leave a sender blocked), and its pipe and
+    stderr file closed."""
+    try:
+        yield proc
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        if proc.popen.stdout is not None:
+            proc.popen.stdout.close()
+        proc.close()
 
 
 def cut_off(returncode: int, stderr: str) -> bool:

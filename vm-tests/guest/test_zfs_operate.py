@@ -67,6 +67,14 @@ def systemd_host(space: str) -> Iterator[str]:
         shutil.rmtree(state, ignore_errors=True)
 
 
+def host_policy(backend: str, dataset: object, target_path: object) -> None:
+    """/etc/snapsync/policy.toml, where the units look: one group replicating to a local target."""
+    Path("/etc/snapsync/policy.toml").write_text(
+        f'version = 1\n[groups.app]\nbackend = "{backend}"\ndatasets = ["{dataset}"]\ntargets = ["usb"]\n'
+        f'[targets.usb]\ntype = "local"\npath = "{target_path}"\n'
+    )
+
+
 def start(unit: str) -> tuple[str, str]:
     """Start a oneshot unit and wait for it; its result and its journal."""
     sh("systemctl", "start", unit, check=False)
@@ -80,16 +88,7 @@ def test_the_shipped_units_run_sandboxed_under_systemd(systemd_host: str) -> Non
     app = f"{space}/app"
     zfs("create", app)
     fill(app, 1)
-    Path("/etc/snapsync/policy.toml").write_text(f"""
-version = 1
-[groups.app]
-backend = "zfs"
-datasets = ["{app}"]
-targets = ["usb"]
-[targets.usb]
-type = "local"
-path = "{space}/backup"
-""")
+    host_policy("zfs", app, f"{space}/backup")
     verified = sh("systemd-analyze", "verify", *[f"/etc/systemd/system/{u}" for u in UNITS], check=False)
     assert verified.returncode == 0 and not verified.stderr.strip(), verified.stderr
 
@@ -148,16 +147,7 @@ def test_the_shipped_units_snapshot_replicate_and_drill_btrfs_with_setuid_files(
     shutil.copy("/bin/true", app / "tool")
     (app / "tool").chmod(0o4755)
     (btrfs_mount / "backup").mkdir()
-    Path("/etc/snapsync/policy.toml").write_text(f"""
-version = 1
-[groups.app]
-backend = "btrfs"
-datasets = ["{app}"]
-targets = ["usb"]
-[targets.usb]
-type = "local"
-path = "{btrfs_mount / 'backup'}"
-""")
+    host_policy("btrfs", app, btrfs_mount / "backup")
     result, journal = start("snapsync.service")
     assert result == "success", journal
     (copy,) = [p for p in (btrfs_mount / "backup").rglob("snapsync_*") if p.is_dir() and (p / "tool").exists()]
