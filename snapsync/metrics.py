@@ -37,10 +37,6 @@ log = logging.getLogger("snapsync")
 State = dict[str, Any]
 
 
-def _ts(when: datetime | None) -> float | None:
-    return None if when is None else when.timestamp()
-
-
 def _newest(prefix: str, names: Iterable[str | None]) -> float | None:
     times = [t for t in (parse_snapshot_name(prefix, n) for n in names if n) if t is not None]
     return max(times).timestamp() if times else None
@@ -71,8 +67,8 @@ def observe_run(
             g["last_success"] = finished.timestamp()
         kept = [d.name for d in r.plan.kept] if r.plan is not None else []
         newest = _newest(prefix, [r.snapshot, *kept, *(t.newest_source for t in r.targets if t.direction == "push")])
-        if newest is not None and newest >= g.get("newest_snapshot", 0):
-            g["newest_snapshot"] = newest
+        if newest is not None and (r.plan is not None or newest >= g.get("newest_snapshot", 0)):
+            g["newest_snapshot"] = newest  # a prune plan lists every snapshot: then it may also go back
         if r.plan is not None:
             g["kept"] = len(kept)
             g["deleted_total"] = g.get("deleted_total", 0) + len(r.deleted)
@@ -95,7 +91,7 @@ def observe_run(
             tt["last_sent_bytes"] = t.bytes_sent
             tt["sent_bytes_total"] = tt.get("sent_bytes_total", 0) + t.bytes_sent
             tt["sent_total"] = tt.get("sent_total", 0) + len(t.sent)
-            if t.ok and t.skipped is None:
+            if t.ok:
                 tt["last_success"] = finished.timestamp()
             if not t.ok:
                 tt["failures_total"] = tt.get("failures_total", 0) + 1

@@ -109,3 +109,14 @@ def test_fail_goes_on_the_path() -> None:
     assert ping_url("https://hc-ping.com/abc", healthy=False) == "https://hc-ping.com/abc/fail"
     assert ping_url("https://hc.example/ping/abc/?rid=1", healthy=False) == "https://hc.example/ping/abc/fail?rid=1"
     assert ping_url("https://hc.example/ping/abc?rid=1", healthy=True) == "https://hc.example/ping/abc?rid=1"
+
+
+def test_the_newest_snapshot_follows_a_prune_plan_back_after_one_was_deleted_by_hand() -> None:
+    from snapsync.retention import Decision, PrunePlan
+
+    state = observe_run({}, "run", [good(T0 + timedelta(hours=2))], T0, T0, PREFIXES)
+    older = f"snapsync_{T0.strftime('%Y-%m-%dT%H:%M:%SZ')}"
+    pruned = GroupReport("db", plan=PrunePlan(T0 + timedelta(hours=3), (Decision(older, T0, True, ("keep_last",)),)))
+    assert observe_run(state, "prune", [pruned], T0, T0, PREFIXES)["groups"]["db"]["newest_snapshot"] == T0.timestamp()
+    replicated = GroupReport("db", targets=[TargetReport("db", "nas", newest_source=older)])
+    assert observe_run(state, "replicate", [replicated], T0, T0, PREFIXES)["groups"]["db"]["newest_snapshot"] == (T0 + timedelta(hours=2)).timestamp()
