@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Literal, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from snapsync import __version__
 from snapsync.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, SnapsyncError
@@ -86,10 +87,10 @@ def _main(
     setup(log_format, logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
 
 
-def _load(path: str | None = None) -> Policy:
+def _load(path: str | None = None, check_programs: bool = True) -> Policy:
     from snapsync.policy import load_policy
 
-    return load_policy(path or State.policy_path)
+    return load_policy(path or State.policy_path, check_programs)
 
 
 def _runner(policy: Policy, progress: ProgressFactory | None = None) -> Runner:
@@ -238,12 +239,13 @@ def serve(
     role: Annotated[Literal["receive", "send"], typer.Option("--role", help="receive: accept copies; send: hand out snapshots.")],
     snapshot_dir: Annotated[str, typer.Option("--snapshot-dir", help="send role: where snapshots live, as in the policy.")] = ".snapsync",
     append_only: Annotated[bool, typer.Option("--append-only", help="receive role: refuse to delete copies.")] = False,
+    stall_timeout: Annotated[float, typer.Option("--stall-timeout", min=0.1, max=86400, help="Give up on a request line or a stream that moves nothing for this many seconds.")] = 600.0,
 ) -> int:
     """The far end of replication, for an ssh forced command (see `snapsync authorize`). Reads one
     request on stdin; speaks a small versioned protocol; runs no shell."""
     from snapsync.serve import serve as run_serve
 
-    return run_serve(root, role, snapshot_dir, append_only)
+    return run_serve(root, role, snapshot_dir, append_only, stall_timeout)
 
 
 @app.command()
@@ -406,7 +408,7 @@ def check(
 def policy_check(
     file: Annotated[str | None, typer.Argument(help="Policy file (default: --policy).", show_default=False)] = None,
     syntax_only: Annotated[
-        bool, typer.Option("--syntax-only", help="Only parse and validate; do not look for the datasets on this machine.")
+        bool, typer.Option("--syntax-only", help="Only parse and validate; do not look at the datasets or hook programs on this machine.")
     ] = False,
     as_json: JsonOpt = False,
 ) -> int:
@@ -417,7 +419,7 @@ def policy_check(
     from snapsync.policy import policy_warnings
     from snapsync.preflight import check_datasets, receiving_warnings
 
-    policy = _load(file)
+    policy = _load(file, check_programs=not syntax_only)
     warnings = policy_warnings(policy)
     if not syntax_only:
         check_datasets(policy)
@@ -425,10 +427,14 @@ def policy_check(
     if as_json:
         print(json.dumps({"policy": policy.normalized(), "warnings": warnings}))
     else:
-        out.print(policy.to_toml(), end="", markup=False)
+        from rich.markup import escape
+
+        from snapsync.errors import printable
+
+        out.print(policy.to_toml(), end="", markup=False, emoji=False)
         for w in warnings:
-            err.print(f"[yellow]warning:[/] {w}")
-        err.print(f"{policy.source}: ok")
+            err.print(f"[yellow]warning:[/] {escape(printable(w))}", emoji=False)
+        err.print(f"{printable(policy.source)}: ok", markup=False, emoji=False)
     return EXIT_OK
 
 
@@ -464,6 +470,9 @@ def restore(
     verify_first: Annotated[
         bool, typer.Option("--verify-first", help="Offsite: read and check every chunk before receiving anything (downloads twice).")
     ] = False,
+    accept_rollback: Annotated[
+        bool, typer.Option("--accept-rollback", help="Offsite: restore the newest snapshot left even when the archive's newest uploads are missing.")
+    ] = False,
     dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
 ) -> int:
@@ -492,7 +501,9 @@ def restore(
         assert to is not None
         landing = to
     with policy_lock(policy.source, 60.0), _progress(as_json) as progress:  # no prune may run meanwhile
-        report = restore_from(policy, source, group, landing, snapshot or None, dry_run, progress, key_file, verify_first)
+        report = restore_from(
+            policy, source, group, landing, snapshot or None, dry_run, progress, key_file, verify_first, accept_rollback
+        )
     if as_json:
         print(json.dumps(report.to_json()))
         return EXIT_OK
@@ -504,7 +515,7 @@ def restore(
             f"already there {len(d.present)}", markup=False,
         )
     for problem in report.problems:
-        err.print(f"[yellow]warning:[/] elsewhere in the archive: {problem}")
+        err.print(f"[yellow]warning:[/] elsewhere in the archive: {escape(problem)}")
     return EXIT_OK
 
 
@@ -536,7 +547,7 @@ def verify(
             f"{report.chunks_read} of {report.chunks} chunk(s) read ({report.bytes_read} bytes)"
         )
         for problem in report.problems:
-            out.print(f"  [red]problem:[/] {problem}", markup=True, highlight=False)
+            out.print(f"  [red]problem:[/] {escape(problem)}", markup=True, highlight=False)
     return EXIT_OK if report.ok else EXIT_PARTIAL
 
 
@@ -690,10 +701,12 @@ def _list_or_empty(backend: StorageBackend, dataset: str) -> list[SnapshotInfo]:
 
 
 def _fail(message: str, code: int, as_json: bool) -> NoReturn:
+    from snapsync.errors import printable
+
     if as_json:
         print(json.dumps({"error": message, "exit_code": code}))
     else:
-        err.print(f"snapsync: error: {message}", markup=False)
+        err.print(f"snapsync: error: {printable(message, limit=4000)}", markup=False, emoji=False)
     sys.exit(code)
 
 

@@ -41,13 +41,25 @@ class UsageError(SnapsyncError):
     exit_code = EXIT_USAGE
 
 
+def printable(text: str, limit: int = 1000) -> str:
+    """``text`` with control and other invisible characters escaped as ``repr`` escapes them, cut at ``limit``.
+
+    Messages quote what a policy file, a path or another host said; a newline, a carriage return or a
+    terminal escape in there must not fake a second line, hide the first or recolour the terminal.
+    Letters of every script stay as they are.
+    """
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text) - limit} more characters)"
+
+
 class PolicyError(UsageError):
-    """A policy file is malformed; the message always names the file and the key path."""
+    """A policy file is malformed; the message always names the file and the key path, on one line."""
 
     def __init__(self, file: str, key: str, problem: str) -> None:
-        self.file = file
-        self.key = key
-        self.problem = problem
+        self.file = file = printable(file)
+        self.key = key = printable(key, limit=200)
+        self.problem = problem = printable(problem)
         where = f"{file}: {key}" if key else file
         super().__init__(f"{where}: {problem}")
 
@@ -62,6 +74,11 @@ class BackendError(SnapsyncError):
 
 class DatasetMissing(BackendError):
     pass
+
+
+class UnsafePath(BackendError):
+    """A path snapsync would write through is not its own: a symlink, or owned or writable by
+    another user. Refused, never worked around: it may be somebody's attempt to redirect root."""
 
 
 class CommandFailed(BackendError):

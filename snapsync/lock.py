@@ -2,6 +2,11 @@
 
 An ``fcntl`` lock dies with its process, so a killed run never leaves a stale lock behind; the
 holder's pid is written into the file so the "locked" message can name it.
+
+Locks live in a directory only the running user can write (``/run/snapsync`` for root), never in a
+shared sticky one like ``/run/lock``: there another user could create the directory first, plant a
+symlink for root to truncate, or hold the lock forever so that every run gives up quietly. The
+directory and the lock file are opened without following symlinks and must be the running user's.
 """
 
 from __future__ import annotations
@@ -9,19 +14,24 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
-from snapsync.errors import LockedError
+from snapsync.errors import LockedError, UnsafePath
+from snapsync.safefs import check_private, private_dir
 
 
 def lock_dir() -> Path:
     configured = os.environ.get("SNAPSYNC_LOCK_DIR")
     if configured:
         return Path(configured)
-    return Path("/run/lock/snapsync") if os.access("/run/lock", os.W_OK) else Path("/tmp/snapsync-locks")
+    if os.geteuid() == 0:
+        return Path("/run/snapsync")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(runtime) / "snapsync" if runtime else Path(f"/tmp/snapsync-{os.geteuid()}")
 
 
 def lock_path(policy_source: str) -> Path:
@@ -35,9 +45,16 @@ def file_lock(path: Path, timeout: float, what: str) -> Iterator[Path]:
 
     ``what`` names the thing being protected in the "locked" message.
     """
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    with private_dir(path.parent, own=1, create=True) as dirfd:
+        try:
+            fd = os.open(path.name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600, dir_fd=dirfd)
+        except OSError as e:
+            raise UnsafePath(f"{path}: cannot open the lock file ({e.strerror}); a symlink or another file is in its place") from e
     try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafePath(f"{path}: the lock file is not a regular file; refusing to use it")
+        check_private(st, path, "lock file")
         deadline = time.monotonic() + timeout
         while True:
             try:

@@ -13,6 +13,8 @@ import sys
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal
 
+from snapsync.errors import printable
+
 if TYPE_CHECKING:
     from snapsync.drill import DrillReport
     from snapsync.runner import GroupReport
@@ -33,7 +35,7 @@ class TextFormatter(logging.Formatter):
         text = f"snapsync: {record.levelname.lower()}: {record.getMessage()}"
         if record.exc_info:
             text += " | " + self.formatException(record.exc_info)
-        return text.replace("\r", "\\r").replace("\n", "\\n")
+        return printable(text, limit=16000)  # a peer's or a file's words: no fake lines, no terminal escapes
 
 
 class JsonFormatter(logging.Formatter):

@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 
 from snapsync import __version__
 from snapsync.naming import parse_snapshot_name
+from snapsync.safefs import private_dir, write_atomic
 from snapsync.state import read_json, state_dir, write_json
 
 if TYPE_CHECKING:
@@ -265,22 +266,13 @@ def policy_limits(policy: Policy) -> dict[tuple[str, str], tuple[float, float]]:
 
 def write_textfile(path: Path, state: State, now: datetime, host: str, limits: Limits | None = None) -> None:
     """Atomically: a temporary file beside it (not ``*.prom``, so the collector never reads it half
-    written), renamed over. Mode 0644 whatever the umask: node_exporter runs as another user."""
+    written), renamed over. Mode 0644 whatever the umask: node_exporter runs as another user. The
+    directory must be root's alone (see :mod:`snapsync.safefs`): a shared one is refused."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Families(families(state, now, host, limits)))
     data = generate_latest(registry)
-    if not path.parent.is_dir():
-        path.parent.mkdir(parents=True)
-        path.parent.chmod(0o755)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.fchmod(fd, 0o644)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    with private_dir(path.parent, own=1, create=True, mode=0o755) as dirfd:
+        write_atomic(dirfd, path.name, data, mode=0o644)
 
 
 def forget(state: State, groups: Mapping[str, tuple[Sequence[str], int]]) -> State:

@@ -10,7 +10,9 @@ runs ``btrfs`` and ``zstd`` with argument lists.
 from __future__ import annotations
 
 import os
+import select
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -26,11 +28,20 @@ from snapsync.streams import Proc, finish
 if TYPE_CHECKING:
     from snapsync.zfs_store import ZfsStore
 
+REQUEST_TIMEOUT = 60.0
+STALL_TIMEOUT = 600.0
 
-def read_request(fd: int = 0) -> bytes:
-    """One line from ``fd`` without reading past it: the send stream follows on the same descriptor."""
+
+def read_request(fd: int = 0, timeout: float = REQUEST_TIMEOUT) -> bytes:
+    """One line from ``fd`` without reading past it: the send stream follows on the same descriptor.
+
+    Bounded in time as in size: a client that never finishes its line must not hold the session
+    (and the directory lock a receive takes) forever."""
     buf = bytearray()
+    deadline = time.monotonic() + timeout
     while len(buf) < MAX_REQUEST:  # the newline counts too
+        if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            raise Refused(f"no complete request line within {timeout:g}s")
         byte = os.read(fd, 1)
         if not byte:
             if not buf:
@@ -61,10 +72,14 @@ def is_zfs_root(root: str) -> bool:
 
 
 class Server:
-    def __init__(self, root: str, role: Role, snapshot_dir: str = ".snapsync", append_only: bool = False) -> None:
+    def __init__(
+        self, root: str, role: Role, snapshot_dir: str = ".snapsync", append_only: bool = False,
+        stall: float = STALL_TIMEOUT,
+    ) -> None:
         self.root = root
         self.role = role
         self.append_only = append_only
+        self.stall = stall
         self.zfs = is_zfs_root(root)
         self.store: BtrfsStore | ZfsStore
         self.backend: StorageBackend
@@ -75,7 +90,7 @@ class Server:
             self.store = ZfsStore(root)
             self.backend = ZfsBackend()
         else:
-            self.store = BtrfsStore(root)
+            self.store = BtrfsStore(root, stall=stall)
             self.backend = BtrfsBackend(snapshot_dir)
 
     def handle(self, fd: int = 0) -> int:
@@ -83,7 +98,7 @@ class Server:
         try:
             if not self.zfs and not Path(self.root).is_dir():
                 raise Refused(f"served root {self.root} does not exist")
-            request = parse_request(read_request(fd), self.role)
+            request = parse_request(read_request(fd, min(REQUEST_TIMEOUT, self.stall)), self.role)
             result = getattr(self, f"op_{request.op}")(fd=fd, **request.args)
         except Refused as e:
             return _refuse(e)
@@ -125,6 +140,8 @@ class Server:
         return {"paths": snapshots}
 
     def op_receive(self, fd: int, path: str, name: str, guid: str, compress: str, force: bool) -> dict[str, Any]:
+        if force and self.append_only:
+            raise Refused("this server is append-only (serve --append-only): a forced receive could roll back or destroy copies")
         return self.store.receive(path, name, guid, fd, compress, force)
 
     def op_resume(self, fd: int, path: str, compress: str) -> dict[str, Any]:
@@ -221,9 +238,9 @@ def _refuse(error: Exception) -> int:
     return EXIT_USAGE
 
 
-def serve(root: str, role: Role, snapshot_dir: str = ".snapsync", append_only: bool = False) -> int:
+def serve(root: str, role: Role, snapshot_dir: str = ".snapsync", append_only: bool = False, stall: float = STALL_TIMEOUT) -> int:
     try:
-        server = Server(root, role, snapshot_dir, append_only)
+        server = Server(root, role, snapshot_dir, append_only, stall)
     except SnapsyncError as e:  # a --root that is neither a directory path nor a dataset name
         return _refuse(e)
     return server.handle(0)
@@ -244,13 +261,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--role", choices=("receive", "send"), required=True)
     parser.add_argument("--snapshot-dir", default=".snapsync")
     parser.add_argument("--append-only", action="store_true")
+    parser.add_argument("--stall-timeout", type=float, default=STALL_TIMEOUT)
     try:
         args, rest = parser.parse_known_args(argv)
     except SystemExit:
         return -1
-    if rest:
+    if rest or not 0 < args.stall_timeout <= 86400:
         return -1
-    return serve(args.root, args.role, args.snapshot_dir, args.append_only)
+    return serve(args.root, args.role, args.snapshot_dir, args.append_only, args.stall_timeout)
 
 
 def authorized_keys_line(key_line: str, command: list[str]) -> str:

@@ -10,21 +10,18 @@ import os
 from pathlib import Path
 from typing import Any
 
+from snapsync.safefs import private_dir, write_atomic
+
 
 def state_dir() -> Path:
     return Path(os.environ.get("SNAPSYNC_STATE_DIR", "/var/lib/snapsync"))
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomically, and durably: a crash leaves the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Atomically, and durably: a crash leaves the old file or the new one. The directory must be
+    the running user's alone; nothing is written through a symlink (see :mod:`snapsync.safefs`)."""
+    with private_dir(path.parent, own=1, create=True, mode=0o755) as dirfd:
+        write_atomic(dirfd, path.name, (json.dumps(data, indent=1) + "\n").encode(), mode=0o644)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

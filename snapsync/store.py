@@ -3,10 +3,16 @@
 Layout: ``<root>/<group>/<dataset key>/<snapshot>``, see :func:`snapsync.protocol.dataset_key`.
 Before ``btrfs receive`` starts, a marker file ``.receiving/<snapshot>`` is written (and synced); it
 is removed only after receive exited 0 and the new subvolume is read-only with the expected
-received_uuid. Removing the marker is the commit point: a copy with a marker is by construction a
-partial one (the next receive deletes it), and a copy without one was complete when it arrived; if
-it is writable now, somebody changed it, and it is user data, not debris. (A received subvolume
-cannot simply be renamed into place: btrfs refuses to move a read-only subvolume, EROFS.)
+received_uuid, in its place. Removing the marker is the commit point: a copy with a marker is by
+construction a partial one (the next receive deletes it), and a copy without one was complete when
+it arrived; if it is writable now, somebody changed it, and it is user data, not debris.
+
+The stream comes from another host and is not trusted: ``btrfs receive`` follows the paths, ``..``
+and symlinks the stream names. So it runs chrooted (``-C``) in an empty staging directory,
+``.incoming/<snapshot>``, where the only thing it can reach is the subvolume it creates. Only after
+the result is checked (one read-only subvolume, the expected received_uuid, a parent among this
+dataset's own copies) is it moved into place: made writable for the instant of a rename (btrfs
+refuses to move a read-only subvolume to another directory, EROFS), then read-only again.
 
 Used in-process for ``local`` targets and by ``snapsync serve`` for ssh targets; knows nothing about
 policies or retention.
@@ -15,6 +21,7 @@ policies or retention.
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,12 +31,14 @@ from pathlib import Path
 
 import btrfsutil
 
-from snapsync.errors import BackendError, CommandFailed
+from snapsync.errors import BackendError, CommandFailed, UnsafePath
 from snapsync.lock import file_lock
 from snapsync.protocol import Refused, check_name, check_path
+from snapsync.safefs import create_empty, fd_path, private_dir, remove
 from snapsync.streams import Proc, finish
 
 MARKERS = ".receiving"
+STAGING = ".incoming"
 LOCK = ".lock"
 _READ_ONLY = 1
 _NO_UUID = bytes(16)
@@ -82,38 +91,85 @@ def _subvolumes(directory: Path) -> Iterator[tuple[str, btrfsutil.SubvolumeInfo]
             raise BackendError(f"{entry.path}: {e.strerror or e}") from e
 
 
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_sub(dirfd: int, name: str, create: bool = False) -> int | None:
+    """A directory of ours inside a dataset directory, never through a symlink; None if absent."""
+    try:
+        return os.open(name, _DIR, dir_fd=dirfd)
+    except FileNotFoundError:
+        if not create:
+            return None
+    except OSError as e:
+        raise UnsafePath(f"{name}: not a directory (a symlink or a file) where snapsync keeps its own; refusing") from e
+    os.mkdir(name, 0o700, dir_fd=dirfd)
+    return os.open(name, _DIR, dir_fd=dirfd)
+
+
 def _markers(directory: Path) -> set[str]:
     try:
-        return {e.name for e in os.scandir(directory / MARKERS) if e.is_file(follow_symlinks=False)}
+        with private_dir(directory / MARKERS, own=1) as fd:
+            return {e.name for e in os.scandir(fd_path(fd)) if e.is_file(follow_symlinks=False)}
     except FileNotFoundError:
         return set()
 
 
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _mark(directory: Path, name: str) -> None:
-    markers = directory / MARKERS
-    markers.mkdir(mode=0o700, exist_ok=True)
-    fd = os.open(markers / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    _sync_dir(markers)
+    with private_dir(directory / MARKERS, own=1, create=True) as fd:
+        create_empty(fd, name)
 
 
 def _unmark(directory: Path, name: str) -> None:
     try:
-        os.unlink(directory / MARKERS / name)
+        with private_dir(directory / MARKERS, own=1) as fd:
+            remove(fd, name)
     except FileNotFoundError:
         return
-    _sync_dir(directory / MARKERS)
+
+
+def _purge(dirfd: int) -> None:
+    """Empty a staging directory whatever a hostile stream left in it: subvolumes (deleted as
+    such), directories, files, symlinks (never followed)."""
+    for entry in list(os.scandir(fd_path(dirfd))):
+        if entry.is_dir(follow_symlinks=False):
+            path = fd_path(dirfd, entry.name)
+            if btrfsutil.is_subvolume(path):
+                _delete(Path(path))
+                continue
+            child = os.open(entry.name, _DIR, dir_fd=dirfd)
+            try:
+                _purge(child)
+            finally:
+                os.close(child)
+            os.rmdir(entry.name, dir_fd=dirfd)
+        else:
+            os.unlink(entry.name, dir_fd=dirfd)
+
+
+def _clear_staging(directory: Path, names: list[str] | None = None) -> None:
+    """Remove staging directories (all, or those of ``names``) with everything in them."""
+    try:
+        incoming = os.open(directory / STAGING, _DIR)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise UnsafePath(f"{directory / STAGING}: not a directory of snapsync's; refusing") from e
+    try:
+        for entry in list(os.scandir(fd_path(incoming))):
+            if names is not None and entry.name not in names:
+                continue
+            if not entry.is_dir(follow_symlinks=False):
+                os.unlink(entry.name, dir_fd=incoming)
+                continue
+            child = os.open(entry.name, _DIR, dir_fd=incoming)
+            try:
+                _purge(child)
+            finally:
+                os.close(child)
+            os.rmdir(entry.name, dir_fd=incoming)
+    finally:
+        os.close(incoming)
 
 
 def _copy(name: str, info: btrfsutil.SubvolumeInfo, partial: bool) -> Copy:
@@ -134,11 +190,31 @@ def _delete(path: Path) -> None:
         raise BackendError(f"{path}: delete failed: {e.strerror or e}") from e
 
 
+def _holds_same_data(directory: Path, parent_uuid: bytes) -> bool:
+    """Whether the subvolume a received copy was snapshotted from is one of this dataset's copies,
+    or a subvolume elsewhere on the filesystem carrying the same identity as one of them (btrfs
+    picks any subvolume with the parent's received_uuid: a restore next to an earlier one, say).
+    Anything else would let a stream read another root's data."""
+    own = {i.uuid for _, i in _subvolumes(directory)} | {i.received_uuid for _, i in _subvolumes(directory)}
+    own.discard(_NO_UUID)
+    if parent_uuid in own:
+        return True
+    mount = Path(os.path.abspath(directory))
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    with btrfsutil.SubvolumeIterator(mount, top=5, info=True) as subvolumes:
+        for _, info in subvolumes:
+            if info.uuid == parent_uuid:
+                return bool({info.uuid, info.received_uuid} & own)
+    return False
+
+
 class BtrfsStore:
     """Copies below ``root``; every path a caller passes is relative and validated again here."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], stall: float | None = None) -> None:
         self.root = Path(root)
+        self.stall = stall
 
     def directory(self, rel: str) -> Path:
         """The dataset directory for ``rel``, refusing anything that resolves outside the root."""
@@ -152,7 +228,10 @@ class BtrfsStore:
 
     def check_root(self) -> None:
         if not self.root.is_dir():
-            raise BackendError(f"target root {self.root} does not exist (create it, on a btrfs filesystem)")
+            raise BackendError(
+                f"target root {self.root} does not exist (create it on a btrfs filesystem, as a subvolume: "
+                f"btrfs subvolume create {self.root})"
+            )
         try:
             btrfsutil.subvolume_id(self.root)
         except btrfsutil.BtrfsUtilError as e:
@@ -175,8 +254,10 @@ class BtrfsStore:
             yield
 
     def _discard(self, directory: Path, names: list[str] | None = None) -> list[str]:
-        """Delete partial copies (those with a marker), all or only ``names``; then their markers."""
+        """Delete partial copies (those with a marker), all or only ``names``, and what their
+        receives left in staging; then their markers."""
         removed = []
+        _clear_staging(directory, names)
         for name in sorted(_markers(directory)):
             if names is not None and name not in names:
                 continue
@@ -205,28 +286,48 @@ class BtrfsStore:
             removed = self._discard(directory)
             if os.path.lexists(directory / name):
                 raise BackendError(f"{rel}/{name} already exists on the target")
-            before = {n for n, _ in _subvolumes(directory)}
             _mark(directory, name)
             procs: list[Proc] = []
             try:
-                feed: int = stdin
-                if compress == "zstd":
-                    procs.append(Proc.start(["zstd", "-d", "-q", "-c"], stdin=stdin, stdout=-1, label="zstd -d (target)"))
-                    assert procs[0].popen.stdout is not None
-                    feed = procs[0].popen.stdout.fileno()
-                procs.append(Proc.start(["btrfs", "receive", "-e", str(directory)], stdin=feed, stdout=subprocess.DEVNULL, label="btrfs receive"))
-                if compress == "zstd":
-                    assert procs[0].popen.stdout is not None
-                    procs[0].popen.stdout.close()
-                finish(procs)
-                self._verify(directory, before, name, guid)
+                with private_dir(directory, own=1) as home:
+                    incoming = _open_sub(home, STAGING, create=True)
+                    assert incoming is not None
+                    try:
+                        os.mkdir(name, 0o700, dir_fd=incoming)
+                        staging = os.open(name, _DIR, dir_fd=incoming)
+                    finally:
+                        os.close(incoming)
+                    try:
+                        feed: int = stdin
+                        if compress == "zstd":
+                            procs.append(Proc.start(["zstd", "-d", "-q", "-c"], stdin=stdin, stdout=-1, label="zstd -d (target)"))
+                            assert procs[0].popen.stdout is not None
+                            feed = procs[0].popen.stdout.fileno()
+                        argv = self._receive_argv(directory / STAGING / name)
+                        procs.append(Proc.start(argv, stdin=feed, stdout=subprocess.DEVNULL, label="btrfs receive"))
+                        if compress == "zstd":
+                            assert procs[0].popen.stdout is not None
+                            procs[0].popen.stdout.close()
+                        try:
+                            finish(procs, stall=self.stall)
+                        except CommandFailed as e:
+                            if "not reachable from inside the root subvol" in e.stderr:
+                                raise BackendError(
+                                    f"btrfs receive: the stream's parent is not reachable from inside the root subvol {self.root} "
+                                    "(btrfs found a copy of it outside this root first: keep each source's copies in one root "
+                                    "per filesystem); refused"
+                                ) from e
+                            raise
+                        self._verify(directory, staging, name, guid)
+                        self._move_into_place(home, staging, name, guid)
+                    finally:
+                        os.close(staging)
+                _clear_staging(directory, [name])
                 _unmark(directory, name)
             except BaseException:
-                for extra in {n for n, _ in _subvolumes(directory)} - before - {name}:
-                    _mark(directory, extra)
                 try:
-                    self._discard(directory)
-                except BackendError:
+                    self._discard(directory, [name])
+                except (BackendError, OSError, btrfsutil.BtrfsUtilError):
                     pass  # the receive's own error matters more; the next receive cleans up
                 raise
             finally:
@@ -234,18 +335,57 @@ class BtrfsStore:
                     p.close()
         return {"name": name, "path": f"{rel}/{name}", "removed_partials": removed}
 
-    def _verify(self, directory: Path, before: set[str], name: str, guid: str) -> None:
-        arrived = {n: i for n, i in _subvolumes(directory) if n not in before}
-        info = arrived.get(name)
-        if info is None or len(arrived) != 1:
-            found = ", ".join(arrived) or "nothing"
-            raise BackendError(f"btrfs receive created {found}, not {name}; refusing the stream")
+    def _receive_argv(self, staging: Path) -> list[str]:
+        """``btrfs receive`` chrooted into ``staging``; when the root is a subvolume of its own, also
+        in a private mount namespace where that subvolume is the mount btrfs resolves parents and
+        clone sources against, so a stream can build on nothing outside the root (btrfs finds both
+        through the filesystem-wide UUID tree, which no chroot confines)."""
+        receive = ["btrfs", "receive", "-e", "-C", str(staging)]
+        if not self.isolated():
+            return receive
+        return [
+            "unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+            'mount --bind -- "$1" "$1" && shift && exec "$@"', "sh", str(self.root), *receive,
+        ]
+
+    def isolated(self) -> bool:
+        """Whether receives below this root are confined to it (the root is a subvolume, not the
+        filesystem's top level): then no stream can clone or snapshot another root's copies."""
+        try:
+            return bool(btrfsutil.is_subvolume(self.root)) and btrfsutil.subvolume_id(self.root) != 5
+        except btrfsutil.BtrfsUtilError:
+            return False
+
+    def _verify(self, directory: Path, staging: int, name: str, guid: str) -> None:
+        """The staging directory holds exactly the one read-only subvolume asked for, carrying
+        ``guid``, made from nothing or from one of this dataset's own copies."""
+        found = sorted(os.listdir(fd_path(staging)))  # a new open: btrfs lists only entries older than the fd
+        path = fd_path(staging, name)
+        if found != [name] or not stat.S_ISDIR(os.lstat(path).st_mode) or not btrfsutil.is_subvolume(path):
+            raise BackendError(f"btrfs receive created {', '.join(found) or 'nothing'}, not the subvolume {name}; refusing the stream")
+        info = btrfsutil.subvolume_info(path)
         copy = _copy(name, info, partial=True)
         if not copy.read_only or copy.received_uuid != guid:
             raise BackendError(
                 f"received {name} is incomplete (read_only={copy.read_only}, received_uuid={copy.received_uuid}, "
                 f"expected {guid}); discarded"
             )
+        if info.parent_uuid != _NO_UUID and not _holds_same_data(directory, info.parent_uuid):
+            raise BackendError(
+                f"received {name} was made from subvolume {info.parent_uuid.hex()}, which is not a copy in {directory}; "
+                "a stream may only build on this dataset's own copies: refused"
+            )
+
+    def _move_into_place(self, home: int, staging: int, name: str, guid: str) -> None:
+        staged = fd_path(staging, name)
+        btrfsutil.set_subvolume_read_only(staged, False)
+        os.rename(name, name, src_dir_fd=staging, dst_dir_fd=home)
+        placed = fd_path(home, name)
+        btrfsutil.set_subvolume_read_only(placed, True)
+        copy = _copy(name, btrfsutil.subvolume_info(placed), partial=True)
+        if not copy.read_only or copy.received_uuid != guid:
+            raise BackendError(f"{name}: lost its identity while moved into place (received_uuid={copy.received_uuid}); discarded")
+        os.fsync(home)
 
     def resume(self, rel: str, stdin: int, compress: str = "none") -> dict[str, object]:
         raise Refused("resumable receive is a ZFS feature; this btrfs target has nothing to resume")
@@ -261,10 +401,10 @@ class BtrfsStore:
             return self._discard(directory, names)
 
     def delete(self, rel: str, names: list[str], allow_writable: bool = False) -> list[str]:
-        """Delete copies by name. Writable ones are user data: only with ``allow_writable``.
+        """Delete copies by name. Writable ones were changed on the target: only with ``allow_writable``.
 
-        Only subvolumes that arrived by receive (a received_uuid, or writable after a change) are
-        ours to delete; anything else in the directory was put there by someone else.
+        Only subvolumes that arrived by receive (they carry a received_uuid) are ours to delete,
+        whatever the flags; anything else in the directory was put there by someone else.
         """
         for name in names:
             check_name(name)
@@ -283,10 +423,13 @@ class BtrfsStore:
                 if path.is_symlink() or not btrfsutil.is_subvolume(path):
                     raise BackendError(f"refusing to delete {rel}/{name}: not a btrfs subvolume")
                 copy = _copy(name, btrfsutil.subvolume_info(path), partial=False)
+                if copy.received_uuid is None:
+                    raise BackendError(
+                        f"refusing to delete {rel}/{name}: it did not arrive by receive (no received_uuid), "
+                        "so it is somebody's data, not a copy of ours"
+                    )
                 if not copy.read_only and not allow_writable:
                     raise BackendError(f"refusing to delete {rel}/{name}: it was made writable (changed on the target)")
-                if copy.read_only and copy.received_uuid is None:
-                    raise BackendError(f"refusing to delete {rel}/{name}: not a received copy")
                 _delete(path)
                 deleted.append(name)
         return deleted

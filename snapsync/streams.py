@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO
 
-from snapsync.errors import CommandFailed
+from snapsync.errors import CommandFailed, TransientError
 
 PIPE_SIZE = 1 << 20
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -116,14 +116,53 @@ def cut_off(returncode: int, stderr: str) -> bool:
     return returncode in (-signal.SIGPIPE, 128 + signal.SIGPIPE) or "Broken pipe" in stderr
 
 
-def finish(procs: Sequence[Proc], *, timeout: float | None = None) -> None:
+def _io(proc: Proc) -> int:
+    """Bytes the process has read and written so far (``/proc/<pid>/io``); -1 once it is gone."""
+    try:
+        with open(f"/proc/{proc.popen.pid}/io") as f:
+            fields = dict(line.split(": ", 1) for line in f.read().splitlines())
+        return int(fields["rchar"]) + int(fields["wchar"])
+    except (OSError, KeyError, ValueError):
+        return -1
+
+
+class Stalled(TransientError):
+    """A pipeline moved no byte for longer than allowed: the peer feeding it went silent."""
+
+
+def _wait_moving(procs: Sequence[Proc], stall: float) -> list[int]:
+    """Wait for every process, killing the pipeline when none of them read or wrote a byte for
+    ``stall`` seconds. The bytes never pass through Python: progress is read from the kernel."""
+    last = [_io(p) for p in procs]
+    quiet_since = time.monotonic()
+    step = min(1.0, stall / 4)
+    while running := [p for p in procs if p.popen.poll() is None]:
+        try:
+            running[-1].popen.wait(step)  # returns the moment it exits: no fixed sleep per stream
+            continue
+        except subprocess.TimeoutExpired:
+            pass
+        now = [_io(p) for p in procs]
+        if now != last:
+            last, quiet_since = now, time.monotonic()
+        elif time.monotonic() - quiet_since >= stall:
+            for p in procs:
+                p.kill()
+            for p in procs:
+                p.wait()
+            raise Stalled(f"{procs[0].label}: no data for {stall:g}s; the sending side stalled or vanished, stopped")
+    return [p.wait() for p in procs]
+
+
+def finish(procs: Sequence[Proc], *, timeout: float | None = None, stall: float | None = None) -> None:
     """Wait for every process; raise :class:`CommandFailed` for the one that failed first.
 
     A process killed by SIGPIPE (or exiting with EPIPE) usually only reports that the next one died,
-    so a "real" failure elsewhere in the pipeline is preferred over it.
+    so a "real" failure elsewhere in the pipeline is preferred over it. With ``stall``, a pipeline
+    that moves nothing for that many seconds is killed (:class:`Stalled`).
     """
     try:
-        codes = [p.wait(timeout) for p in procs]
+        codes = _wait_moving(procs, stall) if stall else [p.wait(timeout) for p in procs]
     except BaseException:
         for p in procs:
             p.kill()

@@ -56,7 +56,7 @@ let
     ProtectHostname = true;
     RestrictRealtime = true;
     LockPersonality = true; # not RestrictSUIDSGID: btrfs receive chmod()s setuid and setgid files
-    RestrictNamespaces = true;
+    RestrictNamespaces = "mnt"; # a receive into a root that is a subvolume runs in its own mount namespace
     SystemCallArchitectures = "native";
     RestrictAddressFamilies = [ "AF_UNIX" "AF_INET" "AF_INET6" "AF_NETLINK" ];
     UMask = "0077";

@@ -7,10 +7,10 @@ out. btrfs cannot snapshot several subvolumes in one operation, so a group snaps
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +20,7 @@ import btrfsutil
 
 from snapsync.backends.base import Capabilities, SnapshotInfo
 from snapsync.errors import BackendError, DatasetMissing
+from snapsync.safefs import fd_path, private_dir, read_file, write_atomic
 
 _NO_UUID = bytes(16)
 _READ_ONLY = 1
@@ -56,6 +57,14 @@ class BtrfsBackend:
 
     def snapshot_home(self, dataset: str) -> str:
         return str(self.snapshot_path(dataset))
+
+    OWNED_LEVELS: ClassVar[int] = 2
+
+    def _home(self, dataset: str, create: bool = False) -> AbstractContextManager[int]:
+        """The snapshot directory's descriptor: ``<snapshot_dir>/<name>`` are ours, reached without
+        following symlinks and refused unless root's alone (the directory above a subvolume may
+        belong to a user who could otherwise point them at another group's snapshots)."""
+        return private_dir(self.snapshot_path(dataset), own=self.OWNED_LEVELS, create=create)
 
     def check_dataset(self, dataset: str) -> None:
         path = Path(dataset)
@@ -113,11 +122,14 @@ class BtrfsBackend:
 
     def list_snapshots(self, dataset: str) -> list[SnapshotInfo]:
         directory = self.snapshot_path(dataset)
-        if not directory.is_dir():
+        try:
+            with self._home(dataset) as home:
+                holds = self._read_holds(home, directory)
+        except FileNotFoundError:
             return []
         base = f"{directory}/"
         held: dict[str, list[str]] = {}
-        for tag, names in self._read_holds(directory).items():
+        for tag, names in holds.items():
             for name in names:
                 held.setdefault(name, []).append(tag)
         snaps = [
@@ -127,11 +139,12 @@ class BtrfsBackend:
         snaps.sort(key=lambda s: (s.created, s.name))
         return snaps
 
-    def _read_holds(self, directory: Path) -> dict[str, list[str]]:
+    def _read_holds(self, home: int, directory: Path) -> dict[str, list[str]]:
         try:
-            data = json.loads((directory / HOLDS_FILE).read_text())
-        except FileNotFoundError:
-            return {}
+            raw = read_file(home, HOLDS_FILE)
+            if raw is None:
+                return {}
+            data = json.loads(raw)
         except (OSError, ValueError) as e:
             raise BackendError(f"{directory / HOLDS_FILE}: unreadable holds file: {e}") from e
         if not isinstance(data, dict):
@@ -144,19 +157,13 @@ class BtrfsBackend:
         Kept with the snapshots (on /persist, not in /var/lib) so a reinstall or an impermanent root
         does not forget which snapshot a target still needs. Written atomically.
         """
-        directory = self.snapshot_path(dataset)
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        holds = self._read_holds(directory)
-        if names:
-            holds[tag] = sorted(set(names))
-        else:
-            holds.pop(tag, None)
-        tmp = directory / f"{HOLDS_FILE}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(holds, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, directory / HOLDS_FILE)
+        with self._home(dataset, create=True) as home:
+            holds = self._read_holds(home, self.snapshot_path(dataset))
+            if names:
+                holds[tag] = sorted(set(names))
+            else:
+                holds.pop(tag, None)
+            write_atomic(home, HOLDS_FILE, json.dumps(holds, indent=1, sort_keys=True).encode())
 
     def send_argv(self, dataset: str, name: str, base: str | None) -> list[str]:
         """``btrfs send`` of one snapshot, incremental from ``base`` when given (both read-only)."""
@@ -168,25 +175,23 @@ class BtrfsBackend:
             argv += ["-p", str(directory / base)]
         return argv + [str(directory / name)]
 
-    def _annotation_path(self, dataset: str, name: str, key: str) -> Path:
+    def _annotation_name(self, name: str, key: str) -> str:
         _check_name(name)
         _check_name(key)
-        return self.snapshot_path(dataset) / f".{name}.{key}"
+        return f".{name}.{key}"
 
     def annotate(self, dataset: str, name: str, key: str, text: str) -> None:
         """A file ``.<snapshot>.<key>`` beside the snapshot (a read-only snapshot cannot take it)."""
-        path = self._annotation_path(dataset, name, key)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        with self._home(dataset, create=True) as home:
+            write_atomic(home, self._annotation_name(name, key), text.encode())
 
     def annotation(self, dataset: str, name: str, key: str) -> str | None:
         try:
-            return self._annotation_path(dataset, name, key).read_text()
+            with self._home(dataset) as home:
+                raw = read_file(home, self._annotation_name(name, key))
         except FileNotFoundError:
             return None
+        return None if raw is None else raw.decode(errors="replace")
 
     def resume_argv(self, token: str) -> list[str]:
         raise BackendError("btrfs has no resumable send; an interrupted receive is deleted and sent again")
@@ -214,13 +219,12 @@ class BtrfsBackend:
         created: list[Path] = []
         try:
             for dataset in datasets:
-                directory = self.snapshot_path(dataset)
-                directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-                target = directory / name
-                try:
-                    btrfsutil.create_snapshot(dataset, target, read_only=True)
-                except btrfsutil.BtrfsUtilError as e:
-                    raise BackendError(f"{dataset}: snapshot failed: {e.strerror or e}") from e
+                target = self.snapshot_path(dataset) / name
+                with self._home(dataset, create=True) as home:
+                    try:
+                        btrfsutil.create_snapshot(dataset, fd_path(home, name), read_only=True)
+                    except btrfsutil.BtrfsUtilError as e:
+                        raise BackendError(f"{dataset}: snapshot failed: {e.strerror or e}") from e
                 created.append(target)
         except BaseException:
             for path in reversed(created):
@@ -276,7 +280,11 @@ class BtrfsBackend:
         for name in names:
             _check_name(name)
         dataset_uuid = btrfsutil.subvolume_info(dataset).uuid if os.path.exists(dataset) else None
-        held = {n: tag for tag, ns in self._read_holds(directory).items() for n in ns}
+        try:
+            with self._home(dataset) as home:
+                held = {n: tag for tag, ns in self._read_holds(home, directory).items() for n in ns}
+        except FileNotFoundError:
+            return
         for name in names:
             if name in held and os.path.lexists(directory / name):
                 raise BackendError(f"refusing to delete {directory / name}: held by {held[name]} (a target's replication base)")
@@ -295,13 +303,17 @@ class BtrfsBackend:
                 btrfsutil.delete_subvolume(path)
             except btrfsutil.BtrfsUtilError as e:
                 raise BackendError(f"{path}: delete failed: {e.strerror or e}") from e
-            for note in directory.glob(f".{glob.escape(name)}.*"):
-                note.unlink()
+            with self._home(dataset) as home:
+                for note in os.listdir(fd_path(home)):
+                    if note.startswith(f".{name}.") and not os.path.isdir(fd_path(home, note)):
+                        os.unlink(note, dir_fd=home)
 
 
 class CopiesBackend(BtrfsBackend):
     """A receiving root's copies directory (``<root>/<group>/<dataset key>``) seen as a dataset whose
     snapshots are the copies themselves: what a backup host serves when a host is restored from it."""
+
+    OWNED_LEVELS: ClassVar[int] = 1
 
     def snapshot_path(self, dataset: str) -> Path:
         return Path(dataset)

@@ -355,8 +355,8 @@ def test_delete_refuses_what_did_not_arrive_by_receive(target_root: Path) -> Non
     (ds / "plain").mkdir()
 
     cases = {
-        "writable": "it was made writable",
-        "handmade": "not a received copy",
+        "writable": "it did not arrive by receive",
+        "handmade": "it did not arrive by receive",
         "plain": "not a btrfs subvolume",
     }
     for name, why in cases.items():

@@ -76,6 +76,8 @@ def record(msg: str, **extra: object) -> logging.LogRecord:
 def test_log_lines_stay_one_line() -> None:
     text = TextFormatter().format(record("stderr said:\nline two\r\n"))
     assert text == "snapsync: warning: stderr said:\\nline two\\r\\n"
+    hostile = TextFormatter().format(record("peer said: \x1b[2J\x1b]0;owned\x07 \u202egnp.exe"))
+    assert hostile == "snapsync: warning: peer said: \\x1b[2J\\x1b]0;owned\\x07 \\u202egnp.exe"
     entry = json.loads(JsonFormatter().format(record("sent\nit", event="sent", group="db", bytes=5)))
     assert (entry["msg"], entry["event"], entry["group"], entry["bytes"], entry["level"]) == ("sent\nit", "sent", "db", 5, "warning")
     assert "\n" not in JsonFormatter().format(record("a\nb"))
