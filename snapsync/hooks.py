@@ -14,6 +14,10 @@ outright, where no ``finally`` runs:
 A hook that fails on the way in either aborts the snapshot (``on_failure = "abort"``, the default:
 better no snapshot than one that claims a consistency it lacks) or is reported and the snapshot taken
 anyway (``"continue"``).
+
+Hooks run as root, so every program one runs must be as safe from other users as the policy file:
+``trusted_program`` refuses a program that anyone but root (or the running user) could change, or
+swap for another, before it is run (and ``snapsync.policy.load_policy`` refuses the policy).
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ import os
 import shlex
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +46,10 @@ UNIFIED_ROOTS = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
 
 class HookFailed(SnapsyncError):
     """A hook could not make its application consistent (or could not undo what it did)."""
+
+
+class UntrustedProgram(HookFailed):
+    """A program a hook would run, or a directory that decides which file that is, is not root's alone."""
 
 
 @dataclass
@@ -131,6 +140,154 @@ def _enter(hook: Hook, moment: Moment, report: HookReport) -> Any:
     if isinstance(hook, FreezeHook):
         return freeze(hook, report)
     return command(hook, moment, report)
+
+
+# --- the programs hooks run ------------------------------------------------------------------------
+
+
+def hook_programs(hook: Hook) -> list[tuple[tuple[str | int, ...], str]]:
+    """Every program ``hook`` runs, by the key under the hook that names it; postgres and sqlite run none."""
+    if isinstance(hook, CommandHook):
+        return [((phase, 0), argv[0]) for phase, argv in (("pre", hook.pre), ("post", hook.post)) if argv]
+    if isinstance(hook, FreezeHook) and hook.unit is not None:
+        return [(("unit",), "systemctl")]
+    return []
+
+
+def trusted_program(program: str, env: Mapping[str, str] | None = None, _depth: int = 0) -> str | None:
+    """SECURITY SENSITIVE: the file ``program`` runs as, or None if there is none.
+
+    Looked up like exec does (in ``env``'s PATH for a bare name, through symlinks), and refused with
+    UntrustedProgram unless the file, its script interpreter, every directory looked in on the way and
+    every PATH directory searched before it belong to root or the running user and are writable by no
+    one else: whoever can change any of them can run commands as root. The one exception is a
+    group-writable sticky directory owned by root, like /nix/store, where others can only add names:
+    the entry looked up there must be root's (or ours) too.
+    """
+    harm = "whoever can change it can run commands as root"
+    if "/" in program:
+        if not program.startswith("/"):
+            raise UntrustedProgram(f"{program}: a relative path runs whatever the current directory holds; use an absolute path")
+        try:
+            real, st = _walk(program)
+        except _Unsafe as e:
+            raise UntrustedProgram(f"{program}: directory {e}: {harm}") from None
+        return None if st is None else _trusted_file(program, real, st, env, _depth)
+    for directory in os.get_exec_path(dict(env) if env is not None else None):
+        if not directory.startswith("/"):
+            entry = f"the relative directory {directory!r}" if directory else "an empty entry"
+            raise UntrustedProgram(f"{program}: PATH holds {entry}, which is wherever snapsync runs; use an absolute path")
+        try:
+            real, st = _walk(os.path.join(directory, program))
+            if st is not None and stat.S_ISREG(st.st_mode) and os.access(real, os.X_OK):
+                return _trusted_file(program, real, st, env, _depth)
+            if st is not None:  # there but not a program: exec goes on searching, and so may an intruder's
+                _walk(directory, adds_too=True)
+        except _Unsafe as e:
+            raise UntrustedProgram(
+                f"{program}: looked up in PATH, where directory {e}: {harm}; use an absolute path or fix PATH"
+            ) from None
+    return None
+
+
+class _Unsafe(Exception):
+    """A directory on the way is not root's (or ours) alone; the message says which and why."""
+
+
+def _trusted_file(program: str, real: str, st: os.stat_result, env: Mapping[str, str] | None, depth: int) -> str:
+    if not stat.S_ISREG(st.st_mode):
+        raise UntrustedProgram(f"{program}: {real} is not a regular file")
+    if faults := _faults(st):
+        fix = f"chown root:root {shlex.quote(real)} && chmod go-w {shlex.quote(real)}"
+        raise UntrustedProgram(
+            f"{program}: {real} is {faults}: whoever can change it can run commands as root; fix with: {fix}"
+        )
+    if depth < 4:  # the kernel's limit of nested interpreters
+        for interpreter in _interpreters(real):
+            try:
+                trusted_program(interpreter, env, depth + 1)
+            except UntrustedProgram as e:
+                raise UntrustedProgram(f"{program}: its interpreter {e}") from None
+    return real
+
+
+def _interpreters(path: str) -> list[str]:
+    """A script's ``#!`` interpreter, and for ``#!/usr/bin/env NAME`` also NAME: programs that run too."""
+    try:
+        with open(path, "rb") as f:
+            line = f.read(256).split(b"\n", 1)[0]
+    except OSError:
+        return []
+    words = line[2:].decode("utf-8", "replace").split() if line.startswith(b"#!") else []
+    if words and os.path.basename(words[0]) == "env":
+        return words[:1] + [w for w in words[1:] if not w.startswith("-") and "=" not in w][:1]
+    return words[:1]
+
+
+def _walk(path: str, adds_too: bool = False) -> tuple[str, os.stat_result | None]:
+    """Follow an absolute ``path`` as the kernel does, checking each directory looked in on the way.
+
+    Returns the real path and its lstat, or None for the lstat when nothing is there (and no one else
+    could put anything there). ``adds_too``: the directory ``path`` names must not even take new names.
+    """
+    parts = [p for p in reversed(path.split("/")) if p not in ("", ".")]
+    current, links = "/", 0
+    try:
+        st = os.lstat(current)
+        while parts:
+            name = parts.pop()
+            if name == "..":
+                current = os.path.dirname(current)
+                continue
+            entry = os.path.join(current, name)
+            try:
+                st = os.lstat(entry)
+            except FileNotFoundError:
+                _check_directory(current, None)
+                return entry, None
+            _check_directory(current, st)
+            if stat.S_ISLNK(st.st_mode):
+                links += 1
+                if links > 40:
+                    raise UntrustedProgram(f"{path}: too many levels of symbolic links")
+                target = os.readlink(entry)
+                parts += [p for p in reversed(target.split("/")) if p not in ("", ".")]
+                current = "/" if target.startswith("/") else current
+                continue
+            current = entry
+            if parts and not stat.S_ISDIR(st.st_mode):
+                return entry, None
+        if adds_too and (faults := _faults(st)):
+            raise _Unsafe(f"{current} is {faults}")
+    except OSError as e:
+        raise UntrustedProgram(f"{path}: cannot check {current}: {e.strerror or e}") from None
+    return current, st
+
+
+def _check_directory(directory: str, entry: os.stat_result | None) -> None:
+    """``directory`` decides what its child ``entry`` is (None: a missing one): only root or we may change it."""
+    st = os.lstat(directory)
+    if not (faults := _faults(st)):
+        return
+    mode = stat.S_IMODE(st.st_mode)
+    only_adds = st.st_uid == 0 and mode & stat.S_ISVTX and not mode & stat.S_IWOTH
+    if not (only_adds and entry is not None and entry.st_uid in _owners()):
+        raise _Unsafe(f"{directory} is {faults}")
+
+
+def _owners() -> tuple[int, ...]:
+    return (0, os.geteuid())
+
+
+def _faults(st: os.stat_result) -> str:
+    mode = stat.S_IMODE(st.st_mode)
+    faults = []
+    if st.st_uid not in _owners():
+        faults.append(f"owned by uid {st.st_uid}")
+    writable = [who for who, bit in (("group", stat.S_IWGRP), ("world", stat.S_IWOTH)) if mode & bit]
+    if writable:
+        faults.append(f"{'- and '.join(writable)}-writable (mode {mode:04o})")
+    return " and ".join(faults)
 
 
 # --- postgres --------------------------------------------------------------------------------------
@@ -231,8 +388,11 @@ def cgroup_dir(hook: FreezeHook) -> Path:
     if hook.cgroup is not None:
         return Path(hook.cgroup)
     assert hook.unit is not None
-    done = subprocess.run(["systemctl", "show", "--property=ControlGroup", "--value", hook.unit],
-                          capture_output=True, text=True, timeout=30)
+    argv = ["systemctl", "show", "--property=ControlGroup", "--value", hook.unit]
+    try:
+        done = subprocess.run(argv, executable=trusted_program(argv[0]), capture_output=True, text=True, timeout=30)
+    except OSError as e:
+        raise HookFailed(f"unit {hook.unit}: cannot run systemctl: {e.strerror or e}") from e
     group = done.stdout.strip()
     if done.returncode != 0 or not group:
         raise HookFailed(f"unit {hook.unit}: no control group (is it running?) {done.stderr.strip()}")
@@ -318,8 +478,12 @@ def _run_command(argv: Sequence[str], hook: CommandHook, moment: Moment, phase: 
     }
     timeout = hook.timeout.total_seconds()
     try:
-        proc = subprocess.Popen(list(argv), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        executable = trusted_program(argv[0], env)
+    except UntrustedProgram as e:
+        raise HookFailed(f"{phase} command {shlex.join(argv)} refused: {e}") from e
+    try:
+        proc = subprocess.Popen(list(argv), executable=executable, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     except OSError as e:
         raise HookFailed(f"{phase} command {shlex.join(argv)}: {e.strerror or e}") from e
     try:

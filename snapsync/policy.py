@@ -1,8 +1,10 @@
 """Read a policy file and report every problem in it as one line a sysadmin can act on.
 
 ``parse_policy`` is pure (TOML text in, validated ``Policy`` out); ``load_policy`` adds the only I/O:
-reading the file and refusing hooks, which run as root, from a file others can write. Each problem
-becomes exactly one ``PolicyError`` ("FILE: key.path: problem"), never a pydantic dump or a traceback.
+reading the file (a regular one, of bounded size) and refusing hooks, which run as root, from a file
+others can write or with programs others can change. Each problem becomes exactly one ``PolicyError``
+("FILE: key.path: problem"), never a pydantic dump or a traceback, whatever the input: bounded nesting
+and numbers keep the parsers from recursing or overflowing.
 The models live in ``snapsync.policy_models``; the format is documented in ``docs/policy.md``.
 """
 
@@ -21,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from snapsync.errors import PolicyError
+from snapsync.hooks import UntrustedProgram, hook_programs, trusted_program
 from snapsync.policy_models import (
     BUILTIN_RETENTION,
     CommandHook,
@@ -64,16 +67,35 @@ __all__ = [
 ]
 
 DEFAULT_POLICY_PATH = "/etc/snapsync/policy.toml"
+MAX_POLICY_BYTES = 1 << 20
+"""A policy of a hundred groups is a few dozen KiB; a larger "file" is a device or a mistake."""
+MAX_DEPTH = 32
+"""The deepest a valid policy nests is 6 (``groups.a.hooks[0].pre[0]``); deeper overflows the parsers' stacks."""
+
+TOO_DEEP = f"tables, arrays or dotted keys nested more than {MAX_DEPTH} deep"
 
 Loc = tuple[str | int, ...]
+
+_TOKENS = re.compile(
+    r"[^\"'#=,\[\]{}\n.]+|"  # nothing that matters, in one piece
+    r'"""[\s\S]*?"""|\'\'\'[\s\S]*?\'\'\'|"""[\s\S]*|\'\'\'[\s\S]*'  # multi-line strings, even unterminated
+    r'|"(?:\\.|[^"\\\n])*"|\'[^\'\n]*\'|["\'][^\n]*'  # one-line strings, even unterminated
+    r"|#[^\n]*|[=,\[\]{}\n]|\."
+)
 
 
 def parse_policy(text: str, source: str) -> Policy:
     """Validate a policy's TOML text; ``source`` names it in every error message."""
+    _check_dotted_keys(source, text)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise PolicyError(source, "", f"invalid TOML: {e}") from None
+    except ValueError:  # an integer of thousands of digits, which int() refuses to convert
+        raise PolicyError(source, "", "invalid TOML: a number with more than 4300 digits") from None
+    except RecursionError:
+        raise PolicyError(source, "", TOO_DEEP) from None
+    _check_depth(source, data)
     if not data:
         raise PolicyError(source, "", "no groups defined (the file is empty)")
     if "source" in data:
@@ -88,15 +110,37 @@ def parse_policy(text: str, source: str) -> Policy:
         raise _policy_error(source, e) from None
 
 
-def load_policy(path: str | os.PathLike[str]) -> Policy:
-    """Read and validate a policy file; refuse hooks from a file that anyone but root could change."""
+def _check_dotted_keys(source: str, text: str) -> None:
+    """tomllib takes quadratic time in the parts of a dotted key (``a.a.a...`` or ``[a.a.a...]``): count
+    them first, as dots outside strings and comments between two of ``= , [ ] { }`` or line ends."""
+    dots = 0
+    for token in _TOKENS.finditer(text):
+        if token[0] == ".":
+            dots += 1
+            if dots > MAX_DEPTH:
+                raise PolicyError(source, "", f"{TOO_DEEP} (at line {text.count(chr(10), 0, token.start()) + 1})")
+        elif len(token[0]) == 1 and token[0] in "=,[]{}\n":
+            dots = 0
+
+
+def _check_depth(source: str, data: dict[str, Any]) -> None:
+    """Refuse deep nesting before pydantic and the error messages walk it recursively."""
+    todo: list[tuple[Loc, object]] = [((), data)]
+    while todo:
+        loc, value = todo.pop()
+        if len(loc) > MAX_DEPTH:
+            raise PolicyError(source, _key_path(loc[:3]), TOO_DEEP)
+        if isinstance(value, dict):
+            todo += [((*loc, str(k)), v) for k, v in value.items()]
+        elif isinstance(value, list):
+            todo += [((*loc, i), v) for i, v in enumerate(value)]
+
+
+def load_policy(path: str | os.PathLike[str], check_programs: bool = True) -> Policy:
+    """Read and validate a policy file; refuse hooks from a file, or running programs, that anyone but
+    root could change. ``check_programs=False`` is for validating a policy meant for another machine."""
     name = os.fspath(path)
-    try:
-        with open(name, "rb") as f:
-            st = os.fstat(f.fileno())
-            raw = f.read()
-    except OSError as e:
-        raise PolicyError(name, "", f"cannot read the policy file: {e.strerror or e}") from None
+    st, raw = _read_policy_file(name)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -104,7 +148,43 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
         raise PolicyError(name, "", problem) from None
     policy = parse_policy(text, name)
     _check_hook_permissions(policy, st)
+    if check_programs:
+        _check_hook_programs(policy)
     return policy
+
+
+def _read_policy_file(name: str) -> tuple[os.stat_result, bytes]:
+    """A regular file (through symlinks, as NixOS links /etc) of at most MAX_POLICY_BYTES.
+
+    A fifo would block forever and /dev/zero never ends; a device is not even opened, since opening
+    some (a tape, a watchdog) already acts. The opened file is checked again, in case the path changed.
+    """
+    def refuse(problem: str) -> PolicyError:
+        return PolicyError(name, "", f"cannot read the policy file: {problem}")
+
+    try:
+        if (kind := _not_regular(os.stat(name))) is not None:
+            raise refuse(f"not a regular file ({kind})")
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        raise refuse(e.strerror or str(e)) from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if (kind := _not_regular(st)) is not None:
+            raise refuse(f"not a regular file ({kind})")
+        try:
+            raw = f.read(MAX_POLICY_BYTES + 1)
+        except OSError as e:
+            raise refuse(e.strerror or str(e)) from None
+    if len(raw) > MAX_POLICY_BYTES:
+        raise refuse(f"larger than {MAX_POLICY_BYTES >> 20} MiB")
+    return st, raw
+
+
+def _not_regular(st: os.stat_result) -> str | None:
+    kinds = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a fifo", stat.S_IFSOCK: "a socket",
+             stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
+    return None if stat.S_ISREG(st.st_mode) else kinds.get(stat.S_IFMT(st.st_mode), "not a file")
 
 
 def _check_hook_permissions(policy: Policy, st: os.stat_result) -> None:
@@ -126,6 +206,20 @@ def _check_hook_permissions(policy: Policy, st: os.stat_result) -> None:
             f"defines hooks (commands run as root) but is {' and '.join(faults)}; "
             f"fix with: chown root:root {file} && chmod go-w {file}",
         )
+
+
+def _check_hook_programs(policy: Policy) -> None:
+    """SECURITY SENSITIVE: the policy file's rule, applied to every program a hook runs (see hooks.trusted_program).
+
+    A program that is not there is left to fail when its hook runs, as it would have anyway.
+    """
+    for group in policy.groups.values():
+        for i, hook in enumerate(group.hooks):
+            for at, program in hook_programs(hook):
+                try:
+                    trusted_program(program)
+                except UntrustedProgram as e:
+                    raise PolicyError(policy.source, _key_path(("groups", group.name, "hooks", i, *at)), str(e)) from None
 
 
 def policy_warnings(policy: Policy) -> list[str]:

@@ -61,12 +61,19 @@ def show(value: object) -> str:
         return "a table"
     if isinstance(value, list | tuple):
         return "a list"
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"a number of {value.bit_length()} bits"
     if isinstance(value, str):
-        return repr(value)
+        if len(value) <= 80:
+            return repr(value)
+        start = repr(value[:60])
+        return f"{start[:-1]}...{start[-1]} ({len(value)} characters)"
     return str(value)
 
 
 def did_you_mean(word: str, choices: list[str]) -> str:
+    if len(word) > 100:
+        return ""
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
 
@@ -76,7 +83,7 @@ def _matching(pattern: str, what: str, rule: str) -> AfterValidator:
 
     def check(value: str) -> str:
         if not compiled.fullmatch(value):
-            raise ValueError(f"invalid {what} {value!r}: {rule}")
+            raise ValueError(f"invalid {what} {show(value)}: {rule}")
         return value
 
     return AfterValidator(check)
@@ -100,8 +107,8 @@ def _zone(name: str) -> str:
         return name
     by_case = {z.lower(): z for z in _zones()}
     if name.lower() in by_case:
-        raise ValueError(f"unknown time zone {name!r}; did you mean {by_case[name.lower()]!r}?")
-    raise ValueError(f"unknown time zone {name!r}{did_you_mean(name, sorted(_zones()))}")
+        raise ValueError(f"unknown time zone {show(name)}; did you mean {by_case[name.lower()]!r}?")
+    raise ValueError(f"unknown time zone {show(name)}{did_you_mean(name, sorted(_zones()))}")
 
 
 def _no_nul(value: str) -> str:
@@ -110,40 +117,64 @@ def _no_nul(value: str) -> str:
     return value
 
 
+PATH_MAX = 4095
+NAME_MAX = 255
+
+
+def _one_line(value: str) -> str:
+    """Paths, names and hosts end up in argv, logs and terminals: a newline, an escape or a bidi
+    override there can forge output or hide what a path really is; the length is the kernel's limit."""
+    _no_nul(value)
+    if not value.isprintable():
+        raise ValueError(f"must not contain control or invisible characters (newlines, escapes), got {show(value)}")
+    if len(value.encode()) > PATH_MAX:
+        raise ValueError(f"longer than {PATH_MAX} bytes: {show(value)}")
+    return value
+
+
+def _components(value: str) -> str:
+    for part in value.split("/"):
+        if len(part.encode()) > NAME_MAX:
+            raise ValueError(f"has a component longer than {NAME_MAX} bytes: {show(value)}")
+    return value
+
+
 def _absolute_path(value: str) -> str:
     """Absolute and normalized, so that one directory has one spelling when datasets are compared."""
-    _no_nul(value)
+    _components(_one_line(value))
     if not value.startswith("/"):
-        raise ValueError(f"must be an absolute path, got {value!r}")
+        raise ValueError(f"must be an absolute path, got {show(value)}")
     parts = value.split("/")
     if ".." in parts:
-        raise ValueError(f"must not contain '..': {value!r}")
+        raise ValueError(f"must not contain '..': {show(value)}")
     return "/" + "/".join(p for p in parts if p not in ("", "."))
 
 
 def _snapshot_dir(value: str) -> str:
-    _no_nul(value)
+    _components(_one_line(value))
     if ".." in value.split("/"):
-        raise ValueError(f"must not contain '..': {value!r}")
+        raise ValueError(f"must not contain '..': {show(value)}")
     if posixpath.normpath(value) in (".", "/"):
-        raise ValueError(f"{value!r} would put snapshots next to or over the subvolumes; name a directory")
+        raise ValueError(f"{show(value)} would put snapshots next to or over the subvolumes; name a directory")
     return _absolute_path(value) if value.startswith("/") else posixpath.normpath(value)
 
 
 def _zfs_dataset(value: str) -> str:
-    _no_nul(value)
+    _one_line(value)
+    if len(value.encode()) > NAME_MAX:
+        raise ValueError(f"a zfs dataset name is at most {NAME_MAX} bytes: {show(value)}")
     if value.startswith("/"):
-        raise ValueError(f"a zfs dataset is a name like 'rpool/persist/postgresql', not a path: {value!r}")
+        raise ValueError(f"a zfs dataset is a name like 'rpool/persist/postgresql', not a path: {show(value)}")
     if "@" in value or "#" in value:
-        raise ValueError(f"must not contain '@' or '#' (they name snapshots and bookmarks): {value!r}")
+        raise ValueError(f"must not contain '@' or '#' (they name snapshots and bookmarks): {show(value)}")
     if "" in value.split("/"):
-        raise ValueError(f"has an empty component (a '//' or a '/' at the end): {value!r}")
+        raise ValueError(f"has an empty component (a '//' or a '/' at the end): {show(value)}")
     return value
 
 
 def _port(value: int) -> int:
     if not 1 <= value <= 65535:
-        raise ValueError(f"a port is between 1 and 65535, got {value}")
+        raise ValueError(f"a port is between 1 and 65535, got {show(value)}")
     return value
 
 
@@ -159,9 +190,12 @@ def _argv(value: object) -> object:
 Duration = Annotated[
     timedelta, BeforeValidator(_duration), PlainSerializer(format_duration, return_type=str, when_used="json")
 ]
-Count = Annotated[int, Strict(), Field(ge=0)]
+MAX_COUNT = 100_000
+Count = Annotated[int, Strict(), Field(ge=0, le=MAX_COUNT)]
 Port = Annotated[int, Strict(), AfterValidator(_port)]
 Text = Annotated[str, Field(min_length=1), AfterValidator(_no_nul)]
+Line = Annotated[str, Field(min_length=1), AfterValidator(_one_line)]
+"""A name, a host or a path: one line of visible characters, at most PATH_MAX bytes."""
 AbsolutePath = Annotated[str, AfterValidator(_absolute_path)]
 Argv = Annotated[tuple[Text, ...], BeforeValidator(_argv), Field(min_length=1)]
 TimeZone = Annotated[str, AfterValidator(_zone)]
@@ -169,20 +203,22 @@ SnapshotDir = Annotated[str, Field(min_length=1), AfterValidator(_snapshot_dir)]
 Name = Annotated[
     str,
     _matching(
-        r"[A-Za-z0-9][A-Za-z0-9_.-]*", "name", "use letters, digits, '_', '.' and '-', starting with a letter or digit"
+        r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}",
+        "name",
+        "use up to 100 letters, digits, '_', '.' and '-', starting with a letter or digit",
     ),
 ]
 Prefix = Annotated[
     str,
     _matching(
-        r"[A-Za-z0-9][A-Za-z0-9.-]*",
+        r"[A-Za-z0-9][A-Za-z0-9.-]{0,99}",
         "prefix",
-        "use letters, digits, '.' and '-', starting with a letter or digit "
+        "use up to 100 letters, digits, '.' and '-', starting with a letter or digit "
         "(no '_': it separates the prefix from the time in snapshot names)",
     ),
 ]
 RateLimit = Annotated[
-    str, _matching(r"\d+[KMG]?", "rate limit", "use bytes per second with an optional K, M or G, e.g. '10M'")
+    str, _matching(r"[0-9]{1,12}[KMG]?", "rate limit", "use bytes per second with an optional K, M or G, e.g. '10M'")
 ]
 SystemdUnit = Annotated[
     str,
@@ -290,10 +326,10 @@ class PostgresHook(_Hook):
 
     type: Literal["postgres"]
     dsn: Text | None = None
-    host: Text | None = None
+    host: Line | None = None
     port: Port | None = None
-    user: Text | None = None
-    dbname: Text | None = None
+    user: Line | None = None
+    dbname: Line | None = None
     mode: Literal["checkpoint", "backup"] = "checkpoint"
     timeout: Duration = timedelta(seconds=30)
     data_dir: AbsolutePath | None = None
@@ -385,12 +421,12 @@ class SshTarget(_Target):
     """Another host, reached with ssh, where ``command`` (snapsync) receives into ``path``."""
 
     type: Literal["ssh"]
-    host: Text
-    user: Text = "root"
+    host: Line
+    user: Line = "root"
     port: Port = 22
     identity_file: AbsolutePath | None = None
-    ssh_options: tuple[Text, ...] = ()
-    path: Text
+    ssh_options: tuple[Line, ...] = ()
+    path: Line
     command: Argv = ("snapsync",)
 
 
@@ -398,13 +434,13 @@ class LocalTarget(_Target):
     """A filesystem on this host (a USB disk), receiving into ``path``: a directory or a dataset."""
 
     type: Literal["local"]
-    path: Text
+    path: Line
 
 
 def _size(value: object) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if not isinstance(value, str) or not re.fullmatch(r"\d+[KMG]?", value):
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9]{1,12}[KMG]?", value):
         raise ValueError(f"expected a size like '64M' (K, M and G are powers of 1024), got {show(value)}")
     return parse_rate(value) or 0
 
@@ -415,6 +451,8 @@ def _full_every(value: object) -> timedelta | int:
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"a number of incrementals must be 0 or more, got {value}")
+        if value > MAX_COUNT:
+            raise ValueError(f"a number of incrementals must be {MAX_COUNT} or less, got {show(value)}")
         return value
     return _duration(value)
 
@@ -446,7 +484,7 @@ class _OffsiteTarget(_Target):
     full_every: FullEvery = timedelta(days=30)
     chunk_size: ChunkSize = 64 << 20
     compress: Literal["none", "zstd"] = "zstd"
-    compress_level: int = Field(default=3, ge=1, le=19)
+    compress_level: Annotated[int, Strict()] = Field(default=3, ge=1, le=19)
 
     @field_validator("on_diverged")
     @classmethod
@@ -468,11 +506,11 @@ class S3Target(_OffsiteTarget):
 
     type: Literal["s3"]
     endpoint_url: Url | None = None
-    bucket: Text
-    prefix: Text | None = None
-    region: Text | None = None
+    bucket: Line
+    prefix: Line | None = None
+    region: Line | None = None
     storage_class: StorageClass | None = None
-    profile: Text | None = None
+    profile: Line | None = None
     credentials_file: AbsolutePath | None = None
     """A shared credentials file (the AWS format); the secrets stay in it, not in the policy."""
 
@@ -491,10 +529,10 @@ class Pull(SshTarget):
     """
 
     type: Literal["ssh"] = "ssh"
-    path: Text
+    path: Line
     """The root the source serves: a directory (btrfs) or a dataset name (zfs)."""
-    datasets: tuple[Text, ...] = Field(min_length=1)
-    into: Text
+    datasets: tuple[Line, ...] = Field(min_length=1)
+    into: Line
     """Where copies land here: a directory on btrfs, or a ZFS dataset name."""
     prefix: Prefix | None = None
 
@@ -508,11 +546,11 @@ class Pull(SshTarget):
         root = self.path.rstrip("/") + "/"
         for i, dataset in enumerate(self.datasets):
             if not dataset.startswith(root):
-                raise Problem(f"{dataset!r} is not below path {self.path!r} (the root the source serves)", "datasets", i)
+                raise Problem(f"{show(dataset)} is not below path {show(self.path)} (the root the source serves)", "datasets", i)
             for part in dataset[len(root) :].split("/"):
                 if not _PLAIN_PART.fullmatch(part):
                     raise Problem(
-                        f"{dataset!r}: component {part!r} cannot be requested from a source "
+                        f"{show(dataset)}: component {show(part)} cannot be requested from a source "
                         "(letters, digits and ._+=@:- only, not starting with a dot)",
                         "datasets", i,
                     )
@@ -535,9 +573,9 @@ class Group(_Table):
     retention: Retention = Field(default_factory=dict, validate_default=True)
     hooks: tuple[Hook, ...] = ()
     targets: tuple[Name, ...] = ()
-    send_raw: bool = False
+    send_raw: Annotated[bool, Strict()] = False
     """zfs: send raw (``-w``) streams even for unencrypted datasets; encrypted ones are always raw."""
-    send_compressed: bool = True
+    send_compressed: Annotated[bool, Strict()] = True
     """zfs: send blocks compressed as they are on disk (``-c``)."""
     warn_after: Duration
     """`snapsync check`: the newest snapshot may be this old before WARNING (default: twice the interval)."""
@@ -592,7 +630,7 @@ class Group(_Table):
             except ValueError as e:
                 raise Problem(str(e), i) from None
             if dataset in seen:
-                raise Problem(f"duplicate dataset {dataset!r} (also datasets[{seen[dataset]}])", i)
+                raise Problem(f"duplicate dataset {show(dataset)} (also datasets[{seen[dataset]}])", i)
             seen[dataset] = i
         return tuple(seen)
 
@@ -636,7 +674,7 @@ class Monitoring(_Table):
 
 def _check_version(version: int) -> int:
     if version != POLICY_VERSION:
-        raise ValueError(f"unsupported policy version {version}: this snapsync reads version {POLICY_VERSION}")
+        raise ValueError(f"unsupported policy version {show(version)}: this snapsync reads version {POLICY_VERSION}")
     return version
 
 
@@ -645,7 +683,7 @@ class Policy(_Table):
 
     version: Annotated[int, Strict(), AfterValidator(_check_version)]
     source: str = Field(default="<policy>", exclude=True)
-    host: Text | None = None
+    host: Line | None = None
     defaults: Defaults = _BUILTIN_DEFAULTS
     groups: dict[Name, Group] = Field(default_factory=dict)
     targets: dict[Name, Target] = Field(default_factory=dict)
@@ -690,7 +728,7 @@ class Policy(_Table):
                 other = owner.setdefault((group.backend, dataset), group.name)
                 if other != group.name:
                     raise Problem(
-                        f"dataset {dataset!r} is already in group {other!r}; a dataset belongs to one group",
+                        f"dataset {show(dataset)} is already in group {other!r}; a dataset belongs to one group",
                         "groups", group.name, "datasets", i,
                     )
         return self

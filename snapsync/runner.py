@@ -132,6 +132,8 @@ class Runner:
                 report.not_due = newest.name if newest else None
                 return
         if report.dry_run:
+            for dataset in group.datasets:  # what snapshot_group checks first: the dry run fails where the run would
+                self.backend(group).check_dataset(dataset)
             report.snapshot = name
             return
         hooks = Hooks(group.hooks, Moment(group.name, name, tuple(group.datasets)))
