@@ -52,6 +52,10 @@ class ObjectReader(Protocol):
 class ObjectStore(Protocol):
     def describe(self) -> str: ...
 
+    def identity(self) -> str:
+        """Which place this is, for this host's records of what it uploaded there."""
+        ...
+
     def check(self) -> None:
         """Fail early, with the reason, when the store cannot be used at all."""
         ...
@@ -80,6 +84,15 @@ def _check_key(key: str) -> str:
     if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts[:-1]) or parts[-1] in (".", ".."):
         raise UsageError(f"invalid object key {key!r}")
     return key
+
+
+def valid_key(key: str) -> bool:
+    """Whether ``key`` is one snapsync could have written (a listing may hold anything)."""
+    try:
+        _check_key(key)
+    except UsageError:
+        return False
+    return True
 
 
 _TRANSIENT_ERRNO = {errno.EIO, errno.ETIMEDOUT, errno.ESTALE, errno.EAGAIN, errno.EINTR, errno.ECONNRESET, errno.EHOSTDOWN}
@@ -115,6 +128,9 @@ class DirStore:
 
     def describe(self) -> str:
         return str(self.root)
+
+    def identity(self) -> str:
+        return f"dir:{os.path.abspath(self.root)}"
 
     def check(self) -> None:
         if not self.root.is_dir():
@@ -298,6 +314,9 @@ class S3Store:
 
     def describe(self) -> str:
         return f"s3://{self.bucket}/{self.root}"
+
+    def identity(self) -> str:
+        return f"s3:{self.endpoint}/{self.bucket}/{self.root}"
 
     def _key(self, key: str) -> str:
         return self.root + _check_key(key)

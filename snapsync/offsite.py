@@ -6,7 +6,8 @@ commits in an order that survives a crash at any instant:
 1. the snapshot (and its parent) are held on the source, so pruning cannot take them mid-upload;
 2. chunks are stored one by one, each followed by an authenticated ``progress.json``;
 3. only after the send exited 0 and the byte counts agree is ``manifest.json`` written, then
-   ``progress.json`` deleted, then the hold moved forward to the new base.
+   ``progress.json`` deleted, then the group's ``head.json`` (and this host's record of it)
+   advanced to name it, then the hold moved forward to the new base.
 
 Pruning deletes a snapshot's manifest first (it stops counting at that instant) and then its
 chunks, newest first, so the archive never holds a manifest whose parent is gone.
@@ -20,10 +21,12 @@ import os
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import cast
 
-from snapsync.archive import CHUNK, MANIFEST, PROGRESS, Archive, DatasetState, Manifest, snapshot_dir
+from snapsync.archive import (
+    CHUNK, HEAD, MANIFEST, PROGRESS, Archive, DatasetState, Head, Manifest, Newest, Survey, snapshot_dir,
+)
 from snapsync.backends.base import SnapshotInfo, StorageBackend
 from snapsync.chunks import RawSource, StreamChanged, store_chunk
 from snapsync.errors import BackendError, SnapsyncError, StoreError
@@ -89,6 +92,10 @@ class Offsite:
         self.progress = progress
         self.host = host or socket.gethostname().split(".")[0]
         self.hold_tag = f"target:{target_name}"
+        self._states: dict[str, DatasetState] = {}
+        self._keys: dict[str, str] = {}
+        self._archive_id = ""
+        self._sequence = 0
 
     @property
     def archive(self) -> Archive:
@@ -108,14 +115,27 @@ class Offsite:
         archive = self.archive
         archive.store.check()
         sources = {ds: source_snaps(self.group.prefix, self.backend.list_snapshots(ds)) for ds in self.group.datasets}
-        states = archive.scan(self.group.name)
+        survey = archive.survey(self.group.name)
+        archive.trust([survey])
         report.reached = True
-        self._same_host(states)
+        states = survey.datasets
+        self._same_host(survey)
+        report.notes += survey.problems
+        findings = archive.findings(survey)
+        report.notes += findings.notes
+        for problem in findings.hidden:
+            log.warning("%s -> %s: %s", self.group.name, self.target_name, problem,
+                        extra={"event": "offsite-rollback", "group": self.group.name, "target": self.target_name})
+            report.errors.append(problem if dry_run else f"{problem}; uploading again what the source still has")
         keys = {ds: dataset_key(ds) for ds in self.group.datasets}
+        self._states, self._keys = states, keys
+        self._start_head(survey)
         if not dry_run:
             stale = archive.store.clean_incomplete(f"{self.group.name}/")
             if stale:
                 report.notes.append(f"removed {stale} unfinished object upload(s) left by an interrupted run")
+            if survey.head is None:
+                self._write_head()  # before any upload: from now on a missing head is never innocent
         for ds in self.group.datasets:
             state = states.setdefault(keys[ds], DatasetState())
             try:
@@ -130,16 +150,48 @@ class Offsite:
             for ds in self.group.datasets
         }
 
-    def _same_host(self, states: dict[str, DatasetState]) -> None:
+    def _start_head(self, survey: Survey) -> None:
+        """Which archive this is and the number the next head gets: above every one seen anywhere."""
+        sequenced = [m for m in survey.manifests() if m.sequence is not None and m.archive]
+        if survey.head is not None:
+            self._archive_id = survey.head.archive
+        elif sequenced:
+            self._archive_id = str(max(sequenced, key=lambda m: m.sequence or 0).archive)
+        else:
+            self._archive_id = os.urandom(8).hex()
+        mine = self.archive.remembered(self.group.name).get(self._archive_id)
+        self._sequence = max([
+            0, *(m.sequence or 0 for m in sequenced),
+            *([survey.head.sequence] if survey.head is not None else []),
+            *([mine.sequence] if mine is not None else []),
+        ])
+
+    def _write_head(self) -> None:
+        """The group's newest upload per dataset, under the next number."""
+        newest = {}
+        for ds in self.group.datasets:
+            stored = self._states.get(self._keys[ds], DatasetState()).stored
+            if stored:
+                m = max(stored.values(), key=lambda m: (m.created, m.snapshot))
+                newest[self._keys[ds]] = Newest(m.snapshot, m.guid)
+        self._sequence += 1
+        self.archive.write_head(
+            Head(self.group.name, self._archive_id, self._sequence, self.host, self.now().astimezone(UTC), newest)
+        )
+
+    def _same_host(self, survey: Survey) -> None:
         """Two hosts uploading one group to one place would prune each other's chains: refuse."""
-        for state in states.values():
-            for m in [*state.stored.values(), *state.partial.values()]:
-                if m.host and m.host != self.host:
-                    raise StoreError(
-                        f"{self.archive.name(m.directory())}: uploaded by host {m.host!r}, this is {self.host!r}; "
-                        f"give each host its own prefix (or path), or set host = {m.host!r} in the policy if "
-                        f"this host took its place"
-                    )
+        found = [(m.host, self.archive.name(m.directory())) for state in survey.datasets.values()
+                 for m in [*state.stored.values(), *state.partial.values()]]
+        if survey.head is not None:
+            found.append((survey.head.host, self.archive.name(f"{self.group.name}/{HEAD}")))
+        for host, where in found:
+            if host and host != self.host:
+                raise StoreError(
+                    f"{where}: uploaded by host {host!r}, this is {self.host!r}; "
+                    f"give each host its own prefix (or path), or set host = {host!r} in the policy if "
+                    f"this host took its place"
+                )
 
     def _dataset(
         self, ds: str, key: str, source: list[SourceSnap], state: DatasetState, report: TargetReport, dry_run: bool
@@ -179,6 +231,7 @@ class Offsite:
             state.stored[up.name] = manifest
             state.partial.pop(up.name, None)
             state.objects[up.name] = {MANIFEST: 0} | {CHUNK.format(i): c.size for i, c in enumerate(manifest.chunks)}
+            self._write_head()
             self.backend.set_holds(ds, self.hold_tag, [up.name])
             report.pending -= 1
 
@@ -236,7 +289,9 @@ class Offsite:
             finish([proc])
         if source.bytes != manifest.raw_bytes:
             raise BackendError(f"{ds}: {up.name}: read {source.bytes} bytes from send, the chunks hold {manifest.raw_bytes}")
-        final = replace(manifest, complete=True, uploaded=self.now())
+        final = replace(
+            manifest, complete=True, uploaded=self.now(), sequence=self._sequence + 1, archive=self._archive_id
+        )
         archive.write(final)
         archive.store.delete([manifest.directory() + PROGRESS])
         if tick is not None:

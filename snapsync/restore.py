@@ -11,6 +11,7 @@ receive succeeded and the identity matched. Every segment is authenticated befor
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -34,6 +35,7 @@ from snapsync.streams import Meter, finish, pump, reaped, widen
 
 
 _GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+log = logging.getLogger("snapsync")
 
 
 class Receiver(Protocol):
@@ -284,18 +286,31 @@ def restore(
     dry_run: bool = False,
     progress: Callable[[str, int | None], Callable[[int], None] | None] | None = None,
     verify_first: bool = False,
+    accept_rollback: bool = False,
 ) -> RestoreReport:
     """Restore ``group`` (at ``snapshot``, default the newest complete one) below ``to``.
 
     ``verify_first`` reads and checks every chunk of the chains before receiving anything (twice
     the download); without it a damaged object stops the restore at that stream, after the
-    streams before it were received complete.
+    streams before it were received complete. When the archive's newest uploads are missing (its
+    head, or this host's record of it, says so), the newest that is left is restored only when
+    ``snapshot`` names it or ``accept_rollback`` is given: never an older state in silence.
     """
     if not _GROUP.fullmatch(group):
         raise UsageError(f"{group!r} is not a group name")
     started = time.monotonic()
-    problems: list[str] = []
-    states = archive.scan(group, problems)  # damage elsewhere in the group must not block this restore
+    survey = archive.survey(group)  # damage elsewhere in the group must not block this restore
+    archive.trust([survey])
+    findings = archive.findings(survey)
+    states = survey.scope()
+    if findings.hidden and snapshot is None and not accept_rollback:
+        more = f" (and {len(findings.hidden) - 1} more)" if len(findings.hidden) > 1 else ""
+        try:
+            left = f"the newest left is {group}@{choose_snapshot(group, states, None)}: name it to restore it anyway"
+        except UsageError:
+            left = "nothing else is left"
+        raise IntegrityError(f"{findings.hidden[0]}{more}; not restoring an older snapshot in its place ({left})")
+    problems = [*survey.problems, *survey.orphans(archive.name), *findings.hidden, *findings.notes]
     name = choose_snapshot(group, states, snapshot)
     try:
         plans = {ds: check_chain(archive, state, name) for ds, state in states.items()}
@@ -485,6 +500,7 @@ def restore_from(
     progress: Callable[[str, int | None], Callable[[int], None] | None] | None = None,
     key_file: str | None = None,
     verify_first: bool = False,
+    accept_rollback: bool = False,
 ) -> RestoreReport:
     """Restore from any kind of target: offsite replays the chain, another host sends its copy."""
     from snapsync.policy_models import DirTarget, S3Target
@@ -495,7 +511,9 @@ def restore_from(
     if isinstance(target, (DirTarget, S3Target)):
         from snapsync.offsite import open_archive
 
-        return restore(open_archive(target, key_file), source, group, landing, snapshot, dry_run, progress, verify_first)
+        return restore(
+            open_archive(target, key_file), source, group, landing, snapshot, dry_run, progress, verify_first, accept_rollback
+        )
     from snapsync.runner import select_groups
     from snapsync.transport import transport_for
 
@@ -514,6 +532,8 @@ class VerifyReport:
     chunks_read: int = 0
     bytes_read: int = 0
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    """Worth knowing, not damage: an archive from before head records, a head an upload left behind."""
 
     @property
     def ok(self) -> bool:
@@ -523,7 +543,7 @@ class VerifyReport:
         return {
             "target": self.target, "ok": self.ok, "groups": self.groups, "manifests": self.manifests,
             "chunks": self.chunks, "chunks_read": self.chunks_read, "bytes_read": self.bytes_read,
-            "problems": self.problems,
+            "problems": self.problems, "warnings": self.warnings,
         }
 
 
@@ -531,12 +551,18 @@ def verify(
     archive: Archive, target: str, groups: list[str] | None = None, sample: int | None = None,
     rng: random.Random | None = None,
 ) -> VerifyReport:
-    """Authenticate every manifest, check every chain and object size; read all chunks or a sample."""
+    """Authenticate every manifest, check every chain and object size, the head against the manifests and
+    this host's record of its uploads; read all chunks or a sample. Nothing is deleted or repaired."""
     report = VerifyReport(target)
-    report.groups = groups or archive.groups()
+    report.groups = groups or sorted({*archive.groups(), *archive.remembered_groups()})
     every: list[tuple[Manifest, int]] = []
-    for group in report.groups:
-        states = archive.scan(group, report.problems)
+    surveys = [archive.survey(group) for group in report.groups]
+    archive.trust(surveys)
+    for group, survey in zip(report.groups, surveys):
+        findings = archive.findings(survey)
+        report.problems += [*survey.problems, *findings.hidden, *survey.orphans(archive.name)]
+        report.warnings += findings.notes
+        states = survey.datasets
         if not states and groups:
             report.problems.append(f"group {group!r}: nothing stored")
         for state in states.values():
@@ -559,4 +585,6 @@ def verify(
             continue
         report.chunks_read += 1
         report.bytes_read += m.chunks[i].size
+    for warning in report.warnings:
+        log.warning("%s: %s", target, warning)
     return report

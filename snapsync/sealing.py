@@ -10,8 +10,10 @@ associated data names the chunk's place (group, dataset, snapshot, chunk index).
 a reordered or dropped segment, a truncated object and a chunk copied from another snapshot or
 position all fail authentication before any plaintext is released; memory stays at one segment.
 
-Manifests are JSON with an HMAC-SHA256 over their canonical form, plus the key's fingerprint, so a
-wrong key file is told apart from a tampered manifest.
+Manifests (and the archive's head records) are JSON with an HMAC-SHA256 over their canonical form,
+plus the key's fingerprint. A record that names another key is only *foreign*: anybody who can write
+to the archive can plant one, so whether the key file is wrong is decided over the whole archive
+(:meth:`snapsync.archive.Archive.trust`), never by one record.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -184,20 +187,46 @@ def sign(key: Key, body: dict[str, Any]) -> bytes:
     return canonical(body | {"mac": key.mac(canonical(body))})
 
 
+_KEY_ID = re.compile(r"[0-9a-f]{16}")
+_MAC = re.compile(r"[0-9a-f]{64}")
+
+
+def shown(value: object, limit: int = 40) -> str:
+    """An untrusted value for a one-line message: quoted, escaped, cut short, and with no brackets a
+    terminal renderer could take for markup."""
+    text = repr(value).replace("[", "%5B").replace("]", "%5D") if isinstance(value, str) else f"a {type(value).__name__}"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class ForeignRecord(IntegrityError):
+    """A record sealed with another key, or claiming to be. One alone proves nothing about the key file."""
+
+    def __init__(self, name: str, key: Key, key_id: object, well_formed: bool) -> None:
+        super().__init__(
+            f"{name}: not authentic: claims key {shown(key_id)}, this archive's key is {key.key_id!r} "
+            f"(foreign, planted or tampered with); skipped"
+        )
+        self.key_id = str(key_id) if well_formed else None
+        """The other key's id when the record looks like a real one; None for junk."""
+        self.wrong_key = WrongKey(
+            f"{name}: made with key {shown(key_id)}, but {key.path} is key {key.key_id!r}; "
+            f"use the key file these backups were made with"
+        )
+
+
 def unseal(key: Key, data: bytes, name: str) -> dict[str, Any]:
-    """A manifest's fields, after checking it was written with ``key`` and not changed since."""
+    """A record's fields, after checking it was written with ``key`` and not changed since."""
     try:
         stored = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise IntegrityError(f"{name}: corrupt (not JSON)") from None
     if not isinstance(stored, dict) or not isinstance(stored.get("mac"), str):
         raise IntegrityError(f"{name}: corrupt (no authentication code)")
-    if stored.get("key_id") != key.key_id:
-        raise WrongKey(
-            f"{name}: made with key {stored.get('key_id')!r}, but {key.path} is key {key.key_id!r}; "
-            f"use the key file these backups were made with"
-        )
+    key_id = stored.get("key_id")
+    if key_id != key.key_id:
+        well_formed = isinstance(key_id, str) and bool(_KEY_ID.fullmatch(key_id)) and bool(_MAC.fullmatch(stored["mac"]))
+        raise ForeignRecord(name, key, key_id, well_formed)
     mac = stored.pop("mac")
     if not hmac.compare_digest(mac, key.mac(canonical(stored))):
-        raise IntegrityError(f"{name}: failed authentication (the manifest was changed after it was written)")
+        raise IntegrityError(f"{name}: failed authentication (the record was changed after it was written)")
     return stored

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from snapsync.errors import IntegrityError, UsageError, WrongKey
-from snapsync.sealing import SEGMENT, ChunkSealer, Key, create_key_file, open_chunk, sign, unseal
+from snapsync.sealing import SEGMENT, ChunkSealer, ForeignRecord, Key, create_key_file, open_chunk, sign, unseal
 
 PLACE = b"snapsync-chunk\0g\0d\0s\x000"
 
@@ -84,11 +84,27 @@ def test_manifest_round_trip_and_tampering(key: Key) -> None:
         unseal(key, blob[:-3], "m")
 
 
-def test_a_wrong_key_is_named_as_such_and_is_bad_input(key: Key) -> None:
+def test_a_record_of_another_key_is_only_foreign_and_carries_the_wrong_key_error(key: Key) -> None:
     other = Key(os.urandom(32), "/etc/other.key")
-    with pytest.raises(WrongKey, match=f"made with key '{key.key_id}', but /etc/other.key is key") as info:
+    with pytest.raises(ForeignRecord, match="m: not authentic: claims key") as info:
         unseal(other, sign(key, {"a": 1}), "m")
-    assert info.value.exit_code == 2
+    assert info.value.key_id == key.key_id and info.value.exit_code == 1
+    assert isinstance(info.value.wrong_key, WrongKey) and info.value.wrong_key.exit_code == 2
+    assert f"made with key '{key.key_id}', but /etc/other.key is key" in str(info.value.wrong_key)
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [
+        b'{"key_id":"0123456789abcdef","mac":"x"}',
+        b'{"key_id":"not hex","mac":"' + b"0" * 64 + b'"}',
+        rb'{"key_id":["\u001b[31m"],"mac":"' + b"0" * 64 + b'"}',
+    ],
+)
+def test_junk_naming_another_key_is_not_taken_for_a_real_record(key: Key, blob: bytes) -> None:
+    with pytest.raises(ForeignRecord) as info:
+        unseal(key, blob, "m")
+    assert info.value.key_id is None and "\x1b" not in str(info.value)
 
 
 def test_key_files_are_private_never_overwritten_and_load_back(tmp_path: Path) -> None:
