@@ -132,19 +132,21 @@ def _purge(dirfd: int) -> None:
     """Empty a staging directory whatever a hostile stream left in it: subvolumes (deleted as
     such), directories, files, symlinks (never followed)."""
     for entry in list(os.scandir(fd_path(dirfd))):
-        if entry.is_dir(follow_symlinks=False):
-            path = fd_path(dirfd, entry.name)
-            if btrfsutil.is_subvolume(path):
-                _delete(Path(path))
-                continue
-            child = os.open(entry.name, _DIR, dir_fd=dirfd)
-            try:
-                _purge(child)
-            finally:
-                os.close(child)
-            os.rmdir(entry.name, dir_fd=dirfd)
-        else:
+        if not entry.is_dir(follow_symlinks=False):
             os.unlink(entry.name, dir_fd=dirfd)
+        elif btrfsutil.is_subvolume(fd_path(dirfd, entry.name)):
+            _delete(Path(fd_path(dirfd, entry.name)))
+        else:
+            _remove_dir(dirfd, entry.name)
+
+
+def _remove_dir(parent: int, name: str) -> None:
+    child = os.open(name, _DIR, dir_fd=parent)
+    try:
+        _purge(child)
+    finally:
+        os.close(child)
+    os.rmdir(name, dir_fd=parent)
 
 
 def _clear_staging(directory: Path, names: list[str] | None = None) -> None:
@@ -159,15 +161,10 @@ def _clear_staging(directory: Path, names: list[str] | None = None) -> None:
         for entry in list(os.scandir(fd_path(incoming))):
             if names is not None and entry.name not in names:
                 continue
-            if not entry.is_dir(follow_symlinks=False):
+            if entry.is_dir(follow_symlinks=False):
+                _remove_dir(incoming, entry.name)
+            else:
                 os.unlink(entry.name, dir_fd=incoming)
-                continue
-            child = os.open(entry.name, _DIR, dir_fd=incoming)
-            try:
-                _purge(child)
-            finally:
-                os.close(child)
-            os.rmdir(entry.name, dir_fd=incoming)
     finally:
         os.close(incoming)
 

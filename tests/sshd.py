@@ -75,6 +75,18 @@ class Sshd:
         )
         return body + "".join(f"{k} = {v}\n" for k, v in extra.items())
 
+    def pull_policy(self, name: str, path: Path | str, datasets: list[Path], into: Path | str, extra: str = "") -> str:
+        """A backup host's policy pulling ``datasets`` below ``path`` from this server into ``into``."""
+        options = ", ".join(f'"{o}"' for o in self.ssh_options())
+        command = ", ".join(f'"{w}"' for w in SNAPSYNC)
+        listed = ", ".join(f'"{d}"' for d in datasets)
+        return (
+            f'version = 1\nhost = "backup"\n[pulls.{name}]\nhost = "127.0.0.1"\nport = {self.port}\n'
+            f'identity_file = "{self.client_key}"\nssh_options = [{options}]\ncommand = [{command}]\n'
+            f'path = "{path}"\ndatasets = [{listed}]\ninto = "{into}"\n{extra}'
+            f"[pulls.{name}.retention]\nkeep_last = 10\n"
+        )
+
     def start(self) -> None:
         host_key = self.directory / "host_ed25519"
         if not host_key.exists():

@@ -18,15 +18,8 @@ def test_pull_full_then_incremental_and_holds_on_the_source(
     (data / "blob.bin").write_bytes(os.urandom(2_000_000))
     source_policy = write_policy(tmp_path / "source.toml", [data], {}, retention="keep_last = 1")
     sshd.authorize(sshd.forced(btrfs_root / "persist", "send"))
-    options = ", ".join(f'"{o}"' for o in sshd.ssh_options())
-    command = ", ".join(f'"{w}"' for w in SNAPSYNC)
     backup_policy = tmp_path / "backup.toml"
-    backup_policy.write_text(
-        f'version = 1\nhost = "backup"\n[pulls.forge]\nhost = "127.0.0.1"\nport = {sshd.port}\n'
-        f'identity_file = "{sshd.client_key}"\nssh_options = [{options}]\ncommand = [{command}]\n'
-        f'path = "{btrfs_root / "persist"}"\ndatasets = ["{data}"]\ninto = "{target_root}"\ncompress = "zstd"\n'
-        "[pulls.forge.retention]\nkeep_last = 10\n"
-    )
+    backup_policy.write_text(sshd.pull_policy("forge", btrfs_root / "persist", [data], target_root, 'compress = "zstd"\n'))
 
     snapsync("-p", str(source_policy), "snapshot", check=True)
     first = run_json("-p", str(backup_policy), "replicate")

@@ -29,6 +29,7 @@ from snapsync.errors import BackendError
 from snapsync.store import BtrfsStore
 from tests.conftest import make_subvolume
 from tests.security.btrfs_stream import Stream, new_uuid
+from tests.security.helpers import receive_snapshot
 
 SERVE = [sys.executable, "-m", "snapsync", "serve"]
 GROUP_KEY = "forge/persist/app"
@@ -103,14 +104,7 @@ def scene(request: pytest.FixtureRequest, btrfs_root: Path, target_root: Path, t
             root.mkdir(mode=0o700)
     assert BtrfsStore(root_a).isolated() == (request.param == "subvolume")
     for root, name, snap in ((root_a, "S1", "s1"), (root_a, "E1", "e1"), (root_b, "S1", "b1")):
-        r, w = os.pipe()
-        sender = subprocess.Popen(["btrfs", "send", "-q", str(btrfs_root / snap)], stdout=w)
-        os.close(w)
-        try:
-            BtrfsStore(root).receive(GROUP_KEY, snap, btrfsutil.subvolume_info(btrfs_root / snap).uuid.hex(), r)
-        finally:
-            os.close(r)
-            assert sender.wait() == 0
+        receive_snapshot(root, GROUP_KEY, btrfs_root / snap)
         if name != snap:
             os.rename(root / GROUP_KEY / snap, root / GROUP_KEY / name)
     outside = tmp_path / "outside"

@@ -13,9 +13,8 @@ from pathlib import Path
 import btrfsutil
 
 from tests.conftest import make_subvolume
-from tests.replication.helpers import copies, run_json, snapsync, write_policy
-from tests.replication.helpers import tree_digest
-from tests.sshd import SNAPSYNC, Sshd
+from tests.replication.helpers import copies, run_json, snapsync, tree_digest, write_policy
+from tests.sshd import Sshd
 
 PEER = Path(__file__).with_name("hostile_peer.py")
 
@@ -73,15 +72,8 @@ def test_a_compromised_source_cannot_write_outside_what_this_host_pulls(
     source_policy = write_policy(tmp_path / "source.toml", [data], {})
     snapsync("-p", str(source_policy), "snapshot", check=True)
     sshd.authorize(hostile(sshd, btrfs_root / "persist", outside))
-    options = ", ".join(f'"{o}"' for o in sshd.ssh_options())
-    command = ", ".join(f'"{w}"' for w in SNAPSYNC)
     backup_policy = tmp_path / "backup.toml"
-    backup_policy.write_text(
-        f'version = 1\nhost = "backup"\n[pulls.forge]\nhost = "127.0.0.1"\nport = {sshd.port}\n'
-        f'identity_file = "{sshd.client_key}"\nssh_options = [{options}]\ncommand = [{command}]\n'
-        f'path = "{btrfs_root / "persist"}"\ndatasets = ["{data}"]\ninto = "{target_root}"\n'
-        "[pulls.forge.retention]\nkeep_last = 10\n"
-    )
+    backup_policy.write_text(sshd.pull_policy("forge", btrfs_root / "persist", [data], target_root))
     before = tree_digest(outside)
     report = run_json("-p", str(backup_policy), "replicate", expect=1)
     [pulled] = report["groups"][0]["targets"]

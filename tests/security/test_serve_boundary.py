@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import btrfsutil
-import pytest
 
 from snapsync.backends.btrfs import BtrfsBackend
-from snapsync.store import BtrfsStore
 from tests.conftest import make_subvolume
+from tests.security.helpers import receive_snapshot
 
 SERVE = [sys.executable, "-m", "snapsync", "serve"]
 KEY = "g/persist/app"
@@ -39,14 +38,7 @@ def received_copy(btrfs_root: Path, root: Path, name: str) -> str:
     if not src.exists():
         make_subvolume(src, "v")
     btrfsutil.create_snapshot(src, btrfs_root / name, read_only=True)
-    r, w = os.pipe()
-    sender = subprocess.Popen(["btrfs", "send", "-q", str(btrfs_root / name)], stdout=w)
-    os.close(w)
-    try:
-        BtrfsStore(root).receive(KEY, name, btrfsutil.subvolume_info(btrfs_root / name).uuid.hex(), r)
-    finally:
-        os.close(r)
-    assert sender.wait() == 0
+    receive_snapshot(root, KEY, btrfs_root / name)
     return name
 
 
