@@ -45,14 +45,18 @@ def _open_child(parent: int, name: str, path: Path, create: bool, mode: int) -> 
         raise
     try:
         os.mkdir(name, mode, dir_fd=parent)
+        made = True
     except FileExistsError:
-        pass  # made by a concurrent run; opened and checked below like any other
+        made = False  # made by a concurrent run; opened and checked below like any other
     try:
-        return os.open(name, _DIR_FLAGS, dir_fd=parent)
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.ENOTDIR):
             raise UnsafePath(f"{path}: not a directory (a symlink or a file); refusing to use it") from e
         raise
+    if made:
+        os.fchmod(fd, mode)  # the mode asked for, whatever the umask (a unit's UMask=0077 would hide metrics)
+    return fd
 
 
 def open_private_dir(path: Path | str, own: int = 1, create: bool = False, mode: int = 0o700) -> int:

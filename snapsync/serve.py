@@ -87,7 +87,7 @@ class Server:
             from snapsync.backends.zfs import ZfsBackend
             from snapsync.zfs_store import ZfsStore
 
-            self.store = ZfsStore(root)
+            self.store = ZfsStore(root, append_only=append_only, stall=stall)
             self.backend = ZfsBackend()
         else:
             self.store = BtrfsStore(root, stall=stall)

@@ -208,3 +208,17 @@ def test_snapshot_through_the_cli_names_the_planted_path(btrfs_root: Path, tmp_p
     assert ".snapsync: directory is owned by uid 65534" in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr
     assert not any(btrfsutil.is_subvolume(p) for p in (proj.parent / ".snapsync").iterdir())
+
+
+def test_metrics_stay_readable_by_node_exporter_under_a_strict_umask(tmp_path: Path) -> None:
+    """The units run with UMask=0077; the textfile directory snapsync creates must still be 0755."""
+    from datetime import UTC, datetime
+
+    old = os.umask(0o077)
+    try:
+        write_textfile(tmp_path / "state" / "metrics" / "snapsync.prom", {}, datetime.now(UTC), "h")
+    finally:
+        os.umask(old)
+    (tmp_path / "state").chmod(0o755)
+    assert oct((tmp_path / "state" / "metrics").stat().st_mode & 0o777) == oct(0o755)
+    as_nobody("cat", str(tmp_path / "state" / "metrics" / "snapsync.prom"))
