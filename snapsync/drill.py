@@ -299,7 +299,7 @@ def _scratch(group: Group, backend: StorageBackend, parent: str | None) -> Itera
         def zfs_copy(ds: str, name: str) -> Path:
             where = mounts / dataset_key(ds).replace("/", "_")
             clone = f"{base}/rw-{dataset_key(ds).replace('/', '_')}"
-            zfs("clone", "-o", f"mountpoint={where}", f"{store.dataset(f'{group.name}/{dataset_key(ds)}')}@{name}", clone)
+            zfs("clone", "-o", f"mountpoint={where}", "-o", "setuid=off", "-o", "devices=off", f"{store.dataset(f'{group.name}/{dataset_key(ds)}')}@{name}", clone)
             return where
 
         scratch = mounts / "scratch"

@@ -90,7 +90,12 @@ def open_private_dir(path: Path | str, own: int = 1, create: bool = False, mode:
 
 @contextmanager
 def private_dir(path: Path | str, own: int = 1, create: bool = False, mode: int = 0o700) -> Iterator[int]:
-    fd = open_private_dir(path, own, create, mode)
+    try:
+        fd = open_private_dir(path, own, create, mode)
+    except (FileNotFoundError, UnsafePath):
+        raise
+    except OSError as e:  # EACCES, EROFS, ENOSPC: one line naming the place, not an internal error
+        raise UnsafePath(f"{path}: cannot use this directory: {e.strerror or e}") from e
     try:
         yield fd
     finally:

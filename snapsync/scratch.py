@@ -52,7 +52,7 @@ def scratch_btrfs(size: str = "512M", parent: str | None = None, label: str = "s
             f.truncate(_bytes(size))
         _run(["mkfs.btrfs", "-q", "-f", "-L", label, str(image)])
         mountpoint.mkdir()
-        _run(["mount", "-o", "loop", str(image), str(mountpoint)])
+        _run(["mount", "-o", "loop,nosuid,nodev", str(image), str(mountpoint)])  # restored setuid files stay inert
         mounted = True
         yield mountpoint
     finally:

@@ -140,9 +140,12 @@ class Server:
         return {"paths": snapshots}
 
     def op_receive(self, fd: int, path: str, name: str, guid: str, compress: str, force: bool) -> dict[str, Any]:
-        if force and self.append_only:
-            raise Refused("this server is append-only (serve --append-only): a forced receive could roll back or destroy copies")
-        return self.store.receive(path, name, guid, fd, compress, force)
+        if force and self.append_only and self.zfs:
+            raise Refused(
+                "this server is append-only (serve --append-only): a forced receive (zfs receive -F, asked for by "
+                "on_diverged = \"rollback\") could roll back or destroy copies; use on_diverged = \"refuse\" for this target"
+            )
+        return self.store.receive(path, name, guid, fd, compress, force and not self.append_only)
 
     def op_resume(self, fd: int, path: str, compress: str) -> dict[str, Any]:
         return self.store.resume(path, fd, compress)

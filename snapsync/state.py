@@ -21,7 +21,7 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     """Atomically, and durably: a crash leaves the old file or the new one. The directory must be
     the running user's alone; nothing is written through a symlink (see :mod:`snapsync.safefs`)."""
     with private_dir(path.parent, own=1, create=True, mode=0o755) as dirfd:
-        write_atomic(dirfd, path.name, (json.dumps(data, indent=1) + "\n").encode(), mode=0o644)
+        write_atomic(dirfd, path.name, (json.dumps(data, indent=1) + "\n").encode())
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

@@ -94,19 +94,6 @@ def _subvolumes(directory: Path) -> Iterator[tuple[str, btrfsutil.SubvolumeInfo]
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _open_sub(dirfd: int, name: str, create: bool = False) -> int | None:
-    """A directory of ours inside a dataset directory, never through a symlink; None if absent."""
-    try:
-        return os.open(name, _DIR, dir_fd=dirfd)
-    except FileNotFoundError:
-        if not create:
-            return None
-    except OSError as e:
-        raise UnsafePath(f"{name}: not a directory (a symlink or a file) where snapsync keeps its own; refusing") from e
-    os.mkdir(name, 0o700, dir_fd=dirfd)
-    return os.open(name, _DIR, dir_fd=dirfd)
-
-
 def _markers(directory: Path) -> set[str]:
     try:
         with private_dir(directory / MARKERS, own=1) as fd:
@@ -128,25 +115,37 @@ def _unmark(directory: Path, name: str) -> None:
         return
 
 
-def _purge(dirfd: int) -> None:
-    """Empty a staging directory whatever a hostile stream left in it: subvolumes (deleted as
-    such), directories, files, symlinks (never followed)."""
-    for entry in list(os.scandir(fd_path(dirfd))):
-        if not entry.is_dir(follow_symlinks=False):
-            os.unlink(entry.name, dir_fd=dirfd)
-        elif btrfsutil.is_subvolume(fd_path(dirfd, entry.name)):
-            _delete(Path(fd_path(dirfd, entry.name)))
-        else:
-            _remove_dir(dirfd, entry.name)
+def _mount_point(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
 
 
 def _remove_dir(parent: int, name: str) -> None:
-    child = os.open(name, _DIR, dir_fd=parent)
+    """Remove a directory a hostile stream may have filled, however deep: subvolumes are deleted as
+    such, symlinks never followed; iterative, so no depth can exhaust the stack."""
+    stack = [(parent, name, os.open(name, _DIR, dir_fd=parent))]
     try:
-        _purge(child)
+        while stack:
+            up, entry_name, fd = stack[-1]
+            descended = False
+            for entry in os.scandir(fd_path(fd)):
+                if not entry.is_dir(follow_symlinks=False):
+                    os.unlink(entry.name, dir_fd=fd)
+                elif btrfsutil.is_subvolume(fd_path(fd, entry.name)):
+                    _delete(Path(fd_path(fd, entry.name)))
+                else:
+                    stack.append((fd, entry.name, os.open(entry.name, _DIR, dir_fd=fd)))
+                    descended = True
+                    break
+            if not descended:
+                stack.pop()
+                os.close(fd)
+                os.rmdir(entry_name, dir_fd=up)
     finally:
-        os.close(child)
-    os.rmdir(name, dir_fd=parent)
+        for _, _, fd in stack:
+            os.close(fd)
 
 
 def _clear_staging(directory: Path, names: list[str] | None = None) -> None:
@@ -287,13 +286,9 @@ class BtrfsStore:
             procs: list[Proc] = []
             try:
                 with private_dir(directory, own=1) as home:
-                    incoming = _open_sub(home, STAGING, create=True)
-                    assert incoming is not None
-                    try:
+                    with private_dir(directory / STAGING, own=1, create=True) as incoming:
                         os.mkdir(name, 0o700, dir_fd=incoming)
                         staging = os.open(name, _DIR, dir_fd=incoming)
-                    finally:
-                        os.close(incoming)
                     try:
                         feed: int = stdin
                         if compress == "zstd":
@@ -324,7 +319,7 @@ class BtrfsStore:
             except BaseException:
                 try:
                     self._discard(directory, [name])
-                except (BackendError, OSError, btrfsutil.BtrfsUtilError):
+                except Exception:
                     pass  # the receive's own error matters more; the next receive cleans up
                 raise
             finally:
@@ -333,17 +328,19 @@ class BtrfsStore:
         return {"name": name, "path": f"{rel}/{name}", "removed_partials": removed}
 
     def _receive_argv(self, staging: Path) -> list[str]:
-        """``btrfs receive`` chrooted into ``staging``; when the root is a subvolume of its own, also
-        in a private mount namespace where that subvolume is the mount btrfs resolves parents and
-        clone sources against, so a stream can build on nothing outside the root (btrfs finds both
-        through the filesystem-wide UUID tree, which no chroot confines)."""
+        """``btrfs receive`` chrooted into ``staging``, in a private mount namespace where the
+        filesystem is mounted ``nodev,nosuid``: a stream may create device nodes (a backup of /dev
+        holds them) but never open one, so it cannot write to a disk of this host through a node
+        it made. When the root is a subvolume of its own, that subvolume is the mount btrfs resolves
+        parents and clone sources against, so a stream can build on nothing outside the root (btrfs
+        finds both through the filesystem-wide UUID tree, which no chroot confines)."""
         receive = ["btrfs", "receive", "-e", "-C", str(staging)]
-        if not self.isolated():
-            return receive
-        return [
-            "unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
-            'mount --bind -- "$1" "$1" && shift && exec "$@"', "sh", str(self.root), *receive,
-        ]
+        isolated = self.isolated()
+        script = 'mount -o remount,bind,nodev,nosuid -- "$1" && shift && exec "$@"'
+        if isolated:
+            script = 'mount --bind -- "$1" "$1" && ' + script
+        mount = self.root if isolated else _mount_point(staging)
+        return ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", script, "sh", str(mount), *receive]
 
     def isolated(self) -> bool:
         """Whether receives below this root are confined to it (the root is a subvolume, not the

@@ -276,37 +276,41 @@ class BtrfsBackend:
             raise BackendError(f"{dataset}: rollback to {name} failed: {e.strerror or e}") from e
 
     def destroy(self, dataset: str, names: Sequence[str]) -> None:
+        """Delete read-only snapshots by name, each reached through the checked directory's
+        descriptor, so no rename of the directories above can point the delete elsewhere."""
         directory = self.snapshot_path(dataset)
         for name in names:
             _check_name(name)
         dataset_uuid = btrfsutil.subvolume_info(dataset).uuid if os.path.exists(dataset) else None
         try:
             with self._home(dataset) as home:
-                held = {n: tag for tag, ns in self._read_holds(home, directory).items() for n in ns}
+                self._destroy_in(home, directory, dataset_uuid, names)
         except FileNotFoundError:
             return
+
+    def _destroy_in(self, home: int, directory: Path, dataset_uuid: bytes | None, names: Sequence[str]) -> None:
+        held = {n: tag for tag, ns in self._read_holds(home, directory).items() for n in ns}
         for name in names:
-            if name in held and os.path.lexists(directory / name):
+            if name in held and os.path.lexists(fd_path(home, name)):
                 raise BackendError(f"refusing to delete {directory / name}: held by {held[name]} (a target's replication base)")
         for name in names:
-            path = directory / name
+            path, shown = fd_path(home, name), directory / name
             if not os.path.lexists(path):
                 continue
-            if path.is_symlink() or not btrfsutil.is_subvolume(path):
-                raise BackendError(f"refusing to delete {path}: not a btrfs subvolume")
+            if os.path.islink(path) or not btrfsutil.is_subvolume(path):
+                raise BackendError(f"refusing to delete {shown}: not a btrfs subvolume")
             info = btrfsutil.subvolume_info(path)
             if not info.flags & _READ_ONLY:
-                raise BackendError(f"refusing to delete {path}: writable subvolume, not a read-only snapshot")
+                raise BackendError(f"refusing to delete {shown}: writable subvolume, not a read-only snapshot")
             if dataset_uuid is not None and info.uuid == dataset_uuid:
-                raise BackendError(f"refusing to delete {path}: it is the dataset itself")
+                raise BackendError(f"refusing to delete {shown}: it is the dataset itself")
             try:
                 btrfsutil.delete_subvolume(path)
             except btrfsutil.BtrfsUtilError as e:
-                raise BackendError(f"{path}: delete failed: {e.strerror or e}") from e
-            with self._home(dataset) as home:
-                for note in os.listdir(fd_path(home)):
-                    if note.startswith(f".{name}.") and not os.path.isdir(fd_path(home, note)):
-                        os.unlink(note, dir_fd=home)
+                raise BackendError(f"{shown}: delete failed: {e.strerror or e}") from e
+            for note in os.listdir(fd_path(home)):
+                if note.startswith(f".{name}.") and not os.path.isdir(fd_path(home, note)):
+                    os.unlink(note, dir_fd=home)
 
 
 class CopiesBackend(BtrfsBackend):

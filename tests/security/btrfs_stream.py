@@ -84,6 +84,10 @@ class Stream:
         self.ino += 1
         return self.cmd(MKDIR, (A_PATH, path.encode()), (A_INO, u64(self.ino)))
 
+    def mknod(self, path: str, mode: int, rdev: int) -> Stream:
+        self.ino += 1
+        return self.cmd(MKNOD, (A_PATH, path.encode()), (A_INO, u64(self.ino)), (A_MODE, u64(mode)), (A_RDEV, u64(rdev)))
+
     def symlink(self, path: str, target: str) -> Stream:
         self.ino += 1
         return self.cmd(SYMLINK, (A_PATH, path.encode()), (A_INO, u64(self.ino)), (A_PATH_LINK, target.encode()))

@@ -18,7 +18,7 @@ import os
 import stat
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,6 +245,36 @@ def test_an_isolated_root_lets_no_clone_reach_another_hosts_copy(scene: Scene) -
     _, answer, _ = _serve(scene, _stream(scene, ATTACKS["clone-other-host"], uuid), uuid.hex())
     leaked = scene.directory / NAME / "c"
     assert not (answer["ok"] and leaked.exists() and b"B-SECRET" in leaked.read_bytes())
+
+
+@pytest.fixture
+def loop_canary(tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    """A block device of this host (a loop device over a file of known bytes) and its rdev."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"DISK" * 1024)
+    device = subprocess.run(["losetup", "-f", "--show", str(image)], capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        yield image, os.stat(device).st_rdev
+    finally:
+        subprocess.run(["losetup", "-d", device], check=False)
+
+
+def test_a_device_node_in_the_stream_never_opens_a_disk_of_this_host(scene: Scene, loop_canary: tuple[Path, int]) -> None:
+    """A stream may carry device nodes (a backup of /dev does), but writing through one it made
+    would write to this host's disk: the receive's filesystem is nodev in its own mount namespace."""
+    image, rdev = loop_canary
+    subprocess.run(["mount", "-o", "remount,dev,suid", str(scene.fs)], check=True)  # a backup disk as most are mounted
+    before = hashlib.sha256(image.read_bytes()).hexdigest()
+    uuid = new_uuid()
+    stream = Stream().subvol(NAME, uuid).mknod("disk", stat.S_IFBLK | 0o600, rdev).write("disk", b"PWNED" * 100)
+    _, answer, _ = _serve(scene, bytes(stream.utimes("").end()), uuid.hex())
+    subprocess.run(["sync"], check=True)
+    assert hashlib.sha256(image.read_bytes()).hexdigest() == before
+    assert answer["ok"] is False and _leftovers(scene) == [], answer
+    honest = Stream().subvol(NAME, uuid).mknod("null", stat.S_IFCHR | 0o666, os.makedev(1, 3)).utimes("").end()
+    _, answer, _ = _serve(scene, bytes(honest), uuid.hex())
+    assert answer["ok"] is True, answer  # a device node as data still arrives
+    assert stat.S_ISCHR(os.lstat(scene.directory / NAME / "null").st_mode)
 
 
 def test_two_subvolumes_in_one_stream_are_refused(scene: Scene) -> None:

@@ -45,14 +45,17 @@ def received_copy(btrfs_root: Path, root: Path, name: str) -> str:
 def test_append_only_refuses_a_forced_receive_and_every_delete(btrfs_root: Path, target_root: Path) -> None:
     for name in ("S2", "S3", "S4"):
         received_copy(btrfs_root, target_root, name)
-    code, answer = serve(target_root, req("receive", path=KEY, name="S5", guid="ab" * 16, compress="none", force=True), "--append-only")
-    assert answer["ok"] is False and "append-only" in answer["error"] and code == 2
+    btrfsutil.create_snapshot(btrfs_root / "src", btrfs_root / "S5", read_only=True)  # force is no rollback on btrfs
+    stream = subprocess.run(["btrfs", "send", "-q", str(btrfs_root / "S5")], capture_output=True, check=True).stdout
+    guid = btrfsutil.subvolume_info(btrfs_root / "S5").uuid.hex()
+    _, answer = serve(target_root, req("receive", path=KEY, name="S5", guid=guid, compress="none", force=True) + stream, "--append-only")
+    assert answer["ok"] is True, answer
     for flags in ({"allow_writable": False, "partial": False}, {"allow_writable": True, "partial": False}):
         _, answer = serve(target_root, req("delete", path=KEY, names=["S2", "S3", "S4"], **flags), "--append-only")
         assert answer["ok"] is False and "append-only" in answer["error"]
     _, answer = serve(target_root, req("delete", path=KEY, names=["S2", "S3", "S4"], allow_writable=False, partial=True), "--append-only")
     assert answer["ok"] is True and answer["deleted"] == []
-    assert sorted(p.name for p in (target_root / KEY).iterdir() if not p.name.startswith(".")) == ["S2", "S3", "S4"]
+    assert sorted(p.name for p in (target_root / KEY).iterdir() if not p.name.startswith(".")) == ["S2", "S3", "S4", "S5"]
 
 
 def test_only_received_copies_are_ever_deleted(btrfs_root: Path, target_root: Path) -> None:
