@@ -243,37 +243,55 @@ class BtrfsBackend:
         temporary one and finishes.
         """
         _check_name(name)
-        path = Path(dataset)
-        snapshot = self.snapshot_path(dataset) / name
-        fresh = path.with_name(f".{path.name}.rollback-{name}")
-        target = Path(aside)
+        path, target = Path(dataset), Path(aside)
+        fresh = f".{path.name}.rollback-{name}"
         if target.parent != path.parent:
             raise BackendError(f"{aside}: must be beside {dataset}")
-        if not snapshot.is_dir() or not btrfsutil.is_subvolume(snapshot):
-            raise BackendError(f"{dataset}: no snapshot {name} in {snapshot.parent}")
         try:
-            if not os.path.lexists(path):
-                if os.path.lexists(fresh) and os.path.lexists(target):  # crashed between the renames
-                    os.rename(fresh, path)
-                    return
-                raise DatasetMissing(f"{dataset}: does not exist")
-            if os.path.lexists(target):
-                raise BackendError(f"{aside} already exists; not moving {dataset} over it")
-            nested = [str(p) for p, _ in btrfsutil.SubvolumeIterator(str(path), top=0)] if btrfsutil.is_subvolume(path) else []
-            if nested:
-                raise BackendError(
-                    f"{dataset} contains subvolumes ({', '.join(nested[:3])}); a rollback would move them aside too: "
-                    f"roll back subvolumes without nested ones (list those in the group instead)"
-                )
-            if os.path.lexists(fresh):
-                btrfsutil.delete_subvolume(fresh)  # a writable snapshot of ours, from an attempt that died
-            btrfsutil.create_snapshot(snapshot, fresh, read_only=False)
-            os.rename(path, target)
-            os.rename(fresh, path)
+            parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise DatasetMissing(f"{dataset}: its directory cannot be opened: {e.strerror or e}") from e
+        try:
+            with self._home(dataset) as home:
+                self._rollback_in(parent, home, path, name, target.name, fresh)
+        except FileNotFoundError as e:
+            raise BackendError(f"{dataset}: no snapshot {name} in {self.snapshot_path(dataset)}") from e
         except btrfsutil.BtrfsUtilError as e:
             raise BackendError(f"{dataset}: rollback to {name} failed: {e.strerror or e}") from e
         except OSError as e:
             raise BackendError(f"{dataset}: rollback to {name} failed: {e.strerror or e}") from e
+        finally:
+            os.close(parent)
+
+    def _rollback_in(self, parent: int, home: int, path: Path, name: str, aside: str, fresh: str) -> None:
+        """The rollback's steps, every one through descriptors of the dataset's directory and of its
+        checked snapshot directory: renaming either one's ancestors cannot redirect them."""
+        here = path.name
+
+        def at(entry: str) -> str:
+            return fd_path(parent, entry)
+
+        snapshot = fd_path(home, name)
+        if not os.path.isdir(snapshot) or not btrfsutil.is_subvolume(snapshot):
+            raise BackendError(f"{path}: no snapshot {name} in {self.snapshot_path(str(path))}")
+        if not os.path.lexists(at(here)):
+            if os.path.lexists(at(fresh)) and os.path.lexists(at(aside)):  # crashed between the renames
+                os.rename(fresh, here, src_dir_fd=parent, dst_dir_fd=parent)
+                return
+            raise DatasetMissing(f"{path}: does not exist")
+        if os.path.lexists(at(aside)):
+            raise BackendError(f"{path.parent / aside} already exists; not moving {path} over it")
+        nested = [str(p) for p, _ in btrfsutil.SubvolumeIterator(at(here), top=0)] if btrfsutil.is_subvolume(at(here)) else []
+        if nested:
+            raise BackendError(
+                f"{path} contains subvolumes ({', '.join(nested[:3])}); a rollback would move them aside too: "
+                f"roll back subvolumes without nested ones (list those in the group instead)"
+            )
+        if os.path.lexists(at(fresh)):
+            btrfsutil.delete_subvolume(at(fresh))  # a writable snapshot of ours, from an attempt that died
+        btrfsutil.create_snapshot(snapshot, at(fresh), read_only=False)
+        os.rename(here, aside, src_dir_fd=parent, dst_dir_fd=parent)
+        os.rename(fresh, here, src_dir_fd=parent, dst_dir_fd=parent)
 
     def destroy(self, dataset: str, names: Sequence[str]) -> None:
         """Delete read-only snapshots by name, each reached through the checked directory's

@@ -197,12 +197,12 @@ def test_a_rollback_that_died_between_its_renames_is_finished_by_running_it_agai
     calls: list[str] = []
 
     def dies_at_the_fourth_rename(a: str | os.PathLike[str], b: str | os.PathLike[str], **fds: int) -> None:
-        if fds:  # a small file written atomically beside its directory's descriptor (holds, plans)
+        if str(a).endswith(".tmp"):  # a small file written atomically (holds, the rollback's plan)
             return real(a, b, **fds)
         calls.append(str(a))
         if len(calls) == 4:  # app swapped; db moved aside, its new state not yet in place
             raise OSError(5, "Input/output error (simulated crash)")
-        real(a, b)
+        real(a, b, **fds)
 
     monkeypatch.setattr(os, "rename", dies_at_the_fourth_rename)
     with pytest.raises(Exception, match="simulated crash"):
