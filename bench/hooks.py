@@ -38,9 +38,9 @@ sys.path.insert(0, str(REPO))
 import btrfsutil  # noqa: E402
 
 from snapsync.clock import ManualClock  # noqa: E402
-from snapsync.policy import parse_policy  # noqa: E402
-from snapsync.runner import Runner  # noqa: E402
-from snapsync.scratch import scratch_btrfs  # noqa: E402
+from snapsync.policy.loader import parse_policy  # noqa: E402
+from snapsync.ops.runner import Runner  # noqa: E402
+from snapsync.backends.scratch import scratch_btrfs  # noqa: E402
 from tests.hooks.pg import init_server, pg_unavailable  # noqa: E402
 from tests.sshd import free_port  # noqa: E402
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import btrfsutil  # noqa: E402
 
-from snapsync.scratch import scratch_btrfs  # noqa: E402
+from snapsync.backends.scratch import scratch_btrfs  # noqa: E402
 
 
 def timed(argv: list[str], cold: bool) -> float:

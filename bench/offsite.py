@@ -37,9 +37,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.replicate import HWM_WRAPPER  # noqa: E402
-from snapsync.scratch import scratch_btrfs  # noqa: E402
-from snapsync.streams import parse_rate  # noqa: E402
-from snapsync.sealing import create_key_file  # noqa: E402
+from snapsync.backends.scratch import scratch_btrfs  # noqa: E402
+from snapsync.host.streams import parse_rate  # noqa: E402
+from snapsync.offsite.sealing import create_key_file  # noqa: E402
 
 ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret", "AWS_DEFAULT_REGION": "us-east-1"}
 

@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO))
 
 import btrfsutil  # noqa: E402
 
-from snapsync.scratch import _bytes, scratch_btrfs, signals_raise  # noqa: E402
+from snapsync.backends.scratch import _bytes, scratch_btrfs, signals_raise  # noqa: E402
 from tests.sshd import Sshd, free_port, keygen, sshd_unavailable  # noqa: E402
 
 GOAL_RATIO = 0.95

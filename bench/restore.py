@@ -32,9 +32,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from snapsync.scratch import scratch_btrfs  # noqa: E402
-from snapsync.streams import parse_rate  # noqa: E402
-from snapsync.sealing import create_key_file  # noqa: E402
+from snapsync.backends.scratch import scratch_btrfs  # noqa: E402
+from snapsync.host.streams import parse_rate  # noqa: E402
+from snapsync.offsite.sealing import create_key_file  # noqa: E402
 
 
 def sh(*argv: str) -> None:

@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from snapsync.retention import RetentionRules, plan_prune  # noqa: E402
+from snapsync.plan.retention import RetentionRules, plan_prune  # noqa: E402
 
 COUNT = 100_000
 RUNS = 5

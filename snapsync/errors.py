@@ -1,6 +1,6 @@
 """Every error snapsync raises on purpose, each carrying its exit code and a one-line message.
 
-The CLI maps these to exit codes in one place (``snapsync.cli``); nothing else prints tracebacks.
+The CLI maps these to exit codes in one place (``snapsync.cli.app``); nothing else prints tracebacks.
 
     SnapsyncError                 exit 1  (partial failure: some work done, some failed)
     ├── UsageError                exit 2  (bad input: nothing was done)

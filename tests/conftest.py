@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from snapsync.scratch import scratch_btrfs
+from snapsync.backends.scratch import scratch_btrfs
 
 if TYPE_CHECKING:
     from tests.sshd import Sshd

@@ -39,7 +39,7 @@ def test_alerting_rules_pass_promtool_and_their_unit_tests() -> None:
 def test_every_metric_the_rules_use_is_one_snapsync_writes() -> None:
     from datetime import UTC, datetime
 
-    from snapsync.metrics import families
+    from snapsync.ops.metrics import families
 
     rules = (DEPLOY / "prometheus" / "snapsync.rules.yml").read_text()
     used = set(re.findall(r"\b(snapsync_[a-z_]+)", rules))
@@ -138,7 +138,7 @@ def test_the_nixos_module_offers_what_the_readme_promises() -> None:
 
 
 def test_every_metric_is_documented() -> None:
-    from snapsync.metrics import METRICS
+    from snapsync.ops.metrics import METRICS
 
     doc = (DEPLOY.parent / "docs" / "monitoring.md").read_text()
     missing = [n + ("_total" if kind == "counter" else "") for n, (kind, _, _) in METRICS.items()]

@@ -20,7 +20,7 @@ import btrfsutil
 
 from snapsync.backends.base import Capabilities, SnapshotInfo
 from snapsync.errors import BackendError, DatasetMissing
-from snapsync.safefs import fd_path, private_dir, read_file, write_atomic
+from snapsync.host.safefs import fd_path, private_dir, read_file, write_atomic
 
 _NO_UUID = bytes(16)
 _READ_ONLY = 1

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from snapsync.lock import policy_lock
+from snapsync.host.lock import policy_lock
 from tests.conftest import make_subvolume
 
 

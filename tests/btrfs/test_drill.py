@@ -120,7 +120,7 @@ def test_a_drill_fails_loudly_on_a_changed_copy_and_on_a_damaged_chunk(
 def test_a_postgres_group_restored_from_offsite_starts_and_answers_its_check_query(
     tmp_path: Path, scratch_parent: Path, state: dict[str, str]
 ) -> None:
-    from snapsync.scratch import scratch_btrfs
+    from snapsync.backends.scratch import scratch_btrfs
     from tests.hooks.pg import Writer, init_server, pg_unavailable
 
     if pg_unavailable():

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from snapsync.clock import ManualClock
-from snapsync.naming import parse_snapshot_name
-from snapsync.policy import load_policy
-from snapsync.runner import Runner
+from snapsync.plan.naming import parse_snapshot_name
+from snapsync.policy.loader import load_policy
+from snapsync.ops.runner import Runner
 from tests.conftest import make_subvolume
 from tests.promtext import Metrics
 from tests.replication.helpers import run_json, snapsync, write_policy

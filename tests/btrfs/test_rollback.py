@@ -186,8 +186,8 @@ def test_a_rollback_that_died_between_its_renames_is_finished_by_running_it_agai
     from datetime import UTC, datetime
 
     from snapsync.backends.btrfs import BtrfsBackend
-    from snapsync.policy import load_policy
-    from snapsync.rollback import rollback
+    from snapsync.policy.loader import load_policy
+    from snapsync.recovery.rollback import rollback
 
     policy, app, db = site
     first = step(policy, app, db, "v1")

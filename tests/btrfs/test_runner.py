@@ -10,10 +10,10 @@ import btrfsutil
 
 from snapsync.backends.btrfs import BtrfsBackend
 from snapsync.clock import ManualClock
-from snapsync.naming import parse_snapshot_name
-from snapsync.policy import Policy, parse_policy
-from snapsync.retention import plan_prune
-from snapsync.runner import Runner
+from snapsync.plan.naming import parse_snapshot_name
+from snapsync.policy.loader import Policy, parse_policy
+from snapsync.plan.retention import plan_prune
+from snapsync.ops.runner import Runner
 from tests.conftest import make_subvolume
 
 START = datetime(2026, 10, 20, tzinfo=UTC)

@@ -19,8 +19,8 @@ import pytest
 
 from snapsync.backends.btrfs import BtrfsBackend
 from snapsync.clock import ManualClock
-from snapsync.policy import parse_policy
-from snapsync.runner import GroupReport, Runner
+from snapsync.policy.loader import parse_policy
+from snapsync.ops.runner import GroupReport, Runner
 from tests.conftest import make_subvolume
 
 START = datetime(2026, 11, 26, tzinfo=UTC)

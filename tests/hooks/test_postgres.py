@@ -16,9 +16,9 @@ import pytest
 
 from snapsync.backends.btrfs import BtrfsBackend
 from snapsync.clock import ManualClock
-from snapsync.policy import parse_policy
-from snapsync.runner import Runner
-from snapsync.scratch import scratch_btrfs
+from snapsync.policy.loader import parse_policy
+from snapsync.ops.runner import Runner
+from snapsync.backends.scratch import scratch_btrfs
 from tests.hooks.pg import Server, Writer, check_restored, init_server, pg_unavailable
 from tests.sshd import free_port
 

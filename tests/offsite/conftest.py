@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from snapsync.sealing import create_key_file
+from snapsync.offsite.sealing import create_key_file
 
 ACCESS_KEY = "AKIDSNAPSYNCTEST"
 SECRET_KEY = "sEcReT-never-printed-0123456789abcdef"

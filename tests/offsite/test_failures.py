@@ -9,11 +9,11 @@ import pytest
 
 from snapsync.backends.btrfs import BtrfsBackend
 from snapsync.clock import ManualClock
-from snapsync.offsite import open_archive
-from snapsync.policy import parse_policy
-from snapsync.restore import restore, verify
-from snapsync.runner import Runner
-from snapsync.sealing import create_key_file
+from snapsync.offsite.upload import open_archive
+from snapsync.policy.loader import parse_policy
+from snapsync.recovery.restore import restore, verify
+from snapsync.ops.runner import Runner
+from snapsync.offsite.sealing import create_key_file
 from tests.conftest import make_subvolume
 from tests.replication.helpers import tree_digest, write_policy
 

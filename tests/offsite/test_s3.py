@@ -21,11 +21,11 @@ import pytest
 
 from snapsync.clock import ManualClock
 from snapsync.errors import IntegrityError
-from snapsync.offsite import open_archive
-from snapsync.policy import Policy, parse_policy
-from snapsync.policy_models import S3Target
-from snapsync.restore import restore, verify
-from snapsync.runner import Runner
+from snapsync.offsite.upload import open_archive
+from snapsync.policy.loader import Policy, parse_policy
+from snapsync.policy.schema import S3Target
+from snapsync.recovery.restore import restore, verify
+from snapsync.ops.runner import Runner
 from tests.conftest import make_subvolume
 from tests.offsite.conftest import SECRET_KEY, Bucket, s3_table
 from tests.replication.helpers import snapsync, tree_digest, write_policy

@@ -23,10 +23,10 @@ import pytest
 
 from snapsync.backends.btrfs import BtrfsBackend
 from snapsync.clock import ManualClock
-from snapsync.naming import snapshot_name
-from snapsync.policy import parse_policy
-from snapsync.runner import Runner
-from snapsync.scratch import scratch_btrfs
+from snapsync.plan.naming import snapshot_name
+from snapsync.policy.loader import parse_policy
+from snapsync.ops.runner import Runner
+from snapsync.backends.scratch import scratch_btrfs
 from tests.conftest import make_subvolume
 from tests.replication.helpers import copies, copies_dir, snapsync, tree_digest, write_policy
 from tests.sshd import Sshd

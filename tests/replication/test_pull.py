@@ -53,8 +53,8 @@ def test_pull_full_then_incremental_and_holds_on_the_source(
 
 
 def test_send_role_refuses_receive_and_delete(btrfs_root: Path, sshd: Sshd, tmp_path: Path) -> None:
-    from snapsync.peer import Peer
-    from snapsync.transport import SshTransport
+    from snapsync.replication.peer import Peer
+    from snapsync.replication.transport import SshTransport
     from snapsync.errors import RemoteRefused
     import pytest
 

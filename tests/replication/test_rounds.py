@@ -14,10 +14,10 @@ from pathlib import Path
 
 from snapsync.backends.btrfs import BtrfsBackend
 from snapsync.clock import ManualClock
-from snapsync.naming import parse_snapshot_name
-from snapsync.policy import parse_policy
-from snapsync.retention import RetentionRules, plan_prune
-from snapsync.runner import Runner
+from snapsync.plan.naming import parse_snapshot_name
+from snapsync.policy.loader import parse_policy
+from snapsync.plan.retention import RetentionRules, plan_prune
+from snapsync.ops.runner import Runner
 from tests.conftest import make_subvolume
 from tests.replication.helpers import copies, copies_dir, tree_digest, write_policy
 from tests.sshd import Sshd

@@ -12,8 +12,8 @@ import pytest
 from snapsync.backends.btrfs import BtrfsBackend
 from snapsync.clock import ManualClock
 from snapsync.errors import BackendError
-from snapsync.policy import parse_policy
-from snapsync.runner import GroupReport, Runner
+from snapsync.policy.loader import parse_policy
+from snapsync.ops.runner import GroupReport, Runner
 from tests.conftest import make_subvolume
 from tests.replication.helpers import copies, copies_dir, snapsync, tree_digest, write_policy
 from tests.sshd import Sshd

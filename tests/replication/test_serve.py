@@ -21,7 +21,7 @@ import btrfsutil
 import pytest
 
 from snapsync.protocol import MAX_REQUEST
-from snapsync.scratch import scratch_btrfs
+from snapsync.backends.scratch import scratch_btrfs
 from tests.conftest import _require_btrfs
 from tests.sshd import Sshd
 

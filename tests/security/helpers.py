@@ -8,16 +8,16 @@ from pathlib import Path
 
 import btrfsutil
 
-from snapsync.store import BtrfsStore
+from snapsync.backends.btrfs_receiver import BtrfsReceiver
 
 
 def receive_snapshot(root: Path, rel: str, snapshot: Path) -> None:
-    """``btrfs send`` of a real read-only snapshot into ``BtrfsStore(root)`` at ``rel``, as its name."""
+    """``btrfs send`` of a real read-only snapshot into ``BtrfsReceiver(root)`` at ``rel``, as its name."""
     r, w = os.pipe()
     sender = subprocess.Popen(["btrfs", "send", "-q", str(snapshot)], stdout=w)
     os.close(w)
     try:
-        BtrfsStore(root).receive(rel, snapshot.name, btrfsutil.subvolume_info(snapshot).uuid.hex(), r)
+        BtrfsReceiver(root).receive(rel, snapshot.name, btrfsutil.subvolume_info(snapshot).uuid.hex(), r)
     finally:
         os.close(r)
         assert sender.wait() == 0

@@ -21,16 +21,16 @@ from pathlib import Path
 
 import pytest
 
-from snapsync.archive import Archive
+from snapsync.offsite.archive import Archive
 from snapsync.clock import ManualClock
 from snapsync.errors import SnapsyncError
-from snapsync.offsite import open_archive
-from snapsync.policy import Policy, parse_policy
+from snapsync.offsite.upload import open_archive
+from snapsync.policy.loader import Policy, parse_policy
 from snapsync.protocol import dataset_key
-from snapsync.replicate import TargetReport
-from snapsync.restore import restore, verify
-from snapsync.runner import Runner
-from snapsync.sealing import Key, create_key_file, sign
+from snapsync.replication.replicate import TargetReport
+from snapsync.recovery.restore import restore, verify
+from snapsync.ops.runner import Runner
+from snapsync.offsite.sealing import Key, create_key_file, sign
 from tests.conftest import make_subvolume
 from tests.offsite.conftest import Bucket, bucket, s3_endpoint, s3_env, s3_table  # noqa: F401 - fixtures
 from tests.replication.helpers import snapsync, tree_digest, write_policy

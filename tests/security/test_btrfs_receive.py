@@ -26,7 +26,7 @@ import btrfsutil
 import pytest
 
 from snapsync.errors import BackendError
-from snapsync.store import BtrfsStore
+from snapsync.backends.btrfs_receiver import BtrfsReceiver
 from tests.conftest import make_subvolume
 from tests.security.btrfs_stream import Stream, new_uuid
 from tests.security.helpers import receive_snapshot
@@ -84,7 +84,7 @@ def _send(path: Path) -> bytes:
 @pytest.fixture(params=["dir", "subvolume"])
 def scene(request: pytest.FixtureRequest, btrfs_root: Path, target_root: Path, tmp_path: Path) -> Scene:
     """Host A's and host B's served roots on one backup disk: plain directories, or subvolumes
-    (then receives run isolated in their own mount namespace, see BtrfsStore.isolated)."""
+    (then receives run isolated in their own mount namespace, see BtrfsReceiver.isolated)."""
     src = make_subvolume(btrfs_root / "src")
     (src / "f").write_bytes(b"A-DATA.." * 2048)
     btrfsutil.create_snapshot(src, btrfs_root / "s1", read_only=True)
@@ -102,7 +102,7 @@ def scene(request: pytest.FixtureRequest, btrfs_root: Path, target_root: Path, t
             root.chmod(0o700)
         else:
             root.mkdir(mode=0o700)
-    assert BtrfsStore(root_a).isolated() == (request.param == "subvolume")
+    assert BtrfsReceiver(root_a).isolated() == (request.param == "subvolume")
     for root, name, snap in ((root_a, "S1", "s1"), (root_a, "E1", "e1"), (root_b, "S1", "b1")):
         receive_snapshot(root, GROUP_KEY, btrfs_root / snap)
         if name != snap:
@@ -201,7 +201,7 @@ ESCAPES = sorted(set(ATTACKS) - {"chmod-above", "chown-above", "xattr-above", "u
 
 @pytest.mark.parametrize("attack", ESCAPES)
 def test_every_escape_is_refused_in_process(scene: Scene, attack: str) -> None:
-    """The same streams through BtrfsStore itself (local targets, pulls, restores, drills): refused."""
+    """The same streams through BtrfsReceiver itself (local targets, pulls, restores, drills): refused."""
     before = scene.digests()
     uuid = new_uuid()
     r, w = os.pipe()
@@ -216,7 +216,7 @@ def test_every_escape_is_refused_in_process(scene: Scene, attack: str) -> None:
     os.close(w)
     try:
         with pytest.raises(BackendError) as refused:
-            BtrfsStore(scene.root).receive(GROUP_KEY, NAME, uuid.hex(), r)
+            BtrfsReceiver(scene.root).receive(GROUP_KEY, NAME, uuid.hex(), r)
     finally:
         os.close(r)
         os.waitpid(pid, 0)

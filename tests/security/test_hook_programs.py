@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from snapsync.hooks import Hooks, Moment, UntrustedProgram, trusted_program
-from snapsync.policy_models import CommandHook
+from snapsync.ops.hooks import Hooks, Moment, UntrustedProgram, trusted_program
+from snapsync.policy.schema import CommandHook
 from tests.conftest import make_subvolume
 
 NOBODY = 65534

@@ -19,9 +19,9 @@ import pytest
 
 from snapsync.backends.btrfs import BtrfsBackend
 from snapsync.errors import UnsafePath
-from snapsync.lock import file_lock, lock_dir
-from snapsync.metrics import write_textfile
-from snapsync.state import write_json
+from snapsync.host.lock import file_lock, lock_dir
+from snapsync.ops.metrics import write_textfile
+from snapsync.host.state import write_json
 from tests.conftest import make_subvolume
 from tests.replication.helpers import snapsync, write_policy
 

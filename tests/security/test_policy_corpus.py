@@ -2,7 +2,7 @@
 
 Every case runs ``snapsync -p FILE policy check`` and ``snapsync -p FILE run --dry-run``. Starting
 Python a thousand times would take minutes, so two processes per class import snapsync (and build
-the command tree) once and fork per command, each child running ``snapsync.cli.main`` with its own stdout and stderr files,
+the command tree) once and fork per command, each child running ``snapsync.cli.app.main`` with its own stdout and stderr files,
 an alarm against hangs and a memory limit against unbounded reads; the first case of every class
 also runs through the installed ``snapsync`` executable, which must answer the same.
 """
@@ -26,9 +26,9 @@ import pytest
 import tomli_w
 from pydantic import BaseModel
 
-from snapsync import policy_models as models
+from snapsync.policy import schema as models
 from snapsync.errors import printable
-from snapsync.policy import parse_policy
+from snapsync.policy.loader import parse_policy
 
 EXECUTABLE = Path(sys.executable).parent / "snapsync"
 COMMANDS = (["policy", "check"], ["run", "--dry-run"])
@@ -452,10 +452,10 @@ CLASSES: dict[str, Callable[[], Iterator[Case]]] = {
 
 DRIVER = textwrap.dedent("""
     import json, os, resource, signal, sys, traceback
-    import snapsync.cli as cli
-    import snapsync.policy, snapsync.preflight, snapsync.runner, snapsync.clock, snapsync.logs, snapsync.render
-    import snapsync.lock, snapsync.metrics
-    from snapsync.policy_models import _zones
+    import snapsync.cli.app as cli
+    import snapsync.policy.loader, snapsync.ops.preflight, snapsync.ops.runner, snapsync.clock, snapsync.host.logs, snapsync.cli.render
+    import snapsync.host.lock, snapsync.ops.metrics
+    from snapsync.policy.schema import _zones
     import functools, typer.main
     _zones()
     typer.main.get_command = functools.cache(typer.main.get_command)  # the same click tree each time, built once
@@ -499,7 +499,7 @@ class Outcome:
 
 
 def run_batch(work: Path, runs: list[tuple[str, list[str]]], workers: int = 2) -> list[Outcome]:
-    """Every (case, argv) through ``snapsync.cli.main`` in a forked child of a warm interpreter (two of them)."""
+    """Every (case, argv) through ``snapsync.cli.app.main`` in a forked child of a warm interpreter (two of them)."""
     jobs = [(argv, str(work / f"{i}.out"), str(work / f"{i}.err")) for i, (_, argv) in enumerate(runs)]
     drivers = []
     for n in range(workers):

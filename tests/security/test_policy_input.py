@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from snapsync.errors import PolicyError, printable
-from snapsync.policy import load_policy, parse_policy
+from snapsync.policy.loader import load_policy, parse_policy
 
 BASE = 'version = 1\n[groups.app]\nbackend = "btrfs"\ndatasets = ["/persist/app"]\n'
 

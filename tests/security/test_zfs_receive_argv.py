@@ -1,4 +1,4 @@
-"""A hostile ZFS send stream against ``ZfsStore``: which ``zfs`` commands run, and which never do.
+"""A hostile ZFS send stream against ``ZfsReceiver``: which ``zfs`` commands run, and which never do.
 
 Against a fake ``zfs`` on PATH that keeps a tiny pool in a JSON file: this proves the commands
 snapsync builds (the ``-o``/``-x`` of every receive, no ``-F`` on an append-only store), that a
@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 
 from snapsync.protocol import Refused
-from snapsync.zfs_store import (
-    BEGIN_SIZE, EXCLUDED, Stalled, StoreRefused, ZfsStore, check_single, parse_begin,
+from snapsync.backends.zfs_receiver import (
+    BEGIN_SIZE, EXCLUDED, Stalled, StoreRefused, ZfsReceiver, check_single, parse_begin,
 )
 
 ROOT = "tank/backup"
@@ -34,7 +34,7 @@ GUID = 1234567890123
 MAGIC = 0x2F5BACBAC
 
 FAKE = r'''#!PYTHON
-"""A pool of a few datasets in a JSON file, enough for ZfsStore's commands."""
+"""A pool of a few datasets in a JSON file, enough for ZfsReceiver's commands."""
 import json, os, struct, sys
 args = sys.argv[1:]
 with open(os.environ["FAKE_ZFS_LOG"], "a") as log:
@@ -200,7 +200,7 @@ def fed(data: bytes) -> int:
     return read_end
 
 
-def receive(store: ZfsStore, data: bytes, rel: str = "app/tank/src", name: str = NAME, guid: int | str = GUID,
+def receive(store: ZfsReceiver, data: bytes, rel: str = "app/tank/src", name: str = NAME, guid: int | str = GUID,
             force: bool = False) -> dict[str, object]:
     fd = fed(data)
     try:
@@ -216,7 +216,7 @@ COPY = f"{ROOT}/app/tank/src"
 
 
 def test_every_receive_excludes_what_acts_on_the_receiving_host() -> None:
-    argv = ZfsStore(ROOT)._receive_argv(COPY, False, parse_begin(begin()), NAME)
+    argv = ZfsReceiver(ROOT)._receive_argv(COPY, False, parse_begin(begin()), NAME)
     assert argv[:5] == ["zfs", "receive", "-s", "-u", "-h"] and "-F" not in argv
     assert argv[-1] == f"{COPY}@{NAME}"  # the snapshot name is ours, never the stream's
     options = list(zip(argv[5:-1:2], argv[6:-1:2]))
@@ -231,14 +231,14 @@ def test_every_receive_excludes_what_acts_on_the_receiving_host() -> None:
 
 def test_a_raw_stream_does_not_exclude_keylocation_which_zfs_refuses_for_raw() -> None:
     raw = parse_begin(begin(features=0x4 | (1 << 24)))
-    argv = ZfsStore(ROOT)._receive_argv(COPY, False, raw, NAME)
+    argv = ZfsReceiver(ROOT)._receive_argv(COPY, False, raw, NAME)
     assert "keylocation" not in argv and all(p in argv for p in EXCLUDED)
 
 
 def test_force_is_minus_F_and_impossible_on_an_append_only_store() -> None:
-    assert "-F" in ZfsStore(ROOT)._receive_argv(COPY, True)
+    assert "-F" in ZfsReceiver(ROOT)._receive_argv(COPY, True)
     with pytest.raises(StoreRefused, match="append-only"):
-        ZfsStore(ROOT, append_only=True)._receive_argv(COPY, True)
+        ZfsReceiver(ROOT, append_only=True)._receive_argv(COPY, True)
     assert isinstance(StoreRefused("x"), Refused)  # serve answers kind "refused", exit 2
 
 
@@ -285,7 +285,7 @@ def test_what_snapsync_never_sends_is_refused_by_its_first_record(record: bytes,
 def test_a_refused_stream_runs_no_receive_and_creates_nothing(pool: Pool, record: bytes, match: str) -> None:
     before = pool.state()
     with pytest.raises(StoreRefused, match=match):
-        receive(ZfsStore(ROOT), record + (os.urandom(1000) if record else b""))
+        receive(ZfsReceiver(ROOT), record + (os.urandom(1000) if record else b""))
     assert pool.calls("receive") == [] and pool.calls("create") == [] and pool.calls("destroy") == []
     assert pool.state() == before  # not even an empty parent
 
@@ -293,9 +293,9 @@ def test_a_refused_stream_runs_no_receive_and_creates_nothing(pool: Pool, record
 def test_a_full_stream_for_an_existing_copy_and_a_foreign_base_are_refused(pool: Pool) -> None:
     pool.existing((f"{COPY}@old", "55"))
     with pytest.raises(StoreRefused, match="full stream that would replace it"):
-        receive(ZfsStore(ROOT), begin())
+        receive(ZfsReceiver(ROOT), begin())
     with pytest.raises(StoreRefused, match="does not have"):
-        receive(ZfsStore(ROOT), begin(fromguid=56))
+        receive(ZfsReceiver(ROOT), begin(fromguid=56))
     assert pool.calls("receive") == []
 
 
@@ -304,7 +304,7 @@ def test_a_full_stream_for_an_existing_copy_and_a_foreign_base_are_refused(pool:
 
 def test_a_good_full_stream_lands_below_new_parents(pool: Pool) -> None:
     payload = os.urandom(3 * 1024 * 1024)
-    done = receive(ZfsStore(ROOT), begin() + payload)
+    done = receive(ZfsReceiver(ROOT), begin() + payload)
     assert done["name"] == NAME
     assert pool.state()["snapshots"] == {f"{COPY}@{NAME}": str(GUID)}
     assert [c[-1] for c in pool.calls("create")] == [f"{ROOT}/app", f"{ROOT}/app/tank"]
@@ -316,7 +316,7 @@ def test_what_a_full_receive_created_is_destroyed_when_it_fails_verification(poo
     monkeypatch.setenv("FAKE_RECEIVE", how)
     before = pool.state()
     with pytest.raises(StoreRefused, match="refused the stream"):
-        receive(ZfsStore(ROOT), begin())
+        receive(ZfsReceiver(ROOT), begin())
     assert pool.state()["datasets"] == before["datasets"] and pool.state()["snapshots"] == {}
     destroys = pool.calls("destroy")
     assert all(not a.startswith("-") for c in destroys for a in c[1:]), destroys  # never -r, -R or -f
@@ -328,7 +328,7 @@ def test_an_incremental_that_fails_verification_loses_only_its_own_snapshot(pool
     pool.existing((f"{COPY}@old", "55"), (f"{ROOT}/other@keep", "66"))
     monkeypatch.setenv("FAKE_RECEIVE", how)
     with pytest.raises(StoreRefused):
-        receive(ZfsStore(ROOT), begin(fromguid=55))
+        receive(ZfsReceiver(ROOT), begin(fromguid=55))
     state = pool.state()
     assert state["snapshots"] == {f"{COPY}@old": "55", f"{ROOT}/other@keep": "66"}
     assert COPY in state["datasets"] and f"{ROOT}/other" in state["datasets"]
@@ -340,7 +340,7 @@ def test_an_administrators_keylocation_on_a_copy_does_not_block_incrementals(poo
     state = pool.state()
     state["props"][COPY] = {"keylocation": ["file:///root/copy.key", "local"]}
     pool.write(state)
-    assert receive(ZfsStore(ROOT), begin(fromguid=1))["name"] == NAME
+    assert receive(ZfsReceiver(ROOT), begin(fromguid=1))["name"] == NAME
     assert pool.calls("destroy") == []
 
 
@@ -348,14 +348,14 @@ def test_a_failed_full_receive_leaves_no_empty_parent(pool: Pool, monkeypatch: p
     monkeypatch.setenv("FAKE_RECEIVE", "fail")
     before = pool.state()
     with pytest.raises(Exception, match="invalid backup stream"):
-        receive(ZfsStore(ROOT), begin())
+        receive(ZfsReceiver(ROOT), begin())
     assert pool.state() == before
 
 
 def test_an_interrupted_receive_keeps_its_resumable_state_and_parents(pool: Pool, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_RECEIVE", "partial")
     with pytest.raises(Exception, match="prematurely"):
-        receive(ZfsStore(ROOT), begin())
+        receive(ZfsReceiver(ROOT), begin())
     state = pool.state()
     assert state["datasets"][COPY] and f"{ROOT}/app/tank" in state["datasets"]
 
@@ -364,7 +364,7 @@ def test_a_stalled_sender_is_stopped_and_leaves_nothing(pool: Pool) -> None:
     read_end, write_end = os.pipe()
     try:
         with pytest.raises(Stalled, match="no data"):
-            ZfsStore(ROOT, stall=0.3).receive("app/tank/src", NAME, str(GUID), read_end)
+            ZfsReceiver(ROOT, stall=0.3).receive("app/tank/src", NAME, str(GUID), read_end)
     finally:
         os.close(read_end)
         os.close(write_end)
@@ -376,7 +376,7 @@ def test_a_compressed_compound_stream_is_refused_too(pool: Pool) -> None:
     fd = fed(packed)
     try:
         with pytest.raises(StoreRefused, match="replication stream"):
-            ZfsStore(ROOT).receive("app/tank/src", NAME, str(GUID), fd, compress="zstd")
+            ZfsReceiver(ROOT).receive("app/tank/src", NAME, str(GUID), fd, compress="zstd")
     finally:
         os.close(fd)
     assert pool.calls("receive") == []
@@ -387,7 +387,7 @@ def test_a_compressed_compound_stream_is_refused_too(pool: Pool) -> None:
 
 def test_an_append_only_store_refuses_force_and_delete_and_destroys_nothing(pool: Pool) -> None:
     pool.existing((f"{COPY}@s1", "1"), (f"{COPY}@s2", "2"))
-    store = ZfsStore(ROOT, append_only=True)
+    store = ZfsReceiver(ROOT, append_only=True)
     with pytest.raises(StoreRefused, match="append-only"):
         receive(store, begin(fromguid=1), force=True)
     with pytest.raises(StoreRefused, match="append-only"):
@@ -404,7 +404,7 @@ def test_an_append_only_store_may_abandon_an_interrupted_receive(pool: Pool) -> 
     state = pool.state()
     state["datasets"][COPY] = "1-abc-def-0123"
     pool.write(state)
-    assert ZfsStore(ROOT, append_only=True).delete_partials("app/tank/src", []) == ["(resumable receive state)"]
+    assert ZfsReceiver(ROOT, append_only=True).delete_partials("app/tank/src", []) == ["(resumable receive state)"]
     assert pool.calls("receive") == [["receive", "-A", COPY]]
 
 
@@ -417,7 +417,7 @@ def test_a_resume_stream_must_continue_the_interrupted_receive(pool: Pool, monke
     state["datasets"][COPY] = "1-abc-def-0123"
     pool.write(state)
     monkeypatch.setenv("FAKE_TOKEN", f"resume token contents:\n\ttoguid = {hex(GUID)}\n\ttoname = tank/src@{NAME}\n")
-    store = ZfsStore(ROOT)
+    store = ZfsReceiver(ROOT)
     for record, match in [
         (begin(fromguid=1), "does not continue"),
         (begin(fromguid=1, features=0x4 | (1 << 20), toguid=GUID + 1), "continues"),

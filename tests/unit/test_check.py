@@ -6,9 +6,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from snapsync.check import Finding, Status, Thresholds, judge_age, judge_copy, judge_drill, judge_source, summary, thresholds, verdict
-from snapsync.planning import GroupListing, GroupSnapshot
-from snapsync.policy import parse_policy
+from snapsync.ops.check import Finding, Status, Thresholds, judge_age, judge_copy, judge_drill, judge_source, summary, thresholds, verdict
+from snapsync.plan.groups import GroupListing, GroupSnapshot
+from snapsync.policy.loader import parse_policy
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 LIMITS = Thresholds(timedelta(hours=2), timedelta(hours=4))

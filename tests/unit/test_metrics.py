@@ -8,12 +8,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from snapsync import __version__
-from snapsync.drill import Check, DrillReport
-from snapsync.hooks import HookReport
-from snapsync.logs import JsonFormatter, TextFormatter
-from snapsync.metrics import observe_drills, observe_run, write_textfile
-from snapsync.replicate import Sent, TargetReport
-from snapsync.runner import GroupReport
+from snapsync.recovery.drill import Check, DrillReport
+from snapsync.ops.hooks import HookReport
+from snapsync.host.logs import JsonFormatter, TextFormatter
+from snapsync.ops.metrics import observe_drills, observe_run, write_textfile
+from snapsync.replication.replicate import Sent, TargetReport
+from snapsync.ops.runner import GroupReport
 from tests.promtext import Metrics
 
 T0 = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -84,7 +84,7 @@ def test_log_lines_stay_one_line() -> None:
 
 
 def test_what_the_policy_no_longer_has_is_forgotten() -> None:
-    from snapsync.metrics import forget
+    from snapsync.ops.metrics import forget
 
     state = observe_run({}, "run", [good(T0)], T0, T0, PREFIXES)
     state = observe_drills(state, [DrillReport("db", "nas", T0, "s", 1.0, 1, [Check("files /x", True, "ok")])], T0)
@@ -106,7 +106,7 @@ def test_a_command_that_failed_as_a_whole_is_counted() -> None:
 
 
 def test_fail_goes_on_the_path() -> None:
-    from snapsync.ping import ping_url
+    from snapsync.ops.ping import ping_url
 
     assert ping_url("https://hc-ping.com/abc", healthy=False) == "https://hc-ping.com/abc/fail"
     assert ping_url("https://hc.example/ping/abc/?rid=1", healthy=False) == "https://hc.example/ping/abc/fail?rid=1"
@@ -114,7 +114,7 @@ def test_fail_goes_on_the_path() -> None:
 
 
 def test_the_newest_snapshot_follows_a_prune_plan_back_after_one_was_deleted_by_hand() -> None:
-    from snapsync.retention import Decision, PrunePlan
+    from snapsync.plan.retention import Decision, PrunePlan
 
     state = observe_run({}, "run", [good(T0 + timedelta(hours=2))], T0, T0, PREFIXES)
     older = f"snapsync_{T0.strftime('%Y-%m-%dT%H:%M:%SZ')}"

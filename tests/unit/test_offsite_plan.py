@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from snapsync.offsite_plan import (
+from snapsync.plan.offsite import (
     NEWEST,
     PartialUpload,
     SourceSnap,
@@ -16,9 +16,9 @@ from snapsync.offsite_plan import (
     plan_store_prune,
     plan_uploads,
 )
-from snapsync.planning import GroupSnapshot
-from snapsync.retention import RetentionRules
-from snapsync.retention import plan_prune as plain_prune
+from snapsync.plan.groups import GroupSnapshot
+from snapsync.plan.retention import RetentionRules
+from snapsync.plan.retention import plan_prune as plain_prune
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 

@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from snapsync.backends.base import SnapshotInfo
-from snapsync.naming import parse_snapshot_name, snapshot_name
-from snapsync.planning import is_due, merge_listing
+from snapsync.plan.naming import parse_snapshot_name, snapshot_name
+from snapsync.plan.groups import is_due, merge_listing
 
 T = datetime(2026, 11, 26, 12, 0, 3, tzinfo=UTC)
 

@@ -11,9 +11,9 @@ import tomli_w
 from hypothesis import given
 from hypothesis import strategies as st
 
-from snapsync.durations import format_duration
+from snapsync.policy.durations import format_duration
 from snapsync.errors import EXIT_USAGE, PolicyError
-from snapsync.policy import (
+from snapsync.policy.loader import (
     DEFAULT_POLICY_PATH,
     BUILTIN_RETENTION,
     CommandHook,
@@ -27,7 +27,7 @@ from snapsync.policy import (
     parse_policy,
     policy_warnings,
 )
-from snapsync.retention import RetentionRules
+from snapsync.plan.retention import RetentionRules
 
 SRC = "/etc/snapsync/policy.toml"
 POLICIES = sorted((Path(__file__).parents[2] / "policies").glob("*.toml"))

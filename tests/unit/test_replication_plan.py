@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from snapsync.replication_plan import (
+from snapsync.plan.replication import (
     DeletePartial,
     Diverged,
     NoCommonBase,

@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from snapsync.retention import PrunePlan, RetentionRules, plan_prune
+from snapsync.plan.retention import PrunePlan, RetentionRules, plan_prune
 
 BERLIN = ZoneInfo("Europe/Berlin")
 

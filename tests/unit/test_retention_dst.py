@@ -13,7 +13,7 @@ from datetime import date, datetime, timedelta, timezone
 
 import pytest
 
-from snapsync.retention import PrunePlan, RetentionRules, plan_prune
+from snapsync.plan.retention import PrunePlan, RetentionRules, plan_prune
 
 START = datetime(2026, 1, 1, tzinfo=timezone.utc)
 END = datetime(2027, 1, 1, tzinfo=timezone.utc)

@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from snapsync.retention import PrunePlan, RetentionRules, plan_prune
+from snapsync.plan.retention import PrunePlan, RetentionRules, plan_prune
 
 ZONES = ["UTC", "Europe/Berlin", "America/New_York", "Australia/Lord_Howe", "Asia/Kolkata"]
 BASE = datetime(2026, 3, 1, tzinfo=timezone.utc)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from snapsync.errors import IntegrityError, UsageError, WrongKey
-from snapsync.sealing import SEGMENT, ChunkSealer, ForeignRecord, Key, create_key_file, open_chunk, sign, unseal
+from snapsync.offsite.sealing import SEGMENT, ChunkSealer, ForeignRecord, Key, create_key_file, open_chunk, sign, unseal
 
 PLACE = b"snapsync-chunk\0g\0d\0s\x000"
 

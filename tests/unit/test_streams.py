@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from snapsync.errors import CommandFailed
-from snapsync.streams import Meter, Proc, finish, parse_rate, pump
+from snapsync.host.streams import Meter, Proc, finish, parse_rate, pump
 
 
 def test_pump_moves_every_byte_and_counts_them(tmp_path: Path) -> None:
@@ -72,7 +72,7 @@ def test_pipe_capacity_is_widened() -> None:
 
     r, w = os.pipe()
     try:
-        from snapsync.streams import widen
+        from snapsync.host.streams import widen
 
         widen(r)
         assert fcntl.fcntl(r, 1032) >= 1 << 20  # F_GETPIPE_SZ

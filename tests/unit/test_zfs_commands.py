@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from snapsync.backends.zfs import ZfsBackend, check_snapshot_name, parse_listing
 from snapsync.errors import BackendError, DatasetMissing
 from snapsync.protocol import dataset_key
-from snapsync.zfs_store import StoreRefused, ZfsStore, zfs_component
+from snapsync.backends.zfs_receiver import StoreRefused, ZfsReceiver, zfs_component
 
 FAKE = r'''#!PYTHON
 import json, os, sys
@@ -155,10 +155,10 @@ def test_distinct_datasets_get_distinct_zfs_copies(a: str, b: str) -> None:
 
 
 def test_store_receive_argv_names_the_snapshot_and_excludes_what_acts_on_the_host() -> None:
-    argv = ZfsStore("tank/backup")._receive_argv("tank/backup/app/a", False, None, "s2")
+    argv = ZfsReceiver("tank/backup")._receive_argv("tank/backup/app/a", False, None, "s2")
     assert argv[:7] == ["zfs", "receive", "-s", "-u", "-h", "-o", "canmount=noauto"]
     assert argv[-1] == "tank/backup/app/a@s2"
     assert [argv[i + 1] for i, a in enumerate(argv) if a == "-x"][:3] == ["mountpoint", "sharenfs", "sharesmb"]
-    assert ZfsStore("tank/backup")._receive_argv("tank/backup/app/a", True)[5] == "-F"
+    assert ZfsReceiver("tank/backup")._receive_argv("tank/backup/app/a", True)[5] == "-F"
     with pytest.raises(StoreRefused, match="append-only"):
-        ZfsStore("tank/backup", append_only=True)._receive_argv("tank/backup/app/a", True)
+        ZfsReceiver("tank/backup", append_only=True)._receive_argv("tank/backup/app/a", True)

@@ -19,10 +19,10 @@ import pytest
 
 from snapsync.backends.zfs import ZfsBackend
 from snapsync.clock import ManualClock
-from snapsync.policy import parse_policy
+from snapsync.policy.loader import parse_policy
 from snapsync.protocol import dataset_key
-from snapsync.runner import GroupReport, Runner
-from snapsync.zfs_store import zfs_component
+from snapsync.ops.runner import GroupReport, Runner
+from snapsync.backends.zfs_receiver import zfs_component
 
 POOL = os.environ.get("SNAPSYNC_ZFS_POOL", "")
 pytestmark = pytest.mark.skipif(not POOL, reason="needs SNAPSYNC_ZFS_POOL (runs inside the vm-tests guest)")
@@ -259,7 +259,7 @@ def test_a_resume_token_the_source_cannot_serve_is_abandoned_then_sent_afresh(sp
 
 def test_send_role_refuses_a_token_for_a_snapshot_outside_its_root(space: str) -> None:
     from snapsync.protocol import Refused
-    from snapsync.serve import Server
+    from snapsync.replication.serve import Server
 
     inside, outside = f"{space}/served/app", f"{space}/private"
     zfs("create", "-p", inside)

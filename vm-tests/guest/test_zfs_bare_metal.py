@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from snapsync.backends.zfs import ZfsBackend
-from snapsync.offsite import open_archive
-from snapsync.peer import Peer
-from snapsync.policy_models import DirTarget
-from snapsync.restore import InPlace, restore, restore_from_peer
-from snapsync.sealing import create_key_file
-from snapsync.transport import LocalTransport
+from snapsync.offsite.upload import open_archive
+from snapsync.replication.peer import Peer
+from snapsync.policy.schema import DirTarget
+from snapsync.recovery.restore import InPlace, restore, restore_from_peer
+from snapsync.offsite.sealing import create_key_file
+from snapsync.replication.transport import LocalTransport
 
 from test_zfs import POOL, Site, fill, prop, space, zfs  # noqa: F401  (space: the fixture)
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from snapsync.errors import IntegrityError
-from snapsync.offsite import open_archive
-from snapsync.policy_models import DirTarget
-from snapsync.restore import restore, verify
-from snapsync.sealing import create_key_file
+from snapsync.offsite.upload import open_archive
+from snapsync.policy.schema import DirTarget
+from snapsync.recovery.restore import restore, verify
+from snapsync.offsite.sealing import create_key_file
 
 from test_zfs import POOL, Site, digest, fill, mounted_copy, prop, snapshot_dir, space, zfs  # noqa: F401  (space: the fixture)
 
@@ -78,7 +78,7 @@ def test_drills_of_a_zfs_group_pass_from_offsite_and_a_local_target_and_clean_up
     import sqlite3
 
     from snapsync.backends.zfs import ZfsBackend
-    from snapsync.drill import drill
+    from snapsync.recovery.drill import drill
 
     src, site, _ = offsite_site(space, tmp_path)
     mountpoint = Path(prop(src, "mountpoint"))

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from snapsync.clock import ManualClock
-from snapsync.policy import parse_policy
-from snapsync.runner import Runner
+from snapsync.policy.loader import parse_policy
+from snapsync.ops.runner import Runner
 from tests.hooks.pg import PG_BIN, Server, Writer, as_postgres, chown_postgres, pg_unavailable
 
 POOL = os.environ.get("SNAPSYNC_ZFS_POOL", "")

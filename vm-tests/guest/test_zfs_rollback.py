@@ -10,7 +10,7 @@ import pytest
 
 from snapsync.backends.zfs import ZfsBackend
 from snapsync.errors import UsageError
-from snapsync.rollback import rollback
+from snapsync.recovery.rollback import rollback
 
 from test_zfs import POOL, Site, fill, prop, space, zfs  # noqa: F401  (space: the fixture)
 

@@ -5,7 +5,7 @@ The hostile streams are made for real by ``zfs send`` in the guest: a dataset wi
 ``refreservation=64M`` and a forged ``snapsync:backup_label`` (on the dataset and its snapshot), a
 child dataset with ``canmount=on`` and its own mountpoint, a hold, an encrypted dataset with a
 ``keylocation`` file; sent with ``-p``, ``-R``, ``-R -h``, ``-w -p`` and ``-R -I``. Each is fed to
-the receive path every receiving role uses: ``ZfsStore.receive`` (restores, drills), ``snapsync
+the receive path every receiving role uses: ``ZfsReceiver.receive`` (restores, drills), ``snapsync
 serve --role receive`` as a process with a request line (push targets, local targets, pulls), a
 real pull from a source host whose send role answers with the hostile stream, and a restore in
 place from such a backup host. Afterwards ``zfs mount -a`` and ``zfs share -a`` run, and nothing
@@ -32,11 +32,11 @@ import pytest
 
 from snapsync.backends.zfs import ZfsBackend
 from snapsync.clock import ManualClock
-from snapsync.peer import Peer
-from snapsync.policy import parse_policy
-from snapsync.restore import InPlace, restore_from_peer
-from snapsync.runner import Runner
-from snapsync.zfs_store import BEGIN_SIZE, StoreRefused, ZfsStore, parse_begin
+from snapsync.replication.peer import Peer
+from snapsync.policy.loader import parse_policy
+from snapsync.recovery.restore import InPlace, restore_from_peer
+from snapsync.ops.runner import Runner
+from snapsync.backends.zfs_receiver import BEGIN_SIZE, StoreRefused, ZfsReceiver, parse_begin
 
 from test_zfs import POOL, Site, fill, prop, replicated_once, space, zfs  # noqa: F401  (space: the fixture)
 
@@ -177,7 +177,7 @@ def receive_via(how: str, root: str, rel: str, stream: Path, name: str, guid: st
     if how == "store":
         with open(stream, "rb") as f:
             try:
-                ZfsStore(root).receive(rel, name, guid, f.fileno(), force=force)
+                ZfsReceiver(root).receive(rel, name, guid, f.fileno(), force=force)
             except StoreRefused as e:
                 return str(e)
         return None
@@ -225,7 +225,7 @@ def test_the_plain_stream_of_the_hostile_dataset_lands_with_safe_properties(spac
     root = f"{space}/backup"
     assert receive_via("serve", root, REL, streams.file("plain"), NAME, streams.guid[NAME]) is None
     assert receive_via("store", root, REL, streams.file("plain-incremental"), LATER, streams.guid[LATER]) is None
-    copy = ZfsStore(root).dataset(REL)
+    copy = ZfsReceiver(root).dataset(REL)
     assert [n.partition("@")[2] for n in tree(copy) if "@" in n] == [NAME, LATER]
     assert prop(copy, "canmount") == "noauto"
     assert zfs("get", "-H", "-o", "source", "mountpoint", copy).strip().startswith("inherited from")
@@ -256,7 +256,7 @@ def test_the_receive_options_alone_keep_a_p_streams_properties_off_this_host(spa
     """``zfs receive`` with the store's options, given the -p stream directly (no first-record
     check): no property of the stream takes effect on the dataset."""
     root = f"{space}/backup"
-    store = ZfsStore(root)
+    store = ZfsReceiver(root)
     copy = store.dataset("app/direct")
     zfs("create", "-o", "canmount=off", f"{root}/app")
     data = streams.file("p").read_bytes()
@@ -279,7 +279,7 @@ def test_the_check_after_the_receive_alone_destroys_what_a_stream_created(
 ) -> None:
     """If the first-record check ever let a replication stream through, the verification after the
     receive must still find what it did and destroy exactly that, parents included."""
-    import snapsync.zfs_store as zs
+    import snapsync.backends.zfs_receiver as zs
 
     root = f"{space}/backup"
     zfs("create", "-o", "canmount=off", f"{root}/app")
@@ -296,10 +296,10 @@ def test_the_check_after_the_receive_alone_destroys_what_a_stream_created(
 
     monkeypatch.setattr(zs, "parse_begin", lenient)
     if kind.startswith("R"):  # zfs refuses a replication stream into a snapshot name: receive into the dataset
-        argv = zs.ZfsStore._receive_argv
-        monkeypatch.setattr(zs.ZfsStore, "_receive_argv", lambda self, d, f, s=None, n=None: argv(self, d, f, s, None))
+        argv = zs.ZfsReceiver._receive_argv
+        monkeypatch.setattr(zs.ZfsReceiver, "_receive_argv", lambda self, d, f, s=None, n=None: argv(self, d, f, s, None))
     with open(streams.file(kind), "rb") as f, pytest.raises(zs.BackendError) as failed:
-        ZfsStore(root).receive("app/tank/hostile", NAME, guid, f.fileno())
+        ZfsReceiver(root).receive("app/tank/hostile", NAME, guid, f.fileno())
     assert tree(root) == before, f"{failed.value}"
     assert "refused the stream received into" in str(failed.value), failed.value
     assert_host_untouched(root, streams.hostile)
@@ -334,9 +334,9 @@ def test_a_stream_that_is_not_the_snapshot_named_leaves_nothing(space: str, stre
             assert not answer["ok"], answer
         else:
             with open(stream, "rb") as f, pytest.raises(Exception):
-                ZfsStore(root).receive(REL, name, guid, f.fileno())
+                ZfsReceiver(root).receive(REL, name, guid, f.fileno())
         after = tree(root)
-        copy = ZfsStore(root).dataset(REL)
+        copy = ZfsReceiver(root).dataset(REL)
         if copy in after:  # zfs kept a resumable state: no snapshot, a token, never mounted
             assert not [n for n in after if "@" in n]
             assert prop(copy, "receive_resume_token") not in ("-", "")
@@ -354,7 +354,7 @@ def diverged_copy(space: str) -> Iterator[tuple[str, str, Path, str]]:
     receiving it with force (-F) would destroy S2, S3 and S4."""
     src, root = f"{space}/src", f"{space}/backup"
     zfs("create", src)
-    store = ZfsStore(root)
+    store = ZfsReceiver(root)
     copy = store.dataset("app/src")
     names = [f"snapsync_2026-11-26T1{i}:00:00Z" for i in range(1, 6)]
     for i, n in enumerate(names[:4]):
@@ -380,7 +380,7 @@ def test_an_append_only_store_refuses_force_and_destroys_nothing(space: str) -> 
     with diverged_copy(space) as (copy, name, stream, guid):
         kept = tree(copy)
         assert len([n for n in kept if "@" in n]) == 4
-        store = ZfsStore(f"{space}/backup", append_only=True)
+        store = ZfsReceiver(f"{space}/backup", append_only=True)
         for force in (True, False):
             with open(stream, "rb") as f, pytest.raises(Exception) as failed:
                 store.receive("app/src", name, guid, f.fileno(), force=force)
@@ -475,12 +475,12 @@ def test_a_pull_from_a_compromised_source_gets_nothing_onto_this_host(
 ) -> None:
     """The pulling host receives through its own ``serve --role receive`` (the real pull code); the
     source host's send role is replaced by one that answers every send with a hostile stream."""
-    import snapsync.runner
+    import snapsync.ops.runner
 
     into = f"{space}/pulled"
     zfs("create", "-o", "canmount=off", into)
     host = hostile_host(tmp_path, streams, kind)
-    monkeypatch.setattr(snapsync.runner.SshTransport, "from_target", classmethod(lambda cls, name, target: host))
+    monkeypatch.setattr(snapsync.ops.runner.SshTransport, "from_target", classmethod(lambda cls, name, target: host))
     policy = parse_policy("\n".join([
         "version = 1", 'host = "backup"',
         "[pulls.evil]", 'host = "evil.example"', 'path = "tank/src"', 'datasets = ["tank/src/app"]', f'into = "{into}"',

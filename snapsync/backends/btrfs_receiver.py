@@ -1,0 +1,431 @@
+"""The receiving side of replication on btrfs: copies of a source's snapshots below a root directory.
+
+Layout: ``<root>/<group>/<dataset key>/<snapshot>``, see :func:`snapsync.protocol.dataset_key`.
+Before ``btrfs receive`` starts, a marker file ``.receiving/<snapshot>`` is written (and synced); it
+is removed only after receive exited 0 and the new subvolume is read-only with the expected
+received_uuid, in its place. Removing the marker is the commit point: a copy with a marker is by
+construction a partial one (the next receive deletes it), and a copy without one was complete when
+it arrived; if it is writable now, somebody changed it, and it is user data, not debris.
+
+The stream comes from another host and is not trusted: ``btrfs receive`` follows the paths, ``..``
+and symlinks the stream names. So it runs chrooted (``-C``) in an empty staging directory,
+``.incoming/<snapshot>``, where the only thing it can reach is the subvolume it creates. Only after
+the result is checked (one read-only subvolume, the expected received_uuid, a parent among this
+dataset's own copies) is it moved into place: made writable for the instant of a rename (btrfs
+refuses to move a read-only subvolume to another directory, EROFS), then read-only again.
+
+Used in-process for ``local`` targets and by ``snapsync serve`` for ssh targets; knows nothing about
+policies or retention.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import btrfsutil
+
+from snapsync.errors import BackendError, CommandFailed, UnsafePath
+from snapsync.host.lock import file_lock
+from snapsync.protocol import Refused, check_name, check_path
+from snapsync.host.safefs import create_empty, fd_path, private_dir, remove
+from snapsync.host.streams import Proc, finish
+
+MARKERS = ".receiving"
+STAGING = ".incoming"
+LOCK = ".lock"
+_READ_ONLY = 1
+_NO_UUID = bytes(16)
+RECEIVE_LOCK_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True)
+class Copy:
+    """One subvolume in a dataset directory (or a partial in ``.incoming``)."""
+
+    name: str
+    uuid: str
+    received_uuid: str | None
+    read_only: bool
+    partial: bool
+    created: datetime
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "uuid": self.uuid,
+            "received_uuid": self.received_uuid,
+            "read_only": self.read_only,
+            "partial": self.partial,
+            "created": self.created.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> Copy:
+        return cls(
+            name=str(data["name"]),
+            uuid=str(data["uuid"]),
+            received_uuid=None if data.get("received_uuid") is None else str(data["received_uuid"]),
+            read_only=bool(data["read_only"]),
+            partial=bool(data["partial"]),
+            created=datetime.strptime(str(data["created"]), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC),
+        )
+
+
+def _subvolumes(directory: Path) -> Iterator[tuple[str, btrfsutil.SubvolumeInfo]]:
+    if not directory.is_dir():
+        return
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        if entry.name.startswith(".") or entry.is_symlink() or not entry.is_dir():
+            continue
+        try:
+            if btrfsutil.is_subvolume(entry.path):
+                yield entry.name, btrfsutil.subvolume_info(entry.path)
+        except btrfsutil.BtrfsUtilError as e:
+            raise BackendError(f"{entry.path}: {e.strerror or e}") from e
+
+
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _markers(directory: Path) -> set[str]:
+    try:
+        with private_dir(directory / MARKERS, own=1) as fd:
+            return {e.name for e in os.scandir(fd_path(fd)) if e.is_file(follow_symlinks=False)}
+    except FileNotFoundError:
+        return set()
+
+
+def _mark(directory: Path, name: str) -> None:
+    with private_dir(directory / MARKERS, own=1, create=True) as fd:
+        create_empty(fd, name)
+
+
+def _unmark(directory: Path, name: str) -> None:
+    try:
+        with private_dir(directory / MARKERS, own=1) as fd:
+            remove(fd, name)
+    except FileNotFoundError:
+        return
+
+
+def _mount_point(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _remove_dir(parent: int, name: str) -> None:
+    """Remove a directory a hostile stream may have filled, however deep: subvolumes are deleted as
+    such, symlinks never followed; iterative, so no depth can exhaust the stack."""
+    stack = [(parent, name, os.open(name, _DIR, dir_fd=parent))]
+    try:
+        while stack:
+            up, entry_name, fd = stack[-1]
+            descended = False
+            for entry in os.scandir(fd_path(fd)):
+                if not entry.is_dir(follow_symlinks=False):
+                    os.unlink(entry.name, dir_fd=fd)
+                elif btrfsutil.is_subvolume(fd_path(fd, entry.name)):
+                    _delete(Path(fd_path(fd, entry.name)))
+                else:
+                    stack.append((fd, entry.name, os.open(entry.name, _DIR, dir_fd=fd)))
+                    descended = True
+                    break
+            if not descended:
+                stack.pop()
+                os.close(fd)
+                os.rmdir(entry_name, dir_fd=up)
+    finally:
+        for _, _, fd in stack:
+            os.close(fd)
+
+
+def _clear_staging(directory: Path, names: list[str] | None = None) -> None:
+    """Remove staging directories (all, or those of ``names``) with everything in them."""
+    try:
+        incoming = os.open(directory / STAGING, _DIR)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise UnsafePath(f"{directory / STAGING}: not a directory of snapsync's; refusing") from e
+    try:
+        for entry in list(os.scandir(fd_path(incoming))):
+            if names is not None and entry.name not in names:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                _remove_dir(incoming, entry.name)
+            else:
+                os.unlink(entry.name, dir_fd=incoming)
+    finally:
+        os.close(incoming)
+
+
+def _copy(name: str, info: btrfsutil.SubvolumeInfo, partial: bool) -> Copy:
+    return Copy(
+        name=name,
+        uuid=info.uuid.hex(),
+        received_uuid=None if info.received_uuid == _NO_UUID else info.received_uuid.hex(),
+        read_only=bool(info.flags & _READ_ONLY),
+        partial=partial,
+        created=datetime.fromtimestamp(info.otime, UTC),
+    )
+
+
+def _delete(path: Path) -> None:
+    try:
+        btrfsutil.delete_subvolume(path)
+    except btrfsutil.BtrfsUtilError as e:
+        raise BackendError(f"{path}: delete failed: {e.strerror or e}") from e
+
+
+def _holds_same_data(directory: Path, parent_uuid: bytes) -> bool:
+    """Whether the subvolume a received copy was snapshotted from is one of this dataset's copies,
+    or a subvolume elsewhere on the filesystem carrying the same identity as one of them (btrfs
+    picks any subvolume with the parent's received_uuid: a restore next to an earlier one, say).
+    Anything else would let a stream read another root's data."""
+    own = {i.uuid for _, i in _subvolumes(directory)} | {i.received_uuid for _, i in _subvolumes(directory)}
+    own.discard(_NO_UUID)
+    if parent_uuid in own:
+        return True
+    mount = Path(os.path.abspath(directory))
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    with btrfsutil.SubvolumeIterator(mount, top=5, info=True) as subvolumes:
+        for _, info in subvolumes:
+            if info.uuid == parent_uuid:
+                return bool({info.uuid, info.received_uuid} & own)
+    return False
+
+
+class BtrfsReceiver:
+    """Copies below ``root``; every path a caller passes is relative and validated again here."""
+
+    def __init__(self, root: str | os.PathLike[str], stall: float | None = None) -> None:
+        self.root = Path(root)
+        self.stall = stall
+
+    def directory(self, rel: str) -> Path:
+        """The dataset directory for ``rel``, refusing anything that resolves outside the root."""
+        check_path(rel)
+        path = self.root / rel
+        real_root = os.path.realpath(self.root)
+        real = os.path.realpath(path)
+        if real != real_root and not real.startswith(real_root.rstrip("/") + "/"):
+            raise Refused(f"{rel}: resolves outside the served root {self.root}")
+        return path
+
+    def check_root(self) -> None:
+        if not self.root.is_dir():
+            raise BackendError(
+                f"target root {self.root} does not exist (create it on a btrfs filesystem, as a subvolume: "
+                f"btrfs subvolume create {self.root})"
+            )
+        try:
+            btrfsutil.subvolume_id(self.root)
+        except btrfsutil.BtrfsUtilError as e:
+            raise BackendError(f"target root {self.root} is not on a btrfs filesystem: {e.strerror or e}") from e
+
+    def copies(self, rel: str) -> list[Copy]:
+        """Every subvolume in the dataset directory by name; ``partial`` where a receive never committed."""
+        directory = self.directory(rel)
+        markers = _markers(directory)
+        return [_copy(n, i, partial=n in markers) for n, i in _subvolumes(directory)]
+
+    def listing(self, rel: str) -> tuple[list[Copy], str | None]:
+        """Copies and resume token; btrfs has no resumable receive, so never a token."""
+        return self.copies(rel), None
+
+    @contextmanager
+    def _locked(self, directory: Path) -> Iterator[None]:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with file_lock(directory / LOCK, RECEIVE_LOCK_TIMEOUT, f"receiving into {directory}"):
+            yield
+
+    def _discard(self, directory: Path, names: list[str] | None = None) -> list[str]:
+        """Delete partial copies (those with a marker), all or only ``names``, and what their
+        receives left in staging; then their markers."""
+        removed = []
+        _clear_staging(directory, names)
+        for name in sorted(_markers(directory)):
+            if names is not None and name not in names:
+                continue
+            path = directory / name
+            if os.path.lexists(path):
+                if path.is_symlink() or not btrfsutil.is_subvolume(path):
+                    raise BackendError(f"{path}: marked as a partial receive but not a subvolume; not touching it")
+                _delete(path)
+                removed.append(name)
+            _unmark(directory, name)
+        return removed
+
+    def receive(
+        self, rel: str, name: str, guid: str, stdin: int, compress: str = "none", force: bool = False
+    ) -> dict[str, object]:
+        """Receive one stream from ``stdin`` (an fd) as ``name``; it must carry the identity ``guid``.
+
+        Returns what happened, including partial copies of earlier attempts that were removed first.
+        ``force`` (roll the target back) needs nothing here: btrfs receives into a new subvolume, and
+        the planner deletes the diverged copies before.
+        """
+        check_name(name)
+        self.check_root()
+        directory = self.directory(rel)
+        with self._locked(directory):
+            removed = self._discard(directory)
+            if os.path.lexists(directory / name):
+                raise BackendError(f"{rel}/{name} already exists on the target")
+            _mark(directory, name)
+            procs: list[Proc] = []
+            try:
+                with private_dir(directory, own=1) as home:
+                    with private_dir(directory / STAGING, own=1, create=True) as incoming:
+                        os.mkdir(name, 0o700, dir_fd=incoming)
+                        staging = os.open(name, _DIR, dir_fd=incoming)
+                    try:
+                        feed: int = stdin
+                        if compress == "zstd":
+                            procs.append(Proc.start(["zstd", "-d", "-q", "-c"], stdin=stdin, stdout=-1, label="zstd -d (target)"))
+                            assert procs[0].popen.stdout is not None
+                            feed = procs[0].popen.stdout.fileno()
+                        argv = self._receive_argv(directory / STAGING / name)
+                        procs.append(Proc.start(argv, stdin=feed, stdout=subprocess.DEVNULL, label="btrfs receive"))
+                        if compress == "zstd":
+                            assert procs[0].popen.stdout is not None
+                            procs[0].popen.stdout.close()
+                        try:
+                            finish(procs, stall=self.stall)
+                        except CommandFailed as e:
+                            if "not reachable from inside the root subvol" in e.stderr:
+                                raise BackendError(
+                                    f"btrfs receive: the stream's parent is not reachable from inside the root subvol {self.root} "
+                                    "(btrfs found a copy of it outside this root first: keep each source's copies in one root "
+                                    "per filesystem); refused"
+                                ) from e
+                            raise
+                        self._verify(directory, staging, name, guid)
+                        self._move_into_place(home, staging, name, guid)
+                    finally:
+                        os.close(staging)
+                _clear_staging(directory, [name])
+                _unmark(directory, name)
+            except BaseException:
+                try:
+                    self._discard(directory, [name])
+                except Exception:
+                    pass  # the receive's own error matters more; the next receive cleans up
+                raise
+            finally:
+                for p in procs:
+                    p.close()
+        return {"name": name, "path": f"{rel}/{name}", "removed_partials": removed}
+
+    def _receive_argv(self, staging: Path) -> list[str]:
+        """``btrfs receive`` chrooted into ``staging``, in a private mount namespace where the
+        filesystem is mounted ``nodev,nosuid``: a stream may create device nodes (a backup of /dev
+        holds them) but never open one, so it cannot write to a disk of this host through a node
+        it made. When the root is a subvolume of its own, that subvolume is the mount btrfs resolves
+        parents and clone sources against, so a stream can build on nothing outside the root (btrfs
+        finds both through the filesystem-wide UUID tree, which no chroot confines)."""
+        receive = ["btrfs", "receive", "-e", "-C", str(staging)]
+        isolated = self.isolated()
+        script = 'mount -o remount,bind,nodev,nosuid -- "$1" && shift && exec "$@"'
+        if isolated:
+            script = 'mount --bind -- "$1" "$1" && ' + script
+        mount = self.root if isolated else _mount_point(staging)
+        return ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", script, "sh", str(mount), *receive]
+
+    def isolated(self) -> bool:
+        """Whether receives below this root are confined to it (the root is a subvolume, not the
+        filesystem's top level): then no stream can clone or snapshot another root's copies."""
+        try:
+            return bool(btrfsutil.is_subvolume(self.root)) and btrfsutil.subvolume_id(self.root) != 5
+        except btrfsutil.BtrfsUtilError:
+            return False
+
+    def _verify(self, directory: Path, staging: int, name: str, guid: str) -> None:
+        """The staging directory holds exactly the one read-only subvolume asked for, carrying
+        ``guid``, made from nothing or from one of this dataset's own copies."""
+        found = sorted(os.listdir(fd_path(staging)))  # a new open: btrfs lists only entries older than the fd
+        path = fd_path(staging, name)
+        if found != [name] or not stat.S_ISDIR(os.lstat(path).st_mode) or not btrfsutil.is_subvolume(path):
+            raise BackendError(f"btrfs receive created {', '.join(found) or 'nothing'}, not the subvolume {name}; refusing the stream")
+        info = btrfsutil.subvolume_info(path)
+        copy = _copy(name, info, partial=True)
+        if not copy.read_only or copy.received_uuid != guid:
+            raise BackendError(
+                f"received {name} is incomplete (read_only={copy.read_only}, received_uuid={copy.received_uuid}, "
+                f"expected {guid}); discarded"
+            )
+        if info.parent_uuid != _NO_UUID and not _holds_same_data(directory, info.parent_uuid):
+            raise BackendError(
+                f"received {name} was made from subvolume {info.parent_uuid.hex()}, which is not a copy in {directory}; "
+                "a stream may only build on this dataset's own copies: refused"
+            )
+
+    def _move_into_place(self, home: int, staging: int, name: str, guid: str) -> None:
+        staged = fd_path(staging, name)
+        btrfsutil.set_subvolume_read_only(staged, False)
+        os.rename(name, name, src_dir_fd=staging, dst_dir_fd=home)
+        placed = fd_path(home, name)
+        btrfsutil.set_subvolume_read_only(placed, True)
+        copy = _copy(name, btrfsutil.subvolume_info(placed), partial=True)
+        if not copy.read_only or copy.received_uuid != guid:
+            raise BackendError(f"{name}: lost its identity while moved into place (received_uuid={copy.received_uuid}); discarded")
+        os.fsync(home)
+
+    def resume(self, rel: str, stdin: int, compress: str = "none") -> dict[str, object]:
+        raise Refused("resumable receive is a ZFS feature; this btrfs target has nothing to resume")
+
+    def delete_partials(self, rel: str, names: list[str]) -> list[str]:
+        """Delete leftovers of interrupted receives (only copies that still carry a marker)."""
+        for name in names:
+            check_name(name)
+        directory = self.directory(rel)
+        if not directory.is_dir():
+            return []
+        with self._locked(directory):
+            return self._discard(directory, names)
+
+    def delete(self, rel: str, names: list[str], allow_writable: bool = False) -> list[str]:
+        """Delete copies by name. Writable ones were changed on the target: only with ``allow_writable``.
+
+        Only subvolumes that arrived by receive (they carry a received_uuid) are ours to delete,
+        whatever the flags; anything else in the directory was put there by someone else.
+        """
+        for name in names:
+            check_name(name)
+        directory = self.directory(rel)
+        deleted: list[str] = []
+        if not directory.is_dir():
+            return deleted
+        with self._locked(directory):
+            markers = _markers(directory)
+            for name in names:
+                path = directory / name
+                if not os.path.lexists(path):
+                    continue
+                if name in markers:
+                    raise BackendError(f"refusing to delete {rel}/{name}: a receive is (or was) in progress")
+                if path.is_symlink() or not btrfsutil.is_subvolume(path):
+                    raise BackendError(f"refusing to delete {rel}/{name}: not a btrfs subvolume")
+                copy = _copy(name, btrfsutil.subvolume_info(path), partial=False)
+                if copy.received_uuid is None:
+                    raise BackendError(
+                        f"refusing to delete {rel}/{name}: it did not arrive by receive (no received_uuid), "
+                        "so it is somebody's data, not a copy of ours"
+                    )
+                if not copy.read_only and not allow_writable:
+                    raise BackendError(f"refusing to delete {rel}/{name}: it was made writable (changed on the target)")
+                _delete(path)
+                deleted.append(name)
+        return deleted
+
+

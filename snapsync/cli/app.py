@@ -1,0 +1,740 @@
+"""The command line: parse, call, render. The only place that turns errors into exit codes.
+
+Exit codes: 0 ok, 1 partial failure (some group failed; the others were done), 2 bad input or
+usage (nothing was done), 3 another run holds the policy's lock, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Literal, NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from snapsync import __version__
+from snapsync.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, SnapsyncError
+
+if TYPE_CHECKING:
+    from snapsync.backends.base import SnapshotInfo, StorageBackend
+    from snapsync.policy.loader import Policy
+    from snapsync.policy.schema import DirTarget, S3Target
+    from snapsync.replication.replicate import ProgressFactory
+    from snapsync.recovery.restore import Landing
+    from snapsync.ops.runner import GroupReport, Runner
+
+DEFAULT_POLICY = "/etc/snapsync/policy.toml"
+EPILOG = "Exit codes: 0 ok, 1 partial failure, 2 bad input or usage, 3 locked by another run, 130 interrupted."
+
+app = typer.Typer(
+    name="snapsync",
+    help="Consistency-group snapshots of btrfs subvolumes and ZFS datasets, with GFS retention.",
+    epilog=EPILOG,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+policy_app = typer.Typer(help="Validate and show policy files.", no_args_is_help=True)
+app.add_typer(policy_app, name="policy")
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", "-n", help="Show what would be done; change nothing.")]
+GroupsArg = Annotated[list[str] | None, typer.Argument(help="Groups to act on (default: all groups).", show_default=False)]
+LockTimeoutOpt = Annotated[
+    float, typer.Option("--lock-timeout", help="Seconds to wait for another run to finish before exiting 3.")
+]
+
+
+class State:
+    policy_path: str = DEFAULT_POLICY
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"snapsync {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    policy: Annotated[
+        str,
+        typer.Option("--policy", "-p", envvar="SNAPSYNC_POLICY", help="Policy file.", show_envvar=True),
+    ] = DEFAULT_POLICY,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every step to stderr.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of internal errors.")] = False,
+    log_format: Annotated[
+        Literal["text", "json"],
+        typer.Option("--log-format", envvar="SNAPSYNC_LOG_FORMAT", help="Log lines as text or JSON (one per event).", show_envvar=True),
+    ] = "text",
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    from snapsync.host.logs import setup
+
+    State.policy_path = policy
+    setup(log_format, logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
+
+
+def _load(path: str | None = None, check_programs: bool = True) -> Policy:
+    from snapsync.policy.loader import load_policy
+
+    return load_policy(path or State.policy_path, check_programs)
+
+
+def _runner(policy: Policy, progress: ProgressFactory | None = None) -> Runner:
+    from snapsync.clock import SystemClock
+    from snapsync.ops.runner import Runner
+
+    return Runner(policy, SystemClock(), progress=progress)
+
+
+@contextmanager
+def _progress(as_json: bool) -> Iterator[ProgressFactory | None]:
+    """Progress bars on a terminal; nothing under cron, systemd or --json."""
+    if as_json or not err.is_terminal:
+        yield None
+        return
+    from snapsync.cli.render import send_progress
+
+    with send_progress(err) as factory:
+        yield factory
+
+
+def _finish(reports: list[GroupReport], as_json: bool, explain: bool = False) -> int:
+    from snapsync.cli.render import render_reports
+
+    if as_json:
+        print(json.dumps({"groups": [r.to_json() for r in reports]}))
+    else:
+        render_reports(out, reports, explain=explain)
+    return EXIT_OK if all(r.ok for r in reports) else EXIT_PARTIAL
+
+
+def _act(
+    command_name: str,
+    groups: list[str] | None,
+    *,
+    take: bool,
+    only_due: bool,
+    prune: bool,
+    dry_run: bool,
+    as_json: bool,
+    lock_timeout: float,
+    explain: bool = False,
+    replicate: bool = False,
+    targets: list[str] | None = None,
+    prune_targets: bool = True,
+) -> int:
+    """Load, select, run under the policy's lock (a dry run changes nothing, so it takes none), record
+    metrics, render."""
+    from snapsync.clock import SystemClock
+    from snapsync.host.lock import policy_lock
+    from snapsync.host.logs import log_reports
+    from snapsync.ops.metrics import record_run
+    from snapsync.ops.runner import select_groups, select_targets
+
+    policy = _load()
+    selected = select_groups(policy, groups or []) if policy.groups or groups else []
+    pulls = select_targets(policy, targets or []) if replicate and not groups else []
+
+    def go() -> list[GroupReport]:
+        with _progress(as_json) as progress:
+            return _runner(policy, progress).run(
+                selected, take=take, only_due=only_due, prune=prune, dry_run=dry_run,
+                replicate=replicate, targets=targets, prune_targets=prune_targets, pulls=pulls,
+            )
+
+    if dry_run:
+        reports = go()
+    else:
+        with policy_lock(policy.source, lock_timeout):
+            started = SystemClock().now()
+            try:
+                reports = go()
+            except Exception as e:
+                record_run(policy, command_name, [], started, SystemClock().now(), error=f"{type(e).__name__}: {e}")
+                raise
+            record_run(policy, command_name, reports, started, SystemClock().now())
+        log_reports(command_name, reports)
+    return _finish(reports, as_json, explain=explain)
+
+
+@app.command()
+def snapshot(
+    groups: GroupsArg = None,
+    dry_run: DryRunOpt = False,
+    as_json: JsonOpt = False,
+    lock_timeout: LockTimeoutOpt = 60.0,
+) -> int:
+    """Take a snapshot of the given groups now, whether due or not (one name across each group)."""
+    return _act("snapshot", groups, take=True, only_due=False, prune=False, dry_run=dry_run, as_json=as_json, lock_timeout=lock_timeout)
+
+
+@app.command()
+def prune(
+    groups: GroupsArg = None,
+    dry_run: DryRunOpt = False,
+    explain: Annotated[bool, typer.Option("--explain", help="Show every snapshot and each rule that kept it.")] = False,
+    as_json: JsonOpt = False,
+    lock_timeout: LockTimeoutOpt = 60.0,
+) -> int:
+    """Delete the snapshots that no retention rule keeps. Foreign snapshots are never touched."""
+    return _act(
+        "prune", groups, take=False, only_due=False, prune=True, dry_run=dry_run, as_json=as_json,
+        lock_timeout=lock_timeout, explain=explain,
+    )
+
+
+@app.command()
+def run(
+    dry_run: DryRunOpt = False,
+    explain: Annotated[bool, typer.Option("--explain", help="Show the retention decision for every snapshot.")] = False,
+    as_json: JsonOpt = False,
+    lock_timeout: LockTimeoutOpt = 60.0,
+) -> int:
+    """What cron or the systemd timer calls: snapshot what is due, replicate to every target, prune both sides."""
+    return _act(
+        "run", None, take=True, only_due=True, prune=True, dry_run=dry_run, as_json=as_json,
+        lock_timeout=lock_timeout, explain=explain, replicate=True,
+    )
+
+
+@app.command()
+def replicate(
+    targets: Annotated[
+        list[str] | None, typer.Argument(help="Targets to replicate to (default: every target of each group).", show_default=False)
+    ] = None,
+    group: Annotated[list[str] | None, typer.Option("--group", "-g", help="Only these groups (repeatable).")] = None,
+    no_prune: Annotated[bool, typer.Option("--no-prune", help="Do not apply the targets' retention afterwards.")] = False,
+    dry_run: DryRunOpt = False,
+    as_json: JsonOpt = False,
+    lock_timeout: LockTimeoutOpt = 60.0,
+) -> int:
+    """Send every snapshot a target lacks, incrementally from the newest common one; then prune the target.
+
+    Conflicts (a diverged target, no common base) stop that target and are explained; nothing is
+    overwritten unless the target's policy says on_diverged = "rollback".
+    """
+    return _act(
+        "replicate", group, take=False, only_due=False, prune=False, dry_run=dry_run, as_json=as_json,
+        lock_timeout=lock_timeout, replicate=True, targets=targets, prune_targets=not no_prune,
+    )
+
+
+@app.command()
+def serve(
+    root: Annotated[str, typer.Option("--root", help="Everything served lives below this directory (btrfs) or dataset (zfs, no leading /).")],
+    role: Annotated[Literal["receive", "send"], typer.Option("--role", help="receive: accept copies; send: hand out snapshots.")],
+    snapshot_dir: Annotated[str, typer.Option("--snapshot-dir", help="send role: where snapshots live, as in the policy.")] = ".snapsync",
+    append_only: Annotated[bool, typer.Option("--append-only", help="receive role: refuse to delete copies.")] = False,
+    stall_timeout: Annotated[float, typer.Option("--stall-timeout", min=0.1, max=86400, help="Give up on a request line or a stream that moves nothing for this many seconds.")] = 600.0,
+) -> int:
+    """The far end of replication, for an ssh forced command (see `snapsync authorize`). Reads one
+    request on stdin; speaks a small versioned protocol; runs no shell."""
+    from snapsync.replication.serve import serve as run_serve
+
+    return run_serve(root, role, snapshot_dir, append_only, stall_timeout)
+
+
+@app.command()
+def authorize(
+    keyfile: Annotated[Path, typer.Argument(help="The client's public key file (e.g. id_ed25519.pub).")],
+    root: Annotated[str, typer.Option("--root", help="The directory (btrfs) or dataset (zfs) this key may use.")],
+    role: Annotated[Literal["receive", "send"], typer.Option("--role")] = "receive",
+    command: Annotated[str, typer.Option("--command", help="Path of snapsync on this host.")] = "snapsync",
+    append_only: Annotated[bool, typer.Option("--append-only", help="receive role: the key may add copies, never delete.")] = False,
+) -> int:
+    """Print the authorized_keys line that confines KEYFILE to `snapsync serve` in ROLE below ROOT."""
+    from snapsync.errors import UsageError
+    from snapsync.replication.serve import authorized_keys_line
+
+    from snapsync.backends.zfs_receiver import is_dataset_name
+
+    if not root.startswith("/") and not is_dataset_name(root):
+        raise UsageError(f"--root must be an absolute path (btrfs) or a ZFS dataset name (zfs), got {root!r}")
+    try:
+        lines = [ln for ln in keyfile.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    except OSError as e:
+        raise UsageError(f"{keyfile}: {e.strerror or e}") from None
+    if len(lines) != 1 or not lines[0].split()[0].startswith(("ssh-", "ecdsa-", "sk-")) or len(lines[0].split()) < 2:
+        raise UsageError(f"{keyfile}: not a single ssh public key (expected a line like 'ssh-ed25519 AAAA... comment')")
+    argv = [command, "serve", "--root", root, "--role", role] + (["--append-only"] if append_only else [])
+    out.print(authorized_keys_line(lines[0], argv), markup=False, highlight=False, soft_wrap=True)
+    return EXIT_OK
+
+
+@app.command(hidden=True)
+def thaw(
+    path: Annotated[str, typer.Argument(help="cgroup v2 directory")],
+    seconds: Annotated[float, typer.Argument(help="thaw after this many seconds")],
+) -> int:
+    """The freeze hook's dead-man switch (started by snapsync itself): thaw PATH after SECONDS."""
+    from snapsync.ops.hooks import thaw_after
+
+    return thaw_after(path, seconds)
+
+
+@app.command("list")
+def list_(
+    groups: GroupsArg = None,
+    local: Annotated[bool, typer.Option("--local", help="Do not ask the targets what they have.")] = False,
+    as_json: JsonOpt = False,
+) -> int:
+    """List every snapshot of each group's datasets, ours and foreign; then what each target holds and its lag."""
+    from snapsync.plan.naming import parse_snapshot_name
+    from snapsync.cli.render import render_listing, render_target_state
+    from snapsync.ops.runner import select_groups
+
+    policy = _load()
+    runner = _runner(policy)
+    selected = select_groups(policy, groups or []) if policy.groups or groups else []
+    states = {} if local else {
+        r.group: r.targets
+        for r in runner.run(selected, take=False, only_due=False, prune=False, dry_run=True, replicate=True,
+                            prune_targets=False, pulls=[] if groups else list(policy.pulls))
+    }
+    result: list[dict[str, object]] = []
+    failed = False
+    for group in selected:
+        entry: dict[str, object] = {"group": group.name, "backend": group.backend, "datasets": [], "errors": []}
+        result.append(entry)
+        targets = states.get(group.name, [])
+        entry["targets"] = [t.to_json() for t in targets]
+        failed = failed or any(not t.ok for t in targets)
+        try:
+            listing = runner.raw_listing(group)
+        except SnapsyncError as e:
+            failed = True
+            entry["errors"] = [str(e)]
+            if not as_json:
+                err.print(f"[bold]{group.name}[/]: [red]error:[/] {e}")
+            continue
+        entry["datasets"] = [
+            {
+                "dataset": ds,
+                "snapshots": [
+                    {**s.to_json(), "ours": parse_snapshot_name(group.prefix, s.name) is not None} for s in snaps
+                ],
+            }
+            for ds, snaps in listing.items()
+        ]
+        if not as_json:
+            render_listing(out, group.name, group.backend, listing, group.prefix)
+            for t in targets:
+                render_target_state(out, t)
+    pulls = [] if groups else [t for name in policy.pulls for t in states.get(name, [])]
+    failed = failed or any(not t.ok for t in pulls)
+    if as_json:
+        print(json.dumps({"groups": result, "pulls": [t.to_json() for t in pulls]}))
+    else:
+        for t in pulls:
+            render_target_state(out, t)
+    return EXIT_PARTIAL if failed else EXIT_OK
+
+
+@app.command()
+def check(
+    groups: GroupsArg = None,
+    local: Annotated[bool, typer.Option("--local", help="Judge this host's snapshots only; do not ask the targets.")] = False,
+    no_ping: Annotated[bool, typer.Option("--no-ping", help="Do not ping [monitoring] ping_url.")] = False,
+    as_json: JsonOpt = False,
+) -> int:
+    """Monitoring plugin: is the newest snapshot, here and on every target, fresh enough?
+
+    Each group's newest complete snapshot is judged against its warn_after/crit_after; each target
+    is asked what it holds (the target's own thresholds, else the group's); a failed restore drill
+    warns. Prints one line (Nagios format, with perfdata) and exits 0 OK, 1 WARNING, 2 CRITICAL,
+    3 UNKNOWN (a target that cannot be asked). Pings [monitoring] ping_url, with /fail when not OK
+    or WARNING. Takes no lock and changes nothing.
+    """
+    import os
+
+    from snapsync.ops.check import Status, assess, summary, verdict
+    from snapsync.clock import SystemClock
+    from snapsync.ops.ping import ping
+    from snapsync.ops.runner import select_groups
+
+    os.environ.setdefault("SNAPSYNC_RETRY_ATTEMPTS", "2")  # a monitoring plugin has a deadline
+    try:
+        policy = _load()
+        selected = select_groups(policy, groups or []) if policy.groups or groups else []
+        pulls = [] if groups else list(policy.pulls)
+        findings = assess(policy, _runner(policy), selected, pulls, local, SystemClock().now())
+    except Exception as e:  # a monitoring plugin answers in its own terms, whatever broke
+        if "--debug" in sys.argv:
+            raise
+        # a policy that does not load is the operator's to fix now; anything else leaves the verdict unknown
+        status = Status.CRITICAL if isinstance(e, SnapsyncError) and e.exit_code == EXIT_USAGE else Status.UNKNOWN
+        reason = str(e) if isinstance(e, SnapsyncError) else f"internal error: {type(e).__name__}: {e}"
+        line = f"SNAPSYNC {status.name} - {' '.join(reason.split())}"
+        findings = []
+        policy = None
+    else:
+        status = verdict(findings)
+        line = summary(findings)
+    pinged: str | None = None
+    url = os.environ.get("SNAPSYNC_PING_URL") or (policy.monitoring.ping_url if policy is not None else None)
+    if url and not no_ping:
+        timeout = policy.monitoring.ping_timeout.total_seconds() if policy is not None else 10.0
+        try:
+            ping(url, status in (Status.OK, Status.WARNING), line, timeout)
+            pinged = "ok"
+        except SnapsyncError as e:
+            pinged = str(e)
+            err.print(f"snapsync: warning: {e}", markup=False)
+    if as_json:
+        print(json.dumps({
+            "status": status.name, "exit_code": int(status), "summary": line,
+            "checks": [f.to_json() for f in findings], "ping": pinged,
+        }))
+    else:
+        print(line)
+    return int(status)
+
+
+@policy_app.command("check")
+def policy_check(
+    file: Annotated[str | None, typer.Argument(help="Policy file (default: --policy).", show_default=False)] = None,
+    syntax_only: Annotated[
+        bool, typer.Option("--syntax-only", help="Only parse and validate; do not look at the datasets or hook programs on this machine.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> int:
+    """Validate a policy file and print it fully resolved (defaults merged in).
+
+    Also checks that every dataset exists here and can be snapshotted, unless --syntax-only.
+    """
+    from snapsync.policy.loader import policy_warnings
+    from snapsync.ops.preflight import check_datasets, receiving_warnings
+
+    policy = _load(file, check_programs=not syntax_only)
+    warnings = policy_warnings(policy)
+    if not syntax_only:
+        check_datasets(policy)
+        warnings += receiving_warnings(policy)
+    if as_json:
+        print(json.dumps({"policy": policy.normalized(), "warnings": warnings}))
+    else:
+        from rich.markup import escape
+
+        from snapsync.errors import printable
+
+        out.print(policy.to_toml(), end="", markup=False, emoji=False)
+        for w in warnings:
+            err.print(f"[yellow]warning:[/] {escape(printable(w))}", emoji=False)
+        err.print(f"{printable(policy.source)}: ok", markup=False, emoji=False)
+    return EXIT_OK
+
+
+def _offsite_target(policy: Policy, name: str) -> DirTarget | S3Target:
+    from snapsync.errors import UsageError
+    from snapsync.policy.schema import DirTarget, S3Target  # noqa: F811
+
+    target = policy.targets.get(name)
+    if target is None:
+        raise UsageError(f"{policy.source}: no target {name!r} (targets: {', '.join(sorted(policy.targets)) or 'none'})")
+    if not isinstance(target, (DirTarget, S3Target)):
+        raise UsageError(
+            f"target {name!r} is type {target.type!r}; verify reads offsite targets (dir, s3) "
+            f"(copies on ssh and local targets are snapshots: check them with `snapsync drill --target {name}`)"
+        )
+    return target
+
+
+KeyFileOpt = Annotated[
+    str | None, typer.Option("--key-file", help="The offsite key (default: the target's key_file from the policy).")
+]
+
+
+@app.command()
+def restore(
+    what: Annotated[str, typer.Argument(metavar="GROUP[@SNAPSHOT]", help="The group, and a snapshot (default: the newest complete one).")],
+    source: Annotated[str, typer.Option("--from", help="The target to restore from: offsite (dir, s3) or another host (ssh, local).")],
+    to: Annotated[str | None, typer.Option("--to", help="Where copies land: a directory on btrfs, or a ZFS dataset (pool/restore).")] = None,
+    in_place: Annotated[
+        bool, typer.Option("--in-place", help="Restore each dataset where the policy has it (bare-metal recovery); they must not exist.")
+    ] = False,
+    key_file: KeyFileOpt = None,
+    verify_first: Annotated[
+        bool, typer.Option("--verify-first", help="Offsite: read and check every chunk before receiving anything (downloads twice).")
+    ] = False,
+    accept_rollback: Annotated[
+        bool, typer.Option("--accept-rollback", help="Offsite: restore the newest snapshot left even when the archive's newest uploads are missing.")
+    ] = False,
+    dry_run: DryRunOpt = False,
+    as_json: JsonOpt = False,
+) -> int:
+    """Bring a group back from a target: into TO/GROUP/DATASET/SNAPSHOT, or --in-place.
+
+    From offsite, the chain (full, then each incremental) is replayed; every manifest is
+    authenticated and every chunk object checked before anything is written, and every segment
+    before it reaches receive. From another host, one full send of the snapshot per dataset. After
+    --in-place the policy takes over: the next run replicates incrementally from the restored
+    snapshot. Copies already present are not fetched again.
+    """
+    from snapsync.errors import UsageError
+    from snapsync.host.lock import policy_lock
+    from snapsync.recovery.restore import InPlace, restore_from
+    from snapsync.ops.runner import select_groups
+
+    if (to is None) == (not in_place):
+        raise UsageError("restore needs exactly one of --to PATH|DATASET and --in-place")
+    policy = _load()
+    group, _, snapshot = what.partition("@")
+    landing: str | Landing
+    if in_place:
+        (chosen,) = select_groups(policy, [group])
+        landing = InPlace(chosen, _runner(policy).backend(chosen))
+    else:
+        assert to is not None
+        landing = to
+    with policy_lock(policy.source, 60.0), _progress(as_json) as progress:  # no prune may run meanwhile
+        report = restore_from(
+            policy, source, group, landing, snapshot or None, dry_run, progress, key_file, verify_first, accept_rollback
+        )
+    if as_json:
+        print(json.dumps(report.to_json()))
+        return EXIT_OK
+    verb = "would restore" if dry_run else "restored"
+    out.print(f"{verb} {group}@{report.snapshot} from {source} into {report.to} ({report.bytes} bytes, {report.seconds:.1f}s)", markup=False)
+    for d in report.datasets:
+        out.print(
+            f"  {d.source}: chain of {len(d.chain)} ({', '.join(d.chain)}); received {len(d.received)}, "
+            f"already there {len(d.present)}", markup=False,
+        )
+    for problem in report.problems:
+        err.print(f"[yellow]warning:[/] elsewhere in the archive: {escape(problem)}")
+    return EXIT_OK
+
+
+@app.command()
+def verify(
+    target_name: Annotated[str, typer.Argument(metavar="TARGET", help="The offsite target (dir or s3).")],
+    group: Annotated[list[str] | None, typer.Option("--group", "-g", help="Only these groups (repeatable).")] = None,
+    sample: Annotated[int | None, typer.Option("--sample", min=0, help="Read only N random chunks (default: all).")] = None,
+    key_file: KeyFileOpt = None,
+    as_json: JsonOpt = False,
+) -> int:
+    """Check an offsite archive without restoring: manifests authenticate, chains are whole, every chunk
+    object exists at its size; and every chunk (or a random sample) decrypts and hashes as recorded."""
+    from snapsync.offsite.upload import open_archive
+    from snapsync.recovery.restore import verify as run_verify
+
+    from snapsync.host.lock import policy_lock
+
+    policy = _load()
+    target = _offsite_target(policy, target_name)
+    with policy_lock(policy.source, 60.0):  # a prune meanwhile would make chunks vanish mid-check
+        report = run_verify(open_archive(target, key_file), target_name, group or None, sample)
+    if as_json:
+        print(json.dumps(report.to_json()))
+    else:
+        state = "[green]ok[/]" if report.ok else "[red]FAILED[/]"
+        out.print(
+            f"{target_name}: {state}: {report.manifests} manifest(s) in {len(report.groups)} group(s), "
+            f"{report.chunks_read} of {report.chunks} chunk(s) read ({report.bytes_read} bytes)"
+        )
+        for problem in report.problems:
+            out.print(f"  [red]problem:[/] {escape(problem)}", markup=True, highlight=False)
+    return EXIT_OK if report.ok else EXIT_PARTIAL
+
+
+@app.command()
+def keygen(
+    path: Annotated[Path, typer.Argument(help="Where to write the new key (refuses to overwrite).")],
+) -> int:
+    """Create an offsite encryption key (mode 0600). Back it up somewhere that is not this host:
+    without it, nothing uploaded with it can be restored."""
+    from snapsync.offsite.sealing import create_key_file
+
+    key = create_key_file(path)
+    out.print(f"wrote {path} (key id {key.key_id}); back it up now, e.g. print it or store it in a password manager")
+    return EXIT_OK
+
+
+@app.command()
+def drill(
+    groups: GroupsArg = None,
+    target: Annotated[list[str] | None, typer.Option("--target", "-t", help="Only these targets (repeatable; default: every target of each group).")] = None,
+    scratch: Annotated[str | None, typer.Option("--scratch", help="Directory for the throwaway filesystem (default /var/tmp; sparse).")] = None,
+    as_json: JsonOpt = False,
+    lock_timeout: LockTimeoutOpt = 60.0,
+) -> int:
+    """Restore test: restore each group's newest snapshot from each target into a throwaway
+    filesystem, compare files with the source snapshot, check SQLite databases and start PostgreSQL
+    on the copy; record the result for monitoring, clean up. Exit 1 if any drill failed."""
+    from snapsync.clock import SystemClock
+    from snapsync.recovery.drill import drill as run_drill
+    from snapsync.host.lock import policy_lock
+    from snapsync.ops.runner import select_groups, select_targets
+
+    policy = _load()
+    selected = select_groups(policy, groups or [])
+    if target:
+        select_targets(policy, target)
+    runner = _runner(policy)
+    reports = []
+    from snapsync.backends.scratch import signals_raise
+
+    from snapsync.host.logs import log_drills
+    from snapsync.ops.metrics import record_drills
+
+    with signals_raise(), policy_lock(policy.source, lock_timeout), _progress(as_json) as progress:  # SIGTERM cleans up too
+        for group in selected:
+            for name in group.targets:
+                if target and name not in target:
+                    continue
+                reports.append(run_drill(policy, group, name, runner.backend(group), SystemClock().now(), scratch_parent=scratch, progress=progress))
+        record_drills(policy, reports, SystemClock().now())
+    log_drills(reports)
+    if as_json:
+        print(json.dumps({"drills": [r.to_json() for r in reports]}))
+    else:
+        for r in reports:
+            state = "[green]ok[/]" if r.ok else "[red]FAILED[/]"
+            out.print(f"[bold]{r.group}[/] from {r.target}: {state} ({r.snapshot or 'no snapshot'}, {r.seconds:.1f}s)")
+            if r.error:
+                out.print(f"  [red]error:[/] {r.error}", highlight=False)
+            for c in r.checks:
+                out.print(f"  {'ok ' if c.ok else '[red]BAD[/]'} {c.name}: {c.detail}", highlight=False)
+    return EXIT_OK if all(r.ok for r in reports) else EXIT_PARTIAL
+
+
+@app.command()
+def rollback(
+    group: Annotated[str, typer.Argument(help="The group to roll back.")],
+    snapshot: Annotated[str, typer.Argument(help="The snapshot to return to (see `snapsync list GROUP`).")],
+    force: Annotated[bool, typer.Option("--force", help="Roll back even while processes or mounts use the data.")] = False,
+    dry_run: DryRunOpt = False,
+    as_json: JsonOpt = False,
+    lock_timeout: LockTimeoutOpt = 60.0,
+) -> int:
+    """Return every dataset of GROUP to SNAPSHOT, together, destroying nothing.
+
+    Takes a held safety snapshot of the current state first and moves the current state aside;
+    refuses while the data is in use (naming the processes and units to stop) unless --force.
+    """
+    from snapsync.clock import SystemClock
+    from snapsync.host.lock import policy_lock
+    from snapsync.recovery.rollback import rollback as run_rollback
+    from snapsync.ops.runner import select_groups
+
+    policy = _load()
+    (chosen,) = select_groups(policy, [group])
+    backend = _runner(policy).backend(chosen)
+    if dry_run:
+        report = run_rollback(chosen, backend, snapshot, SystemClock().now(), force=force, dry_run=True)
+    else:
+        with policy_lock(policy.source, lock_timeout):
+            report = run_rollback(chosen, backend, snapshot, SystemClock().now(), force=force)
+    if as_json:
+        print(json.dumps(report.to_json()))
+        return EXIT_OK
+    out.print(f"{'would roll' if dry_run else 'rolled'} {group} back to {snapshot}:", markup=False)
+    for step in report.steps:
+        out.print(f"  - {step}", markup=False)
+    for note in report.notes:
+        out.print(f"  note: {note}", markup=False)
+    if not dry_run:
+        out.print(
+            f"the previous state is kept beside each dataset ({', '.join(report.aside.values())}) and as safety "
+            f"snapshot {report.safety}; when satisfied: snapsync release {group} {report.safety}", markup=False,
+        )
+    return EXIT_OK
+
+
+@app.command()
+def release(
+    group: Annotated[str, typer.Argument(help="The group.")],
+    snapshot: Annotated[str, typer.Argument(help="The safety snapshot a rollback took.")],
+) -> int:
+    """Release a rollback's safety snapshot, so retention may prune it like any other."""
+    from snapsync.host.lock import policy_lock
+    from snapsync.recovery.rollback import SAFETY, aside_name
+    from snapsync.ops.runner import select_groups
+
+    policy = _load()
+    (chosen,) = select_groups(policy, [group])
+    backend = _runner(policy).backend(chosen)
+    with policy_lock(policy.source, 60.0):
+        for ds in chosen.datasets:
+            backend.set_holds(ds, f"{SAFETY}:{snapshot}", [])
+            aside = aside_name(ds, snapshot)  # on ZFS the safety snapshot went aside with the old state
+            if chosen.backend == "zfs" and any(s.name == snapshot for s in _list_or_empty(backend, aside)):
+                backend.set_holds(aside, f"{SAFETY}:{snapshot}", [])
+    out.print(f"released {SAFETY}:{snapshot} on {len(chosen.datasets)} dataset(s) of {group}", markup=False)
+    return EXIT_OK
+
+
+@app.command()
+def demo(
+    days: Annotated[int, typer.Option(min=1, max=400, help="Simulated days of hourly runs.")] = 45,
+    as_json: JsonOpt = False,
+) -> int:
+    """Self-contained demo on a throwaway file-backed btrfs (needs root).
+
+    Simulates DAYS of hourly `snapsync run` with an injected clock on an embedded policy, then prints
+    what retention kept and why. Everything is unmounted and deleted afterwards, also on Ctrl-C.
+    """
+    from snapsync.ops.demo import run_demo
+
+    return run_demo(days=days, console=out, as_json=as_json)
+
+
+def _list_or_empty(backend: StorageBackend, dataset: str) -> list[SnapshotInfo]:
+    try:
+        return backend.list_snapshots(dataset)
+    except SnapsyncError:
+        return []
+
+
+def _fail(message: str, code: int, as_json: bool) -> NoReturn:
+    from snapsync.errors import printable
+
+    if as_json:
+        print(json.dumps({"error": message, "exit_code": code}))
+    else:
+        err.print(f"snapsync: error: {printable(message, limit=4000)}", markup=False, emoji=False)
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["serve"]:
+        from snapsync.replication.serve import main as serve_main
+
+        code = serve_main(args[1:])
+        if code >= 0:
+            sys.exit(code)
+    as_json = "--json" in args
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=args, prog_name="snapsync", standalone_mode=False)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        err.print("snapsync: interrupted")
+        sys.exit(130)
+    except SnapsyncError as e:
+        _fail(str(e), e.exit_code, as_json)
+    except typer.TyperException as e:  # click's usage errors, as vendored by typer
+        e.show()  # type: ignore[attr-defined]
+        sys.exit(EXIT_USAGE)
+    except Exception as e:
+        if "--debug" in args:
+            raise
+        _fail(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", EXIT_PARTIAL, as_json)
+    sys.exit(rv if isinstance(rv, int) else EXIT_OK)
+

@@ -1,0 +1,198 @@
+"""Human output: rich tables for terminals, plain text when piped. JSON output is built elsewhere
+(each report's ``to_json``) so that the two can never disagree about the facts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from snapsync.backends.base import SnapshotInfo
+from snapsync.ops.hooks import HookReport
+from snapsync.plan.naming import parse_snapshot_name
+from snapsync.policy.durations import format_duration
+from snapsync.replication.replicate import ProgressFactory, TargetReport
+from snapsync.plan.retention import PrunePlan
+from snapsync.ops.runner import GroupReport
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def render_target(console: Console, t: TargetReport) -> None:
+    status = "[yellow]skipped[/]" if t.skipped else "[green]ok[/]" if t.ok else "[red]FAILED[/]"
+    arrow = "->" if t.direction == "push" else "<-"
+    parts: list[str] = []
+    if t.skipped:
+        parts.append(t.skipped)
+    if t.dry_run and t.planned:
+        parts.append(f"would do {len(t.planned)} step(s)")
+    if t.sent:
+        full = sum(1 for s in t.sent if s.base is None)
+        seconds = sum(s.seconds for s in t.sent) or 1e-9
+        kinds = f"{full} full, {len(t.sent) - full} incremental" if full else f"{len(t.sent)} incremental"
+        parts.append(f"sent {len(t.sent)} ({kinds}), {_size(t.bytes_sent)} at {_size(int(t.bytes_sent / seconds))}/s")
+    elif not t.skipped and t.ok and not t.dry_run:
+        parts.append("up to date")
+    if t.lag is not None:
+        parts.append(f"lag {format_duration(t.lag)}" if t.lag.total_seconds() else "lag 0")
+    if t.pruned:
+        parts.append(f"pruned {len(t.pruned)} on target")
+    console.print(f"  {arrow} [bold]{t.target}[/]: {status}" + (": " + "; ".join(parts) if parts else ""))
+    if t.dry_run:
+        for step in t.planned:
+            console.print(f"     would: {step}", highlight=False)
+    for line in t.removed_partials:
+        console.print(f"     removed partial copy {line}", highlight=False)
+    for line in t.rolled_back:
+        console.print(f"     [yellow]rolled back (destroyed on target)[/] {line}", highlight=False)
+    _notes_and_errors(console, t)
+    if t.prune is not None and t.dry_run:
+        for d in t.prune.removed:
+            console.print(f"     would delete on target {d.name}", highlight=False)
+
+
+def render_target_state(console: Console, t: TargetReport) -> None:
+    """One target in `list`: what it holds, how far behind it is, what the next run would send."""
+    arrow = "->" if t.direction == "push" else "<-"
+    if t.skipped:
+        console.print(f"  {arrow} [bold]{t.target}[/]: [yellow]{t.skipped}[/]")
+        return
+    held = [n for names in t.have.values() for n in names]
+    newest = max(held, default=None)
+    parts = [f"{len(set(held))} cop{'y' if len(set(held)) == 1 else 'ies'}" + (f", newest {newest}" if newest else "")]
+    if t.lag is not None:
+        lag = format_duration(t.lag) if t.lag.total_seconds() else "0 (up to date)"
+        parts.append(f"lag {lag}" + (" [red](over max_lag)[/]" if t.lagging else ""))
+    if t.pending:
+        parts.append(f"{t.pending} to send")
+    status = "" if t.ok else "[red]FAILED[/]: "
+    console.print(f"  {arrow} [bold]{t.target}[/]: {status}" + "; ".join(parts))
+    _notes_and_errors(console, t)
+
+
+def _notes_and_errors(console: Console, t: TargetReport) -> None:
+    for note in t.notes:
+        console.print(f"     [yellow]note:[/] {note}", highlight=False)
+    for e in t.errors:
+        console.print(f"     [red]error:[/] {e}", highlight=False)
+
+
+@contextmanager
+def send_progress(console: Console) -> Iterator[ProgressFactory]:
+    """Progress bars for sends, on a terminal only; the factory hands out one callback per send."""
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+
+    def factory(description: str, estimate: int | None) -> Callable[[int], None]:
+        task = progress.add_task(description, total=estimate)
+
+        def tick(done: int) -> None:
+            total = progress.tasks[task].total
+            if total is not None and done > total:
+                progress.update(task, total=done)
+            progress.update(task, completed=done)
+
+        return tick
+
+    with progress:
+        yield factory
+
+
+def _plan_table(title: str, plan: PrunePlan, explain: bool) -> Table:
+    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+    table.add_column("snapshot", no_wrap=True)
+    table.add_column("action", no_wrap=True)
+    if explain:
+        table.add_column("why", overflow="fold")
+    for d in reversed(plan.decisions):
+        action = "[green]keep[/]" if d.keep else "[red]delete[/]"
+        row = [d.name, action]
+        if explain:
+            row.append("kept: " + ", ".join(d.reasons) if d.keep and d.reasons else "-")
+        table.add_row(*row)
+    return table
+
+
+def _hook(h: HookReport) -> str:
+    paused = f", paused {h.paused_seconds:.2f}s" if h.paused_seconds is not None else ""
+    return f"{h.kind} {h.status} ({h.seconds:.2f}s{paused})"
+
+
+def render_reports(console: Console, reports: Sequence[GroupReport], *, explain: bool = False) -> None:
+    for r in reports:
+        would = "would " if r.dry_run else ""
+        delete = "delete" if r.dry_run else "deleted"
+        parts: list[str] = []
+        if r.snapshot:
+            parts.append(f"{would}take {r.snapshot}" if r.dry_run else f"took {r.snapshot}")
+        if r.hooks:
+            parts.append("hooks " + ", ".join(_hook(h) for h in r.hooks))
+        elif r.not_due is not None:
+            parts.append(f"not due (newest {r.not_due})")
+        if r.plan is not None:
+            removed = len(r.plan.removed)
+            parts.append(f"keep {len(r.plan.kept)}, {would}{delete} {removed}")
+            if r.plan.future:
+                parts.append(f"{len(r.plan.future)} dated in the future (kept)")
+        status = "[green]ok[/]" if r.ok else "[red]FAILED[/]"
+        console.print(f"[bold]{r.group}[/]: {status}: " + "; ".join(parts))
+        for err in r.errors:
+            console.print(f"  [red]error:[/] {err}", highlight=False)
+        for t in r.targets:
+            render_target(console, t)
+        for line in r.released:
+            console.print(f"  released stale hold {line}", highlight=False)
+        if r.plan is not None and (explain or r.plan.removed):
+            if explain:
+                console.print(_plan_table(f"  {r.group}", r.plan, explain=True))
+            else:
+                for d in r.plan.removed:
+                    console.print(f"  {would}{delete} {d.name}", highlight=False)
+
+
+def render_listing(console: Console, group: str, backend: str, listing: dict[str, list[SnapshotInfo]], prefix: str) -> None:
+    for dataset, snaps in listing.items():
+        table = Table(title=f"{group} ({backend}) {dataset}", title_justify="left", show_edge=False, pad_edge=False)
+        table.add_column("snapshot", no_wrap=True)
+        table.add_column("created (fs)", no_wrap=True)
+        for col in ("ro", "id", "ours", "held by"):
+            table.add_column(col)
+        for s in snaps:
+            ours = parse_snapshot_name(prefix, s.name) is not None
+            table.add_row(
+                f"#{s.name}" if s.kind == "bookmark" else s.name,
+                s.created.strftime("%Y-%m-%d %H:%M:%SZ"),
+                "yes" if s.read_only else "[red]no[/]",
+                s.guid[:8],
+                "yes" if ours else "[dim]foreign[/]",
+                ", ".join(s.holds),
+            )
+        if not snaps:
+            table.add_row("(no snapshots)", "", "", "", "", "")
+        console.print(table)

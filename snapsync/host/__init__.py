@@ -1,0 +1,1 @@
+"""This host's plumbing: private files, locks, state, logs, and byte streams between processes."""

@@ -1,0 +1,518 @@
+"""Application hooks around a group's snapshot: what makes the bytes on disk worth restoring.
+
+Each hook is a context manager entered, in policy order, right before the group's snapshot and left,
+in reverse order, right after it, whatever happened in between (an error, a signal turned into an
+exception by the CLI). Leaving is where the dangerous states end: a frozen cgroup is thawed, backup
+mode is stopped, a SQLite write lock is released. Two further guards cover snapsync being killed
+outright, where no ``finally`` runs:
+
+- a frozen cgroup has a dead-man switch, a detached ``snapsync thaw`` process started before the
+  freeze that thaws it after ``max_pause`` unless it is killed first;
+- PostgreSQL's non-exclusive backup mode (the only kind since PostgreSQL 15) ends by itself when the
+  session that started it disconnects, which a killed process does.
+
+A hook that fails on the way in either aborts the snapshot (``on_failure = "abort"``, the default:
+better no snapshot than one that claims a consistency it lacks) or is reported and the snapshot taken
+anyway (``"continue"``).
+
+Hooks run as root, so every program one runs must be as safe from other users as the policy file:
+``trusted_program`` refuses a program that anyone but root (or the running user) could change, or
+swap for another, before it is run (and ``snapsync.policy.loader.load_policy`` refuses the policy).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from snapsync.errors import SnapsyncError
+from snapsync.policy.schema import CommandHook, FreezeHook, Hook, PostgresHook, SqliteHook
+
+log = logging.getLogger("snapsync")
+UNIFIED_ROOTS = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
+
+
+class HookFailed(SnapsyncError):
+    """A hook could not make its application consistent (or could not undo what it did)."""
+
+
+class UntrustedProgram(HookFailed):
+    """A program a hook would run, or a directory that decides which file that is, is not root's alone."""
+
+
+@dataclass
+class HookReport:
+    """One hook's outcome in one run; rendered in the group's report and, later, as metrics."""
+
+    index: int
+    kind: str
+    status: str = "ok"
+    """ok, failed (on the way in), cleanup-failed (on the way out)."""
+    seconds: float = 0.0
+    message: str | None = None
+    paused_seconds: float | None = None
+    """freeze: how long the application was frozen."""
+    backup_label: str | None = None
+    """postgres backup mode: the backup_label pg_backup_stop returned, for point-in-time recovery."""
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "hook": self.index,
+            "type": self.kind,
+            "status": self.status,
+            "seconds": round(self.seconds, 3),
+            "message": self.message,
+            "paused_seconds": None if self.paused_seconds is None else round(self.paused_seconds, 3),
+            "backup_label": self.backup_label,
+        }
+
+
+@dataclass(frozen=True)
+class Moment:
+    """What a hook may know about the snapshot it surrounds."""
+
+    group: str
+    snapshot: str
+    datasets: tuple[str, ...]
+
+
+@dataclass
+class Hooks:
+    """The hooks of one group for one snapshot; ``around()`` is the context to take the snapshot in."""
+
+    hooks: Sequence[Hook]
+    moment: Moment
+    reports: list[HookReport] = field(default_factory=list)
+
+    @contextmanager
+    def around(self) -> Iterator[bool]:
+        """Enter every hook; yield whether the snapshot may be taken; leave them all afterwards.
+
+        Yields False when a hook with ``on_failure = "abort"`` failed; the hooks already entered
+        are left (thawed, backup stopped) before the caller sees it.
+        """
+        with ExitStack() as stack:
+            proceed = True
+            for index, hook in enumerate(self.hooks):
+                report = HookReport(index, hook.type)
+                self.reports.append(report)
+                started = time.monotonic()
+                try:
+                    stack.enter_context(_enter(hook, self.moment, report))
+                except HookFailed as e:
+                    report.status, report.message = "failed", str(e)
+                finally:
+                    report.seconds = time.monotonic() - started
+                if report.status == "failed":
+                    log.error("group %s: %s hook failed: %s", self.moment.group, hook.type, report.message, extra={
+                        "event": "hook-failed", "group": self.moment.group, "hook": report.index, "type": hook.type})
+                    if hook.on_failure == "abort":
+                        proceed = False
+                        break
+            yield proceed
+        for report in self.reports:
+            if report.status == "cleanup-failed":
+                log.error("group %s: %s hook: %s", self.moment.group, report.kind, report.message, extra={
+                    "event": "hook-cleanup-failed", "group": self.moment.group, "hook": report.index, "type": report.kind})
+
+    @property
+    def failed(self) -> list[HookReport]:
+        return [r for r in self.reports if r.status != "ok"]
+
+
+def _enter(hook: Hook, moment: Moment, report: HookReport) -> Any:
+    if isinstance(hook, PostgresHook):
+        return postgres(hook, report)
+    if isinstance(hook, SqliteHook):
+        return sqlite(hook, report)
+    if isinstance(hook, FreezeHook):
+        return freeze(hook, report)
+    return command(hook, moment, report)
+
+
+# --- the programs hooks run ------------------------------------------------------------------------
+
+
+def hook_programs(hook: Hook) -> list[tuple[tuple[str | int, ...], str]]:
+    """Every program ``hook`` runs, by the key under the hook that names it; postgres and sqlite run none."""
+    if isinstance(hook, CommandHook):
+        return [((phase, 0), argv[0]) for phase, argv in (("pre", hook.pre), ("post", hook.post)) if argv]
+    if isinstance(hook, FreezeHook) and hook.unit is not None:
+        return [(("unit",), "systemctl")]
+    return []
+
+
+def trusted_program(program: str, env: Mapping[str, str] | None = None, _depth: int = 0) -> str | None:
+    """SECURITY SENSITIVE: the file ``program`` runs as, or None if there is none.
+
+    Looked up like exec does (in ``env``'s PATH for a bare name, through symlinks), and refused with
+    UntrustedProgram unless the file, its script interpreter, every directory looked in on the way and
+    every PATH directory searched before it belong to root or the running user and are writable by no
+    one else: whoever can change any of them can run commands as root. The one exception is a
+    group-writable sticky directory owned by root, like /nix/store, where others can only add names:
+    the entry looked up there must be root's (or ours) too.
+    """
+    harm = "whoever can change it can run commands as root"
+    if "/" in program:
+        if not program.startswith("/"):
+            raise UntrustedProgram(f"{program}: a relative path runs whatever the current directory holds; use an absolute path")
+        try:
+            real, st = _walk(program)
+        except _Unsafe as e:
+            raise UntrustedProgram(f"{program}: directory {e}: {harm}") from None
+        return None if st is None else _trusted_file(program, real, st, env, _depth)
+    for directory in os.get_exec_path(dict(env) if env is not None else None):
+        if not directory.startswith("/"):
+            entry = f"the relative directory {directory!r}" if directory else "an empty entry"
+            raise UntrustedProgram(f"{program}: PATH holds {entry}, which is wherever snapsync runs; use an absolute path")
+        try:
+            real, st = _walk(os.path.join(directory, program))
+            if st is not None and stat.S_ISREG(st.st_mode) and os.access(real, os.X_OK):
+                return _trusted_file(program, real, st, env, _depth)
+            if st is not None:  # there but not a program: exec goes on searching, and so may an intruder's
+                _walk(directory, adds_too=True)
+        except _Unsafe as e:
+            raise UntrustedProgram(
+                f"{program}: looked up in PATH, where directory {e}: {harm}; use an absolute path or fix PATH"
+            ) from None
+    return None
+
+
+class _Unsafe(Exception):
+    """A directory on the way is not root's (or ours) alone; the message says which and why."""
+
+
+def _trusted_file(program: str, real: str, st: os.stat_result, env: Mapping[str, str] | None, depth: int) -> str:
+    if not stat.S_ISREG(st.st_mode):
+        raise UntrustedProgram(f"{program}: {real} is not a regular file")
+    if faults := _faults(st):
+        fix = f"chown root:root {shlex.quote(real)} && chmod go-w {shlex.quote(real)}"
+        raise UntrustedProgram(
+            f"{program}: {real} is {faults}: whoever can change it can run commands as root; fix with: {fix}"
+        )
+    if depth < 4:  # the kernel's limit of nested interpreters
+        for interpreter in _interpreters(real):
+            try:
+                trusted_program(interpreter, env, depth + 1)
+            except UntrustedProgram as e:
+                raise UntrustedProgram(f"{program}: its interpreter {e}") from None
+    return real
+
+
+def _interpreters(path: str) -> list[str]:
+    """A script's ``#!`` interpreter, and for ``#!/usr/bin/env NAME`` also NAME: programs that run too."""
+    try:
+        with open(path, "rb") as f:
+            line = f.read(256).split(b"\n", 1)[0]
+    except OSError:
+        return []
+    words = line[2:].decode("utf-8", "replace").split() if line.startswith(b"#!") else []
+    if words and os.path.basename(words[0]) == "env":
+        return words[:1] + [w for w in words[1:] if not w.startswith("-") and "=" not in w][:1]
+    return words[:1]
+
+
+def _walk(path: str, adds_too: bool = False) -> tuple[str, os.stat_result | None]:
+    """Follow an absolute ``path`` as the kernel does, checking each directory looked in on the way.
+
+    Returns the real path and its lstat, or None for the lstat when nothing is there (and no one else
+    could put anything there). ``adds_too``: the directory ``path`` names must not even take new names.
+    """
+    parts = [p for p in reversed(path.split("/")) if p not in ("", ".")]
+    current, links = "/", 0
+    try:
+        st = os.lstat(current)
+        while parts:
+            name = parts.pop()
+            if name == "..":
+                current = os.path.dirname(current)
+                continue
+            entry = os.path.join(current, name)
+            try:
+                st = os.lstat(entry)
+            except FileNotFoundError:
+                _check_directory(current, None)
+                return entry, None
+            _check_directory(current, st)
+            if stat.S_ISLNK(st.st_mode):
+                links += 1
+                if links > 40:
+                    raise UntrustedProgram(f"{path}: too many levels of symbolic links")
+                target = os.readlink(entry)
+                parts += [p for p in reversed(target.split("/")) if p not in ("", ".")]
+                current = "/" if target.startswith("/") else current
+                continue
+            current = entry
+            if parts and not stat.S_ISDIR(st.st_mode):
+                return entry, None
+        if adds_too and (faults := _faults(st)):
+            raise _Unsafe(f"{current} is {faults}")
+    except OSError as e:
+        raise UntrustedProgram(f"{path}: cannot check {current}: {e.strerror or e}") from None
+    return current, st
+
+
+def _check_directory(directory: str, entry: os.stat_result | None) -> None:
+    """``directory`` decides what its child ``entry`` is (None: a missing one): only root or we may change it."""
+    st = os.lstat(directory)
+    if not (faults := _faults(st)):
+        return
+    mode = stat.S_IMODE(st.st_mode)
+    only_adds = st.st_uid == 0 and mode & stat.S_ISVTX and not mode & stat.S_IWOTH
+    if not (only_adds and entry is not None and entry.st_uid in _owners()):
+        raise _Unsafe(f"{directory} is {faults}")
+
+
+def _owners() -> tuple[int, ...]:
+    return (0, os.geteuid())
+
+
+def _faults(st: os.stat_result) -> str:
+    mode = stat.S_IMODE(st.st_mode)
+    faults = []
+    if st.st_uid not in _owners():
+        faults.append(f"owned by uid {st.st_uid}")
+    writable = [who for who, bit in (("group", stat.S_IWGRP), ("world", stat.S_IWOTH)) if mode & bit]
+    if writable:
+        faults.append(f"{'- and '.join(writable)}-writable (mode {mode:04o})")
+    return " and ".join(faults)
+
+
+# --- postgres --------------------------------------------------------------------------------------
+
+
+def _conninfo(hook: PostgresHook) -> dict[str, Any]:
+    timeout = max(1, int(hook.timeout.total_seconds()))
+    if hook.dsn is not None:
+        return {"conninfo": hook.dsn, "connect_timeout": timeout}
+    parts = {k: v for k, v in (("host", hook.host), ("port", hook.port), ("user", hook.user), ("dbname", hook.dbname)) if v is not None}
+    return {"conninfo": "", "connect_timeout": timeout, **parts}
+
+
+@contextmanager
+def postgres(hook: PostgresHook, report: HookReport) -> Iterator[None]:
+    """CHECKPOINT right before the snapshot, or backup mode held across it on one connection."""
+    try:
+        import psycopg
+    except ImportError as e:
+        raise HookFailed("the postgres hook needs psycopg (pip install 'psycopg[binary]')") from e
+    timeout_ms = int(hook.timeout.total_seconds() * 1000)
+    try:
+        conn = psycopg.connect(**_conninfo(hook), autocommit=True)
+    except psycopg.Error as e:
+        raise HookFailed(f"cannot connect to PostgreSQL: {_pg_message(e)}") from e
+    with conn:
+        try:
+            conn.execute(f"SET statement_timeout = {timeout_ms}")
+            if hook.mode == "checkpoint":
+                conn.execute("CHECKPOINT")
+            else:
+                conn.execute("SELECT pg_backup_start(%s, true)", ["snapsync"])
+        except psycopg.Error as e:
+            raise HookFailed(f"{'CHECKPOINT' if hook.mode == 'checkpoint' else 'pg_backup_start'} failed: {_pg_message(e)}") from e
+        try:
+            yield
+        finally:
+            if hook.mode == "backup":
+                try:
+                    row = conn.execute("SELECT labelfile FROM pg_backup_stop(false)").fetchone()
+                    report.backup_label = None if row is None else str(row[0])
+                except psycopg.Error as e:
+                    report.status, report.message = "cleanup-failed", f"pg_backup_stop failed: {_pg_message(e)}"
+
+
+def _pg_message(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+# --- sqlite ----------------------------------------------------------------------------------------
+
+
+@contextmanager
+def sqlite(hook: SqliteHook, report: HookReport) -> Iterator[None]:
+    """Hold each database's write lock across the snapshot, after checkpointing what can be.
+
+    ``BEGIN IMMEDIATE`` (waiting up to ``busy_timeout`` for the current writer) keeps every writer out
+    until the snapshot is taken, so the database file and its WAL in the snapshot agree: a restore
+    opens them like after a crash, with nothing half-written. Before that, ``wal_checkpoint(TRUNCATE)``
+    moves the WAL into the main file so the restore has little to replay; it gets at most a second,
+    because busy writers can starve a checkpoint, and when it cannot finish the WAL simply carries
+    the rest (the write lock is what makes the pair consistent).
+    """
+    timeout = hook.busy_timeout.total_seconds()
+    connections: list[sqlite3.Connection] = []
+    partial: list[str] = []
+    try:
+        for path in hook.databases:
+            if not os.path.exists(path):
+                raise HookFailed(f"sqlite database {path} does not exist")
+            conn = sqlite3.connect(path, timeout=min(timeout, 1.0), isolation_level=None)
+            connections.append(conn)
+            try:
+                busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                if busy:
+                    partial.append(path)
+                conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as e:
+                raise HookFailed(f"{path}: {e} (no write lock within {timeout:g}s)") from e
+        if partial:
+            report.message = f"checkpoint incomplete (busy writers), the WAL carries the rest: {', '.join(partial)}"
+        yield
+    finally:
+        for conn in connections:
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            finally:
+                conn.close()
+
+
+# --- freeze ----------------------------------------------------------------------------------------
+
+
+def cgroup_dir(hook: FreezeHook) -> Path:
+    """The cgroup v2 directory to freeze: the policy's path, or the unit's ControlGroup."""
+    if hook.cgroup is not None:
+        return Path(hook.cgroup)
+    assert hook.unit is not None
+    argv = ["systemctl", "show", "--property=ControlGroup", "--value", hook.unit]
+    try:
+        done = subprocess.run(argv, executable=trusted_program(argv[0]), capture_output=True, text=True, timeout=30)
+    except OSError as e:
+        raise HookFailed(f"unit {hook.unit}: cannot run systemctl: {e.strerror or e}") from e
+    group = done.stdout.strip()
+    if done.returncode != 0 or not group:
+        raise HookFailed(f"unit {hook.unit}: no control group (is it running?) {done.stderr.strip()}")
+    for root in UNIFIED_ROOTS:
+        path = Path(root + group)
+        if (path / "cgroup.freeze").exists():
+            return path
+    raise HookFailed(f"unit {hook.unit}: cgroup {group} has no cgroup v2 freezer")
+
+
+def _set_frozen(path: Path, frozen: bool) -> None:
+    (path / "cgroup.freeze").write_text("1" if frozen else "0")
+
+
+def _frozen(path: Path) -> bool:
+    for line in (path / "cgroup.events").read_text().splitlines():
+        key, _, value = line.partition(" ")
+        if key == "frozen":
+            return value.strip() == "1"
+    return False
+
+
+@contextmanager
+def freeze(hook: FreezeHook, report: HookReport) -> Iterator[None]:
+    """Freeze the cgroup, wait until the kernel says every task stopped, thaw after the snapshot.
+
+    A detached watchdog (``snapsync thaw PATH SECONDS``) is started first: if snapsync dies while the
+    application is frozen, the watchdog thaws it after ``max_pause``. It is killed after the thaw.
+    """
+    path = cgroup_dir(hook)
+    if not (path / "cgroup.freeze").exists():
+        raise HookFailed(f"{path}: not a cgroup v2 directory with a freezer (cgroup.freeze missing)")
+    max_pause = hook.max_pause.total_seconds()
+    watchdog = subprocess.Popen(
+        [sys.executable, "-m", "snapsync", "thaw", str(path), f"{max_pause:g}"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    if _frozen(path):
+        log.warning("%s was already frozen (a run that died before thawing?); it is thawed after this snapshot", path)
+    started = time.monotonic()
+    try:
+        _set_frozen(path, True)
+        deadline = started + min(max_pause / 2, 10.0)
+        while not _frozen(path):
+            if time.monotonic() > deadline:
+                raise HookFailed(f"{path}: tasks did not freeze within {deadline - started:.1f}s (stuck in the kernel?)")
+            time.sleep(0.005)
+        yield
+    finally:
+        try:
+            _set_frozen(path, False)
+        except OSError as e:
+            report.status, report.message = "cleanup-failed", f"thaw of {path} failed: {e}; the watchdog thaws it within {max_pause:g}s"
+        else:
+            watchdog.kill()
+        watchdog.wait()
+        report.paused_seconds = time.monotonic() - started
+
+
+def thaw_after(path: str, seconds: float) -> int:
+    """``snapsync thaw``: the freeze hook's dead-man switch. Sleeps, then thaws unconditionally."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    time.sleep(seconds)
+    try:
+        _set_frozen(Path(path), False)
+    except OSError as e:
+        print(f"snapsync thaw: {path}: {e}", file=sys.stderr)
+        return 1
+    print(f"snapsync thaw: thawed {path} after {seconds:g}s (the snapshot run did not)", file=sys.stderr)
+    return 0
+
+
+# --- command ---------------------------------------------------------------------------------------
+
+
+def _run_command(argv: Sequence[str], hook: CommandHook, moment: Moment, phase: str) -> None:
+    env = {
+        **os.environ,
+        "SNAPSYNC_GROUP": moment.group,
+        "SNAPSYNC_SNAPSHOT": moment.snapshot,
+        "SNAPSYNC_DATASETS": "\n".join(moment.datasets),
+        "SNAPSYNC_PHASE": phase,
+    }
+    timeout = hook.timeout.total_seconds()
+    try:
+        executable = trusted_program(argv[0], env)
+    except UntrustedProgram as e:
+        raise HookFailed(f"{phase} command {shlex.join(argv)} refused: {e}") from e
+    try:
+        proc = subprocess.Popen(list(argv), executable=executable, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    except OSError as e:
+        raise HookFailed(f"{phase} command {shlex.join(argv)}: {e.strerror or e}") from e
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except BaseException as e:  # the timeout, or snapsync itself interrupted: take the whole group down
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if isinstance(e, subprocess.TimeoutExpired):
+            raise HookFailed(f"{phase} command {shlex.join(argv)} killed after {timeout:g}s") from e
+        raise
+    if proc.returncode != 0:
+        tail = " | ".join(stderr.strip().splitlines()[-3:]) or "(no output)"
+        raise HookFailed(f"{phase} command {shlex.join(argv)} exited {proc.returncode}: {tail}")
+
+
+@contextmanager
+def command(hook: CommandHook, moment: Moment, report: HookReport) -> Iterator[None]:
+    """``pre`` before the snapshot; ``post`` after it, or after the snapshot was skipped, whenever
+    ``pre`` was started, even if it failed: post is where a stopped service is started again."""
+    if hook.pre is not None:
+        try:
+            _run_command(hook.pre, hook, moment, "pre")
+        except HookFailed as e:
+            report.status, report.message = "failed", str(e)
+    try:
+        yield
+    finally:
+        if hook.post is not None:
+            try:
+                _run_command(hook.post, hook, moment, "post")
+            except HookFailed as e:
+                report.status, report.message = "cleanup-failed", str(e)

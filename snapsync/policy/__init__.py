@@ -1,0 +1,1 @@
+"""The policy file: its schema, its loading with one-line errors, durations as people write them."""

@@ -1,0 +1,203 @@
+"""``snapsync rollback GROUP SNAPSHOT``: return every dataset of a group to one snapshot, together.
+
+Nothing is destroyed. Before touching anything a *safety snapshot* of the current state is taken
+and held (``safety:<name>``) until ``snapsync release``; each dataset's current state is moved
+aside (btrfs: the subvolume is renamed, ZFS: the dataset, after a clone of the snapshot was
+promoted) and the snapshot's state takes its place. Every snapshot stays, so the targets' bases
+stay too: btrfs targets continue incrementally from the newest common snapshot; a ZFS target that
+already holds snapshots newer than the chosen one sees a diverged history (the report names it).
+
+A dataset in use (a process with a file, directory or mapping in it, through any mount of it, or a
+mount inside it) is refused unless ``--force``, with the processes, their systemd units and what to
+stop. Only the group's own datasets are touched: NixOS rolls ``/`` back at boot by itself.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from snapsync.backends.base import SnapshotInfo, StorageBackend
+from snapsync.errors import SnapsyncError, UsageError
+from snapsync.plan.naming import parse_snapshot_name, snapshot_name
+from snapsync.policy.loader import Group
+from snapsync.host.state import read_json, state_dir, write_json
+from snapsync.backends.usage import Holder, holders, mounts
+
+SAFETY = "safety"
+
+
+class Busy(UsageError):
+    """The group's data is in use; nothing was done."""
+
+
+@dataclass
+class RollbackReport:
+    group: str
+    snapshot: str
+    dry_run: bool
+    safety: str = ""
+    steps: list[str] = field(default_factory=list)
+    holders: list[Holder] = field(default_factory=list)
+    aside: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "group": self.group, "snapshot": self.snapshot, "dry_run": self.dry_run, "ok": True,
+            "safety_snapshot": self.safety, "steps": self.steps, "aside": self.aside, "notes": self.notes,
+            "in_use": [h.to_json() for h in self.holders],
+        }
+
+
+def aside_name(dataset: str, safety: str) -> str:
+    """Where the current state goes: beside the dataset, named after the safety snapshot."""
+    return f"{dataset.rstrip('/')}.pre-rollback.{safety}"
+
+
+def _stop_hint(found: list[Holder]) -> str:
+    units = sorted({h.unit for h in found if h.unit and not h.unit.endswith(".scope")})
+    if units:
+        return f"stop them first: systemctl stop {' '.join(units)}"
+    return "stop them first (or pass --force)"
+
+
+def _plan_path(group: str) -> Path:
+    return state_dir() / "rollback" / f"{group}.json"
+
+
+def _exists(backend: StorageBackend, dataset: str) -> bool:
+    if backend.kind == "btrfs":
+        return os.path.lexists(dataset)
+    from snapsync.backends.zfs import zfs
+
+    return zfs("list", "-H", "-o", "name", dataset, check=False).returncode == 0
+
+
+def rollback(
+    group: Group,
+    backend: StorageBackend,
+    snapshot: str,
+    now: datetime,
+    *,
+    force: bool = False,
+    dry_run: bool = False,
+) -> RollbackReport:
+    """Roll ``group`` back to ``snapshot`` (see the module docstring).
+
+    The plan (safety snapshot, where each dataset goes aside) is written to the state directory
+    before anything changes and removed when all is done; a run after a crash finds it and finishes
+    the same rollback instead of starting another.
+    """
+    if parse_snapshot_name(group.prefix, snapshot) is None:
+        raise UsageError(f"{snapshot!r} is not one of group {group.name}'s snapshots (prefix {group.prefix!r})")
+    pending = read_json(_plan_path(group.name))
+    if pending is not None and pending.get("snapshot") != snapshot:
+        raise UsageError(
+            f"an interrupted rollback of group {group.name} to {pending.get('snapshot')} is unfinished; run "
+            f"`snapsync rollback {group.name} {pending.get('snapshot')}` to finish it first"
+        )
+    if pending is not None:
+        return _resume(group, backend, snapshot, pending, dry_run)
+    listings = {ds: {s.name: s for s in backend.list_snapshots(ds)} for ds in group.datasets}
+    missing = [ds for ds, snaps in listings.items() if snapshot not in snaps]
+    if missing:
+        raise UsageError(f"group {group.name}: no snapshot {snapshot} of {', '.join(missing)} (`snapsync list {group.name}`)")
+    safety = snapshot_name(group.prefix, now)
+    while any(safety in snaps for snaps in listings.values()):  # a snapshot taken this very second
+        now += timedelta(seconds=1)
+        safety = snapshot_name(group.prefix, now)
+    report = RollbackReport(group.name, snapshot, dry_run, safety)
+    report.holders = holders(group.datasets) if backend.kind == "btrfs" else _zfs_holders(group.datasets)
+    if report.holders and not force:
+        lines = "; ".join(h.describe() for h in report.holders[:8])
+        more = f" (and {len(report.holders) - 8} more)" if len(report.holders) > 8 else ""
+        raise Busy(f"group {group.name} is in use: {lines}{more}; {_stop_hint(report.holders)}, or pass --force")
+    if report.holders:
+        report.notes.append("in use, rolled back anyway (--force): " + "; ".join(h.describe() for h in report.holders))
+    report.steps.append(
+        f"take safety snapshot {safety} of {', '.join(group.datasets)}, held as {SAFETY}:{safety} "
+        f"until `snapsync release {group.name} {safety}`"
+    )
+    for ds in group.datasets:
+        report.aside[ds] = aside_name(ds, safety)
+        report.steps.append(f"move {ds} aside to {report.aside[ds]}")
+        report.steps.append(f"put {snapshot}'s state in place at {ds}" + (" (writable snapshot)" if backend.kind == "btrfs" else " (clone, promoted)"))
+    report.notes += _target_notes(group, backend, listings, snapshot)
+    if dry_run:
+        return report
+    write_json(_plan_path(group.name), {"snapshot": snapshot, "safety": safety, "aside": report.aside})
+    backend.snapshot_group(group.datasets, safety)
+    for ds in group.datasets:
+        backend.set_holds(ds, f"{SAFETY}:{safety}", [safety])
+    return _swap_all(group, backend, snapshot, report)
+
+
+def _resume(group: Group, backend: StorageBackend, snapshot: str, plan: dict[str, Any], dry_run: bool) -> RollbackReport:
+    report = RollbackReport(group.name, snapshot, dry_run, str(plan.get("safety", "")))
+    report.aside = {str(k): str(v) for k, v in dict(plan.get("aside", {})).items()}
+    report.notes.append(f"finishing the interrupted rollback to {snapshot} (safety snapshot {report.safety})")
+    for ds in group.datasets:
+        state = "done" if _exists(backend, report.aside.get(ds, "")) and _exists(backend, ds) else "to do"
+        report.steps.append(f"{ds}: {state}")
+    if dry_run:
+        return report
+    return _swap_all(group, backend, snapshot, report)
+
+
+def _swap_all(group: Group, backend: StorageBackend, snapshot: str, report: RollbackReport) -> RollbackReport:
+    done: list[str] = []
+    for ds in group.datasets:
+        aside = report.aside[ds]
+        if not (_exists(backend, aside) and _exists(backend, ds)):
+            try:
+                backend.rollback(ds, snapshot, aside)
+            except SnapsyncError as e:
+                raise type(e)(
+                    f"{e}; rolled back so far: {', '.join(done) or 'nothing'} (safety snapshot {report.safety} holds "
+                    f"the state of all); fix the cause and run `snapsync rollback {group.name} {snapshot}` again to finish"
+                ) from e
+        done.append(ds)
+        if backend.kind == "zfs":
+            # The newer snapshots went aside with the old state; they are no target's base any more.
+            tags = {t for snap in backend.list_snapshots(aside) for t in snap.holds if t.startswith("target:")}
+            for tag in sorted(tags):
+                backend.set_holds(aside, tag, [])
+    _plan_path(group.name).unlink(missing_ok=True)
+    return report
+
+
+def _zfs_holders(datasets: Sequence[str]) -> list[Holder]:
+    """ZFS datasets are used where they are mounted: found in mountinfo, so legacy mounts count too."""
+    table = mounts()
+    points = [m.point for m in table if m.fstype == "zfs" and m.source in set(datasets)]
+    return holders(points, table) if points else []
+
+
+def _target_notes(
+    group: Group, backend: StorageBackend, listings: dict[str, dict[str, SnapshotInfo]], snapshot: str
+) -> list[str]:
+    """What the targets keep as base, and which will see a diverged history (ZFS)."""
+    when = parse_snapshot_name(group.prefix, snapshot)
+    assert when is not None
+    notes = []
+    for target in group.targets:
+        held = sorted({
+            n for snaps in listings.values() for n, s in snaps.items() if f"target:{target}" in s.holds
+        })
+        if not held:
+            continue
+        newer = [n for n in held if (parse_snapshot_name(group.prefix, n) or when) > when]
+        if backend.kind == "zfs" and newer:
+            notes.append(
+                f"target {target}: its base {', '.join(held)} is newer than {snapshot} and moves aside with the old "
+                f"state; its next send is refused as diverged unless on_diverged = \"rollback\" for it (which "
+                f"drops its copies newer than {snapshot} and continues incrementally)"
+            )
+        else:
+            notes.append(f"target {target}: base {', '.join(held)} stays; replication continues incrementally")
+    return notes

@@ -1,0 +1,568 @@
+"""Carries out replication plans: lists both sides, plans with :mod:`snapsync.plan.replication`, sends.
+
+One :class:`Replication` moves one group's datasets to one target (push) or from one source host
+(pull). The snapshot source and the receiving side are interchangeable parts: locally a backend and
+``btrfs send``; remotely a :class:`~snapsync.replication.peer.Peer` session. Receiving always goes through
+``snapsync serve`` (over ssh, or as a local subprocess for a local target or a pull), so every copy
+is committed the same way (see :mod:`snapsync.backends.btrfs_receiver`).
+
+Safety rules kept here: the source is only ever read (apart from the hold that marks the base a
+target needs, moved forward only after the target confirmed a copy); a conflict stops that dataset
+and is reported; transient failures are retried with backoff, then reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, Protocol
+
+from tenacity import Retrying
+
+from snapsync.backends.base import SnapshotInfo, StorageBackend
+from snapsync.policy.durations import format_duration
+from snapsync.errors import BackendError, SnapsyncError, TransientError
+from snapsync.plan.naming import parse_snapshot_name
+from snapsync.replication.peer import Peer
+from snapsync.plan.groups import GroupSnapshot
+from snapsync.policy.schema import LocalTarget, SshTarget
+from snapsync.plan.replication import (
+    DeletePartial,
+    ReplicationPlan,
+    Resume,
+    RollbackTarget,
+    SendFull,
+    SendIncremental,
+    SourceSnapshot,
+    Step,
+    TargetSnapshot,
+    plan_replication,
+)
+from snapsync.plan.retention import PrunePlan, RetentionRules, plan_prune
+from snapsync.retry import retrying
+from snapsync.backends.btrfs_receiver import Copy
+from snapsync.host.streams import Meter, Proc, parse_rate
+
+log = logging.getLogger("snapsync")
+
+
+
+class SnapshotSource(Protocol):
+    """Where snapshots come from: this host's backend (push) or a remote ``serve --role send`` (pull)."""
+
+    def snapshots(self, datasets: Sequence[str]) -> dict[str, list[SnapshotInfo]]:
+        """Every snapshot of each dataset, ours and foreign; one round trip for a remote source."""
+        ...
+
+    def start_send(self, dataset: str, name: str | None, base: str | None, compress: str, token: str | None = None) -> list[Proc]:
+        """A running pipeline whose last process's stdout is the (possibly compressed) stream.
+
+        ``base`` is a snapshot name or ``#name`` for a ZFS bookmark; with a ZFS resume ``token`` the
+        stream continues an interrupted send instead (``name`` and ``base`` are then unused).
+        """
+        ...
+
+    def hold(self, dataset: str, tag: str, names: Sequence[str]) -> None: ...
+
+    def estimate(self, dataset: str, name: str, base: str | None) -> int | None: ...
+
+    def connected(self) -> AbstractContextManager[None]: ...
+
+
+class LocalSource:
+    def __init__(self, backend: StorageBackend) -> None:
+        self.backend = backend
+
+    def snapshots(self, datasets: Sequence[str]) -> dict[str, list[SnapshotInfo]]:
+        return {d: self.backend.list_snapshots(d) for d in datasets}
+
+    def start_send(self, dataset: str, name: str | None, base: str | None, compress: str, token: str | None = None) -> list[Proc]:
+        if token is not None:
+            argv = self.backend.resume_argv(token)
+        else:
+            assert name is not None
+            argv = self.backend.send_argv(dataset, name, base)
+        send = Proc.start(argv, stdout=-1, label=f"{self.backend.kind} send")
+        if compress != "zstd":
+            return [send]
+        assert send.popen.stdout is not None
+        try:
+            zstd = Proc.start(["zstd", "-1", "-T0", "-q", "-c"], stdin=send.popen.stdout, stdout=-1, label="zstd")
+        except BaseException:
+            send.kill()
+            send.wait()
+            raise
+        send.popen.stdout.close()
+        return [send, zstd]
+
+    def hold(self, dataset: str, tag: str, names: Sequence[str]) -> None:
+        self.backend.set_holds(dataset, tag, names)
+
+    def connected(self) -> AbstractContextManager[None]:
+        return nullcontext()
+
+    def estimate(self, dataset: str, name: str, base: str | None) -> int | None:
+        return self.backend.estimate(dataset, name, base)
+
+
+class RemoteSource:
+    """A source host running ``snapsync serve --role send``; datasets are paths below its root."""
+
+    def __init__(self, peer: Peer) -> None:
+        self.peer = peer
+
+    def snapshots(self, datasets: Sequence[str]) -> dict[str, list[SnapshotInfo]]:
+        raw = self.peer.list_paths(datasets)
+        return {d: [_info_from_json(d, s) for s in raw.get(d, [])] for d in datasets}
+
+    def start_send(self, dataset: str, name: str | None, base: str | None, compress: str, token: str | None = None) -> list[Proc]:
+        proc, _ = self.peer.open_send(dataset, name, base, compress, token)
+        return [proc]
+
+    def hold(self, dataset: str, tag: str, names: Sequence[str]) -> None:
+        self.peer.hold(dataset, tag, names)
+
+    def connected(self) -> AbstractContextManager[None]:
+        return self.peer.connected()
+
+    def estimate(self, dataset: str, name: str, base: str | None) -> int | None:
+        return None
+
+
+def _info_from_json(dataset: str, data: dict[str, Any]) -> SnapshotInfo:
+    return SnapshotInfo(
+        dataset=dataset,
+        name=str(data["name"]),
+        created=datetime.strptime(str(data["created"]), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC),
+        guid=str(data["guid"]),
+        location=str(data.get("location", "")),
+        read_only=bool(data.get("read_only", True)),
+        parent_guid=data.get("parent_guid"),
+        received_guid=data.get("received_guid"),
+        txg=data.get("txg"),
+        kind=data.get("kind", "snapshot"),
+        holds=tuple(data.get("holds", ())),
+    )
+
+
+@dataclass
+class Sent:
+    dataset: str
+    name: str
+    base: str | None
+    bytes: int
+    seconds: float
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "dataset": self.dataset,
+            "name": self.name,
+            "kind": "full" if self.base is None else "incremental",
+            "base": self.base,
+            "bytes": self.bytes,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass
+class TargetReport:
+    """What happened between one group and one target; rendered by the CLI, or as JSON."""
+
+    group: str
+    target: str
+    direction: Literal["push", "pull"] = "push"
+    dry_run: bool = False
+    planned: list[str] = field(default_factory=list)
+    pending: int = 0
+    """Sends the plan called for (all of them, in a dry run or when a step failed)."""
+    sent: list[Sent] = field(default_factory=list)
+    removed_partials: list[str] = field(default_factory=list)
+    rolled_back: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    skipped: str | None = None
+    newest_source: str | None = None
+    newest_common: str | None = None
+    lag: timedelta | None = None
+    max_lag: timedelta | None = None
+    held_back: list[str] = field(default_factory=list)
+    prune: PrunePlan | None = None
+    pruned: list[str] = field(default_factory=list)
+    have: dict[str, list[str]] = field(default_factory=dict)
+    """Complete copies on the target per dataset, after this run (what `list` shows)."""
+    newest_common_time: datetime | None = None
+    """When ``newest_common`` was taken: how fresh the target's copy of the whole group is."""
+    seconds: float = 0.0
+    reached: bool = False
+    """The target answered (its listing came back), whatever went wrong afterwards."""
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    @property
+    def lagging(self) -> bool:
+        return self.max_lag is not None and self.lag is not None and self.lag > self.max_lag
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(s.bytes for s in self.sent)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "group": self.group,
+            "target": self.target,
+            "direction": self.direction,
+            "ok": self.ok,
+            "dry_run": self.dry_run,
+            "skipped": self.skipped,
+            "planned": self.planned,
+            "pending": self.pending,
+            "sent": [s.to_json() for s in self.sent],
+            "bytes_sent": self.bytes_sent,
+            "removed_partials": self.removed_partials,
+            "rolled_back": self.rolled_back,
+            "newest_source": self.newest_source,
+            "newest_common": self.newest_common,
+            "newest_common_time": None if self.newest_common_time is None else self.newest_common_time.isoformat(),
+            "lag_seconds": None if self.lag is None else int(self.lag.total_seconds()),
+            "seconds": round(self.seconds, 3),
+            "reached": self.reached,
+            "max_lag_seconds": None if self.max_lag is None else int(self.max_lag.total_seconds()),
+            "lagging": self.lagging,
+            "held_back": self.held_back,
+            "notes": self.notes,
+            "errors": self.errors,
+            "prune": None if self.prune is None else self.prune.to_json(),
+            "pruned": self.pruned,
+            "have": self.have,
+        }
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The target's side of the policy, as far as moving and pruning copies goes."""
+
+    retention: RetentionRules | None
+    on_diverged: Literal["refuse", "rollback"] = "refuse"
+    compress: Literal["none", "zstd"] = "none"
+    rate_limit: int | None = None
+    max_lag: timedelta | None = None
+
+    @classmethod
+    def of(cls, target: SshTarget | LocalTarget) -> Settings:
+        """A target's (or a pull's, which is an ssh target too) replication keys."""
+        return cls(
+            retention=target.retention,
+            on_diverged=target.on_diverged,
+            compress=target.compress,
+            rate_limit=parse_rate(target.rate_limit),
+            max_lag=target.max_lag,
+        )
+
+
+ProgressFactory = Callable[[str, int | None], Callable[[int], None] | None]
+"""(description, estimated bytes) -> a callback taking bytes so far, or None for no progress."""
+
+
+def describe(step: Step) -> str:
+    if isinstance(step, SendFull):
+        return f"full send {step.snapshot.name} (no common base on the target)"
+    if isinstance(step, SendIncremental):
+        return f"incremental {step.base.name} -> {step.snapshot.name}"
+    if isinstance(step, DeletePartial):
+        return f"delete partial copy {step.name} left by an interrupted receive"
+    if isinstance(step, RollbackTarget):
+        return f"roll target back to {step.to}, destroying {', '.join(step.destroys)}"
+    return f"resume receive ({step.token[:16]}...)"
+
+
+def ours(prefix: str, name: str) -> datetime | None:
+    return parse_snapshot_name(prefix, name)
+
+
+def source_entries(prefix: str, snaps: Sequence[SnapshotInfo]) -> list[SourceSnapshot]:
+    """Our snapshots (and bookmarks), oldest first by the time in their name.
+
+    The identity is what ``btrfs send`` writes into the stream: the snapshot's own uuid, or the
+    uuid it was received as, when it arrived by receive itself (a restored or cascaded copy).
+    """
+    mine = [(t, s) for s in snaps if (t := ours(prefix, s.name)) is not None]
+    mine.sort(key=lambda x: (x[0], x[1].name))
+    return [SourceSnapshot(s.name, s.received_guid or s.guid, s.kind) for _, s in mine]
+
+
+def target_entries(prefix: str, copies: Sequence[Copy]) -> list[TargetSnapshot]:
+    """Our copies oldest first; partials (in ``.incoming``) are listed whatever their name."""
+    entries: list[tuple[datetime, TargetSnapshot]] = []
+    partials: list[TargetSnapshot] = []
+    for c in copies:
+        if c.partial:
+            partials.append(TargetSnapshot(c.name, c.received_uuid, complete=False))
+            continue
+        when = ours(prefix, c.name)
+        if when is None:
+            continue
+        complete = c.read_only and c.received_uuid is not None
+        entries.append((when, TargetSnapshot(c.name, c.received_uuid, complete=complete, writable_changed=not complete)))
+    entries.sort(key=lambda x: (x[0], x[1].name))
+    return partials + [t for _, t in entries]
+
+
+@dataclass(frozen=True)
+class DatasetLink:
+    """One dataset of the group: ``ref`` names it at the source, ``path`` below the target's root."""
+
+    ref: str
+    path: str
+
+
+class Replication:
+    def __init__(
+        self,
+        *,
+        group: str,
+        target: str,
+        prefix: str,
+        links: Sequence[DatasetLink],
+        source: SnapshotSource,
+        sink: Peer,
+        settings: Settings,
+        hold_tag: str,
+        now: Callable[[], datetime],
+        direction: Literal["push", "pull"] = "push",
+        progress: ProgressFactory | None = None,
+    ) -> None:
+        self.group = group
+        self.target = target
+        self.prefix = prefix
+        self.links = list(links)
+        self.source = source
+        self.sink = sink
+        self.settings = settings
+        self.hold_tag = hold_tag
+        self.now = now
+        self.direction = direction
+        self.progress = progress
+        self._have: dict[str, set[str]] = {}
+        """Complete copies on the target per dataset path, kept current as steps succeed."""
+
+    def _retrying(self) -> Retrying:
+        return retrying(f"{self.group} -> {self.target}")
+
+    def run(self, *, dry_run: bool = False, prune: bool = True) -> TargetReport:
+        with self.source.connected(), self.sink.connected():
+            return self._run(dry_run, prune)
+
+    def _run(self, dry_run: bool, prune: bool) -> TargetReport:
+        report = TargetReport(self.group, self.target, self.direction, dry_run, max_lag=self.settings.max_lag)
+        try:
+            sources: dict[str, list[SnapshotInfo]] = self._retrying()(self.source.snapshots, [link.ref for link in self.links])
+        except SnapsyncError as e:
+            report.errors.append(f"cannot list the source: {e}")
+            return report
+        try:
+            listing, tokens = self._retrying()(self.sink.listing, [link.path for link in self.links])
+        except SnapsyncError as e:
+            report.errors.append(f"target unreachable: {e}" if isinstance(e, TransientError) else str(e))
+            self._lag(report, sources, {})
+            return report
+        report.reached = True
+        commons: dict[str, str | None] = {}
+        for link in self.links:
+            copies = [Copy.from_json(c) for c in listing.get(link.path, [])]
+            try:
+                commons[link.path] = self._retrying()(
+                    self._dataset, link, sources[link.ref], copies, tokens.get(link.path), report, dry_run
+                )
+            except SnapsyncError as e:
+                report.errors.append(f"{link.ref}: {e}")
+                commons[link.path] = None
+        self._lag(report, sources, commons)
+        if prune and self.settings.retention is not None and not report.errors:
+            try:
+                self._prune(report, commons, dry_run)
+            except SnapsyncError as e:
+                report.errors.append(f"prune on target: {e}")
+        report.have = {link.ref: self._oldest_first(self._have.get(link.path, set())) for link in self.links}
+        return report
+
+    def _oldest_first(self, names: set[str]) -> list[str]:
+        return sorted(names, key=lambda n: (ours(self.prefix, n), n))
+
+    def _dataset(
+        self,
+        link: DatasetLink,
+        snaps: list[SnapshotInfo],
+        copies: list[Copy],
+        token: str | None,
+        report: TargetReport,
+        dry_run: bool,
+    ) -> str | None:
+        """Bring one dataset up to date; returns the name of the newest common snapshot afterwards."""
+        if report.sent or report.removed_partials:  # a retry: the first attempt changed the target
+            listing, tokens = self.sink.listing([link.path])
+            copies, token = [Copy.from_json(c) for c in listing.get(link.path, [])], tokens.get(link.path)
+        src = source_entries(self.prefix, snaps)
+        plan: ReplicationPlan = plan_replication(
+            src, target_entries(self.prefix, copies), token, on_diverged=self.settings.on_diverged
+        )
+        if plan.needs_replan:  # an interrupted ZFS receive: finish it first, then plan what remains
+            for step in plan.steps:
+                assert isinstance(step, Resume)
+                report.planned.append(f"{link.ref}: {describe(step)}")
+                report.pending += 1
+                if not dry_run:
+                    self._resume(link, step.token, report)
+                    listing, _ = self.sink.listing([link.path])
+                    copies = [Copy.from_json(c) for c in listing.get(link.path, [])]
+            plan = plan_replication(src, target_entries(self.prefix, copies), on_diverged=self.settings.on_diverged)
+        have = self._have[link.path] = {
+            c.name for c in copies
+            if not c.partial and c.read_only and c.received_uuid and ours(self.prefix, c.name)
+        }
+        if plan.conflict is not None:
+            raise BackendError(plan.conflict.message())
+        for step in plan.steps:
+            report.planned.append(f"{link.ref}: {describe(step)}")
+        report.pending += sum(isinstance(step, (SendFull, SendIncremental)) for step in plan.steps)
+        if dry_run:
+            return plan.base
+        common = plan.base
+        if common is not None and not plan.steps:
+            self.source.hold(link.ref, self.hold_tag, [common])
+        for step in plan.steps:
+            if isinstance(step, DeletePartial):
+                removed = self.sink.delete(link.path, [step.name], partial=True)
+                report.removed_partials += [f"{link.ref}: {n}" for n in removed]
+            elif isinstance(step, RollbackTarget):
+                deleted = self.sink.delete(link.path, list(step.destroys), allow_writable=True)
+                report.rolled_back += [f"{link.ref}: {n}" for n in deleted]
+                have.difference_update(deleted)
+                log.warning("%s -> %s: rolled target back to %s, destroyed %s", self.group, self.target, step.to, deleted,
+                            extra={"event": "target-rolled-back", "group": self.group, "target": self.target,
+                                   "dataset": link.ref, "snapshot": step.to, "destroyed": deleted})
+            elif isinstance(step, (SendFull, SendIncremental)):
+                base = None
+                if isinstance(step, SendIncremental):
+                    base = f"#{step.base.name}" if step.base.kind == "bookmark" else step.base.name
+                self._send(link, step.snapshot, base, report)
+                common = step.snapshot.name
+                have.add(common)
+                self.source.hold(link.ref, self.hold_tag, [common])
+        return common
+
+    def _send(self, link: DatasetLink, snap: SourceSnapshot, base: str | None, report: TargetReport) -> None:
+        what = f"{self.group} -> {self.target}: {link.ref} {snap.name}"
+        tick = None
+        if self.progress is not None:
+            short = f"{self.target}: {os.path.basename(link.ref.rstrip('/')) or '/'} {snap.name.rpartition('_')[2]}"
+            tick = self.progress(short, self.source.estimate(link.ref, snap.name, base))
+        meter = Meter(tick=tick, rate_limit=self.settings.rate_limit)
+        senders = self.source.start_send(link.ref, snap.name, base, self.settings.compress)
+        force = self.settings.on_diverged == "rollback"
+        response = self.sink.receive(link.path, snap.name, snap.guid, self.settings.compress, senders, meter, force)
+        if tick is not None:
+            tick(meter.bytes)
+        removed = response.get("removed_partials") or []
+        report.removed_partials += [f"{link.ref}: {n}" for n in removed]
+        report.sent.append(Sent(link.ref, snap.name, base, meter.bytes, meter.seconds))
+        log.info("%s: %s sent (%d bytes, %.1fs)", what, "full" if base is None else f"incremental from {base}",
+                 meter.bytes, meter.seconds, extra={
+                     "event": "sent", "group": self.group, "target": self.target, "dataset": link.ref, "snapshot": snap.name,
+                     "base": base, "bytes": meter.bytes, "seconds": round(meter.seconds, 3), "direction": self.direction})
+
+    def _resume(self, link: DatasetLink, token: str, report: TargetReport) -> None:
+        """Finish a ZFS receive that was interrupted, from the byte where it stopped.
+
+        If the source can no longer produce the stream (the snapshot is gone), the token is useless:
+        the target's partial state is abandoned and the caller plans ordinary sends instead. A
+        connection failure keeps the token for the next attempt.
+        """
+        meter = Meter(rate_limit=self.settings.rate_limit)
+        try:
+            senders = self.source.start_send(link.ref, None, None, self.settings.compress, token=token)
+            response = self.sink.resume(link.path, self.settings.compress, senders, meter)
+        except TransientError:
+            raise
+        except SnapsyncError as e:
+            self.sink.delete(link.path, [], partial=True)
+            report.notes.append(f"{link.ref}: could not resume the interrupted receive ({e}); abandoned it")
+            return
+        name = str(response.get("name"))
+        report.sent.append(Sent(link.ref, name, "(resumed)", meter.bytes, meter.seconds))
+        log.info("%s -> %s: %s %s resumed (%d bytes)", self.group, self.target, link.ref, name, meter.bytes, extra={
+            "event": "sent", "group": self.group, "target": self.target, "dataset": link.ref, "snapshot": name,
+            "resumed": True, "bytes": meter.bytes, "seconds": round(meter.seconds, 3), "direction": self.direction})
+
+    def _lag(self, report: TargetReport, sources: dict[str, list[SnapshotInfo]], commons: dict[str, str | None]) -> None:
+        """How far the target is behind: newest source snapshot vs the oldest per-dataset common one.
+
+        Where this run did not establish the common snapshot (target unreachable, a conflict), the
+        hold from the last good run stands in for it: that is what stays pinned on the source.
+        """
+        src = {link.ref: source_entries(self.prefix, sources.get(link.ref, [])) for link in self.links}
+        everything = [s for entries in src.values() for s in entries]
+        if not everything:
+            return
+        newest = max(everything, key=lambda s: (ours(self.prefix, s.name), s.name)).name
+        report.newest_source = newest
+        common_names: list[str] = []
+        for link in self.links:
+            common = commons.get(link.path)
+            if common is None:
+                held = [s.name for s in sources.get(link.ref, []) if self.hold_tag in s.holds]
+                common = max(held, key=lambda n: (ours(self.prefix, n), n)) if held else None
+            if common is None or ours(self.prefix, common) is None:
+                report.notes.append(f"{link.ref}: never replicated to {self.target}")
+                return
+            common_names.append(common)
+        oldest = min(common_names, key=lambda n: (ours(self.prefix, n), n))
+        report.newest_common = oldest
+        t_new, t_old = ours(self.prefix, newest), ours(self.prefix, oldest)
+        assert t_new is not None and t_old is not None
+        report.newest_common_time = t_old
+        report.lag = t_new - t_old
+        if report.lagging:
+            report.held_back = sorted(set(common_names))
+            report.notes.append(
+                f"{self.target} lags {format_duration(report.lag)} behind (max_lag "
+                f"{format_duration(report.max_lag or timedelta())}); holding back {', '.join(report.held_back)} "
+                f"on the source until it catches up or is removed from the group"
+            )
+
+    def _prune(self, report: TargetReport, commons: dict[str, str | None], dry_run: bool) -> None:
+        """Target retention over the group's complete copies; the newest common one is always kept."""
+        assert self.settings.retention is not None
+        by_name: dict[str, list[str]] = {}
+        pinned: dict[str, list[str]] = {}
+        for link in self.links:
+            for name in self._have.get(link.path, set()):
+                by_name.setdefault(name, []).append(link.path)
+            common = commons.get(link.path)
+            if common is not None:
+                pinned.setdefault(common, []).append(f"replication base from {self._origin()}")
+        times = {n: t for n in by_name if (t := ours(self.prefix, n)) is not None}
+        snaps = [GroupSnapshot(n, times[n], tuple(ps)) for n, ps in by_name.items()]
+        plan = plan_prune(snaps, self.settings.retention, self.now(), pinned)
+        report.prune = plan
+        if plan.future:
+            raise BackendError(
+                "copies dated after this host's clock (" + ", ".join(d.name for d in plan.future) + "); not pruning"
+            )
+        if dry_run:
+            return
+        doomed = {d.name for d in plan.removed}
+        for link in self.links:
+            names = [n for n in doomed if link.path in by_name.get(n, [])]
+            deleted = self.sink.delete(link.path, sorted(names))
+            self._have.get(link.path, set()).difference_update(deleted)
+            report.pruned += [f"{link.ref}: {n}" for n in deleted]
+
+    def _origin(self) -> str:
+        return "the source" if self.direction == "push" else self.target
+
