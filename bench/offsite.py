@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.replicate import HWM_WRAPPER  # noqa: E402
 from snapsync.backends.scratch import scratch_btrfs  # noqa: E402
-from snapsync.host.streams import parse_rate  # noqa: E402
+from snapsync.policy.units import parse_size  # noqa: E402
 from snapsync.offsite.sealing import create_key_file  # noqa: E402
 
 ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -66,7 +66,7 @@ def sync(path: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=parse_rate, default=parse_rate("2048M"))
+    parser.add_argument("--size", type=parse_size, default=parse_size("2048M"))
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from snapsync.backends.scratch import scratch_btrfs  # noqa: E402
-from snapsync.host.streams import parse_rate  # noqa: E402
+from snapsync.policy.units import parse_size  # noqa: E402
 from snapsync.offsite.sealing import create_key_file  # noqa: E402
 
 
@@ -50,7 +50,7 @@ def timed(argv: list[str], sync: Path, **kwargs: object) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=parse_rate, default=parse_rate("512M"))
+    parser.add_argument("--size", type=parse_size, default=parse_size("512M"))
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()

@@ -8,13 +8,27 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from snapsync.errors import TransientError
 
 log = logging.getLogger("snapsync")
+ATTEMPTS = 4
+_attempts: ContextVar[int] = ContextVar("snapsync_retry_attempts", default=ATTEMPTS)
+
+
+@contextmanager
+def attempts(n: int) -> Iterator[None]:
+    """At most ``n`` attempts for whatever runs inside: a monitoring plugin has a deadline."""
+    token = _attempts.set(n)
+    try:
+        yield
+    finally:
+        _attempts.reset(token)
 
 
 def retry_policy() -> tuple[int, float]:
@@ -22,7 +36,9 @@ def retry_policy() -> tuple[int, float]:
 
     ``SNAPSYNC_RETRY_ATTEMPTS`` and ``SNAPSYNC_RETRY_WAIT`` override them (tests, flaky links).
     """
-    return int(os.environ.get("SNAPSYNC_RETRY_ATTEMPTS", "4")), float(os.environ.get("SNAPSYNC_RETRY_WAIT", "2"))
+    configured = os.environ.get("SNAPSYNC_RETRY_ATTEMPTS")
+    count = int(configured) if configured is not None else _attempts.get()
+    return count, float(os.environ.get("SNAPSYNC_RETRY_WAIT", "2"))
 
 
 def retrying(what: str | Callable[[], str]) -> Retrying:

@@ -73,16 +73,31 @@ def names(alpha: Machine, beta: Machine) -> Iterator[tuple[str, str]]:
 
 
 def cut_then_resume(runner: Machine, policy_path: str, limited: str, kill: str, receiver: Machine, root: str) -> str:
-    """Run ``replicate`` under ``limited`` (a policy with ``rate_limit = "64K"``) and SIGKILL it and
-    the processes matching ``kill`` mid-stream, as a crash would; check the receiver kept a resume
+    """Run ``replicate`` under ``limited`` (a policy with ``rate_limit = "64K"``) and, once the
+    receiver's ``zfs receive`` runs, SIGKILL it (its whole process group) and the processes matching
+    ``kill`` mid-stream, as a crash would; check the receiver kept a resume
     token; replicate again without the limit. Returns the name of the snapshot the resume finished."""
-    runner.run(f"timeout -s KILL 25 snapsync -p {policy_path} replicate; pkill -KILL -f {shlex.quote(kill)} || true")
+    runner.run(f"setsid snapsync -p {policy_path} replicate </dev/null >/root/cut.log 2>&1 &")
+    for _ in range(300):  # set-up (listings over ssh, serve's start) takes seconds to minutes under emulation
+        if receiver.run("pgrep -f '^zfs receive'").returncode == 0:
+            break
+        time.sleep(1)
+    else:
+        raise AssertionError("no zfs receive started: " + runner.run("cat /root/cut.log").stdout)
+    time.sleep(8)  # about 512 KiB of the 1.5 MiB stream at 64 KiB/s
+    pattern = shlex.quote(f"-p {policy_path} replicate")
+    runner.run(  # the whole process group, as timeout(1) would: snapsync, ssh and the local zfs send or receive
+        f"for p in $(pgrep -f -- {pattern}); do kill -KILL -- -$(ps -o pgid= -p $p | tr -d ' ') 2>/dev/null; done; "
+        f"pkill -KILL -f {shlex.quote(kill)} || true"
+    )
     for _ in range(30):  # the receive notices the cut stream once its session closes
         if sh(receiver, f"zfs get -H -o value receive_resume_token -r {root} | grep -v '^-$' || true").strip():
             break
         time.sleep(1)
     else:
-        raise AssertionError("the cut receive left no resume token: " + sh(receiver, f"zfs list -r -t all {root}"))
+        raise AssertionError(
+            "the cut receive left no resume token: " + sh(receiver, f"zfs list -r -t all {root}") + runner.run("cat /root/cut.log").stdout
+        )
     unlimited = limited.replace('rate_limit = "64K"\n', "")
     assert unlimited != limited
     sh(runner, f"cat > {policy_path} <<'EOF'\n{unlimited}EOF")

@@ -7,10 +7,16 @@ The contract suite in ``tests/contract/`` runs unchanged against every backend.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import ClassVar, Literal, Protocol
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
+
+if TYPE_CHECKING:
+    from snapsync.backends.receiver import Receiver
+    from snapsync.backends.usage import Holder
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,27 @@ class Capabilities:
     """A destroyed snapshot can leave a bookmark that still serves as an incremental source (ZFS)."""
     resumable_receive: bool
     """An interrupted receive leaves a resume token instead of a partial copy (ZFS)."""
+    rollback_copy: str = "writable snapshot"
+    """What a rollback puts in the dataset's place, as its plan names it: a writable snapshot of the
+    snapshot (btrfs), a promoted clone of it (ZFS: ``"clone, promoted"``)."""
+    rollback_sets_newer_aside: bool = False
+    """A rollback leaves the snapshots newer than the one it returns to, its safety snapshot among
+    them, with the old state it moves aside (ZFS: the promoted clone takes only the older ones); a
+    target whose base is one of them sees a diverged history. Otherwise every snapshot stays the
+    dataset's."""
+
+
+@dataclass(frozen=True)
+class Scratch:
+    """A throwaway place to restore into and check what arrived (a drill); see :meth:`StorageBackend.scratch`."""
+
+    place: str
+    """Where restores land: an empty receiving place (a directory on btrfs, a ZFS dataset)."""
+    directory: Path
+    """For what checks need beside the copies (a database server's socket and log); the data's owner
+    can reach it."""
+    writable: Callable[[str, str], Path]
+    """``writable(rel, name)``: a writable, mounted copy of the copy ``name`` received at ``<place>/<rel>``."""
 
 
 @dataclass(frozen=True)
@@ -63,9 +90,28 @@ class SnapshotInfo:
             "holds": list(self.holds),
         }
 
+    @classmethod
+    def from_json(cls, dataset: str, data: dict[str, Any]) -> SnapshotInfo:
+        """The inverse of :meth:`to_json`, for listings that came over the wire (``dataset`` is the
+        name the asking side uses)."""
+        return cls(
+            dataset=dataset,
+            name=str(data["name"]),
+            created=datetime.strptime(str(data["created"]), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC),
+            guid=str(data["guid"]),
+            location=str(data.get("location", "")),
+            read_only=bool(data.get("read_only", True)),
+            parent_guid=data.get("parent_guid"),
+            received_guid=data.get("received_guid"),
+            txg=data.get("txg"),
+            kind=data.get("kind", "snapshot"),
+            holds=tuple(data.get("holds", ())),
+        )
+
 
 class StorageBackend(Protocol):
-    """A filesystem that can take, list and destroy snapshots of its datasets.
+    """A filesystem that can take, list and destroy snapshots of its datasets, roll them back and
+    give recovery (restore in place, drills) the places and copies it needs.
 
     A *dataset* is a btrfs subvolume path or a ZFS dataset name; a snapshot is addressed by
     ``(dataset, name)``. Every method raises :class:`snapsync.errors.BackendError` (or a subclass)
@@ -116,6 +162,12 @@ class StorageBackend(Protocol):
         backends without ``capabilities.resumable_receive`` raise BackendError."""
         ...
 
+    def token_target(self, token: str) -> tuple[str, str, str]:
+        """The snapshot a resume token continues, as ``(dataset, name, guid)``: what a send role checks
+        against the dataset it serves before it resumes. Backends without
+        ``capabilities.resumable_receive`` raise BackendError."""
+        ...
+
     def estimate(self, dataset: str, name: str, base: str | None) -> int | None:
         """Roughly how many bytes the send of ``name`` (from ``base``) will be, for progress; None if unknown."""
         ...
@@ -142,5 +194,61 @@ class StorageBackend(Protocol):
         MUST refuse anything that is not a read-only snapshot of this backend's namespace (never the
         dataset itself, never a writable subvolume). Names that no longer exist are ignored, so a
         prune that was interrupted can simply run again.
+        """
+        ...
+
+    # --- recovery: what rollback, restore in place and drills need --------------------------------
+
+    def exists(self, dataset: str) -> bool:
+        """Whether anything occupies ``dataset``'s place (a dataset, or on btrfs any file or directory).
+
+        Restore in place refuses an occupied place; a rollback resumed after a crash reads from it
+        which datasets were already swapped. MUST NOT raise for a place that is simply empty.
+        """
+        ...
+
+    def in_use(self, datasets: Sequence[str]) -> list[Holder]:
+        """Processes and mounts using any of ``datasets`` now, wherever their files are visible (bind
+        mounts of them, mounts inside them, a process's cwd, root, open files or mappings); this
+        process does not count. A rollback refuses while anything is listed."""
+        ...
+
+    def files_root(self, dataset: str) -> str | None:
+        """The directory where ``dataset``'s live files are seen, which paths in the policy (a hook's
+        databases) are written against; None when the dataset has no such directory."""
+        ...
+
+    def snapshot_files(self, dataset: str, name: str) -> Path | None:
+        """A directory to read snapshot ``name``'s files from, or None when there is none (the
+        snapshot is gone, or the dataset is not mounted)."""
+        ...
+
+    def scratch(self, label: str, datasets: Sequence[str], parent: str | None) -> AbstractContextManager[Scratch]:
+        """A throwaway place, big enough to restore the newest snapshots of ``datasets`` into and to
+        check them on writable copies (a drill).
+
+        MUST remove everything it made when the context ends, whatever ended it; what a scratch
+        killed outright left in shared space (a pool) goes when the next one of the same ``label``
+        starts. Restored data comes from elsewhere: the copies MUST ignore setuid bits and device
+        nodes. ``parent`` is a directory for its files (default ``/var/tmp``).
+        """
+        ...
+
+    def restore_receiver(self, dataset: str, *, create: bool = False) -> tuple[Receiver, str]:
+        """The receiver, and the path below its place, that make a received copy one of ``dataset``'s
+        own snapshots (restore in place): it keeps the sender's identity, so replication continues
+        incrementally from it. ``create`` readies the place for the first receive (not in a dry run)."""
+        ...
+
+    def restored_in_place(self, dataset: str, name: str) -> bool:
+        """Whether ``dataset`` is what :meth:`finish_in_place` made of its received snapshot ``name``
+        (an interrupted restore got that far), as opposed to somebody's data in that place."""
+        ...
+
+    def finish_in_place(self, dataset: str, name: str) -> None:
+        """Make ``dataset`` live again: the writable, mounted state of its received snapshot ``name``.
+
+        MUST NOT replace anything that appeared at ``dataset`` meanwhile (a unit's StateDirectory=):
+        that is refused, with where the restored snapshot is.
         """
         ...

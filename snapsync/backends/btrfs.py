@@ -10,17 +10,22 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import btrfsutil
 
-from snapsync.backends.base import Capabilities, SnapshotInfo
+from snapsync.backends import FILESYSTEMS
+from snapsync.backends.base import Capabilities, Scratch, SnapshotInfo
+from snapsync.backends.usage import Holder, holders
 from snapsync.errors import BackendError, DatasetMissing
 from snapsync.host.safefs import fd_path, private_dir, read_file, write_atomic
+
+if TYPE_CHECKING:
+    from snapsync.backends.receiver import Receiver
 
 _NO_UUID = bytes(16)
 _READ_ONLY = 1
@@ -39,9 +44,7 @@ def _check_name(name: str) -> None:
 
 class BtrfsBackend:
     kind: ClassVar[str] = "btrfs"
-    capabilities: ClassVar[Capabilities] = Capabilities(
-        atomic_group_snapshot=False, holds=False, bookmarks=False, resumable_receive=False
-    )
+    capabilities: ClassVar[Capabilities] = FILESYSTEMS["btrfs"].capabilities
 
     def __init__(self, snapshot_dir: str | None = ".snapsync") -> None:
         self.snapshot_dir = snapshot_dir or ".snapsync"
@@ -196,6 +199,9 @@ class BtrfsBackend:
     def resume_argv(self, token: str) -> list[str]:
         raise BackendError("btrfs has no resumable send; an interrupted receive is deleted and sent again")
 
+    def token_target(self, token: str) -> tuple[str, str, str]:
+        raise BackendError("btrfs has no resume tokens; an interrupted receive is deleted and sent again")
+
     def estimate(self, dataset: str, name: str, base: str | None) -> int | None:
         """Bytes in a full send, roughly (file sizes); None for incrementals, which only btrfs knows."""
         location = self.snapshot_path(dataset) / name
@@ -329,6 +335,83 @@ class BtrfsBackend:
             for note in os.listdir(fd_path(home)):
                 if note.startswith(f".{name}.") and not os.path.isdir(fd_path(home, note)):
                     os.unlink(note, dir_fd=home)
+
+    def exists(self, dataset: str) -> bool:
+        return os.path.lexists(dataset)
+
+    def in_use(self, datasets: Sequence[str]) -> list[Holder]:
+        """A subvolume is used through its path and every mount that shows it (see usage.py)."""
+        return holders(datasets)
+
+    def files_root(self, dataset: str) -> str | None:
+        return dataset
+
+    def snapshot_files(self, dataset: str, name: str) -> Path | None:
+        _check_name(name)
+        path = self.snapshot_path(dataset) / name
+        return path if path.is_dir() else None
+
+    @contextmanager
+    def scratch(self, label: str, datasets: Sequence[str], parent: str | None) -> Iterator[Scratch]:
+        """A sparse loop btrfs mounted nosuid,nodev; writable copies are writable snapshots in it."""
+        from snapsync.backends.scratch import scratch_btrfs
+
+        with scratch_btrfs(self._scratch_size(datasets), parent=parent or "/var/tmp", label=label) as mnt:
+            root, directory = mnt / "restore", mnt / "scratch"
+            root.mkdir()
+            directory.mkdir()
+            for path in (mnt.parent, mnt, directory):
+                path.chmod(0o755)  # a database server runs as the data's owner, not root, and must get there
+
+            def writable(rel: str, name: str) -> Path:
+                _check_name(name)
+                copy = directory / f"rw-{rel.replace('/', '_')}"
+                btrfsutil.create_snapshot(root / rel / name, copy, read_only=False)
+                return copy
+
+            yield Scratch(str(root), directory, writable)
+
+    def _scratch_size(self, datasets: Sequence[str]) -> str:
+        """A sparse scratch file big enough for the newest snapshots twice (restored plus writable copies)."""
+        total = 0
+        for ds in datasets:
+            snaps = [s for s in self.list_snapshots(ds) if s.kind == "snapshot"]
+            if snaps:
+                total += self.estimate(ds, snaps[-1].name, None) or 0
+        return f"{max(512, (total * 3) // (1 << 20) + 256)}M"
+
+    def restore_receiver(self, dataset: str, *, create: bool = False) -> tuple[Receiver, str]:
+        """Received into the snapshot directory, as a copy with the source's identity."""
+        from snapsync.backends.btrfs_receiver import BtrfsReceiver
+
+        home = self.snapshot_path(dataset)
+        if create:
+            home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return BtrfsReceiver(home.parent), home.name
+
+    def restored_in_place(self, dataset: str, name: str) -> bool:
+        """The subvolume is a writable snapshot of the received copy ``name`` in its own snapshot directory."""
+        if not os.path.lexists(dataset):
+            return False
+        try:
+            parent = btrfsutil.subvolume_info(dataset).parent_uuid
+        except btrfsutil.BtrfsUtilError:
+            return False
+        return any(
+            s.name == name and s.guid == parent.hex() and s.received_guid
+            for s in self.list_snapshots(dataset)
+        )
+
+    def finish_in_place(self, dataset: str, name: str) -> None:
+        """The subvolume is created as a writable snapshot of the received copy."""
+        _check_name(name)
+        home = self.snapshot_path(dataset)
+        if os.path.lexists(dataset):
+            raise BackendError(
+                f"{dataset} appeared while it was being restored (a unit's StateDirectory=, tmpfiles?); the "
+                f"restored snapshot is in {home}: move {dataset} away and run the restore again"
+            )
+        btrfsutil.create_snapshot(home / name, dataset, read_only=False)
 
 
 class CopiesBackend(BtrfsBackend):

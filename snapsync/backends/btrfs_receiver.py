@@ -25,12 +25,15 @@ import stat
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import ClassVar
 
 import btrfsutil
 
+from snapsync.backends.base import Capabilities, StorageBackend
+from snapsync.backends.btrfs import BtrfsBackend, CopiesBackend
+from snapsync.backends.receiver import Copy
 from snapsync.errors import BackendError, CommandFailed, UnsafePath
 from snapsync.host.lock import file_lock
 from snapsync.protocol import Refused, check_name, check_path
@@ -43,39 +46,6 @@ LOCK = ".lock"
 _READ_ONLY = 1
 _NO_UUID = bytes(16)
 RECEIVE_LOCK_TIMEOUT = 120.0
-
-
-@dataclass(frozen=True)
-class Copy:
-    """One subvolume in a dataset directory (or a partial in ``.incoming``)."""
-
-    name: str
-    uuid: str
-    received_uuid: str | None
-    read_only: bool
-    partial: bool
-    created: datetime
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "name": self.name,
-            "uuid": self.uuid,
-            "received_uuid": self.received_uuid,
-            "read_only": self.read_only,
-            "partial": self.partial,
-            "created": self.created.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, object]) -> Copy:
-        return cls(
-            name=str(data["name"]),
-            uuid=str(data["uuid"]),
-            received_uuid=None if data.get("received_uuid") is None else str(data["received_uuid"]),
-            read_only=bool(data["read_only"]),
-            partial=bool(data["partial"]),
-            created=datetime.strptime(str(data["created"]), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC),
-        )
 
 
 def _subvolumes(directory: Path) -> Iterator[tuple[str, btrfsutil.SubvolumeInfo]]:
@@ -206,10 +176,18 @@ def _holds_same_data(directory: Path, parent_uuid: bytes) -> bool:
 
 
 class BtrfsReceiver:
-    """Copies below ``root``; every path a caller passes is relative and validated again here."""
+    """Copies below ``root``; every path a caller passes is relative and validated again here.
 
-    def __init__(self, root: str | os.PathLike[str], stall: float | None = None) -> None:
+    ``append_only``: :meth:`delete` is refused (a forced receive needs no rollback here, so it is
+    received like any other). ``stall``: a stream that delivers no byte for that many seconds is stopped.
+    """
+
+    kind: ClassVar[str] = BtrfsBackend.kind
+    capabilities: ClassVar[Capabilities] = BtrfsBackend.capabilities
+
+    def __init__(self, root: str | os.PathLike[str], *, append_only: bool = False, stall: float | None = None) -> None:
         self.root = Path(root)
+        self.append_only = append_only
         self.stall = stall
 
     def directory(self, rel: str) -> Path:
@@ -221,6 +199,14 @@ class BtrfsReceiver:
         if real != real_root and not real.startswith(real_root.rstrip("/") + "/"):
             raise Refused(f"{rel}: resolves outside the served root {self.root}")
         return path
+
+    def source(self, rel: str, backend: StorageBackend) -> tuple[str, StorageBackend]:
+        """A dataset directory (a plain directory of copies, not a subvolume) is served by a backend
+        whose snapshots are the copies; a subvolume below the root by ``backend``."""
+        directory = self.directory(rel)
+        if directory.is_dir() and not btrfsutil.is_subvolume(directory):
+            return str(directory), CopiesBackend()
+        return str(directory), backend
 
     def check_root(self) -> None:
         if not self.root.is_dir():
@@ -400,6 +386,8 @@ class BtrfsReceiver:
         Only subvolumes that arrived by receive (they carry a received_uuid) are ours to delete,
         whatever the flags; anything else in the directory was put there by someone else.
         """
+        if self.append_only:
+            raise Refused("this store is append-only: it never deletes a copy; prune on the target itself")
         for name in names:
             check_name(name)
         directory = self.directory(rel)

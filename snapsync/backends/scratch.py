@@ -61,6 +61,16 @@ def scratch_btrfs(size: str = "512M", parent: str | None = None, label: str = "s
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def create_subvolume(path: Path) -> None:
+    """An empty subvolume at ``path``, as an administrator makes a dataset (the demo's, the benchmarks')."""
+    import btrfsutil
+
+    try:
+        btrfsutil.create_subvolume(path)
+    except btrfsutil.BtrfsUtilError as e:
+        raise SnapsyncError(f"{path}: cannot create a subvolume: {e.strerror or e}") from e
+
+
 def _bytes(size: str) -> int:
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     return int(size[:-1]) * units[size[-1].upper()] if size[-1].upper() in units else int(size)

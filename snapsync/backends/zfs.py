@@ -13,14 +13,23 @@ foreign hold is reported as ``zfs:<tag>`` and pins the snapshot, but snapsync ne
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
-from collections.abc import Iterable, Sequence
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from snapsync.backends.base import Capabilities, SnapshotInfo
+from snapsync.backends import FILESYSTEMS
+from snapsync.backends.base import Capabilities, Scratch, SnapshotInfo
+from snapsync.backends.usage import Holder, holders, mounts
 from snapsync.errors import BackendError, CommandFailed, DatasetMissing
+
+if TYPE_CHECKING:
+    from snapsync.backends.receiver import Receiver
 
 HOLD_PREFIX = "snapsync:"
 FOREIGN_PREFIX = "zfs:"
@@ -102,9 +111,7 @@ def parse_listing(text: str) -> list[SnapshotInfo]:
 
 class ZfsBackend:
     kind: ClassVar[str] = "zfs"
-    capabilities: ClassVar[Capabilities] = Capabilities(
-        atomic_group_snapshot=True, holds=True, bookmarks=True, resumable_receive=True
-    )
+    capabilities: ClassVar[Capabilities] = FILESYSTEMS["zfs"].capabilities
 
     def __init__(self, *, raw: bool = False, compressed: bool = True, use_lzc: bool | None = None) -> None:
         self.raw = raw
@@ -222,7 +229,7 @@ class ZfsBackend:
         for dataset, names in by_dataset.items():
             zfs("destroy", f"{dataset}@{','.join(names)}")
 
-    def _exists(self, dataset: str) -> bool:
+    def exists(self, dataset: str) -> bool:
         return zfs("list", "-H", "-o", "name", dataset, check=False).returncode == 0
 
     def rollback(self, dataset: str, name: str, aside: str) -> None:
@@ -239,12 +246,12 @@ class ZfsBackend:
         if aside.rpartition("/")[0] != parent:
             raise BackendError(f"{aside}: must be beside {dataset}")
         fresh = f"{parent}/{leaf}.rollback-new"
-        if not self._exists(dataset):
-            if self._exists(fresh) and self._exists(aside):
+        if not self.exists(dataset):
+            if self.exists(fresh) and self.exists(aside):
                 self._swap_in(fresh, dataset, aside)
                 return
             raise DatasetMissing(f"{dataset}: does not exist")
-        if self._exists(aside):
+        if self.exists(aside):
             raise BackendError(f"{aside} already exists; not renaming {dataset} over it")
         children = zfs("list", "-H", "-o", "name", "-r", "-d", "1", dataset).stdout.split()[1:]
         if children:
@@ -261,7 +268,7 @@ class ZfsBackend:
         def prop(name: str, ds: str) -> str:
             return str(zfs("get", "-H", "-o", "value", name, ds).stdout.strip())
 
-        if self._exists(fresh):
+        if self.exists(fresh):
             if prop("origin", dataset) == f"{fresh}@{name}":
                 self._swap_in(fresh, dataset, aside)  # promoted before a crash: only the swap is left
                 return
@@ -273,7 +280,7 @@ class ZfsBackend:
         self._swap_in(fresh, dataset, aside)
 
     def _swap_in(self, fresh: str, dataset: str, aside: str) -> None:
-        if self._exists(dataset):
+        if self.exists(dataset):
             value, source = zfs("get", "-H", "-o", "value,source", "mountpoint", dataset).stdout.strip().split("\t")
             canmount = zfs("get", "-H", "-o", "value", "canmount", dataset).stdout.strip()
             zfs("set", f"snapsync:rollback-mountpoint={value if source == 'local' else '-'}", dataset)
@@ -421,8 +428,8 @@ class ZfsBackend:
         """Continue an interrupted send from the receiver's ``receive_resume_token``."""
         return ["zfs", "send", "-t", token]
 
-    def token_target(self, token: str) -> tuple[str, str]:
-        """The snapshot (full name) and guid a resume token continues, from ``zfs send -nvt``."""
+    def token_target(self, token: str) -> tuple[str, str, str]:
+        """The dataset, snapshot name and guid a resume token continues, from ``zfs send -nvt``."""
         result = zfs("send", "-n", "-v", "-t", token, check=False)
         fields = {}
         for line in (result.stdout + result.stderr).splitlines():
@@ -431,7 +438,8 @@ class ZfsBackend:
                 fields[key] = value.strip()
         if "toname" not in fields or "toguid" not in fields:
             raise BackendError(f"cannot read the resume token: {result.stderr.strip() or 'no toname in it'}")
-        return fields["toname"], str(int(fields["toguid"], 0))
+        dataset, _, name = fields["toname"].partition("@")
+        return dataset, name, str(int(fields["toguid"], 0))
 
     def estimate(self, dataset: str, name: str, base: str | None) -> int | None:
         """Stream size from ``zfs send -nP`` (a dry run that reads only metadata)."""
@@ -442,3 +450,74 @@ class ZfsBackend:
             if len(fields) == 2 and fields[0] == "size" and fields[1].isdigit():
                 return int(fields[1])
         return None
+
+    def in_use(self, datasets: Sequence[str]) -> list[Holder]:
+        """A dataset is used where it is mounted: found in mountinfo, so legacy mounts count too."""
+        table = mounts()
+        wanted = set(datasets)
+        points = [m.point for m in table if m.fstype == "zfs" and m.source in wanted]
+        return holders(points, table) if points else []
+
+    def files_root(self, dataset: str) -> str | None:
+        """The ``mountpoint`` property; None for ``none``, ``legacy`` or a dataset that is not there."""
+        answer = zfs("get", "-H", "-o", "value", "mountpoint", dataset, check=False).stdout.strip()
+        return answer if answer.startswith("/") else None
+
+    def snapshot_files(self, dataset: str, name: str) -> Path | None:
+        """``<mountpoint>/.zfs/snapshot/<name>``, which ZFS mounts on first access."""
+        check_snapshot_name(name)
+        root = self.files_root(dataset)
+        path = Path(root) / ".zfs" / "snapshot" / name if root is not None else None
+        return path if path is not None and path.is_dir() else None
+
+    @contextmanager
+    def scratch(self, label: str, datasets: Sequence[str], parent: str | None) -> Iterator[Scratch]:
+        """A dataset ``<label>-<pid>`` in the pool of the first dataset, destroyed recursively at the
+        end; writable copies are its clones (setuid=off, devices=off) mounted below a temporary directory."""
+        from snapsync.backends.zfs_receiver import ZfsReceiver, zfs_component
+
+        pool = pool_of(datasets[0])
+        for stale in zfs("list", "-H", "-o", "name", "-d", "1", pool).stdout.splitlines():
+            if stale.startswith(f"{pool}/{label}-"):
+                zfs("destroy", "-R", "-f", stale, check=False)  # left by a scratch whose process was killed
+        base = f"{pool}/{label}-{os.getpid()}"
+        top = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=parent or "/var/tmp"))
+        try:
+            top.chmod(0o755)
+            zfs("create", "-o", "canmount=off", "-o", "mountpoint=none", base)
+            store = ZfsReceiver(base)
+
+            def writable(rel: str, name: str) -> Path:
+                check_snapshot_name(name)
+                where = top / rel.replace("/", "_")
+                clone = f"{base}/rw-{zfs_component(rel.replace('/', '_'))}"
+                zfs("clone", "-o", f"mountpoint={where}", "-o", "setuid=off", "-o", "devices=off", f"{store.dataset(rel)}@{name}", clone)
+                return where
+
+            directory = top / "scratch"
+            directory.mkdir()
+            directory.chmod(0o755)
+            yield Scratch(base, directory, writable)
+        finally:
+            zfs("destroy", "-R", "-f", base, check=False)
+            shutil.rmtree(top, ignore_errors=True)
+
+    def restore_receiver(self, dataset: str, *, create: bool = False) -> tuple[Receiver, str]:
+        """Received in place below its parent dataset: the dataset itself arrives by receive."""
+        from snapsync.backends.zfs_receiver import ZfsReceiver
+
+        parent, _, leaf = dataset.rpartition("/")
+        return ZfsReceiver(parent), leaf
+
+    def restored_in_place(self, dataset: str, name: str) -> bool:
+        """The dataset arrived by receive (no resume token left) and holds the snapshot ``name``."""
+        if not self.exists(dataset):
+            return False
+        token = zfs("get", "-H", "-o", "value", "receive_resume_token", dataset, check=False).stdout.strip()
+        return token in ("-", "") and any(s.name == name for s in self.list_snapshots(dataset))
+
+    def finish_in_place(self, dataset: str, name: str) -> None:
+        """Received with ``canmount=noauto``: now it may mount, and is mounted."""
+        zfs("set", "canmount=on", dataset)
+        if zfs("get", "-H", "-o", "value", "mounted", dataset).stdout.strip() != "yes":
+            zfs("mount", dataset)

@@ -41,11 +41,13 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import ClassVar
 
-from snapsync.backends.zfs import LIST_FIELDS, check_snapshot_name, zfs
+from snapsync.backends.base import Capabilities, StorageBackend
+from snapsync.backends.receiver import Copy
+from snapsync.backends.zfs import LIST_FIELDS, ZfsBackend, check_snapshot_name, zfs
 from snapsync.errors import BackendError, CommandFailed
 from snapsync.protocol import Refused, check_name, check_path
-from snapsync.backends.btrfs_receiver import Copy
 from snapsync.host.streams import PIPE_SIZE, Proc, Stalled, finish, widen
 
 _ESCAPES = {":": ":3A", "%": ":", "+": ":2B", "=": ":3D", "@": ":40"}
@@ -245,6 +247,9 @@ class ZfsReceiver:
     that delivers no byte for that many seconds is stopped (:class:`Stalled`).
     """
 
+    kind: ClassVar[str] = ZfsBackend.kind
+    capabilities: ClassVar[Capabilities] = ZfsBackend.capabilities
+
     def __init__(self, root: str, *, append_only: bool = False, stall: float | None = None) -> None:
         if not is_dataset_name(root):
             raise BackendError(f"target root {root!r} is not a ZFS dataset name")
@@ -255,6 +260,15 @@ class ZfsReceiver:
     def dataset(self, rel: str) -> str:
         check_path(rel)
         return self.root + "/" + "/".join(zfs_component(p) for p in rel.split("/"))
+
+    def source(self, rel: str, backend: StorageBackend) -> tuple[str, StorageBackend]:
+        """``rel`` below the root, or the copies of ``rel`` where their name needed escaping; ZFS
+        copies are datasets like any other, so ``backend`` serves both."""
+        dataset = f"{self.root}/{check_path(rel)}"
+        copies = self.dataset(rel)
+        if copies != dataset and zfs("list", "-H", "-o", "name", copies, check=False).returncode == 0:
+            return copies, backend
+        return dataset, backend
 
     def check_root(self) -> None:
         result = zfs("list", "-H", "-o", "name", self.root, check=False)
@@ -368,7 +382,8 @@ class ZfsReceiver:
     def _check_force(self, force: bool) -> None:
         if force and self.append_only:
             raise StoreRefused(
-                "this store is append-only: a receive that rolls back or destroys copies (force, zfs receive -F) is refused"
+                "this store is append-only: a forced receive (zfs receive -F, asked for by on_diverged = \"rollback\") "
+                "could roll back or destroy copies; use on_diverged = \"refuse\" for this target"
             )
 
     def _receive_argv(self, dataset: str, force: bool, stream: StreamBegin | None = None, snapshot: str | None = None) -> list[str]:
@@ -653,10 +668,8 @@ def _shown(value: str) -> str:
 def _token_target(token: str) -> tuple[str, int] | None:
     """The snapshot name and guid a resume token continues (``zfs send -nvt`` prints the token's
     contents before it looks for the snapshot, so this works on the receiving host too)."""
-    from snapsync.backends.zfs import ZfsBackend
-
     try:
-        full, guid = ZfsBackend(use_lzc=False).token_target(token)
+        dataset, name, guid = ZfsBackend(use_lzc=False).token_target(token)
     except BackendError:
         return None
-    return full, int(guid)
+    return f"{dataset}@{name}", int(guid)

@@ -11,6 +11,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal, NoReturn
 
@@ -22,12 +23,11 @@ from snapsync import __version__
 from snapsync.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, SnapsyncError
 
 if TYPE_CHECKING:
-    from snapsync.backends.base import SnapshotInfo, StorageBackend
-    from snapsync.policy.loader import Policy
+    from snapsync.policy.loader import Group, Policy
     from snapsync.policy.schema import DirTarget, S3Target
-    from snapsync.replication.replicate import ProgressFactory
+    from snapsync.replication.replicate import ProgressFactory, TargetReport
     from snapsync.recovery.restore import Landing
-    from snapsync.ops.runner import GroupReport, Runner
+    from snapsync.ops.runner import GroupReport, Runner, TargetHoldings
 
 DEFAULT_POLICY = "/etc/snapsync/policy.toml"
 EPILOG = "Exit codes: 0 ok, 1 partial failure, 2 bad input or usage, 3 locked by another run, 130 interrupted."
@@ -59,6 +59,14 @@ class State:
     policy_path: str = DEFAULT_POLICY
 
 
+@dataclass
+class Options:
+    """Global options a command's error handling needs, as the context object: :func:`main` hands
+    one in and reads ``debug`` when a command fails unexpectedly; a command reads it from its ``ctx``."""
+
+    debug: bool = False
+
+
 def _version(value: bool) -> None:
     if value:
         out.print(f"snapsync {__version__}")
@@ -67,6 +75,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
+    ctx: typer.Context,
     policy: Annotated[
         str,
         typer.Option("--policy", "-p", envvar="SNAPSYNC_POLICY", help="Policy file.", show_envvar=True),
@@ -84,6 +93,7 @@ def _main(
     from snapsync.host.logs import setup
 
     State.policy_path = policy
+    ctx.ensure_object(Options).debug = debug
     setup(log_format, logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
 
 
@@ -293,59 +303,64 @@ def list_(
     as_json: JsonOpt = False,
 ) -> int:
     """List every snapshot of each group's datasets, ours and foreign; then what each target holds and its lag."""
-    from snapsync.plan.naming import parse_snapshot_name
-    from snapsync.cli.render import render_listing, render_target_state
     from snapsync.ops.runner import select_groups
 
     policy = _load()
     runner = _runner(policy)
     selected = select_groups(policy, groups or []) if policy.groups or groups else []
-    states = {} if local else {
-        r.group: r.targets
-        for r in runner.run(selected, take=False, only_due=False, prune=False, dry_run=True, replicate=True,
-                            prune_targets=False, pulls=[] if groups else list(policy.pulls))
-    }
-    result: list[dict[str, object]] = []
-    failed = False
-    for group in selected:
-        entry: dict[str, object] = {"group": group.name, "backend": group.backend, "datasets": [], "errors": []}
-        result.append(entry)
-        targets = states.get(group.name, [])
-        entry["targets"] = [t.to_json() for t in targets]
-        failed = failed or any(not t.ok for t in targets)
-        try:
-            listing = runner.raw_listing(group)
-        except SnapsyncError as e:
-            failed = True
-            entry["errors"] = [str(e)]
-            if not as_json:
-                err.print(f"[bold]{group.name}[/]: [red]error:[/] {e}")
-            continue
-        entry["datasets"] = [
-            {
-                "dataset": ds,
-                "snapshots": [
-                    {**s.to_json(), "ours": parse_snapshot_name(group.prefix, s.name) is not None} for s in snaps
-                ],
-            }
-            for ds, snaps in listing.items()
-        ]
+    pull_names = [] if groups else list(policy.pulls)
+    held = {} if local else runner.target_holdings(selected, pulls=pull_names)
+    listed = [_list_group(runner, group, held.get(group.name), as_json) for group in selected]
+    pulls = [t for name in pull_names if name in held for t in held[name].targets]
+    return _list_end(listed, pulls, as_json)
+
+
+def _list_group(
+    runner: Runner, group: Group, holdings: TargetHoldings | None, as_json: bool
+) -> tuple[dict[str, object], bool]:
+    """One group of `list`: its JSON entry, and whether it is all well; rendered as it goes unless ``as_json``."""
+    from snapsync.cli.render import render_listing, render_target_state
+    from snapsync.plan.naming import parse_snapshot_name
+
+    targets = holdings.targets if holdings is not None else []
+    entry: dict[str, object] = {"group": group.name, "backend": group.backend, "datasets": [], "errors": []}
+    entry["targets"] = [t.to_json() for t in targets]
+    try:
+        listing = runner.raw_listing(group)
+    except SnapsyncError as e:
+        entry["errors"] = [str(e)]
         if not as_json:
-            render_listing(out, group.name, group.backend, listing, group.prefix)
-            for t in targets:
-                render_target_state(out, t)
-    pulls = [] if groups else [t for name in policy.pulls for t in states.get(name, [])]
-    failed = failed or any(not t.ok for t in pulls)
+            err.print(f"[bold]{group.name}[/]: [red]error:[/] {e}")
+        return entry, False
+    entry["datasets"] = [
+        {
+            "dataset": ds,
+            "snapshots": [{**s.to_json(), "ours": parse_snapshot_name(group.prefix, s.name) is not None} for s in snaps],
+        }
+        for ds, snaps in listing.items()
+    ]
+    if not as_json:
+        render_listing(out, group.name, group.backend, listing, group.prefix)
+        for t in targets:
+            render_target_state(out, t)
+    return entry, all(t.ok for t in targets)
+
+
+def _list_end(listed: list[tuple[dict[str, object], bool]], pulls: list[TargetReport], as_json: bool) -> int:
+    """The pulls (after every group), or the whole listing as JSON; the exit status of `list`."""
+    from snapsync.cli.render import render_target_state
+
     if as_json:
-        print(json.dumps({"groups": result, "pulls": [t.to_json() for t in pulls]}))
+        print(json.dumps({"groups": [entry for entry, _ in listed], "pulls": [t.to_json() for t in pulls]}))
     else:
         for t in pulls:
             render_target_state(out, t)
-    return EXIT_PARTIAL if failed else EXIT_OK
+    return EXIT_OK if all(ok for _, ok in listed) and all(t.ok for t in pulls) else EXIT_PARTIAL
 
 
 @app.command()
 def check(
+    ctx: typer.Context,
     groups: GroupsArg = None,
     local: Annotated[bool, typer.Option("--local", help="Judge this host's snapshots only; do not ask the targets.")] = False,
     no_ping: Annotated[bool, typer.Option("--no-ping", help="Do not ping [monitoring] ping_url.")] = False,
@@ -365,35 +380,36 @@ def check(
     from snapsync.clock import SystemClock
     from snapsync.ops.ping import ping
     from snapsync.ops.runner import select_groups
+    from snapsync.retry import attempts as retry_attempts
 
-    os.environ.setdefault("SNAPSYNC_RETRY_ATTEMPTS", "2")  # a monitoring plugin has a deadline
-    try:
-        policy = _load()
-        selected = select_groups(policy, groups or []) if policy.groups or groups else []
-        pulls = [] if groups else list(policy.pulls)
-        findings = assess(policy, _runner(policy), selected, pulls, local, SystemClock().now())
-    except Exception as e:  # a monitoring plugin answers in its own terms, whatever broke
-        if "--debug" in sys.argv:
-            raise
-        # a policy that does not load is the operator's to fix now; anything else leaves the verdict unknown
-        status = Status.CRITICAL if isinstance(e, SnapsyncError) and e.exit_code == EXIT_USAGE else Status.UNKNOWN
-        reason = str(e) if isinstance(e, SnapsyncError) else f"internal error: {type(e).__name__}: {e}"
-        line = f"SNAPSYNC {status.name} - {' '.join(reason.split())}"
-        findings = []
-        policy = None
-    else:
-        status = verdict(findings)
-        line = summary(findings)
-    pinged: str | None = None
-    url = os.environ.get("SNAPSYNC_PING_URL") or (policy.monitoring.ping_url if policy is not None else None)
-    if url and not no_ping:
-        timeout = policy.monitoring.ping_timeout.total_seconds() if policy is not None else 10.0
+    with retry_attempts(2):  # a monitoring plugin has a deadline
         try:
-            ping(url, status in (Status.OK, Status.WARNING), line, timeout)
-            pinged = "ok"
-        except SnapsyncError as e:
-            pinged = str(e)
-            err.print(f"snapsync: warning: {e}", markup=False)
+            policy = _load()
+            selected = select_groups(policy, groups or []) if policy.groups or groups else []
+            pulls = [] if groups else list(policy.pulls)
+            findings = assess(policy, _runner(policy), selected, pulls, local, SystemClock().now())
+        except Exception as e:  # a monitoring plugin answers in its own terms, whatever broke
+            if ctx.ensure_object(Options).debug:
+                raise
+            # a policy that does not load is the operator's to fix now; anything else leaves the verdict unknown
+            status = Status.CRITICAL if isinstance(e, SnapsyncError) and e.exit_code == EXIT_USAGE else Status.UNKNOWN
+            reason = str(e) if isinstance(e, SnapsyncError) else f"internal error: {type(e).__name__}: {e}"
+            line = f"SNAPSYNC {status.name} - {' '.join(reason.split())}"
+            findings = []
+            policy = None
+        else:
+            status = verdict(findings)
+            line = summary(findings)
+        pinged: str | None = None
+        url = os.environ.get("SNAPSYNC_PING_URL") or (policy.monitoring.ping_url if policy is not None else None)
+        if url and not no_ping:
+            timeout = policy.monitoring.ping_timeout.total_seconds() if policy is not None else 10.0
+            try:
+                ping(url, status in (Status.OK, Status.WARNING), line, timeout)
+                pinged = "ok"
+            except SnapsyncError as e:
+                pinged = str(e)
+                err.print(f"snapsync: warning: {e}", markup=False)
     if as_json:
         print(json.dumps({
             "status": status.name, "exit_code": int(status), "summary": line,
@@ -662,19 +678,16 @@ def release(
 ) -> int:
     """Release a rollback's safety snapshot, so retention may prune it like any other."""
     from snapsync.host.lock import policy_lock
-    from snapsync.recovery.rollback import SAFETY, aside_name
     from snapsync.ops.runner import select_groups
+    from snapsync.plan.holds import safety_tag
+    from snapsync.recovery.rollback import release as run_release
 
     policy = _load()
     (chosen,) = select_groups(policy, [group])
     backend = _runner(policy).backend(chosen)
     with policy_lock(policy.source, 60.0):
-        for ds in chosen.datasets:
-            backend.set_holds(ds, f"{SAFETY}:{snapshot}", [])
-            aside = aside_name(ds, snapshot)  # on ZFS the safety snapshot went aside with the old state
-            if chosen.backend == "zfs" and any(s.name == snapshot for s in _list_or_empty(backend, aside)):
-                backend.set_holds(aside, f"{SAFETY}:{snapshot}", [])
-    out.print(f"released {SAFETY}:{snapshot} on {len(chosen.datasets)} dataset(s) of {group}", markup=False)
+        run_release(backend, chosen.datasets, snapshot)
+    out.print(f"released {safety_tag(snapshot)} on {len(chosen.datasets)} dataset(s) of {group}", markup=False)
     return EXIT_OK
 
 
@@ -691,13 +704,6 @@ def demo(
     from snapsync.ops.demo import run_demo
 
     return run_demo(days=days, console=out, as_json=as_json)
-
-
-def _list_or_empty(backend: StorageBackend, dataset: str) -> list[SnapshotInfo]:
-    try:
-        return backend.list_snapshots(dataset)
-    except SnapsyncError:
-        return []
 
 
 def _fail(message: str, code: int, as_json: bool) -> NoReturn:
@@ -719,9 +725,10 @@ def main(argv: list[str] | None = None) -> NoReturn:
         if code >= 0:
             sys.exit(code)
     as_json = "--json" in args
+    options = Options()
     command = typer.main.get_command(app)
     try:
-        rv = command.main(args=args, prog_name="snapsync", standalone_mode=False)
+        rv = command.main(args=args, prog_name="snapsync", standalone_mode=False, obj=options)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except (typer.Abort, KeyboardInterrupt):
@@ -733,7 +740,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         e.show()  # type: ignore[attr-defined]
         sys.exit(EXIT_USAGE)
     except Exception as e:
-        if "--debug" in args:
+        if options.debug:
             raise
         _fail(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", EXIT_PARTIAL, as_json)
     sys.exit(rv if isinstance(rv, int) else EXIT_OK)

@@ -103,7 +103,7 @@ def private_dir(path: Path | str, own: int = 1, create: bool = False, mode: int 
 
 
 def fd_path(dirfd: int, name: str = "") -> str:
-    """A path through the descriptor, for calls that take only paths (btrfsutil): it cannot be
+    """A path through the descriptor, for calls that take only paths (the btrfs library): it cannot be
     redirected by renaming or replacing the directory's ancestors."""
     return f"/proc/self/fd/{dirfd}/{name}" if name else f"/proc/self/fd/{dirfd}"
 

@@ -26,16 +26,6 @@ PIPE_SIZE = 1 << 20
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
-def parse_rate(text: str | None) -> int | None:
-    """``"4M"`` -> bytes per second (K, M, G are powers of 1024); None means unlimited."""
-    if not text:
-        return None
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    if text[-1] in units:
-        return int(text[:-1]) * units[text[-1]]
-    return int(text)
-
-
 def widen(fd: int) -> None:
     """Raise a pipe's capacity to 1 MiB; fewer, larger splices. Not fatal if the limit forbids it."""
     try:
@@ -179,7 +169,10 @@ def finish(procs: Sequence[Proc], *, timeout: float | None = None, stall: float 
 
 @dataclass
 class Meter:
-    """Bytes moved so far, for progress and reports; ``tick`` is called at most every ``every`` seconds."""
+    """Bytes moved so far, for progress and reports; ``tick`` is called at most every ``every`` seconds.
+
+    ``rate_limit`` is in bytes per second (the policy parsed it at load); None or 0 means unlimited.
+    """
 
     tick: Callable[[int], None] | None = None
     every: float = 0.5
@@ -187,12 +180,15 @@ class Meter:
     bytes: int = 0
     started: float = field(default_factory=time.monotonic)
     _last: float = 0.0
+    _first: float = 0.0
 
     def add(self, n: int) -> None:
-        self.bytes += n
         now = time.monotonic()
+        if not self.bytes:
+            self._first = now  # the limit's clock starts with the stream, not with the session's set-up
+        self.bytes += n
         if self.rate_limit:
-            ahead = self.bytes / self.rate_limit - (now - self.started)
+            ahead = self.bytes / self.rate_limit - (now - self._first)
             if ahead > 0:
                 time.sleep(ahead)
                 now = time.monotonic()

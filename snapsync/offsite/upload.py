@@ -31,12 +31,14 @@ from snapsync.backends.base import SnapshotInfo, StorageBackend
 from snapsync.offsite.chunks import RawSource, StreamChanged, store_chunk
 from snapsync.errors import BackendError, SnapsyncError, StoreError
 from snapsync.offsite.objectstore import DirStore, ObjectStore, S3Store
-from snapsync.plan.offsite import SourceSnap, StorePrunePlan, Upload, plan_store_prune, plan_uploads
+from snapsync.plan.holds import target_tag
+from snapsync.plan.offsite import StorePrunePlan, Upload, plan_store_prune, plan_uploads
+from snapsync.plan.snapshots import SnapshotId, our_snapshots
 from snapsync.policy.schema import DirTarget, Group, S3Target
 from snapsync.protocol import dataset_key
-from snapsync.replication.replicate import ProgressFactory, Sent, TargetReport, ours
+from snapsync.replication.replicate import ProgressFactory, Sent, TargetReport
 from snapsync.offsite.sealing import CIPHER, Key
-from snapsync.host.streams import Meter, Proc, finish, parse_rate, reaped, widen
+from snapsync.host.streams import Meter, Proc, finish, reaped, widen
 
 log = logging.getLogger("snapsync")
 OffsiteTarget = DirTarget | S3Target
@@ -60,14 +62,10 @@ def open_archive(target: OffsiteTarget, key_file: str | None = None) -> Archive:
     return Archive(open_store(target), Key.load(key_file or target.key_file))
 
 
-def source_snaps(prefix: str, snaps: Sequence[SnapshotInfo]) -> list[SourceSnap]:
-    """Our snapshots, with the identity their send stream carries (as replication uses it)."""
-    out = []
-    for s in snaps:
-        when = ours(prefix, s.name)
-        if when is not None and s.kind == "snapshot":
-            out.append(SourceSnap(s.name, when, s.received_guid or s.guid))
-    return sorted(out, key=lambda s: (s.created, s.name))
+def source_snaps(prefix: str, snaps: Sequence[SnapshotInfo]) -> list[SnapshotId]:
+    """Our snapshots, with the identity their send stream carries (as replication uses it); bookmarks
+    cannot be sent, and an offsite chain never starts from one."""
+    return [s for s in our_snapshots(prefix, snaps) if s.kind == "snapshot"]
 
 
 class Offsite:
@@ -91,7 +89,7 @@ class Offsite:
         self.now = now
         self.progress = progress
         self.host = host or socket.gethostname().split(".")[0]
-        self.hold_tag = f"target:{target_name}"
+        self.hold_tag = target_tag(target_name)
         self._states: dict[str, DatasetState] = {}
         self._keys: dict[str, str] = {}
         self._archive_id = ""
@@ -194,7 +192,7 @@ class Offsite:
                 )
 
     def _dataset(
-        self, ds: str, key: str, source: list[SourceSnap], state: DatasetState, report: TargetReport, dry_run: bool
+        self, ds: str, key: str, source: list[SnapshotId], state: DatasetState, report: TargetReport, dry_run: bool
     ) -> None:
         plan = plan_uploads(
             source,
@@ -271,7 +269,7 @@ class Offsite:
         if self.progress is not None:
             label = f"{self.target_name}: {os.path.basename(ds.rstrip('/')) or '/'} {up.name.rpartition('_')[2]}"
             tick = self.progress(label, self.backend.estimate(ds, up.name, up.parent))
-        meter = Meter(tick=tick, rate_limit=parse_rate(self.target.rate_limit))
+        meter = Meter(tick=tick, rate_limit=self.target.rate_limit)
         done = len(manifest.chunks)
         proc = Proc.start(self.backend.send_argv(ds, up.name, up.parent), stdout=-1, label=f"{self.backend.kind} send")
         with reaped(proc):
@@ -324,7 +322,7 @@ class Offsite:
     def _lag(
         self,
         report: TargetReport,
-        sources: dict[str, list[SourceSnap]],
+        sources: dict[str, list[SnapshotId]],
         states: dict[str, DatasetState],
         keys: dict[str, str],
     ) -> None:

@@ -1,7 +1,7 @@
 """`snapsync check`: is every copy fresh enough? Judged like a Nagios plugin.
 
-``assess`` gathers the facts (lists snapshots, asks each target through the runner's dry run,
-reads drill records); everything else is pure, turning ages and thresholds into
+``assess`` gathers the facts (lists snapshots, asks each target what it holds through the runner's
+``target_holdings``, reads drill records); everything else is pure, turning ages and thresholds into
 OK/WARNING/CRITICAL/UNKNOWN and one line. A target that cannot be asked is UNKNOWN, unless what
 snapsync last knew of it (the hold it keeps on the source for that target) is already past
 critical: the copy there can only be older than that.
@@ -23,7 +23,8 @@ from snapsync.host.state import read_json, state_dir
 
 if TYPE_CHECKING:
     from snapsync.policy.loader import Group, Policy
-    from snapsync.ops.runner import Runner
+    from snapsync.ops.runner import Runner, TargetHoldings
+    from snapsync.replication.replicate import TargetReport
 
 
 class Status(IntEnum):
@@ -179,36 +180,43 @@ def assess(
     policy: Policy, runner: Runner, groups: Sequence[Group], pulls: Sequence[str], local: bool, now: datetime,
 ) -> list[Finding]:
     """Every finding for the selected groups (and pulls): source, each target, each failed drill."""
+    held = {} if local else runner.target_holdings(groups, pulls=pulls)
     findings: list[Finding] = []
-    reports = {} if local else {
-        r.group: r for r in runner.run(
-            groups, take=False, only_due=False, prune=False, dry_run=True, replicate=True, prune_targets=False, pulls=pulls,
-        )
-    }
     for group in groups:
-        limits = Thresholds(group.warn_after, group.crit_after)
-        try:
-            findings.append(judge_source(group.name, group.datasets, runner.listing(group), limits, now))
-        except SnapsyncError as e:
-            findings.append(Finding(group.name, None, "snapshot", Status.CRITICAL, f"cannot list: {_one_line(str(e))}"))
-        report = reports.get(group.name)
+        findings.append(_source_finding(runner, group, now))
         for name in [] if local else group.targets:
-            t = next((t for t in report.targets if t.target == name), None) if report else None
-            errors = t.errors if t is not None else (report.errors if report else []) or ["not asked"]
-            newest = t.newest_common_time if t is not None else None
-            reached = t is not None and t.reached
-            findings.append(judge_copy(group.name, name, newest, errors, thresholds(policy, group, name), now, reached=reached))
-        for name in group.targets:
-            record = read_json(state_dir() / "drills" / f"{group.name}.{name}.json")
-            drill = judge_drill(group.name, name, record) if record else None
-            if drill is not None:
-                findings.append(drill)
+            holdings = held.get(group.name)
+            report = next((t for t in holdings.targets if t.target == name), None) if holdings else None
+            findings.append(_copy_finding(group.name, name, holdings, report, thresholds(policy, group, name), now))
+        findings += _drill_findings(group)
     for name in [] if local else pulls:
-        report = reports.get(name)
-        t = report.targets[0] if report and report.targets else None
-        errors = t.errors if t is not None else (report.errors if report else []) or ["not asked"]
-        host = policy.pulls[name].host
-        newest = t.newest_common_time if t is not None else None
-        reached = t is not None and t.reached
-        findings.append(judge_copy(name, host, newest, errors, thresholds(policy, None, name), now, "pulled", reached))
+        holdings = held.get(name)
+        report = holdings.targets[0] if holdings and holdings.targets else None
+        limits = thresholds(policy, None, name)
+        findings.append(_copy_finding(name, policy.pulls[name].host, holdings, report, limits, now, "pulled"))
     return findings
+
+
+def _source_finding(runner: Runner, group: Group, now: datetime) -> Finding:
+    limits = Thresholds(group.warn_after, group.crit_after)
+    try:
+        return judge_source(group.name, group.datasets, runner.listing(group), limits, now)
+    except SnapsyncError as e:
+        return Finding(group.name, None, "snapshot", Status.CRITICAL, f"cannot list: {_one_line(str(e))}")
+
+
+def _copy_finding(
+    group: str, target: str, holdings: TargetHoldings | None, report: TargetReport | None, limits: Thresholds,
+    now: datetime, what: str = "copy",
+) -> Finding:
+    """A target's (or a pull's) copies as the holdings query found them; a target it has no report of
+    takes the error that kept it from being asked."""
+    if report is None:
+        errors = (holdings.errors if holdings else []) or ["not asked"]
+        return judge_copy(group, target, None, errors, limits, now, what)
+    return judge_copy(group, target, report.newest_common_time, report.errors, limits, now, what, report.reached)
+
+
+def _drill_findings(group: Group) -> list[Finding]:
+    records = ((name, read_json(state_dir() / "drills" / f"{group.name}.{name}.json")) for name in group.targets)
+    return [f for name, record in records if record and (f := judge_drill(group.name, name, record)) is not None]

@@ -14,7 +14,6 @@ from importlib.resources import files
 from pathlib import Path
 from string import Template
 
-import btrfsutil
 from rich.console import Console
 from rich.progress import Progress
 
@@ -25,7 +24,7 @@ from snapsync.policy.schema import DirTarget
 from snapsync.cli.render import render_reports, render_target_state
 from snapsync.replication.replicate import Sent
 from snapsync.ops.runner import GroupReport, Runner
-from snapsync.backends.scratch import scratch_btrfs, signals_raise
+from snapsync.backends.scratch import create_subvolume, scratch_btrfs, signals_raise
 from snapsync.offsite.sealing import create_key_file
 
 START = datetime(2026, 9, 15, tzinfo=UTC)
@@ -55,7 +54,7 @@ def _populate(policy: Policy) -> None:
         for dataset in group.datasets:
             path = Path(dataset)
             path.parent.mkdir(parents=True, exist_ok=True)
-            btrfsutil.create_subvolume(path)
+            create_subvolume(path)
             (path / "state.log").write_text(f"{path.name} created\n")
 
 
@@ -70,9 +69,8 @@ def run_demo(days: int, console: Console, as_json: bool = False) -> int:
         clock = ManualClock(START)
         runner = Runner(policy, clock)
         forge = policy.groups["forge"]
+        runner.backend(forge).snapshot_group(forge.datasets[:1], FOREIGN)
         foreign = Path(runner.backend(forge).snapshot_home(forge.datasets[0])) / FOREIGN
-        foreign.parent.mkdir(parents=True, exist_ok=True)
-        btrfsutil.create_snapshot(forge.datasets[0], foreign, read_only=True)
 
         taken = deleted = 0
         sends: list[Sent] = []

@@ -18,20 +18,26 @@ anyway (``"continue"``).
 Hooks run as root, so every program one runs must be as safe from other users as the policy file:
 ``trusted_program`` refuses a program that anyone but root (or the running user) could change, or
 swap for another, before it is run (and ``snapsync.policy.loader.load_policy`` refuses the policy).
+
+Each hook kind also knows what its application needs of a restored copy (:func:`check_restored`,
+run by drills): SQLite's integrity check, a PostgreSQL server that recovers and answers.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import shlex
+import shutil
 import signal
+import socket
 import sqlite3
 import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -516,3 +522,127 @@ def command(hook: CommandHook, moment: Moment, report: HookReport) -> Iterator[N
                 _run_command(hook.post, hook, moment, "post")
             except HookFailed as e:
                 report.status, report.message = "cleanup-failed", str(e)
+
+
+# --- after a restore: does the application's data work? -------------------------------------------
+
+
+@dataclass
+class Check:
+    """One check of a restored copy (a drill's): what was checked, whether it passed, and what was seen."""
+
+    name: str
+    ok: bool
+    detail: str
+
+    def to_json(self) -> dict[str, object]:
+        return {"check": self.name, "ok": self.ok, "detail": self.detail}
+
+
+def check_restored(hook: Hook, locate: Callable[[str], Path | None], scratch: Path) -> list[Check]:
+    """What ``hook``'s application needs of a restored copy, checked on a writable one.
+
+    ``locate`` maps a path as the policy names it (on the live system) to the same file in the copy,
+    or None outside the restored datasets; ``scratch`` holds a server's socket and log. Hooks whose
+    application leaves nothing to check on disk (freeze, command) check nothing.
+    """
+    if isinstance(hook, SqliteHook):
+        return [_sqlite_restored(db, locate(db)) for db in hook.databases]
+    if isinstance(hook, PostgresHook) and hook.data_dir is not None:
+        data = locate(hook.data_dir)
+        if data is None:
+            return [Check(f"postgres {hook.data_dir}", False, "data_dir is not inside any dataset of the group")]
+        return [check_postgres(hook, data, scratch)]
+    return []
+
+
+def _sqlite_restored(database: str, copy: Path | None) -> Check:
+    if copy is None:
+        return Check(f"sqlite {database}", False, "not inside any dataset of the group")
+    return check_sqlite(database, copy)
+
+
+def check_sqlite(database: str, copy: Path) -> Check:
+    """``PRAGMA integrity_check`` on the copy, with its WAL applied as the application would see it."""
+    if not copy.is_file():
+        return Check(f"sqlite {database}", False, "missing from the restored copy")
+    try:
+        with sqlite3.connect(f"file:{copy}?mode=rw", uri=True, timeout=5) as conn:
+            rows = [r[0] for r in conn.execute("PRAGMA integrity_check")]
+        conn.close()
+    except sqlite3.Error as e:
+        return Check(f"sqlite {database}", False, f"cannot open: {e}")
+    ok = rows == ["ok"]
+    return Check(f"sqlite {database}", ok, "integrity_check ok" if ok else "; ".join(rows[:5]))
+
+
+def _pg_bin(data: Path) -> Path:
+    version = (data / "PG_VERSION").read_text().strip()
+    candidates = [Path(f"/usr/lib/postgresql/{version}/bin")] + [Path(p).parent for p in glob.glob("/usr/lib/postgresql/*/bin/pg_ctl")]
+    found = shutil.which("pg_ctl")
+    if found:
+        candidates.append(Path(found).parent)
+    for c in candidates:
+        if (c / "pg_ctl").exists() and (c / "postgres").exists():
+            return c
+    raise SnapsyncError(f"no PostgreSQL {version} server binaries here (pg_ctl); install them to drill this group")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def check_postgres(hook: PostgresHook, data: Path, scratch: Path) -> Check:
+    """Start a server on ``data`` (a writable copy) as its owner, run the check query, stop it."""
+    import psycopg
+
+    name = f"postgres {hook.data_dir}"
+    if not (data / "PG_VERSION").exists():
+        return Check(name, False, f"{hook.data_dir} is not a PostgreSQL data directory in the restored copy")
+    owner = data.stat()
+    sock = scratch / f"pg-sock-{os.getpid()}"
+    sock.mkdir(mode=0o700, exist_ok=True)
+    sock.chmod(0o700)  # trust authentication below: only the owner (and root) may reach the socket
+    os.chown(sock, owner.st_uid, owner.st_gid)
+    hba = sock / "pg_hba.conf"
+    hba.write_text("local all all trust\n")
+    os.chown(hba, owner.st_uid, owner.st_gid)
+    (data / "postmaster.pid").unlink(missing_ok=True)  # the source's; its pid means nothing here
+    port = _free_port()
+    try:
+        binaries = _pg_bin(data)
+    except SnapsyncError as e:
+        return Check(name, False, str(e))
+    log = scratch / "pg-drill.log"
+    log.touch()
+    os.chown(log, owner.st_uid, owner.st_gid)
+    options = (
+        f"-p {port} -k {sock} -c listen_addresses='' -c unix_socket_permissions=0700 -c hba_file={hba} "
+        f"-c archive_mode=off"
+    )
+
+    def pg_ctl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(binaries / "pg_ctl"), "-D", str(data), *args], user=owner.st_uid, group=owner.st_gid,
+            extra_groups=[], capture_output=True, text=True, timeout=600,
+        )
+
+    started = time.monotonic()
+    run = pg_ctl("-l", str(log), "-w", "-t", "300", "-o", options, "start")
+    try:
+        if run.returncode != 0:
+            tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
+            return Check(name, False, f"the server did not start: {tail or run.stderr.strip()}")
+        user = hook.user or "postgres"
+        dbname = hook.dbname or "postgres"
+        try:
+            with psycopg.connect(host=str(sock), port=port, user=user, dbname=dbname, autocommit=True, connect_timeout=30) as conn:
+                row = conn.execute(hook.check_query).fetchone()
+        except psycopg.Error as e:
+            return Check(name, False, f"check query failed: {str(e).strip().splitlines()[0]}")
+        return Check(name, True, f"started in {time.monotonic() - started:.1f}s; {hook.check_query!r} answered {row!r}")
+    finally:
+        pg_ctl("-m", "immediate", "-w", "stop")
+        shutil.rmtree(sock, ignore_errors=True)

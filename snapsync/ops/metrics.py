@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
@@ -32,6 +31,7 @@ if TYPE_CHECKING:
     from snapsync.recovery.drill import DrillReport
     from snapsync.policy.loader import Policy
     from snapsync.ops.runner import GroupReport
+    from snapsync.replication.replicate import TargetReport
 
 log = logging.getLogger("snapsync")
 
@@ -50,61 +50,75 @@ def observe_run(
     """Fold one command's reports into the state; ``error`` when the command failed as a whole."""
     state = {k: dict(v) for k, v in state.items()}
     ok = error is None and all(r.ok for r in reports)
-    cmd = dict(state.setdefault("commands", {}).get(command, {}))
+    commands = state.setdefault("commands", {})
+    commands[command] = _fold_command(commands.get(command, {}), ok, error, started, finished)
+    groups, targets = state.setdefault("groups", {}), state.setdefault("targets", {})
+    for r in reports:
+        if r.dry_run:
+            continue
+        groups[r.group] = _fold_group(groups.get(r.group, {}), r, prefixes.get(r.group, "snapsync"), finished)
+        for t in r.targets:
+            if not t.dry_run:
+                key = f"{t.group}/{t.target}"
+                targets[key] = _fold_target(targets.get(key, {}), t, finished)
+    return state
+
+
+def _fold_command(
+    before: Mapping[str, Any], ok: bool, error: str | None, started: datetime, finished: datetime
+) -> dict[str, Any]:
+    cmd = dict(before)
     cmd.update(last_run=finished.timestamp(), ok=ok, duration=(finished - started).total_seconds())
     if ok:
         cmd["last_success"] = finished.timestamp()
     if error is not None:
         cmd["failures"] = cmd.get("failures", 0) + 1
-    state["commands"][command] = cmd
-    groups, targets = state.setdefault("groups", {}), state.setdefault("targets", {})
-    for r in reports:
-        if r.dry_run:
-            continue
-        prefix = prefixes.get(r.group, "snapsync")
-        g = dict(groups.get(r.group, {}))
-        g["ok"] = not r.errors  # the source side; each target has its own
-        if not r.errors:
-            g["last_success"] = finished.timestamp()
-        kept = [d.name for d in r.plan.kept] if r.plan is not None else []
-        newest = _newest(prefix, [r.snapshot, *kept, *(t.newest_source for t in r.targets if t.direction == "push")])
-        if newest is not None and (r.plan is not None or newest >= g.get("newest_snapshot", 0)):
-            g["newest_snapshot"] = newest  # a prune plan lists every snapshot: then it may also go back
-        if r.plan is not None:
-            g["kept"] = len(kept)
-            g["deleted_total"] = g.get("deleted_total", 0) + len(r.deleted)
-        failures = dict(g.get("failures", {}))
-        for kind in r.failures:
-            failures[kind] = failures.get(kind, 0) + 1
-        g["failures"] = failures
-        if r.hooks:
-            g["hooks"] = [
-                {"index": h.index, "type": h.kind, "ok": h.status == "ok", "seconds": h.seconds, "paused": h.paused_seconds}
-                for h in r.hooks
-            ]
-        groups[r.group] = g
-        for t in r.targets:
-            if t.dry_run:
-                continue
-            key = f"{t.group}/{t.target}"
-            tt = dict(targets.get(key, {}))
-            tt.update(group=t.group, target=t.target, direction=t.direction, ok=t.ok, last_duration=t.seconds)
-            tt["last_sent_bytes"] = t.bytes_sent
-            tt["sent_bytes_total"] = tt.get("sent_bytes_total", 0) + t.bytes_sent
-            tt["sent_total"] = tt.get("sent_total", 0) + len(t.sent)
-            if t.ok:
-                tt["last_success"] = finished.timestamp()
-            if not t.ok:
-                tt["failures_total"] = tt.get("failures_total", 0) + 1
-            if t.newest_common_time is not None:
-                tt["newest_copy"] = t.newest_common_time.timestamp()
-            if t.lag is not None:
-                tt["lag"] = t.lag.total_seconds()
-            if t.prune is not None:
-                tt["kept"] = len(t.prune.kept)
-                tt["deleted_total"] = tt.get("deleted_total", 0) + len(t.pruned)
-            targets[key] = tt
-    return state
+    return cmd
+
+
+def _fold_group(before: Mapping[str, Any], r: GroupReport, prefix: str, finished: datetime) -> dict[str, Any]:
+    """The source side of one group; each target has its own entry."""
+    g = dict(before)
+    g["ok"] = not r.errors
+    if not r.errors:
+        g["last_success"] = finished.timestamp()
+    kept = [d.name for d in r.plan.kept] if r.plan is not None else []
+    newest = _newest(prefix, [r.snapshot, *kept, *(t.newest_source for t in r.targets if t.direction == "push")])
+    if newest is not None and (r.plan is not None or newest >= g.get("newest_snapshot", 0)):
+        g["newest_snapshot"] = newest  # a prune plan lists every snapshot: then it may also go back
+    if r.plan is not None:
+        g["kept"] = len(kept)
+        g["deleted_total"] = g.get("deleted_total", 0) + len(r.deleted)
+    failures = dict(g.get("failures", {}))
+    for kind in r.failures:
+        failures[kind] = failures.get(kind, 0) + 1
+    g["failures"] = failures
+    if r.hooks:
+        g["hooks"] = [
+            {"index": h.index, "type": h.kind, "ok": h.status == "ok", "seconds": h.seconds, "paused": h.paused_seconds}
+            for h in r.hooks
+        ]
+    return g
+
+
+def _fold_target(before: Mapping[str, Any], t: TargetReport, finished: datetime) -> dict[str, Any]:
+    tt = dict(before)
+    tt.update(group=t.group, target=t.target, direction=t.direction, ok=t.ok, last_duration=t.seconds)
+    tt["last_sent_bytes"] = t.bytes_sent
+    tt["sent_bytes_total"] = tt.get("sent_bytes_total", 0) + t.bytes_sent
+    tt["sent_total"] = tt.get("sent_total", 0) + len(t.sent)
+    if t.ok:
+        tt["last_success"] = finished.timestamp()
+    else:
+        tt["failures_total"] = tt.get("failures_total", 0) + 1
+    if t.newest_common_time is not None:
+        tt["newest_copy"] = t.newest_common_time.timestamp()
+    if t.lag is not None:
+        tt["lag"] = t.lag.total_seconds()
+    if t.prune is not None:
+        tt["kept"] = len(t.prune.kept)
+        tt["deleted_total"] = tt.get("deleted_total", 0) + len(t.pruned)
+    return tt
 
 
 def observe_drills(state: State, reports: Sequence[DrillReport], finished: datetime) -> State:

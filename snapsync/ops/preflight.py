@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from snapsync.backends import backend_for
+from snapsync.backends import backend_for, receiver_for
 from snapsync.backends.base import StorageBackend
 from snapsync.errors import PolicyError, SnapsyncError
 from snapsync.policy.loader import Group, Policy
@@ -42,16 +42,12 @@ def check_datasets(policy: Policy, backends: Callable[[Group], StorageBackend] =
 def receiving_warnings(policy: Policy) -> list[str]:
     """Local receiving places that are not usable right now: warnings, since a USB disk that is
     not plugged in is normal; replication reports the target as failed until it is."""
-    from snapsync.replication.serve import is_zfs_root
-    from snapsync.backends.btrfs_receiver import BtrfsReceiver
-    from snapsync.backends.zfs_receiver import ZfsReceiver
-
     places = [(f"targets.{n}.path", t.path) for n, t in policy.targets.items() if t.type == "local"]
     places += [(f"pulls.{n}.into", p.into) for n, p in policy.pulls.items()]
     warnings = []
     for key, path in places:
         try:
-            (ZfsReceiver(path) if is_zfs_root(path) else BtrfsReceiver(path)).check_root()
+            receiver_for(path).check_root()
         except SnapsyncError as e:
             warnings.append(f"{key}: {e}")
     return warnings + offsite_warnings(policy)

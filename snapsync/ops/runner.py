@@ -1,4 +1,4 @@
-"""Carries out the pure plans against real backends: the only module that touches filesystems.
+"""Carries out the pure plans for a timer's run: snapshot, prune, replicate, offsite, through the backends.
 
 Each group is independent: a failure in one is recorded in its report and the others go on, so a
 USB disk that is not plugged in does not stop the snapshots of everything else (exit status 1).
@@ -20,6 +20,7 @@ from snapsync.errors import BackendError, SnapsyncError, UsageError
 from snapsync.ops.hooks import HookReport, Hooks, Moment
 from snapsync.plan.naming import snapshot_name
 from snapsync.plan.groups import GroupListing, is_due, merge_listing, plan_group_prune
+from snapsync.plan.holds import is_pull_tag, is_safety_tag, is_target_tag, pull_tag, tag_subject, target_tag
 from snapsync.policy.loader import Group, Policy
 from snapsync.policy.schema import DirTarget, LocalTarget, S3Target, SshTarget
 from snapsync.protocol import dataset_key
@@ -68,6 +69,16 @@ class GroupReport:
             "hooks": [h.to_json() for h in self.hooks],
             "errors": self.errors,
         }
+
+
+@dataclass
+class TargetHoldings:
+    """What the targets of one group (or the source of one pull) hold, as `list` and `check` ask it."""
+
+    targets: list[TargetReport]
+    """One per target asked, in the group's order: copies held, lag, what the next run would send."""
+    errors: list[str]
+    """Why the targets not in ``targets`` could not be asked (their replication could not even start)."""
 
 
 class ClockBehind(BackendError):
@@ -170,18 +181,10 @@ class Runner:
         for dataset, snaps in raw.items():
             for snap in snaps:
                 for tag in snap.holds:
-                    kind, _, name = tag.partition(":")
-                    if kind == "target" and name in group.targets:
-                        reason = f"replication base for {name}"
-                    elif kind == "pull":
-                        reason = f"replication base for {name} (pulls from here)"
-                    elif kind == "safety":
-                        reason = f"safety snapshot of a rollback (release with `snapsync release {group.name} {name}`)"
-                    elif kind == "target":
+                    reason = _pin_reason(group, tag)
+                    if reason is None:
                         stale[(dataset, tag)] = None
                         continue
-                    else:
-                        reason = f"held by {tag} (not snapsync's hold; release it yourself)"
                     reasons = pinned.setdefault(snap.name, [])
                     if reason not in reasons:
                         reasons.append(reason)
@@ -240,7 +243,7 @@ class Runner:
             source=LocalSource(self.backend(group)),
             sink=Peer(transport, "receive"),
             settings=Settings.of(target),
-            hold_tag=f"target:{target_name}",
+            hold_tag=target_tag(target_name),
             now=self.clock.now,
             progress=self.progress,
         )
@@ -260,7 +263,7 @@ class Runner:
             source=RemoteSource(Peer(SshTransport.from_target(name, pull), "send")),
             sink=Peer(LocalTransport(name, pull.into), "receive"),
             settings=Settings.of(pull),
-            hold_tag=f"pull:{here}.{name}",
+            hold_tag=pull_tag(here, name),
             now=self.clock.now,
             direction="pull",
             progress=self.progress,
@@ -288,6 +291,23 @@ class Runner:
             replication = self.replication(group, name)
             assert replication is not None
             report.targets.append(_timed(lambda: replication.run(dry_run=report.dry_run, prune=prune)))
+
+    def target_holdings(self, groups: Iterable[Group], *, pulls: Sequence[str] = ()) -> dict[str, TargetHoldings]:
+        """What every target of each group holds, and what each pull fetched here, by group or pull name.
+
+        Both sides are listed and compared as replication would (lag, the steps a run would take), and
+        nothing is changed: no snapshot, send, hold or prune, on either side.
+        """
+        found: dict[str, TargetHoldings] = {}
+        for group in groups:
+            report = GroupReport(group.name, dry_run=True)
+            self._guard(report, "replicate", lambda: self.replicate(group, report, None, prune=False))
+            found[group.name] = TargetHoldings(report.targets, report.errors)
+        for name in pulls:
+            report = GroupReport(name, dry_run=True)
+            self._guard(report, "pull", lambda: self.pull(name, report, prune=False))
+            found[name] = TargetHoldings(report.targets, report.errors)
+        return found
 
     def run(
         self,
@@ -334,6 +354,18 @@ class Runner:
             report.errors.append(f"{what}: {e}")
             report.failures.append(what)
             log.error("group %s: %s failed: %s", report.group, what, e, extra={"event": f"{what}-failed", "group": report.group})
+
+
+def _pin_reason(group: Group, tag: str) -> str | None:
+    """Why a hold keeps a snapshot; None for the hold of a target the group no longer lists."""
+    name = tag_subject(tag)
+    if is_target_tag(tag):
+        return f"replication base for {name}" if name in group.targets else None
+    if is_pull_tag(tag):
+        return f"replication base for {name} (pulls from here)"
+    if is_safety_tag(tag):
+        return f"safety snapshot of a rollback (release with `snapsync release {group.name} {name}`)"
+    return f"held by {tag} (not snapsync's hold; release it yourself)"
 
 
 def _timed(step: Callable[[], TargetReport]) -> TargetReport:

@@ -7,13 +7,14 @@ to take), not the filesystem's creation time, so a replayed or received copy kee
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from snapsync.backends.base import SnapshotInfo
 from snapsync.plan.naming import parse_snapshot_name
-from snapsync.plan.retention import PrunePlan, RetentionRules, plan_prune
+from snapsync.plan.retention import Dated, PrunePlan, RetentionRules, plan_prune
+from snapsync.plan.snapshots import SnapshotId
 
 
 @dataclass(frozen=True)
@@ -35,23 +36,33 @@ class GroupListing:
         return past[-1] if past else None
 
 
+def group_snapshots(per_dataset: Mapping[str, Iterable[Dated]]) -> tuple[GroupSnapshot, ...]:
+    """Per-dataset snapshots merged by name, oldest first: the one place a group's history is assembled,
+    for the source, a target's copies and an offsite archive alike."""
+    datasets: dict[str, list[str]] = {}
+    created: dict[str, datetime] = {}
+    for dataset, snaps in per_dataset.items():
+        for snap in snaps:
+            datasets.setdefault(snap.name, []).append(dataset)
+            created[snap.name] = snap.created
+    return tuple(
+        sorted((GroupSnapshot(n, created[n], tuple(ds)) for n, ds in datasets.items()), key=lambda s: (s.created, s.name))
+    )
+
+
 def merge_listing(prefix: str, listing: Mapping[str, Sequence[SnapshotInfo]]) -> GroupListing:
-    by_name: dict[str, list[str]] = {}
-    times: dict[str, datetime] = {}
+    """A backend's listing as the group's snapshots, and everything that is not ours (bookmarks too)."""
+    ours: dict[str, list[SnapshotId]] = {}
     foreign: list[SnapshotInfo] = []
     for dataset, snaps in listing.items():
+        mine = ours[dataset] = []
         for snap in snaps:
             when = parse_snapshot_name(prefix, snap.name) if snap.kind == "snapshot" else None
             if when is None:
                 foreign.append(snap)
-                continue
-            by_name.setdefault(snap.name, []).append(dataset)
-            times[snap.name] = when
-    merged = sorted(
-        (GroupSnapshot(name, times[name], tuple(ds)) for name, ds in by_name.items()),
-        key=lambda s: (s.created, s.name),
-    )
-    return GroupListing(tuple(merged), tuple(foreign))
+            else:
+                mine.append(SnapshotId(snap.name, when, snap.received_guid or snap.guid))
+    return GroupListing(group_snapshots(ours), tuple(foreign))
 
 
 def is_due(newest: datetime | None, interval: timedelta, now: datetime) -> bool:

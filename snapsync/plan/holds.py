@@ -33,3 +33,12 @@ SAFETY = "safety:"
 def safety_tag(snapshot: str) -> str:
     """A rollback's hold on the safety snapshot it took, until ``snapsync release``."""
     return f"{SAFETY}{snapshot}"
+
+
+def is_safety_tag(tag: str) -> bool:
+    return tag.startswith(SAFETY)
+
+
+def tag_subject(tag: str) -> str:
+    """Whom a tag names: the target, ``<host>.<pull>``, or the safety snapshot."""
+    return tag.partition(":")[2]

@@ -19,8 +19,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from snapsync.plan.groups import GroupSnapshot
+from snapsync.plan.groups import group_snapshots
 from snapsync.plan.retention import PrunePlan, RetentionRules, plan_prune
+from snapsync.plan.snapshots import SnapshotId
 
 FullEvery = timedelta | int
 """Start a new chain when the chain's full upload is this old, or after this many incrementals."""
@@ -29,19 +30,9 @@ NEWEST = "newest upload (its chain is never deleted)"
 
 
 @dataclass(frozen=True)
-class SourceSnap:
-    name: str
-    created: datetime
-    guid: str
-
-
-@dataclass(frozen=True)
-class Stored:
+class Stored(SnapshotId):
     """A snapshot whose upload completed: its manifest exists and was authenticated."""
 
-    name: str
-    created: datetime
-    guid: str
     parent: str | None = None
     """The snapshot this incremental was sent from; None for a full upload."""
     parent_guid: str | None = None
@@ -107,7 +98,7 @@ def new_chain_due(full_every: FullEvery, start: datetime, incrementals: int, cre
 
 
 def plan_uploads(
-    source: Sequence[SourceSnap],
+    source: Sequence[SnapshotId],
     stored: Sequence[Stored],
     partials: Sequence[PartialUpload],
     full_every: FullEvery,
@@ -125,7 +116,7 @@ def plan_uploads(
     src = sorted(source, key=lambda s: (s.created, s.name))
     notes: list[str] = []
     newest = ordered[-1] if ordered else None
-    prev: SourceSnap | None = None
+    prev: SnapshotId | None = None
     start: datetime | None = None
     count = 0
     if newest is None:
@@ -181,16 +172,8 @@ def plan_store_prune(
     Broken chains (an ancestor missing, e.g. deleted by hand) are kept and reported: snapsync does
     not delete what it cannot reason about.
     """
-    datasets: dict[str, list[str]] = {}
-    created: dict[str, datetime] = {}
     by_dataset = {ds: {s.name: s for s in snaps} for ds, snaps in stored.items()}
-    for ds, listed in stored.items():
-        for s in listed:
-            datasets.setdefault(s.name, []).append(ds)
-            created[s.name] = s.created
-    group = sorted(
-        (GroupSnapshot(n, created[n], tuple(ds)) for n, ds in datasets.items()), key=lambda g: (g.created, g.name)
-    )
+    group = group_snapshots(stored)
     pinned: dict[str, list[str]] = {}
     broken: dict[str, tuple[str, ...]] = {}
     for ds, snaps in by_dataset.items():

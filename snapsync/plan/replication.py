@@ -1,10 +1,11 @@
 """Pure replication planning: which sends bring one target dataset up to date with its source.
 
-No I/O and no clock: the caller lists both sides, maps backend fields onto :class:`SourceSnapshot`
-and :class:`TargetSnapshot`, and executes the returned steps. Snapshots are matched by identity
-(btrfs uuid / received_uuid, ZFS guid), never by name: a renamed copy is still a base, and a
-same-named snapshot with another identity is not. Both sides pass only snapsync's own snapshots
-(filtered by prefix), oldest first; anything else on the target is not ours to delete.
+No I/O and no clock: the caller lists both sides, maps the source's snapshots onto
+:class:`~snapsync.plan.snapshots.SnapshotId` and the target's copies onto :class:`TargetSnapshot`,
+and executes the returned steps. Snapshots are matched by identity (btrfs uuid / received_uuid, ZFS
+guid), never by name: a renamed copy is still a base, and a same-named snapshot with another
+identity is not. Both sides pass only snapsync's own snapshots (filtered by prefix), oldest first;
+anything else on the target is not ours to delete.
 
 A conflict is returned instead of steps whenever going on would destroy data on the target; the
 plan never falls back to a full send over existing copies.
@@ -16,14 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-
-@dataclass(frozen=True)
-class SourceSnapshot:
-    """A source snapshot, or a ZFS bookmark: usable as an incremental base, never sent itself."""
-
-    name: str
-    guid: str
-    kind: Literal["snapshot", "bookmark"] = "snapshot"
+from snapsync.plan.snapshots import SnapshotId
 
 
 @dataclass(frozen=True)
@@ -62,13 +56,13 @@ class Resume:
 
 @dataclass(frozen=True)
 class SendFull:
-    snapshot: SourceSnapshot
+    snapshot: SnapshotId
 
 
 @dataclass(frozen=True)
 class SendIncremental:
-    base: SourceSnapshot
-    snapshot: SourceSnapshot
+    base: SnapshotId
+    snapshot: SnapshotId
 
 
 @dataclass(frozen=True)
@@ -136,7 +130,7 @@ class ReplicationPlan:
 
 
 def _find_base(
-    source: Sequence[SourceSnapshot], target: Sequence[TargetSnapshot]
+    source: Sequence[SnapshotId], target: Sequence[TargetSnapshot]
 ) -> tuple[int, TargetSnapshot] | None:
     copies = {t.source_guid: t for t in target if t.usable_base}
     best: int | None = None
@@ -148,8 +142,8 @@ def _find_base(
 
 
 def common_base(
-    source: Sequence[SourceSnapshot], target: Sequence[TargetSnapshot]
-) -> tuple[SourceSnapshot, TargetSnapshot] | None:
+    source: Sequence[SnapshotId], target: Sequence[TargetSnapshot]
+) -> tuple[SnapshotId, TargetSnapshot] | None:
     """The newest source entry with a complete, unmodified copy on the target, and that copy.
 
     A snapshot is preferred over its own bookmark (same guid): it can be pinned and sent from alike.
@@ -158,7 +152,7 @@ def common_base(
     return None if found is None else (source[found[0]], found[1])
 
 
-def _chain(base: SourceSnapshot | None, sendable: Sequence[SourceSnapshot]) -> list[Step]:
+def _chain(base: SnapshotId | None, sendable: Sequence[SnapshotId]) -> list[Step]:
     """Every snapshot in order, each from the previous, so the target keeps the whole history."""
     steps: list[Step] = []
     previous = base
@@ -169,7 +163,7 @@ def _chain(base: SourceSnapshot | None, sendable: Sequence[SourceSnapshot]) -> l
 
 
 def plan_replication(
-    source: Sequence[SourceSnapshot],
+    source: Sequence[SnapshotId],
     target: Sequence[TargetSnapshot],
     resume_token: str | None = None,
     on_diverged: Literal["refuse", "rollback"] = "refuse",
@@ -206,7 +200,7 @@ def plan_replication(
 
 
 def replication_pins(
-    source: Sequence[SourceSnapshot], target: Sequence[TargetSnapshot], target_name: str
+    source: Sequence[SnapshotId], target: Sequence[TargetSnapshot], target_name: str
 ) -> dict[str, list[str]]:
     """``pinned`` for the source's plan_prune: pruning the base would force a full re-send.
 
@@ -219,7 +213,7 @@ def replication_pins(
 
 
 def target_pins(
-    source: Sequence[SourceSnapshot], target: Sequence[TargetSnapshot], source_name: str
+    source: Sequence[SnapshotId], target: Sequence[TargetSnapshot], source_name: str
 ) -> dict[str, list[str]]:
     """``pinned`` for the target's plan_prune, keyed by the target's name for the base copy."""
     found = common_base(source, target)

@@ -22,6 +22,7 @@ from typing import Any, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
+from snapsync.backends import FILESYSTEMS, policy_form
 from snapsync.errors import PolicyError
 from snapsync.ops.hooks import UntrustedProgram, hook_programs, trusted_program
 from snapsync.policy.schema import (
@@ -226,19 +227,22 @@ def policy_warnings(policy: Policy) -> list[str]:
     """What is valid but probably not what was meant: consistency that btrfs or zfs cannot give."""
     warnings = []
     for group in policy.groups.values():
-        if group.backend == "btrfs" and len(group.datasets) > 1:
+        form, can = policy_form(group.backend), FILESYSTEMS[group.backend].capabilities
+        if form is None or len(group.datasets) < 2:
+            continue
+        if not can.atomic_group_snapshot or form.atomic_unit is None:
             if not any(isinstance(hook, FreezeHook) for hook in group.hooks):
                 warnings.append(
-                    f"group {group.name!r}: btrfs cannot snapshot several subvolumes atomically; "
+                    f"group {group.name!r}: {group.backend} cannot snapshot several {form.called} atomically; "
                     "add a freeze hook (or an application hook) if they must agree"
                 )
-        if group.backend == "zfs":
-            pools = sorted({dataset.split("/")[0] for dataset in group.datasets})
-            if len(pools) > 1:
-                warnings.append(
-                    f"group {group.name!r}: datasets in pools {', '.join(pools)} cannot be snapshotted atomically "
-                    "(one snapshot per pool)"
-                )
+            continue
+        units = sorted({form.atomic_unit(dataset) for dataset in group.datasets})
+        if len(units) > 1:
+            warnings.append(
+                f"group {group.name!r}: {form.called} in {form.unit_called}s {', '.join(units)} cannot be snapshotted "
+                f"atomically (one snapshot per {form.unit_called})"
+            )
     used = {name for group in policy.groups.values() for name in group.targets}
     warnings += [f"target {name!r} is not used by any group" for name in policy.targets if name not in used]
     return warnings

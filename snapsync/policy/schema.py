@@ -33,9 +33,10 @@ from pydantic import (
 )
 from pydantic_core import CoreSchema, core_schema
 
+from snapsync.backends import policy_form, with_form
 from snapsync.policy.durations import format_duration, parse_duration
 from snapsync.plan.retention import RetentionRules
-from snapsync.host.streams import parse_rate
+from snapsync.policy.units import SIZE, format_size, parse_size
 
 POLICY_VERSION = 1
 BUILTIN_RETENTION = RetentionRules(hourly=48, daily=30, weekly=8, monthly=12, yearly=3)
@@ -190,6 +191,18 @@ def _argv(value: object) -> object:
 Duration = Annotated[
     timedelta, BeforeValidator(_duration), PlainSerializer(format_duration, return_type=str, when_used="json")
 ]
+
+
+def _rate(value: object) -> int:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {show(value)}")
+    if not SIZE.fullmatch(value):
+        raise ValueError(f"invalid rate limit {show(value)}: use bytes per second with an optional K, M or G, e.g. '10M'")
+    return parse_size(value)
+
+
+RateLimit = Annotated[int, BeforeValidator(_rate), PlainSerializer(format_size, return_type=str, when_used="json")]
+"""Bytes per second, written like ``10M``; parsed here once, so every sender reads a number."""
 MAX_COUNT = 100_000
 Count = Annotated[int, Strict(), Field(ge=0, le=MAX_COUNT)]
 Port = Annotated[int, Strict(), AfterValidator(_port)]
@@ -216,9 +229,6 @@ Prefix = Annotated[
         "use up to 100 letters, digits, '.' and '-', starting with a letter or digit "
         "(no '_': it separates the prefix from the time in snapshot names)",
     ),
-]
-RateLimit = Annotated[
-    str, _matching(r"[0-9]{1,12}[KMG]?", "rate limit", "use bytes per second with an optional K, M or G, e.g. '10M'")
 ]
 SystemdUnit = Annotated[
     str,
@@ -440,9 +450,9 @@ class LocalTarget(_Target):
 def _size(value: object) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if not isinstance(value, str) or not re.fullmatch(r"[0-9]{1,12}[KMG]?", value):
+    if not isinstance(value, str) or not SIZE.fullmatch(value):
         raise ValueError(f"expected a size like '64M' (K, M and G are powers of 1024), got {show(value)}")
-    return parse_rate(value) or 0
+    return parse_size(value)
 
 
 def _full_every(value: object) -> timedelta | int:
@@ -594,7 +604,8 @@ class Group(_Table):
             "prefix": defaults.prefix,
             "timezone": defaults.timezone,
         }
-        if data.get("backend") == "btrfs":
+        form = policy_form(str(data.get("backend", "")))
+        if form is not None and form.snapshot_dir:
             fill["snapshot_dir"] = defaults.snapshot_dir
         data = fill | data
         warn, crit = data.get("warn_after", defaults.warn_after), data.get("crit_after", defaults.crit_after)
@@ -620,9 +631,10 @@ class Group(_Table):
     @field_validator("datasets")
     @classmethod
     def _check_datasets(cls, datasets: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
-        check = {"btrfs": _absolute_path, "zfs": _zfs_dataset}.get(info.data.get("backend", ""))
-        if check is None:
+        form = policy_form(info.data.get("backend", ""))
+        if form is None:
             return datasets
+        check = _absolute_path if form.dataset == "path" else _zfs_dataset
         seen: dict[str, int] = {}
         for i, dataset in enumerate(datasets):
             try:
@@ -643,15 +655,20 @@ class Group(_Table):
         return targets
 
     @model_validator(mode="after")
-    def _snapshot_dir_is_btrfs_only(self) -> Group:
+    def _keys_of_the_filesystem(self) -> Group:
+        """snapshot_dir, send_raw and send_compressed mean something only where the filesystem has them."""
+        form = policy_form(self.backend)
+        assert form is not None  # the backend's Literal let only known names through
         at = ("snapshot_dir",)
-        if self.backend == "zfs" and self.snapshot_dir is not None:
-            raise Problem("snapshot_dir applies only to btrfs groups (zfs keeps snapshots in the dataset)", *at)
-        if self.backend == "btrfs" and self.snapshot_dir is None:
+        if not form.snapshot_dir and self.snapshot_dir is not None:
+            owners = " or ".join(with_form(lambda f: f.snapshot_dir))
+            raise Problem(f"snapshot_dir applies only to {owners} groups ({self.backend} keeps snapshots in the dataset)", *at)
+        if form.snapshot_dir and self.snapshot_dir is None:
             raise Problem("missing required key", *at)
-        if self.backend == "btrfs" and (self.send_raw or not self.send_compressed):
+        if not form.stream_modes and (self.send_raw or not self.send_compressed):
             key = "send_raw" if self.send_raw else "send_compressed"
-            raise Problem("applies only to zfs groups (btrfs streams have no raw or compressed mode)", key)
+            owners = " or ".join(with_form(lambda f: f.stream_modes))
+            raise Problem(f"applies only to {owners} groups ({self.backend} streams have no raw or compressed mode)", key)
         return self
 
 

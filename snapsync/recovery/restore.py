@@ -3,7 +3,7 @@
 Restore checks before it writes anything: every manifest in the chain authenticates, each links to
 its parent by identity, and every chunk object exists with the size its manifest records. Then each
 stream of the chain (the full one first) is replayed through the same receiving code replication
-uses (:mod:`snapsync.backends.btrfs_receiver` for btrfs, :mod:`snapsync.backends.zfs_receiver` for ZFS), so a restored copy lands
+uses (the :class:`~snapsync.backends.receiver.Receiver` of the group's filesystem), so a restored copy lands
 exactly like a replicated one: ``<to>/<group>/<dataset key>/<snapshot>``, committed only after
 receive succeeded and the identity matched. Every segment is authenticated before its bytes reach
 ``receive``; a copy whose stream later fails a check is deleted again.
@@ -19,9 +19,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
+from snapsync.backends import FILESYSTEMS, filesystem_of_place, receiver_for
 from snapsync.offsite.archive import Archive, DatasetState, Manifest
 from snapsync.offsite.chunks import replay_chunk
 from snapsync.errors import BackendError, IntegrityError, SnapsyncError, UsageError
@@ -30,28 +30,14 @@ from snapsync.plan.naming import parse_snapshot_name
 from snapsync.plan.offsite import chain
 from snapsync.replication.peer import Peer
 from snapsync.policy.schema import Group, Policy
-from snapsync.backends.btrfs_receiver import Copy
 from snapsync.host.streams import Meter, finish, pump, reaped, widen
+
+if TYPE_CHECKING:
+    from snapsync.backends.receiver import Receiver
 
 
 _GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 log = logging.getLogger("snapsync")
-
-
-class Receiver(Protocol):
-    """The receiving side replication uses: :class:`~snapsync.backends.btrfs_receiver.BtrfsReceiver` or ``ZfsReceiver``."""
-
-    def check_root(self) -> None: ...
-
-    def copies(self, rel: str) -> list[Copy]: ...
-
-    def receive(self, rel: str, name: str, guid: str, stdin: int, compress: str = "none", force: bool = False) -> dict[str, object]: ...
-
-    def delete(self, rel: str, names: list[str], allow_writable: bool = False) -> list[str]: ...
-
-    def delete_partials(self, rel: str, names: list[str]) -> list[str]: ...
-
-    def listing(self, rel: str) -> tuple[list[Copy], str | None]: ...
 
 
 @dataclass
@@ -129,18 +115,11 @@ def check_chain(archive: Archive, state: DatasetState, name: str) -> list[Manife
     return manifests
 
 
-def _destination(to: str, backend: str) -> Receiver:
-    if backend == "btrfs":
-        if not to.startswith("/"):
-            raise UsageError(f"--to {to!r}: a btrfs group restores into a directory on btrfs (an absolute path)")
-        from snapsync.backends.btrfs_receiver import BtrfsReceiver
-
-        return BtrfsReceiver(to)
-    if to.startswith("/"):
-        raise UsageError(f"--to {to!r}: a zfs group restores below a ZFS dataset (a name like pool/restore)")
-    from snapsync.backends.zfs_receiver import ZfsReceiver
-
-    return ZfsReceiver(to)
+def _destination(to: str, filesystem: str) -> Receiver:
+    """The receiver at ``to``, which must be a place of the group's own filesystem."""
+    if filesystem_of_place(to) != filesystem:
+        raise UsageError(f"--to {to!r}: a {filesystem} group restores {FILESYSTEMS[filesystem].places}")
+    return receiver_for(to)
 
 
 class Landing(Protocol):
@@ -160,8 +139,8 @@ class Landing(Protocol):
 class ToRoot:
     """Copies land as on a replication target: ``<to>/<group>/<dataset key>/<snapshot>``."""
 
-    def __init__(self, to: str, group: str, backend: str) -> None:
-        self.store = _destination(to, backend)
+    def __init__(self, to: str, group: str, filesystem: str) -> None:
+        self.store = _destination(to, filesystem)
         self.group = group
         self.description = to
 
@@ -179,9 +158,9 @@ class ToRoot:
 class InPlace:
     """Bare-metal recovery: each dataset is restored where the policy has it, so the policy takes over.
 
-    btrfs: the snapshot is received into the dataset's snapshot directory (as a received copy, with
-    the source's identity, so replication continues incrementally from it) and the subvolume is
-    created as a writable snapshot of it. ZFS: the dataset is received in place and mounted. A
+    Each snapshot is received as one of the dataset's own snapshots (with the source's identity, so
+    replication continues incrementally from it) and the dataset is made live from it: see
+    :meth:`~snapsync.backends.base.StorageBackend.restore_receiver` and ``finish_in_place``. A
     dataset that already exists is refused: this fills empty places only.
     """
 
@@ -190,6 +169,7 @@ class InPlace:
         self.backend = backend
         self.description = "the group's own datasets"
         self.places: dict[str, str] = {}
+        self.receivers: dict[str, tuple[Receiver, str]] = {}
         self.done: set[str] = set()
 
     def prepare(self, keys: dict[str, str], dry_run: bool, snapshot: str) -> None:
@@ -200,81 +180,22 @@ class InPlace:
                     f"restore it --to a directory instead"
                 )
             self.places[key] = source
-        self.done = {key for key, source in self.places.items() if self._restored_here(source, snapshot)}
+        # Already restored by an earlier, interrupted run of this restore: carry on with the others.
+        self.done = {key for key, source in self.places.items() if self.backend.restored_in_place(source, snapshot)}
         for key, source in self.places.items():
-            if key not in self.done and self._exists(source):
+            if key not in self.done and self.backend.exists(source):
                 raise UsageError(
                     f"{source} already exists; --in-place restores into empty places only (move it aside, "
                     f"use `snapsync rollback`, or restore --to somewhere else)"
                 )
-        if not dry_run and self.backend.kind == "btrfs":
-            for source in self.places.values():
-                Path(self.backend.snapshot_home(source)).mkdir(parents=True, exist_ok=True, mode=0o700)
-
-    def _restored_here(self, dataset: str, snapshot: str) -> bool:
-        """Already restored by an earlier, interrupted run of this restore: carry on with the others.
-
-        btrfs: the subvolume is a writable snapshot of a received copy in its own snapshot
-        directory. ZFS: the dataset arrived by receive (``receive_resume_token`` aside) and holds one
-        of the group's snapshots. Anything else in the place is somebody's data.
-        """
-        if not self._exists(dataset):
-            return False
-        if self.backend.kind == "btrfs":
-            import btrfsutil
-
-            try:
-                parent = btrfsutil.subvolume_info(dataset).parent_uuid
-            except btrfsutil.BtrfsUtilError:
-                return False
-            return any(
-                s.name == snapshot and s.guid == parent.hex() and s.received_guid
-                for s in self.backend.list_snapshots(dataset)
-            )
-        from snapsync.backends.zfs import zfs
-
-        token = zfs("get", "-H", "-o", "value", "receive_resume_token", dataset, check=False).stdout.strip()
-        return token in ("-", "") and any(s.name == snapshot for s in self.backend.list_snapshots(dataset))
-
-    def _exists(self, dataset: str) -> bool:
-        if self.backend.kind == "btrfs":
-            return os.path.lexists(dataset)
-        from snapsync.backends.zfs import zfs
-
-        return zfs("list", "-H", "-o", "name", dataset, check=False).returncode == 0
+        self.receivers = {key: self.backend.restore_receiver(source, create=not dry_run) for key, source in self.places.items()}
 
     def receiver(self, key: str) -> tuple[Receiver, str]:
-        dataset = self.places[key]
-        if self.backend.kind == "btrfs":
-            from snapsync.backends.btrfs_receiver import BtrfsReceiver
-
-            home = Path(self.backend.snapshot_home(dataset))
-            return BtrfsReceiver(home.parent), home.name
-        from snapsync.backends.zfs_receiver import ZfsReceiver
-
-        parent, _, leaf = dataset.rpartition("/")
-        return ZfsReceiver(parent), leaf
+        return self.receivers[key]
 
     def finish(self, key: str, name: str) -> None:
-        dataset = self.places[key]
-        if key in self.done:
-            return
-        if self.backend.kind == "btrfs":
-            if os.path.lexists(dataset):
-                raise BackendError(
-                    f"{dataset} appeared while it was being restored (a unit's StateDirectory=, tmpfiles?); the "
-                    f"restored snapshot is in {self.backend.snapshot_home(dataset)}: move {dataset} away and run "
-                    f"the restore again"
-                )
-            import btrfsutil
-
-            btrfsutil.create_snapshot(Path(self.backend.snapshot_home(dataset)) / name, dataset, read_only=False)
-            return
-        from snapsync.backends.zfs import zfs
-
-        zfs("set", "canmount=on", dataset)
-        if zfs("get", "-H", "-o", "value", "mounted", dataset).stdout.strip() != "yes":
-            zfs("mount", dataset)
+        if key not in self.done:
+            self.backend.finish_in_place(self.places[key], name)
 
 
 def restore(
@@ -304,25 +225,12 @@ def restore(
     findings = archive.findings(survey)
     states = survey.scope()
     if findings.hidden and snapshot is None and not accept_rollback:
-        more = f" (and {len(findings.hidden) - 1} more)" if len(findings.hidden) > 1 else ""
-        try:
-            left = f"the newest left is {group}@{choose_snapshot(group, states, None)}: name it to restore it anyway"
-        except UsageError:
-            left = "nothing else is left"
-        raise IntegrityError(f"{findings.hidden[0]}{more}; not restoring an older snapshot in its place ({left})")
+        _refuse_an_older_state(group, states, findings.hidden)
     problems = [*survey.problems, *survey.orphans(archive.name), *findings.hidden, *findings.notes]
     name = choose_snapshot(group, states, snapshot)
-    try:
-        plans = {ds: check_chain(archive, state, name) for ds, state in states.items()}
-    except IntegrityError as e:
-        if problems:
-            raise IntegrityError(f"{e} (unreadable: {'; '.join(problems)})") from None
-        raise
+    plans = _chains(archive, states, name, problems)
     if verify_first:
-        for manifests in plans.values():
-            for m in manifests:
-                for i in range(len(m.chunks)):
-                    replay_chunk(archive.store, archive.key, m, i, archive.name(m.chunk_key(i)), None)
+        _read_every_chunk(archive, plans)
     backends = {m.backend for ms in plans.values() for m in ms}
     if len(backends) != 1:
         raise IntegrityError(f"group {group!r} mixes backends in the archive ({', '.join(sorted(backends))})")
@@ -330,24 +238,63 @@ def restore(
     landing.prepare({ds: ms[-1].source for ds, ms in plans.items()}, dry_run, name)
     report = RestoreReport(target, group, name, landing.description, dry_run, problems=problems)
     for ds, manifests in plans.items():
-        item = DatasetRestore(ds, manifests[-1].source, [m.snapshot for m in manifests])
-        report.datasets.append(item)
-        store, rel = landing.receiver(ds)
-        have = {} if dry_run else {c.name: c for c in store.copies(rel) if not c.partial}
-        for m in manifests:
-            copy = have.get(m.snapshot)
-            if copy is not None and copy.received_uuid == m.guid and copy.read_only:
-                item.present.append(m.snapshot)
-                continue
-            if dry_run:
-                continue
-            tick = progress(f"restore {ds} {m.snapshot.rpartition('_')[2]}", m.raw_bytes) if progress else None
-            item.bytes += _replay(archive, m, store, rel, Meter(tick=tick))
-            item.received.append(m.snapshot)
+        report.datasets.append(_replay_chain(archive, landing, ds, manifests, dry_run, progress))
         if not dry_run:
             landing.finish(ds, name)
     report.seconds = time.monotonic() - started
     return report
+
+
+def _refuse_an_older_state(group: str, states: dict[str, DatasetState], hidden: list[str]) -> None:
+    """The archive's newest uploads are missing: restoring what is left would go back in time unasked."""
+    more = f" (and {len(hidden) - 1} more)" if len(hidden) > 1 else ""
+    try:
+        left = f"the newest left is {group}@{choose_snapshot(group, states, None)}: name it to restore it anyway"
+    except UsageError:
+        left = "nothing else is left"
+    raise IntegrityError(f"{hidden[0]}{more}; not restoring an older snapshot in its place ({left})")
+
+
+def _chains(archive: Archive, states: dict[str, DatasetState], name: str, problems: list[str]) -> dict[str, list[Manifest]]:
+    """Per dataset, the manifests to replay for ``name``; a broken chain names what else is unreadable."""
+    try:
+        return {ds: check_chain(archive, state, name) for ds, state in states.items()}
+    except IntegrityError as e:
+        if problems:
+            raise IntegrityError(f"{e} (unreadable: {'; '.join(problems)})") from None
+        raise
+
+
+def _read_every_chunk(archive: Archive, plans: dict[str, list[Manifest]]) -> None:
+    for manifests in plans.values():
+        for m in manifests:
+            for i in range(len(m.chunks)):
+                replay_chunk(archive.store, archive.key, m, i, archive.name(m.chunk_key(i)), None)
+
+
+def _replay_chain(
+    archive: Archive,
+    landing: Landing,
+    ds: str,
+    manifests: list[Manifest],
+    dry_run: bool,
+    progress: Callable[[str, int | None], Callable[[int], None] | None] | None,
+) -> DatasetRestore:
+    """Receive one dataset's chain, skipping the streams whose copies are already there complete."""
+    item = DatasetRestore(ds, manifests[-1].source, [m.snapshot for m in manifests])
+    store, rel = landing.receiver(ds)
+    have = {} if dry_run else {c.name: c for c in store.copies(rel) if not c.partial}
+    for m in manifests:
+        copy = have.get(m.snapshot)
+        if copy is not None and copy.received_uuid == m.guid and copy.read_only:
+            item.present.append(m.snapshot)
+            continue
+        if dry_run:
+            continue
+        tick = progress(f"restore {ds} {m.snapshot.rpartition('_')[2]}", m.raw_bytes) if progress else None
+        item.bytes += _replay(archive, m, store, rel, Meter(tick=tick))
+        item.received.append(m.snapshot)
+    return item
 
 
 def restore_from_peer(

@@ -14,7 +14,6 @@ stop. Only the group's own datasets are touched: NixOS rolls ``/`` back at boot 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -22,13 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from snapsync.backends.base import SnapshotInfo, StorageBackend
+from snapsync.backends.usage import Holder
 from snapsync.errors import SnapsyncError, UsageError
+from snapsync.host.state import read_json, state_dir, write_json
+from snapsync.plan.holds import is_target_tag, safety_tag, target_tag
 from snapsync.plan.naming import parse_snapshot_name, snapshot_name
 from snapsync.policy.loader import Group
-from snapsync.host.state import read_json, state_dir, write_json
-from snapsync.backends.usage import Holder, holders, mounts
-
-SAFETY = "safety"
 
 
 class Busy(UsageError):
@@ -70,14 +68,6 @@ def _plan_path(group: str) -> Path:
     return state_dir() / "rollback" / f"{group}.json"
 
 
-def _exists(backend: StorageBackend, dataset: str) -> bool:
-    if backend.kind == "btrfs":
-        return os.path.lexists(dataset)
-    from snapsync.backends.zfs import zfs
-
-    return zfs("list", "-H", "-o", "name", dataset, check=False).returncode == 0
-
-
 def rollback(
     group: Group,
     backend: StorageBackend,
@@ -112,7 +102,7 @@ def rollback(
         now += timedelta(seconds=1)
         safety = snapshot_name(group.prefix, now)
     report = RollbackReport(group.name, snapshot, dry_run, safety)
-    report.holders = holders(group.datasets) if backend.kind == "btrfs" else _zfs_holders(group.datasets)
+    report.holders = backend.in_use(group.datasets)
     if report.holders and not force:
         lines = "; ".join(h.describe() for h in report.holders[:8])
         more = f" (and {len(report.holders) - 8} more)" if len(report.holders) > 8 else ""
@@ -120,20 +110,20 @@ def rollback(
     if report.holders:
         report.notes.append("in use, rolled back anyway (--force): " + "; ".join(h.describe() for h in report.holders))
     report.steps.append(
-        f"take safety snapshot {safety} of {', '.join(group.datasets)}, held as {SAFETY}:{safety} "
+        f"take safety snapshot {safety} of {', '.join(group.datasets)}, held as {safety_tag(safety)} "
         f"until `snapsync release {group.name} {safety}`"
     )
     for ds in group.datasets:
         report.aside[ds] = aside_name(ds, safety)
         report.steps.append(f"move {ds} aside to {report.aside[ds]}")
-        report.steps.append(f"put {snapshot}'s state in place at {ds}" + (" (writable snapshot)" if backend.kind == "btrfs" else " (clone, promoted)"))
+        report.steps.append(f"put {snapshot}'s state in place at {ds} ({backend.capabilities.rollback_copy})")
     report.notes += _target_notes(group, backend, listings, snapshot)
     if dry_run:
         return report
     write_json(_plan_path(group.name), {"snapshot": snapshot, "safety": safety, "aside": report.aside})
     backend.snapshot_group(group.datasets, safety)
     for ds in group.datasets:
-        backend.set_holds(ds, f"{SAFETY}:{safety}", [safety])
+        backend.set_holds(ds, safety_tag(safety), [safety])
     return _swap_all(group, backend, snapshot, report)
 
 
@@ -142,7 +132,7 @@ def _resume(group: Group, backend: StorageBackend, snapshot: str, plan: dict[str
     report.aside = {str(k): str(v) for k, v in dict(plan.get("aside", {})).items()}
     report.notes.append(f"finishing the interrupted rollback to {snapshot} (safety snapshot {report.safety})")
     for ds in group.datasets:
-        state = "done" if _exists(backend, report.aside.get(ds, "")) and _exists(backend, ds) else "to do"
+        state = "done" if backend.exists(report.aside.get(ds, "")) and backend.exists(ds) else "to do"
         report.steps.append(f"{ds}: {state}")
     if dry_run:
         return report
@@ -153,7 +143,7 @@ def _swap_all(group: Group, backend: StorageBackend, snapshot: str, report: Roll
     done: list[str] = []
     for ds in group.datasets:
         aside = report.aside[ds]
-        if not (_exists(backend, aside) and _exists(backend, ds)):
+        if not (backend.exists(aside) and backend.exists(ds)):
             try:
                 backend.rollback(ds, snapshot, aside)
             except SnapsyncError as e:
@@ -162,37 +152,30 @@ def _swap_all(group: Group, backend: StorageBackend, snapshot: str, report: Roll
                     f"the state of all); fix the cause and run `snapsync rollback {group.name} {snapshot}` again to finish"
                 ) from e
         done.append(ds)
-        if backend.kind == "zfs":
+        if backend.capabilities.rollback_sets_newer_aside:
             # The newer snapshots went aside with the old state; they are no target's base any more.
-            tags = {t for snap in backend.list_snapshots(aside) for t in snap.holds if t.startswith("target:")}
+            tags = {t for snap in backend.list_snapshots(aside) for t in snap.holds if is_target_tag(t)}
             for tag in sorted(tags):
                 backend.set_holds(aside, tag, [])
     _plan_path(group.name).unlink(missing_ok=True)
     return report
 
 
-def _zfs_holders(datasets: Sequence[str]) -> list[Holder]:
-    """ZFS datasets are used where they are mounted: found in mountinfo, so legacy mounts count too."""
-    table = mounts()
-    points = [m.point for m in table if m.fstype == "zfs" and m.source in set(datasets)]
-    return holders(points, table) if points else []
-
-
 def _target_notes(
     group: Group, backend: StorageBackend, listings: dict[str, dict[str, SnapshotInfo]], snapshot: str
 ) -> list[str]:
-    """What the targets keep as base, and which will see a diverged history (ZFS)."""
+    """What the targets keep as base, and which will see a diverged history (where newer snapshots go aside)."""
     when = parse_snapshot_name(group.prefix, snapshot)
     assert when is not None
     notes = []
     for target in group.targets:
         held = sorted({
-            n for snaps in listings.values() for n, s in snaps.items() if f"target:{target}" in s.holds
+            n for snaps in listings.values() for n, s in snaps.items() if target_tag(target) in s.holds
         })
         if not held:
             continue
         newer = [n for n in held if (parse_snapshot_name(group.prefix, n) or when) > when]
-        if backend.kind == "zfs" and newer:
+        if backend.capabilities.rollback_sets_newer_aside and newer:
             notes.append(
                 f"target {target}: its base {', '.join(held)} is newer than {snapshot} and moves aside with the old "
                 f"state; its next send is refused as diverged unless on_diverged = \"rollback\" for it (which "
@@ -201,3 +184,20 @@ def _target_notes(
         else:
             notes.append(f"target {target}: base {', '.join(held)} stays; replication continues incrementally")
     return notes
+
+
+def release(backend: StorageBackend, datasets: Sequence[str], safety: str) -> None:
+    """``snapsync release``: drop a rollback's hold on its safety snapshot, so retention may prune it,
+    wherever the rollback left that snapshot (with the old state aside, where newer snapshots go there)."""
+    tag = safety_tag(safety)
+    for ds in datasets:
+        backend.set_holds(ds, tag, [])
+        if not backend.capabilities.rollback_sets_newer_aside:
+            continue
+        aside = aside_name(ds, safety)
+        try:
+            there = any(s.name == safety for s in backend.list_snapshots(aside))
+        except SnapsyncError:
+            there = False
+        if there:
+            backend.set_holds(aside, tag, [])

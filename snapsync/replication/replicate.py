@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 
 from tenacity import Retrying
@@ -28,7 +28,7 @@ from snapsync.policy.durations import format_duration
 from snapsync.errors import BackendError, SnapsyncError, TransientError
 from snapsync.plan.naming import parse_snapshot_name
 from snapsync.replication.peer import Peer
-from snapsync.plan.groups import GroupSnapshot
+from snapsync.plan.groups import group_snapshots
 from snapsync.policy.schema import LocalTarget, SshTarget
 from snapsync.plan.replication import (
     DeletePartial,
@@ -37,15 +37,15 @@ from snapsync.plan.replication import (
     RollbackTarget,
     SendFull,
     SendIncremental,
-    SourceSnapshot,
     Step,
     TargetSnapshot,
     plan_replication,
 )
 from snapsync.plan.retention import PrunePlan, RetentionRules, plan_prune
+from snapsync.plan.snapshots import SnapshotId, our_snapshots
 from snapsync.retry import retrying
-from snapsync.backends.btrfs_receiver import Copy
-from snapsync.host.streams import Meter, Proc, parse_rate
+from snapsync.backends.receiver import Copy
+from snapsync.host.streams import Meter, Proc
 
 log = logging.getLogger("snapsync")
 
@@ -117,7 +117,7 @@ class RemoteSource:
 
     def snapshots(self, datasets: Sequence[str]) -> dict[str, list[SnapshotInfo]]:
         raw = self.peer.list_paths(datasets)
-        return {d: [_info_from_json(d, s) for s in raw.get(d, [])] for d in datasets}
+        return {d: [SnapshotInfo.from_json(d, s) for s in raw.get(d, [])] for d in datasets}
 
     def start_send(self, dataset: str, name: str | None, base: str | None, compress: str, token: str | None = None) -> list[Proc]:
         proc, _ = self.peer.open_send(dataset, name, base, compress, token)
@@ -131,22 +131,6 @@ class RemoteSource:
 
     def estimate(self, dataset: str, name: str, base: str | None) -> int | None:
         return None
-
-
-def _info_from_json(dataset: str, data: dict[str, Any]) -> SnapshotInfo:
-    return SnapshotInfo(
-        dataset=dataset,
-        name=str(data["name"]),
-        created=datetime.strptime(str(data["created"]), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC),
-        guid=str(data["guid"]),
-        location=str(data.get("location", "")),
-        read_only=bool(data.get("read_only", True)),
-        parent_guid=data.get("parent_guid"),
-        received_guid=data.get("received_guid"),
-        txg=data.get("txg"),
-        kind=data.get("kind", "snapshot"),
-        holds=tuple(data.get("holds", ())),
-    )
 
 
 @dataclass
@@ -260,7 +244,7 @@ class Settings:
             retention=target.retention,
             on_diverged=target.on_diverged,
             compress=target.compress,
-            rate_limit=parse_rate(target.rate_limit),
+            rate_limit=target.rate_limit,
             max_lag=target.max_lag,
         )
 
@@ -285,15 +269,16 @@ def ours(prefix: str, name: str) -> datetime | None:
     return parse_snapshot_name(prefix, name)
 
 
-def source_entries(prefix: str, snaps: Sequence[SnapshotInfo]) -> list[SourceSnapshot]:
-    """Our snapshots (and bookmarks), oldest first by the time in their name.
+def _send_base(step: SendFull | SendIncremental) -> str | None:
+    """The base as a send names it: a snapshot, or ``#name`` for a ZFS bookmark."""
+    if isinstance(step, SendFull):
+        return None
+    return f"#{step.base.name}" if step.base.kind == "bookmark" else step.base.name
 
-    The identity is what ``btrfs send`` writes into the stream: the snapshot's own uuid, or the
-    uuid it was received as, when it arrived by receive itself (a restored or cascaded copy).
-    """
-    mine = [(t, s) for s in snaps if (t := ours(prefix, s.name)) is not None]
-    mine.sort(key=lambda x: (x[0], x[1].name))
-    return [SourceSnapshot(s.name, s.received_guid or s.guid, s.kind) for _, s in mine]
+
+def _copies(listing: dict[str, list[dict[str, Any]]], path: str) -> list[Copy]:
+    """A receiver's copies of one dataset, from its wire form."""
+    return [Copy.from_json(c) for c in listing.get(path, [])]
 
 
 def target_entries(prefix: str, copies: Sequence[Copy]) -> list[TargetSnapshot]:
@@ -348,8 +333,8 @@ class Replication:
         self.now = now
         self.direction = direction
         self.progress = progress
-        self._have: dict[str, set[str]] = {}
-        """Complete copies on the target per dataset path, kept current as steps succeed."""
+        self._have: dict[str, dict[str, SnapshotId]] = {}
+        """Complete copies on the target per dataset path, by name, kept current as steps succeed."""
 
     def _retrying(self) -> Retrying:
         return retrying(f"{self.group} -> {self.target}")
@@ -374,7 +359,7 @@ class Replication:
         report.reached = True
         commons: dict[str, str | None] = {}
         for link in self.links:
-            copies = [Copy.from_json(c) for c in listing.get(link.path, [])]
+            copies = _copies(listing, link.path)
             try:
                 commons[link.path] = self._retrying()(
                     self._dataset, link, sources[link.ref], copies, tokens.get(link.path), report, dry_run
@@ -388,11 +373,28 @@ class Replication:
                 self._prune(report, commons, dry_run)
             except SnapsyncError as e:
                 report.errors.append(f"prune on target: {e}")
-        report.have = {link.ref: self._oldest_first(self._have.get(link.path, set())) for link in self.links}
+        report.have = {link.ref: self._oldest_first(link) for link in self.links}
         return report
 
-    def _oldest_first(self, names: set[str]) -> list[str]:
-        return sorted(names, key=lambda n: (ours(self.prefix, n), n))
+    def _oldest_first(self, link: DatasetLink) -> list[str]:
+        have = self._have.get(link.path, {}).values()
+        return [s.name for s in sorted(have, key=lambda s: (s.created, s.name))]
+
+    def _listing(self, link: DatasetLink) -> tuple[list[Copy], str | None]:
+        listing, tokens = self.sink.listing([link.path])
+        return _copies(listing, link.path), tokens.get(link.path)
+
+    def _plan(self, source: Sequence[SnapshotId], copies: Sequence[Copy], token: str | None) -> ReplicationPlan:
+        return plan_replication(source, target_entries(self.prefix, copies), token, on_diverged=self.settings.on_diverged)
+
+    def _complete(self, copies: Sequence[Copy]) -> dict[str, SnapshotId]:
+        """Our complete copies; each carries the identity of the source snapshot it copies."""
+        have: dict[str, SnapshotId] = {}
+        for c in copies:
+            when = ours(self.prefix, c.name)
+            if not c.partial and c.read_only and c.received_uuid and when is not None:
+                have[c.name] = SnapshotId(c.name, when, c.received_uuid)
+        return have
 
     def _dataset(
         self,
@@ -405,58 +407,61 @@ class Replication:
     ) -> str | None:
         """Bring one dataset up to date; returns the name of the newest common snapshot afterwards."""
         if report.sent or report.removed_partials:  # a retry: the first attempt changed the target
-            listing, tokens = self.sink.listing([link.path])
-            copies, token = [Copy.from_json(c) for c in listing.get(link.path, [])], tokens.get(link.path)
-        src = source_entries(self.prefix, snaps)
-        plan: ReplicationPlan = plan_replication(
-            src, target_entries(self.prefix, copies), token, on_diverged=self.settings.on_diverged
-        )
+            copies, token = self._listing(link)
+        source = our_snapshots(self.prefix, snaps)
+        plan = self._plan(source, copies, token)
         if plan.needs_replan:  # an interrupted ZFS receive: finish it first, then plan what remains
-            for step in plan.steps:
-                assert isinstance(step, Resume)
-                report.planned.append(f"{link.ref}: {describe(step)}")
-                report.pending += 1
-                if not dry_run:
-                    self._resume(link, step.token, report)
-                    listing, _ = self.sink.listing([link.path])
-                    copies = [Copy.from_json(c) for c in listing.get(link.path, [])]
-            plan = plan_replication(src, target_entries(self.prefix, copies), on_diverged=self.settings.on_diverged)
-        have = self._have[link.path] = {
-            c.name for c in copies
-            if not c.partial and c.read_only and c.received_uuid and ours(self.prefix, c.name)
-        }
+            copies = self._resume_first(link, plan, copies, report, dry_run)
+            plan = self._plan(source, copies, None)
+        self._have[link.path] = self._complete(copies)
         if plan.conflict is not None:
             raise BackendError(plan.conflict.message())
-        for step in plan.steps:
-            report.planned.append(f"{link.ref}: {describe(step)}")
+        report.planned += [f"{link.ref}: {describe(step)}" for step in plan.steps]
         report.pending += sum(isinstance(step, (SendFull, SendIncremental)) for step in plan.steps)
         if dry_run:
             return plan.base
+        if plan.base is not None and not plan.steps:
+            self.source.hold(link.ref, self.hold_tag, [plan.base])
         common = plan.base
-        if common is not None and not plan.steps:
-            self.source.hold(link.ref, self.hold_tag, [common])
         for step in plan.steps:
-            if isinstance(step, DeletePartial):
-                removed = self.sink.delete(link.path, [step.name], partial=True)
-                report.removed_partials += [f"{link.ref}: {n}" for n in removed]
-            elif isinstance(step, RollbackTarget):
-                deleted = self.sink.delete(link.path, list(step.destroys), allow_writable=True)
-                report.rolled_back += [f"{link.ref}: {n}" for n in deleted]
-                have.difference_update(deleted)
-                log.warning("%s -> %s: rolled target back to %s, destroyed %s", self.group, self.target, step.to, deleted,
-                            extra={"event": "target-rolled-back", "group": self.group, "target": self.target,
-                                   "dataset": link.ref, "snapshot": step.to, "destroyed": deleted})
-            elif isinstance(step, (SendFull, SendIncremental)):
-                base = None
-                if isinstance(step, SendIncremental):
-                    base = f"#{step.base.name}" if step.base.kind == "bookmark" else step.base.name
-                self._send(link, step.snapshot, base, report)
-                common = step.snapshot.name
-                have.add(common)
-                self.source.hold(link.ref, self.hold_tag, [common])
+            common = self._execute(link, step, report) or common
         return common
 
-    def _send(self, link: DatasetLink, snap: SourceSnapshot, base: str | None, report: TargetReport) -> None:
+    def _resume_first(
+        self, link: DatasetLink, plan: ReplicationPlan, copies: list[Copy], report: TargetReport, dry_run: bool
+    ) -> list[Copy]:
+        """Finish the interrupted receive the plan found; returns what the target holds afterwards."""
+        for step in plan.steps:
+            assert isinstance(step, Resume)
+            report.planned.append(f"{link.ref}: {describe(step)}")
+            report.pending += 1
+            if not dry_run:
+                self._resume(link, step.token, report)
+                copies = self._listing(link)[0]
+        return copies
+
+    def _execute(self, link: DatasetLink, step: Step, report: TargetReport) -> str | None:
+        """One step of the plan; returns the snapshot it made common, if it sent one."""
+        have = self._have[link.path]
+        if isinstance(step, DeletePartial):
+            removed = self.sink.delete(link.path, [step.name], partial=True)
+            report.removed_partials += [f"{link.ref}: {n}" for n in removed]
+        elif isinstance(step, RollbackTarget):
+            deleted = self.sink.delete(link.path, list(step.destroys), allow_writable=True)
+            report.rolled_back += [f"{link.ref}: {n}" for n in deleted]
+            for name in deleted:
+                have.pop(name, None)
+            log.warning("%s -> %s: rolled target back to %s, destroyed %s", self.group, self.target, step.to, deleted,
+                        extra={"event": "target-rolled-back", "group": self.group, "target": self.target,
+                               "dataset": link.ref, "snapshot": step.to, "destroyed": deleted})
+        elif isinstance(step, (SendFull, SendIncremental)):
+            self._send(link, step.snapshot, _send_base(step), report)
+            have[step.snapshot.name] = step.snapshot
+            self.source.hold(link.ref, self.hold_tag, [step.snapshot.name])
+            return step.snapshot.name
+        return None
+
+    def _send(self, link: DatasetLink, snap: SnapshotId, base: str | None, report: TargetReport) -> None:
         what = f"{self.group} -> {self.target}: {link.ref} {snap.name}"
         tick = None
         if self.progress is not None:
@@ -505,11 +510,10 @@ class Replication:
         Where this run did not establish the common snapshot (target unreachable, a conflict), the
         hold from the last good run stands in for it: that is what stays pinned on the source.
         """
-        src = {link.ref: source_entries(self.prefix, sources.get(link.ref, [])) for link in self.links}
-        everything = [s for entries in src.values() for s in entries]
+        everything = [s for link in self.links for s in our_snapshots(self.prefix, sources.get(link.ref, []))]
         if not everything:
             return
-        newest = max(everything, key=lambda s: (ours(self.prefix, s.name), s.name)).name
+        newest = max(everything, key=lambda s: (s.created, s.name)).name
         report.newest_source = newest
         common_names: list[str] = []
         for link in self.links:
@@ -538,17 +542,13 @@ class Replication:
     def _prune(self, report: TargetReport, commons: dict[str, str | None], dry_run: bool) -> None:
         """Target retention over the group's complete copies; the newest common one is always kept."""
         assert self.settings.retention is not None
-        by_name: dict[str, list[str]] = {}
         pinned: dict[str, list[str]] = {}
         for link in self.links:
-            for name in self._have.get(link.path, set()):
-                by_name.setdefault(name, []).append(link.path)
             common = commons.get(link.path)
             if common is not None:
                 pinned.setdefault(common, []).append(f"replication base from {self._origin()}")
-        times = {n: t for n in by_name if (t := ours(self.prefix, n)) is not None}
-        snaps = [GroupSnapshot(n, times[n], tuple(ps)) for n, ps in by_name.items()]
-        plan = plan_prune(snaps, self.settings.retention, self.now(), pinned)
+        copies = group_snapshots({link.path: self._have.get(link.path, {}).values() for link in self.links})
+        plan = plan_prune(copies, self.settings.retention, self.now(), pinned)
         report.prune = plan
         if plan.future:
             raise BackendError(
@@ -558,9 +558,10 @@ class Replication:
             return
         doomed = {d.name for d in plan.removed}
         for link in self.links:
-            names = [n for n in doomed if link.path in by_name.get(n, [])]
-            deleted = self.sink.delete(link.path, sorted(names))
-            self._have.get(link.path, set()).difference_update(deleted)
+            have = self._have.get(link.path, {})
+            deleted = self.sink.delete(link.path, sorted(n for n in doomed if n in have))
+            for name in deleted:
+                have.pop(name, None)
             report.pruned += [f"{link.ref}: {n}" for n in deleted]
 
     def _origin(self) -> str:

@@ -3,8 +3,9 @@
 One session answers one request (see :mod:`snapsync.protocol`). The role fixed on the command line
 decides which operations exist at all, and ``--root`` confines every path: a key for the receive
 role can add copies below its root and prune them, nothing else; a key for the send role can read
-snapshots below its root. No shell is ever involved: sshd runs the forced command, and this module
-runs ``btrfs`` and ``zstd`` with argument lists.
+snapshots below its root. Both roles act through the root's receiver and source backend from
+:mod:`snapsync.backends`, never on the filesystem themselves. No shell is ever involved: sshd runs
+the forced command, and the backends run their tools and ``zstd`` with argument lists.
 """
 
 from __future__ import annotations
@@ -13,20 +14,14 @@ import os
 import select
 import sys
 import time
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
-import btrfsutil
-
+from snapsync.backends import receiver_for, source_for_place
 from snapsync.backends.base import StorageBackend
-from snapsync.backends.btrfs import BtrfsBackend
-from snapsync.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, SnapsyncError, UsageError
-from snapsync.protocol import MAX_REQUEST, VERSION, Refused, Role, encode_response, parse_request
-from snapsync.backends.btrfs_receiver import BtrfsReceiver
+from snapsync.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, BackendError, SnapsyncError, UsageError
 from snapsync.host.streams import Proc, finish
-
-if TYPE_CHECKING:
-    from snapsync.backends.zfs_receiver import ZfsReceiver
+from snapsync.plan.holds import is_pull_tag
+from snapsync.protocol import MAX_REQUEST, VERSION, Refused, Role, encode_response, parse_request
 
 REQUEST_TIMEOUT = 60.0
 STALL_TIMEOUT = 600.0
@@ -66,11 +61,6 @@ def _kind(error: Exception) -> str:
     return "failed"
 
 
-def is_zfs_root(root: str) -> bool:
-    """A served root is a directory (btrfs) when absolute, else a ZFS dataset name."""
-    return not root.startswith("/")
-
-
 class Server:
     def __init__(
         self, root: str, role: Role, snapshot_dir: str = ".snapsync", append_only: bool = False,
@@ -80,24 +70,16 @@ class Server:
         self.role = role
         self.append_only = append_only
         self.stall = stall
-        self.zfs = is_zfs_root(root)
-        self.store: BtrfsReceiver | ZfsReceiver
-        self.backend: StorageBackend
-        if self.zfs:
-            from snapsync.backends.zfs import ZfsBackend
-            from snapsync.backends.zfs_receiver import ZfsReceiver
-
-            self.store = ZfsReceiver(root, append_only=append_only, stall=stall)
-            self.backend = ZfsBackend()
-        else:
-            self.store = BtrfsReceiver(root, stall=stall)
-            self.backend = BtrfsBackend(snapshot_dir)
+        self.receiver = receiver_for(root, append_only=append_only, stall=stall)
+        self.backend = source_for_place(root, snapshot_dir)
 
     def handle(self, fd: int = 0) -> int:
         """Serve one request; always answer with one JSON line (or a header before a stream)."""
         try:
-            if not self.zfs and not Path(self.root).is_dir():
-                raise Refused(f"served root {self.root} does not exist")
+            try:
+                self.receiver.check_root()
+            except BackendError as e:
+                raise Refused(str(e)) from e
             request = parse_request(read_request(fd, min(REQUEST_TIMEOUT, self.stall)), self.role)
             result = getattr(self, f"op_{request.op}")(fd=fd, **request.args)
         except Refused as e:
@@ -128,7 +110,7 @@ class Server:
 
     def op_list(self, fd: int, paths: list[str]) -> dict[str, Any]:
         if self.role == "receive":
-            listed = {p: self.store.listing(p) for p in paths}
+            listed = {p: self.receiver.listing(p) for p in paths}
             return {
                 "paths": {p: [c.to_json() for c in copies] for p, (copies, _) in listed.items()},
                 "resume": {p: token for p, (_, token) in listed.items() if token is not None},
@@ -140,55 +122,31 @@ class Server:
         return {"paths": snapshots}
 
     def op_receive(self, fd: int, path: str, name: str, guid: str, compress: str, force: bool) -> dict[str, Any]:
-        if force and self.append_only and self.zfs:
-            raise Refused(
-                "this server is append-only (serve --append-only): a forced receive (zfs receive -F, asked for by "
-                "on_diverged = \"rollback\") could roll back or destroy copies; use on_diverged = \"refuse\" for this target"
-            )
-        return self.store.receive(path, name, guid, fd, compress, force and not self.append_only)
+        return self.receiver.receive(path, name, guid, fd, compress, force)
 
     def op_resume(self, fd: int, path: str, compress: str) -> dict[str, Any]:
-        return self.store.resume(path, fd, compress)
+        return self.receiver.resume(path, fd, compress)
 
     def op_delete(self, fd: int, path: str, names: list[str], allow_writable: bool, partial: bool) -> dict[str, Any]:
         if partial:
-            return {"deleted": self.store.delete_partials(path, names)}
+            return {"deleted": self.receiver.delete_partials(path, names)}
         if self.append_only:
             raise Refused("this server is append-only (serve --append-only): it never deletes; prune on the target itself")
-        return {"deleted": self.store.delete(path, names, allow_writable)}
+        return {"deleted": self.receiver.delete(path, names, allow_writable)}
 
     def _dataset(self, rel: str) -> tuple[str, StorageBackend]:
-        """The source dataset a send-role path names: a directory below the root, or a child dataset.
-
-        A btrfs path that is a plain directory, not a subvolume, is a receiving root's copies
-        directory (a host restoring from its backup host): its copies are served as snapshots. On
-        ZFS such copies are datasets with escaped names (:func:`snapsync.backends.zfs_receiver.zfs_component`).
-        """
-        backend = self.backend
-        if isinstance(self.store, BtrfsReceiver):
-            dataset = str(self.store.directory(rel))
-            if self.role == "send" and Path(dataset).is_dir() and not btrfsutil.is_subvolume(dataset):
-                from snapsync.backends.btrfs import CopiesBackend
-
-                backend = CopiesBackend()
-        else:
-            from snapsync.backends.zfs import zfs
-            from snapsync.protocol import check_path
-
-            dataset = f"{self.root}/{check_path(rel)}"
-            if self.role == "send":
-                copies = self.store.dataset(rel)  # a receiving root's copies are stored escaped
-                if copies != dataset and zfs("list", "-H", "-o", "name", copies, check=False).returncode == 0:
-                    dataset = copies
+        """The source dataset a send-role path names below the root, and the backend serving it: a
+        receiving root's copies are served as snapshots (a host restoring from its backup host)."""
+        dataset, backend = self.receiver.source(rel, self.backend)
         backend.check_dataset(dataset)
         return dataset, backend
 
     def op_send(self, fd: int, path: str, name: str | None, base: str | None, compress: str, token: str | None) -> None:
-        if token is not None and not self.zfs:
-            raise Refused("resume tokens are a ZFS feature; this source is btrfs")
+        if token is not None and not self.backend.capabilities.resumable_receive:
+            raise Refused(f"resume tokens are a ZFS feature; this source is {self.backend.kind}")
         dataset, backend = self._dataset(path)
         if token is not None:
-            argv, name, guid = self._resume_send(dataset, token)
+            argv, name, guid = self._resume_send((dataset, backend), token)
         else:
             assert name is not None
             entries = backend.list_snapshots(dataset)
@@ -204,31 +162,29 @@ class Server:
         procs: list[Proc] = []
         try:
             if compress == "zstd":
-                procs.append(Proc.start(argv, stdout=-1, label=f"{self.backend.kind} send (source)"))
+                procs.append(Proc.start(argv, stdout=-1, label=f"{backend.kind} send (source)"))
                 assert procs[0].popen.stdout is not None
                 procs.append(Proc.start(["zstd", "-1", "-T0", "-q", "-c"], stdin=procs[0].popen.stdout, stdout=1))
                 procs[0].popen.stdout.close()
             else:
-                procs.append(Proc.start(argv, stdout=1, label=f"{self.backend.kind} send (source)"))
+                procs.append(Proc.start(argv, stdout=1, label=f"{backend.kind} send (source)"))
             finish(procs)
         finally:
             for p in procs:
                 p.close()
         return None
 
-    def _resume_send(self, dataset: str, token: str) -> tuple[list[str], str, str]:
-        """``zfs send -t`` for a token the puller holds, only if the token names a snapshot of
-        ``dataset`` (a token can name any snapshot on this host; the root confines it)."""
-        from snapsync.backends.zfs import ZfsBackend
-
-        assert isinstance(self.backend, ZfsBackend)
-        full, guid = self.backend.token_target(token)
-        if full.partition("@")[0] != dataset:
-            raise Refused(f"resume token names {full!r}, which is not a snapshot of {dataset!r}")
-        return self.backend.resume_argv(token), full.partition("@")[2], guid
+    def _resume_send(self, served: tuple[str, StorageBackend], token: str) -> tuple[list[str], str, str]:
+        """The send that continues a token the puller holds, only if the token names a snapshot of
+        the served dataset (a token can name any snapshot on this host; the root confines it)."""
+        dataset, backend = served
+        target, name, guid = backend.token_target(token)
+        if target != dataset:
+            raise Refused(f"resume token names snapshot {name!r} of {target!r}, which is not a snapshot of {dataset!r}")
+        return backend.resume_argv(token), name, guid
 
     def op_hold(self, fd: int, path: str, tag: str, names: list[str]) -> dict[str, Any]:
-        if not tag.startswith("pull:"):
+        if not is_pull_tag(tag):
             raise Refused(f"hold tag {tag!r}: a pulling host's holds are named 'pull:<host>.<pull>'")
         dataset, backend = self._dataset(path)
         backend.set_holds(dataset, tag, names)

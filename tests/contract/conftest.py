@@ -1,6 +1,7 @@
 """One factory per backend; every test in this folder runs unchanged against each of them.
 
-A backend joins the suite by adding a factory to FACTORIES. SNAPSYNC_CONTRACT_BACKENDS selects which
+A backend joins the suite by adding a factory to FACTORIES (the source half) and one to RECEIVING (a
+receiving place of the same filesystem, fed by that source). SNAPSYNC_CONTRACT_BACKENDS selects which
 run (default: btrfs; the ZFS guest runs this same suite with ``zfs,zfs-cli``: libzfs_core, and the
 ``zfs`` command alone). ZFS needs a pool: SNAPSYNC_ZFS_POOL names one the suite may create datasets in.
 """
@@ -9,16 +10,22 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from snapsync.backends import receiver_for
 from snapsync.backends.base import SnapshotInfo, StorageBackend
+from snapsync.backends.receiver import Receiver
 
 
 @dataclass
@@ -121,4 +128,151 @@ SELECTED = os.environ.get("SNAPSYNC_CONTRACT_BACKENDS", "btrfs").split(",")
 @pytest.fixture(params=SELECTED)
 def env(request: pytest.FixtureRequest) -> Iterator[BackendEnv]:
     with FACTORIES[request.param](request) as made:
+        yield made
+
+
+# --- the receiving half ---------------------------------------------------------------------------
+
+_RECEIVE = "import sys; from snapsync.backends import receiver_for; receiver_for(sys.argv[1]).receive(*sys.argv[2:5], 0)"
+
+
+@dataclass
+class ReceiverEnv:
+    """A receiving place and the source (of the same filesystem) whose real streams it receives."""
+
+    source: BackendEnv
+    place: str
+    missing_place: str
+    """A place that does not exist (its parent does)."""
+    leftovers: Callable[[str], list[str]]
+    """What interrupted receives left at ``<place>/<rel>``: staging, markers, resume state."""
+    plant_foreign: Callable[[str, str], None]
+    """Put something that did not arrive by receive under a copy's name at ``<place>/<rel>``."""
+    foreign_present: Callable[[str, str], bool]
+    tmp: Path
+
+    def receiver(self, **options: Any) -> Receiver:
+        return receiver_for(self.place, **options)
+
+    def _stream_file(self, dataset: str, name: str, base: str | None) -> Path:
+        path = self.tmp / f"{uuid.uuid4().hex}.stream"
+        with path.open("wb") as out:
+            subprocess.run(self.source.backend.send_argv(dataset, name, base), stdout=out, check=True)
+        return path
+
+    @contextmanager
+    def stream(self, dataset: str, name: str, base: str | None = None) -> Iterator[int]:
+        """A descriptor reading the source backend's real send stream of ``name`` (from ``base``)."""
+        with self._stream_file(dataset, name, base).open("rb") as f:
+            yield f.fileno()
+
+    @contextmanager
+    def command(self, argv: list[str]) -> Iterator[int]:
+        """A descriptor reading what ``argv`` writes (a resumed send)."""
+        path = self.tmp / f"{uuid.uuid4().hex}.stream"
+        with path.open("wb") as out:
+            subprocess.run(argv, stdout=out, check=True)
+        with path.open("rb") as f:
+            yield f.fileno()
+
+    def interrupt(self, rel: str, snap: SnapshotInfo, base: str | None = None) -> None:
+        """Receive ``snap`` in a process of its own that dies (SIGKILL) halfway through the stream,
+        as a host does that crashes mid-receive: what it leaves is the filesystem's, not a cleanup's."""
+        data = self._stream_file(snap.dataset, snap.name, base).read_bytes()
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _RECEIVE, self.place, rel, snap.name, snap.guid],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        assert proc.stdin is not None
+        proc.stdin.write(data[: len(data) // 2])
+        proc.stdin.flush()
+        proc.kill()
+        proc.stdin.close()
+        proc.wait()
+        _wait_for_group(proc.pid)
+
+
+def _wait_for_group(pgid: int, timeout: float = 60.0) -> None:
+    """Until every process of the group has exited (zombies count as exited: init may be slow to reap)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = False
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = Path(entry.path, "stat").read_text().rpartition(")")[2].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                alive = True
+                break
+        if not alive:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the receiving processes of group {pgid} are still running after {timeout:g}s")
+
+
+@contextmanager
+def _btrfs_receiving(request: pytest.FixtureRequest, source: BackendEnv) -> Iterator[ReceiverEnv]:
+    import btrfsutil
+
+    place: Path = request.getfixturevalue("target_root")  # a btrfs of its own, like a backup disk
+
+    def leftovers(rel: str) -> list[str]:
+        return sorted(
+            f"{d}/{e}" for d in (".incoming", ".receiving") if (place / rel / d).is_dir() for e in os.listdir(place / rel / d)
+        )
+
+    def plant_foreign(rel: str, name: str) -> None:
+        """A read-only snapshot made on this host: it looks like a copy in every way but its origin."""
+        made = place.parent / f"made-here-{name}"
+        btrfsutil.create_subvolume(made)
+        btrfsutil.create_snapshot(made, place / rel / name, read_only=True)
+
+    def foreign_present(rel: str, name: str) -> bool:
+        return (place / rel / name).is_dir() and bool(btrfsutil.is_subvolume(place / rel / name))
+
+    yield ReceiverEnv(
+        source, str(place), str(place / "does-not-exist"), leftovers, plant_foreign, foreign_present,
+        request.getfixturevalue("tmp_path"),
+    )
+
+
+@contextmanager
+def _zfs_receiving(request: pytest.FixtureRequest, source: BackendEnv) -> Iterator[ReceiverEnv]:
+    pool = os.environ["SNAPSYNC_ZFS_POOL"]
+    place = f"{pool}/contract-recv-{uuid.uuid4().hex[:8]}"
+    _zfs("create", "-o", "canmount=off", place)
+
+    def leftovers(rel: str) -> list[str]:
+        done = subprocess.run(["zfs", "get", "-H", "-o", "value", "receive_resume_token", f"{place}/{rel}"],
+                              capture_output=True, text=True)
+        return [] if done.returncode != 0 or done.stdout.strip() in ("-", "") else ["receive_resume_token"]
+
+    def plant_foreign(rel: str, name: str) -> None:
+        _zfs("create", "-o", "canmount=off", f"{place}/{rel}/{name}")  # a dataset where ZFS has no other place for it
+
+    def foreign_present(rel: str, name: str) -> bool:
+        return subprocess.run(["zfs", "list", "-H", f"{place}/{rel}/{name}"], capture_output=True).returncode == 0
+
+    try:
+        yield ReceiverEnv(
+            source, place, f"{pool}/contract-missing-{uuid.uuid4().hex[:8]}", leftovers, plant_foreign, foreign_present,
+            request.getfixturevalue("tmp_path"),
+        )
+    finally:
+        subprocess.run(["zfs", "destroy", "-r", place], capture_output=True)
+
+
+RECEIVING: dict[str, Callable[[pytest.FixtureRequest, BackendEnv], AbstractContextManager[ReceiverEnv]]] = {
+    "btrfs": _btrfs_receiving,
+    "zfs": _zfs_receiving,
+    "zfs-cli": _zfs_receiving,
+}
+
+
+@pytest.fixture(params=SELECTED)
+def receiving(request: pytest.FixtureRequest) -> Iterator[ReceiverEnv]:
+    with FACTORIES[request.param](request) as source, RECEIVING[request.param](request, source) as made:
         yield made

@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from snapsync import __version__
-from snapsync.recovery.drill import Check, DrillReport
-from snapsync.ops.hooks import HookReport
+from snapsync.recovery.drill import DrillReport
+from snapsync.ops.hooks import Check, HookReport
 from snapsync.host.logs import JsonFormatter, TextFormatter
 from snapsync.ops.metrics import observe_drills, observe_run, write_textfile
 from snapsync.replication.replicate import Sent, TargetReport

@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 from snapsync.plan.offsite import (
     NEWEST,
     PartialUpload,
-    SourceSnap,
     Stored,
     chain,
     plan_store_prune,
@@ -19,12 +18,13 @@ from snapsync.plan.offsite import (
 from snapsync.plan.groups import GroupSnapshot
 from snapsync.plan.retention import RetentionRules
 from snapsync.plan.retention import plan_prune as plain_prune
+from snapsync.plan.snapshots import SnapshotId
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 
 
-def snap(hour: int, guid: str | None = None) -> SourceSnap:
-    return SourceSnap(f"s{hour:04d}", T0 + timedelta(hours=hour), guid or f"g{hour}")
+def snap(hour: int, guid: str | None = None) -> SnapshotId:
+    return SnapshotId(f"s{hour:04d}", T0 + timedelta(hours=hour), guid or f"g{hour}")
 
 
 def stored(hour: int, parent: int | None, guid: str | None = None) -> Stored:
@@ -146,7 +146,7 @@ def test_retention_in_the_store_never_orphans_an_incremental(
     is there, and everything the plain retention rules would keep is still there.
     """
     store: dict[str, dict[str, Stored]] = {f"d{i}": {} for i in range(datasets)}
-    source: list[SourceSnap] = []
+    source: list[SnapshotId] = []
     hour = 0
     for run, gap in enumerate(gaps):
         hour += gap

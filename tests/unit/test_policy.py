@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from snapsync.policy.durations import format_duration
+from snapsync.policy.units import format_size, parse_size
 from snapsync.errors import EXIT_USAGE, PolicyError
 from snapsync.policy.loader import (
     DEFAULT_POLICY_PATH,
@@ -315,7 +316,19 @@ def test_hooks_and_targets_get_their_defaults() -> None:
     assert (nas.user, nas.port, nas.command, nas.ssh_options, nas.on_diverged, nas.compress) == (
         "root", 22, ("snapsync",), (), "refuse", "none"
     )
-    assert (b2.compress, b2.rate_limit, b2.max_lag) == ("zstd", "10M", timedelta(days=2))
+    assert (b2.compress, b2.rate_limit, b2.max_lag) == ("zstd", 10 << 20, timedelta(days=2))
+    assert nas.rate_limit is None  # unlimited
+
+
+@pytest.mark.parametrize(("text", "size"), [("100", 100), ("4K", 4096), ("4M", 4 << 20), ("1G", 1 << 30)])
+def test_sizes_and_rates_are_parsed_into_bytes(text: str, size: int) -> None:
+    assert parse_size(text) == size and format_size(size) == text
+
+
+def test_rate_limit_is_a_number_once_loaded_and_its_text_in_the_output() -> None:
+    target = parse_policy(BASE + SSH_TARGET + 'rate_limit = "4M"\n', SRC).targets["nas"]
+    assert target.rate_limit == 4 << 20
+    assert parse_policy(BASE + SSH_TARGET + 'rate_limit = "4M"\n', SRC).normalized()["targets"]["nas"]["rate_limit"] == "4M"
 
 
 def test_normalized_is_resolved_json() -> None:

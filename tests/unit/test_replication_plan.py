@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from datetime import UTC, datetime, timedelta
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,19 +17,26 @@ from snapsync.plan.replication import (
     RollbackTarget,
     SendFull,
     SendIncremental,
-    SourceSnapshot,
     TargetSnapshot,
     plan_replication,
     replication_pins,
     target_pins,
 )
+from snapsync.plan.snapshots import SnapshotId
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-def src(spec: str) -> list[SourceSnapshot]:
+def at(n: int) -> datetime:
+    """The time in the n-th snapshot's name; the plan reads only the order of the list."""
+    return T0 + timedelta(hours=n)
+
+
+def src(spec: str) -> list[SnapshotId]:
     """``"#a:1 b:2"``: bookmark a (guid 1), then snapshot b (guid 2), oldest first."""
     return [
-        SourceSnapshot(w.lstrip("#").split(":")[0], w.split(":")[1], "bookmark" if w[0] == "#" else "snapshot")
-        for w in spec.split()
+        SnapshotId(w.lstrip("#").split(":")[0], at(i), w.split(":")[1], kind="bookmark" if w[0] == "#" else "snapshot")
+        for i, w in enumerate(spec.split())
     ]
 
 
@@ -158,7 +166,7 @@ def _receive(target: list[TargetSnapshot], p: ReplicationPlan) -> int:
 @settings(max_examples=300, deadline=None)
 @given(st.data(), st.booleans())
 def test_simulation_never_loses_history_or_resends_full(data: st.DataObject, bookmarks: bool) -> None:
-    source: list[SourceSnapshot] = []
+    source: list[SnapshotId] = []
     target: list[TargetSnapshot] = []
     counter = itertools.count()
     fulls = 0
@@ -167,15 +175,15 @@ def test_simulation_never_loses_history_or_resends_full(data: st.DataObject, boo
     for op in ops + ["replicate"]:
         if op == "create":
             n = next(counter)
-            source.append(SourceSnapshot(f"s{n}", f"g{n}"))
+            source.append(SnapshotId(f"s{n}", at(n), f"g{n}"))
         elif op == "prune":
             pinned = replication_pins(source, target, "t")
             for i, snap in enumerate(source):
                 if snap.kind == "snapshot" and data.draw(st.booleans()):
                     if bookmarks and data.draw(st.booleans()):
-                        source[i] = SourceSnapshot(snap.name, snap.guid, "bookmark")
+                        source[i] = SnapshotId(snap.name, snap.created, snap.guid, kind="bookmark")
                     elif snap.name not in pinned:
-                        source[i] = SourceSnapshot("", "", "bookmark")
+                        source[i] = SnapshotId("", snap.created, "", kind="bookmark")
             source = [s for s in source if s.name]
         elif op == "prune_target":
             pinned = target_pins(source, target, "s")

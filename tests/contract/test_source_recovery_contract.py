@@ -1,0 +1,151 @@
+"""The recovery half of the StorageBackend contract (snapsync/backends/base.py): what rollback,
+restore in place and drills ask of a backend, checked against every backend."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from snapsync.backends import receiver_for
+from snapsync.errors import BackendError
+from snapsync.plan.holds import safety_tag
+from snapsync.recovery.rollback import aside_name, release
+
+if TYPE_CHECKING:
+    from snapsync.backends.receiver import Receiver
+    from tests.contract.conftest import BackendEnv
+
+NAME = "snapsync_2026-11-26T12:00:00Z"
+SAFETY = "snapsync_2026-11-26T13:00:00Z"
+
+
+def _root(env: BackendEnv, dataset: str) -> Path:
+    root = env.backend.files_root(dataset)
+    assert root is not None, f"{dataset}: no directory with its files"
+    return Path(root)
+
+
+def _send(env: BackendEnv, dataset: str, name: str, receiver: Receiver, rel: str) -> None:
+    """A full send of ``dataset@name`` into ``receiver`` at ``rel``, as a restore does it."""
+    (snap,) = [s for s in env.backend.list_snapshots(dataset) if s.name == name]
+    proc = subprocess.Popen(env.backend.send_argv(dataset, name, None), stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    try:
+        receiver.receive(rel, name, snap.guid, proc.stdout.fileno())
+    finally:
+        proc.stdout.close()
+        proc.wait()
+    assert proc.returncode == 0
+
+
+def test_exists_tells_an_occupied_place_from_an_empty_one(env: BackendEnv) -> None:
+    ds = env.new_dataset("d")
+    assert env.backend.exists(ds)
+    assert not env.backend.exists(env.missing_dataset)
+
+
+def test_files_root_is_where_the_live_files_are(env: BackendEnv) -> None:
+    ds = env.new_dataset("d")
+    env.write(ds, "f", "live")
+    assert (_root(env, ds) / "f").read_text() == "live"
+
+
+@pytest.mark.parametrize("how", ["cwd", "open file"])
+def test_in_use_names_a_process_using_the_dataset(env: BackendEnv, how: str) -> None:
+    ds = env.new_dataset("d")
+    env.write(ds, "f", "data")
+    assert env.backend.in_use([ds]) == []
+    root = _root(env, ds)
+    code = "import sys, time; f = open(sys.argv[1]); print('ready', flush=True); time.sleep(600)"
+    argv = [sys.executable, "-c", code, str(root / "f")]
+    proc = subprocess.Popen(argv, cwd=root if how == "cwd" else "/", stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        found = [h for h in env.backend.in_use([ds]) if h.pid == proc.pid]
+        assert found and found[0].kind == "process", env.backend.in_use([ds])
+        assert found[0].describe().startswith(f"pid {proc.pid} (")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not [h for h in env.backend.in_use([ds]) if h.pid == proc.pid]
+
+
+def test_snapshot_files_reads_a_file_as_the_snapshot_has_it(env: BackendEnv) -> None:
+    ds = env.new_dataset("d")
+    env.write(ds, "f", "before")
+    env.backend.snapshot_group([ds], NAME)
+    env.write(ds, "f", "after")
+    files = env.backend.snapshot_files(ds, NAME)
+    assert files is not None and (files / "f").read_text() == "before"
+    assert env.backend.snapshot_files(ds, "never-taken") is None
+
+
+def test_scratch_gives_a_writable_copy_without_setuid_or_devices_and_leaves_nothing(env: BackendEnv, tmp_path: Path) -> None:
+    ds = env.new_dataset("d")
+    env.write(ds, "f", "restored")
+    env.backend.snapshot_group([ds], NAME)
+    rel = "group/d"
+    parent = tmp_path / "scratch"
+    parent.mkdir()
+    with env.backend.scratch("snapsync-contract", [ds], str(parent)) as scratch:
+        place = scratch.place
+        _send(env, ds, NAME, receiver_for(place), rel)
+        copy = scratch.writable(rel, NAME)
+        assert (copy / "f").read_text() == "restored"
+        (copy / "f").write_text("changed in the copy")
+        flags = os.statvfs(copy).f_flag
+        assert flags & os.ST_NOSUID and flags & os.ST_NODEV
+        (scratch.directory / "server.log").write_text("a check's own file")
+        assert env.backend.exists(place) and scratch.directory.is_dir()
+    assert not copy.exists() and not scratch.directory.exists()
+    assert not env.backend.exists(place)
+    assert not list(parent.iterdir())
+    files = env.backend.snapshot_files(ds, NAME)
+    assert files is not None and (files / "f").read_text() == "restored"
+
+
+def test_restore_in_place_receives_a_snapshot_and_makes_the_dataset_live(env: BackendEnv) -> None:
+    source = env.new_dataset("d")
+    env.write(source, "f", "from the backup")
+    env.backend.snapshot_group([source], NAME)
+    place = env.missing_dataset
+    assert not env.backend.restored_in_place(place, NAME)
+    receiver, rel = env.backend.restore_receiver(place, create=True)
+    _send(env, source, NAME, receiver, rel)
+    env.backend.finish_in_place(place, NAME)
+    assert env.backend.exists(place)
+    assert (_root(env, place) / "f").read_text() == "from the backup"
+    env.write(place, "f", "writable again")
+    assert NAME in {s.name for s in env.backend.list_snapshots(place)}
+    assert env.backend.restored_in_place(place, NAME)
+    other = env.new_dataset("other")
+    assert not env.backend.restored_in_place(other, NAME)
+
+
+def test_release_removes_the_safety_hold_wherever_the_rollback_left_it(env: BackendEnv) -> None:
+    ds = env.new_dataset("d")
+    env.write(ds, "f", "old")
+    env.backend.snapshot_group([ds], NAME)
+    env.write(ds, "f", "new")
+    env.backend.snapshot_group([ds], SAFETY)
+    tag = safety_tag(SAFETY)
+    env.backend.set_holds(ds, tag, [SAFETY])
+    aside = aside_name(ds, SAFETY)
+    env.backend.rollback(ds, NAME, aside)
+    assert (_root(env, ds) / "f").read_text() == "old"
+    keeper = aside if env.backend.capabilities.rollback_sets_newer_aside else ds
+    (safety,) = [s for s in env.backend.list_snapshots(keeper) if s.name == SAFETY]
+    assert tag in safety.holds
+    with pytest.raises(BackendError, match="held by"):
+        env.backend.destroy(keeper, [SAFETY])
+
+    release(env.backend, [ds], SAFETY)
+    for place in (ds, aside):
+        assert not [s for s in env.backend.list_snapshots(place) if tag in s.holds]
+    env.backend.destroy(keeper, [SAFETY])
+    assert SAFETY not in {s.name for s in env.backend.list_snapshots(keeper)}
