@@ -251,7 +251,7 @@ in
       systemd.services.snapsync = service {
         description = "snapsync: snapshots, replication and pruning";
         command = "--verbose run";
-        extra = { SuccessExitStatus = 3; Nice = 10; IOSchedulingPriority = 7; TimeoutStartSec = "12h"; };
+        extra = { SuccessExitStatus = 3; Nice = 10; IOSchedulingPriority = 7; TimeoutStartSec = "12h"; TimeoutStopSec = "5min"; };
       };
       systemd.timers.snapsync = timer { onCalendar = cfg.startAt; delay = cfg.randomizedDelay; };
 
@@ -267,7 +267,7 @@ in
       systemd.services.snapsync-drill = service {
         description = "snapsync restore drill";
         command = "--verbose drill --scratch /var/tmp";
-        extra = { SuccessExitStatus = 3; Nice = 15; IOSchedulingClass = "idle"; TimeoutStartSec = "24h"; };
+        extra = { SuccessExitStatus = 3; Nice = 15; IOSchedulingClass = "idle"; TimeoutStartSec = "24h"; TimeoutStopSec = "5min"; };
       };
       systemd.timers.snapsync-drill = timer { onCalendar = cfg.drill.startAt; delay = "2h"; };
     })

@@ -193,7 +193,10 @@ class StorageBackend(Protocol):
 
         MUST refuse anything that is not a read-only snapshot of this backend's namespace (never the
         dataset itself, never a writable subvolume). Names that no longer exist are ignored, so a
-        prune that was interrupted can simply run again.
+        prune that was interrupted can simply run again. A held, refused or failing name MUST NOT
+        keep the others: every other one is destroyed, then one BackendError names each one left
+        and why. Returning means every named snapshot is gone; after an error, only a new listing
+        says which went.
         """
         ...
 

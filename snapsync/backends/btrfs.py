@@ -42,6 +42,28 @@ def _check_name(name: str) -> None:
         raise BackendError(f"refusing snapshot name {name!r}: not a single path component")
 
 
+def _write(home: int, directory: Path, name: str, data: bytes) -> None:
+    """A file of ours beside the snapshots; a full or read-only filesystem is one line naming it."""
+    try:
+        write_atomic(home, name, data)
+    except OSError as e:
+        raise BackendError(f"{directory / name}: cannot write: {e.strerror or e}") from e
+
+
+def _refusal(path: str, hold: str | None, dataset_uuid: bytes | None) -> str | None:
+    """Why the entry at ``path`` must not be deleted as a snapshot, or None when it may."""
+    if hold is not None:
+        return f"held by {hold} (still needed by its holder)"
+    if os.path.islink(path) or not btrfsutil.is_subvolume(path):
+        return "not a btrfs subvolume"
+    info = btrfsutil.subvolume_info(path)
+    if not info.flags & _READ_ONLY:
+        return "writable subvolume, not a read-only snapshot"
+    if dataset_uuid is not None and info.uuid == dataset_uuid:
+        return "it is the dataset itself"
+    return None
+
+
 class BtrfsBackend:
     kind: ClassVar[str] = "btrfs"
     capabilities: ClassVar[Capabilities] = FILESYSTEMS["btrfs"].capabilities
@@ -158,15 +180,19 @@ class BtrfsBackend:
         """Emulate ZFS holds in a JSON file beside the snapshots: ``tag`` now holds exactly ``names``.
 
         Kept with the snapshots (on /persist, not in /var/lib) so a reinstall or an impermanent root
-        does not forget which snapshot a target still needs. Written atomically.
+        does not forget which snapshot a target still needs. Written atomically, and only when the
+        holds change: a run with nothing to send must not fail because the filesystem is full.
         """
         with self._home(dataset, create=True) as home:
-            holds = self._read_holds(home, self.snapshot_path(dataset))
+            directory = self.snapshot_path(dataset)
+            before = self._read_holds(home, directory)
+            holds = dict(before)
             if names:
                 holds[tag] = sorted(set(names))
             else:
                 holds.pop(tag, None)
-            write_atomic(home, HOLDS_FILE, json.dumps(holds, indent=1, sort_keys=True).encode())
+            if holds != before:
+                _write(home, directory, HOLDS_FILE, json.dumps(holds, indent=1, sort_keys=True).encode())
 
     def send_argv(self, dataset: str, name: str, base: str | None) -> list[str]:
         """``btrfs send`` of one snapshot, incremental from ``base`` when given (both read-only)."""
@@ -186,7 +212,7 @@ class BtrfsBackend:
     def annotate(self, dataset: str, name: str, key: str, text: str) -> None:
         """A file ``.<snapshot>.<key>`` beside the snapshot (a read-only snapshot cannot take it)."""
         with self._home(dataset, create=True) as home:
-            write_atomic(home, self._annotation_name(name, key), text.encode())
+            _write(home, self.snapshot_path(dataset), self._annotation_name(name, key), text.encode())
 
     def annotation(self, dataset: str, name: str, key: str) -> str | None:
         try:
@@ -301,40 +327,54 @@ class BtrfsBackend:
 
     def destroy(self, dataset: str, names: Sequence[str]) -> None:
         """Delete read-only snapshots by name, each reached through the checked directory's
-        descriptor, so no rename of the directories above can point the delete elsewhere."""
+        descriptor, so no rename of the directories above can point the delete elsewhere.
+
+        A refusal or failure stops only its own name: every other one is deleted, then one error
+        names each one left and why (a prune that stopped at the first would never get past it).
+        """
         directory = self.snapshot_path(dataset)
         for name in names:
             _check_name(name)
         dataset_uuid = btrfsutil.subvolume_info(dataset).uuid if os.path.exists(dataset) else None
         try:
             with self._home(dataset) as home:
-                self._destroy_in(home, directory, dataset_uuid, names)
+                left = self._destroy_in(home, directory, dataset_uuid, names)
         except FileNotFoundError:
             return
+        if left:
+            raise BackendError("; ".join(left))
 
-    def _destroy_in(self, home: int, directory: Path, dataset_uuid: bytes | None, names: Sequence[str]) -> None:
+    def _destroy_in(self, home: int, directory: Path, dataset_uuid: bytes | None, names: Sequence[str]) -> list[str]:
+        """Deletes what it may; returns one line per name it left, saying why."""
         held = {n: tag for tag, ns in self._read_holds(home, directory).items() for n in ns}
-        for name in names:
-            if name in held and os.path.lexists(fd_path(home, name)):
-                raise BackendError(f"refusing to delete {directory / name}: held by {held[name]} (a target's replication base)")
-        for name in names:
+        notes = [
+            n for n in os.listdir(fd_path(home))
+            if n.startswith(".") and n != HOLDS_FILE and not os.path.isdir(fd_path(home, n))
+        ]
+        left: list[str] = []
+        for name in dict.fromkeys(names):
             path, shown = fd_path(home, name), directory / name
             if not os.path.lexists(path):
                 continue
-            if os.path.islink(path) or not btrfsutil.is_subvolume(path):
-                raise BackendError(f"refusing to delete {shown}: not a btrfs subvolume")
-            info = btrfsutil.subvolume_info(path)
-            if not info.flags & _READ_ONLY:
-                raise BackendError(f"refusing to delete {shown}: writable subvolume, not a read-only snapshot")
-            if dataset_uuid is not None and info.uuid == dataset_uuid:
-                raise BackendError(f"refusing to delete {shown}: it is the dataset itself")
             try:
-                btrfsutil.delete_subvolume(path)
-            except btrfsutil.BtrfsUtilError as e:
-                raise BackendError(f"{shown}: delete failed: {e.strerror or e}") from e
-            for note in os.listdir(fd_path(home)):
-                if note.startswith(f".{name}.") and not os.path.isdir(fd_path(home, note)):
-                    os.unlink(note, dir_fd=home)
+                why = _refusal(path, held.get(name), dataset_uuid)
+                if why is None:
+                    btrfsutil.delete_subvolume(path)
+            except (OSError, btrfsutil.BtrfsUtilError) as e:
+                left.append(f"{shown}: delete failed: {e.strerror or e}")
+                continue
+            if why is not None:
+                left.append(f"refusing to delete {shown}: {why}")
+                continue
+            for note in notes:
+                if note.startswith(f".{name}."):
+                    try:
+                        os.unlink(note, dir_fd=home)
+                    except FileNotFoundError:
+                        pass
+                    except OSError as e:
+                        left.append(f"{shown} deleted, but its note {note} stays: {e.strerror or e}")
+        return left
 
     def exists(self, dataset: str) -> bool:
         return os.path.lexists(dataset)

@@ -1,21 +1,19 @@
 """A throwaway btrfs filesystem in a file, for the demo, the tests and the benchmarks.
 
 ``mount -o loop`` sets the loop device to auto-clear, so unmounting also frees the device; the
-cleanup runs on every exit path, including Ctrl-C and SIGTERM (see :func:`signals_raise`).
+cleanup runs on every exit path, including Ctrl-C and SIGTERM (the CLI turns stop signals into KeyboardInterrupt).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import FrameType
 
 from snapsync.errors import SnapsyncError
 
@@ -74,18 +72,3 @@ def create_subvolume(path: Path) -> None:
 def _bytes(size: str) -> int:
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     return int(size[:-1]) * units[size[-1].upper()] if size[-1].upper() in units else int(size)
-
-
-@contextmanager
-def signals_raise() -> Iterator[None]:
-    """Turn SIGTERM and SIGHUP into KeyboardInterrupt so ``finally`` blocks clean up."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)

@@ -303,17 +303,30 @@ class ZfsBackend:
             zfs("mount", dataset)
 
     def destroy(self, dataset: str, names: Sequence[str]) -> None:
-        """Batched destroy of existing snapshots; a held one is refused before anything is destroyed."""
+        """Batched destroy of the existing snapshots that are not held; then one error naming each held one.
+
+        A batch fails whole when one of it cannot go (a hold or a clone that appeared since the
+        listing): then each is destroyed alone, so one refusal never keeps the others.
+        """
         for name in names:
             check_snapshot_name(name)
         present = {s.name: s for s in self.list_snapshots(dataset) if s.kind == "snapshot"}
         doomed = [n for n in dict.fromkeys(names) if n in present]
-        for name in doomed:
-            if present[name].holds:
-                raise BackendError(
-                    f"refusing to destroy {dataset}@{name}: held by {', '.join(present[name].holds)} (a target's replication base)"
-                )
-        self._destroy_fulls([f"{dataset}@{n}" for n in doomed])
+        left = [
+            f"refusing to destroy {dataset}@{n}: held by {', '.join(present[n].holds)} (still needed by its holder)"
+            for n in doomed if present[n].holds
+        ]
+        free = [f"{dataset}@{n}" for n in doomed if not present[n].holds]
+        try:
+            self._destroy_fulls(free)
+        except BackendError:
+            for full in free:
+                try:
+                    self._destroy_fulls([full])
+                except BackendError as e:
+                    left.append(str(e) if full in str(e) else f"{full}: {e}")
+        if left:
+            raise BackendError("; ".join(left))
 
     def set_holds(self, dataset: str, tag: str, names: Sequence[str]) -> None:
         """``tag`` now holds exactly ``names``; each held snapshot also gets a bookmark of its name.

@@ -1,13 +1,15 @@
 """The command line: parse, call, render. The only place that turns errors into exit codes.
 
 Exit codes: 0 ok, 1 partial failure (some group failed; the others were done), 2 bad input or
-usage (nothing was done), 3 another run holds the policy's lock, 130 interrupted.
+usage (nothing was done), 3 another run holds the policy's lock, 128 + N stopped by signal N
+(SIGINT 130, SIGTERM 143, SIGHUP 129), after the same cleanup for all three.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,7 +32,8 @@ if TYPE_CHECKING:
     from snapsync.ops.runner import GroupReport, Runner, TargetHoldings
 
 DEFAULT_POLICY = "/etc/snapsync/policy.toml"
-EPILOG = "Exit codes: 0 ok, 1 partial failure, 2 bad input or usage, 3 locked by another run, 130 interrupted."
+EPILOG = ("Exit codes: 0 ok, 1 partial failure, 2 bad input or usage, 3 locked by another run, "
+          "128+N stopped by signal N (130 SIGINT, 143 SIGTERM, 129 SIGHUP).")
 
 app = typer.Typer(
     name="snapsync",
@@ -602,12 +605,10 @@ def drill(
         select_targets(policy, target)
     runner = _runner(policy)
     reports = []
-    from snapsync.backends.scratch import signals_raise
-
     from snapsync.host.logs import log_drills
     from snapsync.ops.metrics import record_drills
 
-    with signals_raise(), policy_lock(policy.source, lock_timeout), _progress(as_json) as progress:  # SIGTERM cleans up too
+    with policy_lock(policy.source, lock_timeout), _progress(as_json) as progress:
         for group in selected:
             for name in group.targets:
                 if target and name not in target:
@@ -686,8 +687,8 @@ def release(
     (chosen,) = select_groups(policy, [group])
     backend = _runner(policy).backend(chosen)
     with policy_lock(policy.source, 60.0):
-        run_release(backend, chosen.datasets, snapshot)
-    out.print(f"released {safety_tag(snapshot)} on {len(chosen.datasets)} dataset(s) of {group}", markup=False)
+        released = run_release(backend, chosen.datasets, snapshot)
+    out.print(f"released {safety_tag(snapshot)} on {len(released)} dataset(s) of {group}", markup=False)
     return EXIT_OK
 
 
@@ -716,6 +717,35 @@ def _fail(message: str, code: int, as_json: bool) -> NoReturn:
     sys.exit(code)
 
 
+class _Stopped:
+    """The signal that stopped this run, for the exit status (typer turns every interrupt into 130)."""
+
+    signum: int | None = None
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    _Stopped.signum = signum
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _stop_like_sigint() -> None:
+    """SIGTERM (systemd's stop) and SIGHUP (a lost terminal) take SIGINT's way out: an exception that
+    every ``finally`` sees, so hooks' posts run, children are killed, locks released, cgroups thawed.
+    A signal the caller ignores (``nohup``, a background job) stays ignored."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):
+            signal.signal(signum, _interrupt)
+
+
+def _stopped() -> NoReturn:
+    signum = _Stopped.signum or signal.SIGINT
+    try:
+        err.print(f"snapsync: interrupted by {signal.Signals(signum).name}")
+    except OSError:  # the terminal that sent SIGHUP is gone
+        pass
+    sys.exit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["serve"]:
@@ -724,6 +754,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         code = serve_main(args[1:])
         if code >= 0:
             sys.exit(code)
+    _stop_like_sigint()
     as_json = "--json" in args
     options = Options()
     command = typer.main.get_command(app)
@@ -732,8 +763,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except (typer.Abort, KeyboardInterrupt):
-        err.print("snapsync: interrupted")
-        sys.exit(130)
+        _stopped()
     except SnapsyncError as e:
         _fail(str(e), e.exit_code, as_json)
     except typer.TyperException as e:  # click's usage errors, as vendored by typer
@@ -743,5 +773,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         if options.debug:
             raise
         _fail(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", EXIT_PARTIAL, as_json)
+    if rv == 130:  # typer's word for a KeyboardInterrupt, whichever signal raised it
+        _stopped()
     sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 

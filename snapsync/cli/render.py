@@ -124,14 +124,15 @@ def send_progress(console: Console) -> Iterator[ProgressFactory]:
         yield factory
 
 
-def _plan_table(title: str, plan: PrunePlan, explain: bool) -> Table:
+def _plan_table(title: str, plan: PrunePlan, explain: bool, left: frozenset[str] = frozenset()) -> Table:
+    """``left``: what the plan would delete but is still there (a refusal, or pruning never ran)."""
     table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
     table.add_column("snapshot", no_wrap=True)
     table.add_column("action", no_wrap=True)
     if explain:
         table.add_column("why", overflow="fold")
     for d in reversed(plan.decisions):
-        action = "[green]keep[/]" if d.keep else "[red]delete[/]"
+        action = "[green]keep[/]" if d.keep else "[red]not deleted[/]" if d.name in left else "[red]delete[/]"
         row = [d.name, action]
         if explain:
             row.append("kept: " + ", ".join(d.reasons) if d.keep and d.reasons else "-")
@@ -156,8 +157,9 @@ def render_reports(console: Console, reports: Sequence[GroupReport], *, explain:
         elif r.not_due is not None:
             parts.append(f"not due (newest {r.not_due})")
         if r.plan is not None:
-            removed = len(r.plan.removed)
-            parts.append(f"keep {len(r.plan.kept)}, {would}{delete} {removed}")
+            planned = len(r.plan.removed)
+            done = planned if r.dry_run else len(r.deleted)
+            parts.append(f"keep {len(r.plan.kept)}, {would}{delete} {done}" + (f" of {planned}" if done != planned else ""))
             if r.plan.future:
                 parts.append(f"{len(r.plan.future)} dated in the future (kept)")
         status = "[green]ok[/]" if r.ok else "[red]FAILED[/]"
@@ -169,11 +171,13 @@ def render_reports(console: Console, reports: Sequence[GroupReport], *, explain:
         for line in r.released:
             console.print(f"  released stale hold {line}", highlight=False)
         if r.plan is not None and (explain or r.plan.removed):
+            left = frozenset() if r.dry_run else frozenset(d.name for d in r.plan.removed) - set(r.deleted)
             if explain:
-                console.print(_plan_table(f"  {r.group}", r.plan, explain=True))
+                console.print(_plan_table(f"  {r.group}", r.plan, explain=True, left=left))
             else:
                 for d in r.plan.removed:
-                    console.print(f"  {would}{delete} {d.name}", highlight=False)
+                    line = f"[red]not deleted[/] {d.name}" if d.name in left else f"{would}{delete} {d.name}"
+                    console.print(f"  {line}", highlight=False)
 
 
 def render_listing(console: Console, group: str, backend: str, listing: dict[str, list[SnapshotInfo]], prefix: str) -> None:

@@ -150,8 +150,8 @@ def write_atomic(dirfd: int, name: str, data: bytes, mode: int = 0o600) -> None:
     except BaseException:
         try:
             os.unlink(tmp, dir_fd=dirfd)
-        except FileNotFoundError:
-            pass
+        except OSError:
+            pass  # the write's own error (a full disk, say) is the one to report, not the cleanup's
         raise
     sync_dir(dirfd)
 

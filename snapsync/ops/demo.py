@@ -24,7 +24,7 @@ from snapsync.policy.schema import DirTarget
 from snapsync.cli.render import render_reports, render_target_state
 from snapsync.replication.replicate import Sent
 from snapsync.ops.runner import GroupReport, Runner
-from snapsync.backends.scratch import create_subvolume, scratch_btrfs, signals_raise
+from snapsync.backends.scratch import create_subvolume, scratch_btrfs
 from snapsync.offsite.sealing import create_key_file
 
 START = datetime(2026, 9, 15, tzinfo=UTC)
@@ -59,7 +59,7 @@ def _populate(policy: Policy) -> None:
 
 
 def run_demo(days: int, console: Console, as_json: bool = False) -> int:
-    with signals_raise(), scratch_btrfs("512M", label="snapsync-demo") as root, \
+    with scratch_btrfs("512M", label="snapsync-demo") as root, \
             scratch_btrfs("512M", label="snapsync-demo-usb") as usb:
         policy = demo_policy(root, usb)
         (usb / "drhorrible").mkdir()

@@ -3,8 +3,10 @@
 Each hook is a context manager entered, in policy order, right before the group's snapshot and left,
 in reverse order, right after it, whatever happened in between (an error, a signal turned into an
 exception by the CLI). Leaving is where the dangerous states end: a frozen cgroup is thawed, backup
-mode is stopped, a SQLite write lock is released. Two further guards cover snapsync being killed
-outright, where no ``finally`` runs:
+mode is stopped, a SQLite write lock is released, a command's ``post`` runs. Leaving is never cut
+short: a further SIGINT, SIGTERM or SIGHUP that arrives meanwhile waits until every hook is left (each
+step bounded by its hook's timeout). Two further guards cover snapsync being killed outright, where
+no ``finally`` runs:
 
 - a frozen cgroup has a dead-man switch, a detached ``snapsync thaw`` process started before the
   freeze that thaws it after ``max_pause`` unless it is killed first;
@@ -36,11 +38,13 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from snapsync.errors import SnapsyncError
@@ -48,6 +52,7 @@ from snapsync.policy.schema import CommandHook, FreezeHook, Hook, PostgresHook, 
 
 log = logging.getLogger("snapsync")
 UNIFIED_ROOTS = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class HookFailed(SnapsyncError):
@@ -56,6 +61,48 @@ class HookFailed(SnapsyncError):
 
 class UntrustedProgram(HookFailed):
     """A program a hook would run, or a directory that decides which file that is, is not root's alone."""
+
+
+class _SignalsHeld:
+    """Stop signals wait while undoing what a hook did (a post, a thaw, a kill): a second Ctrl-C, or
+    systemd's SIGTERM followed by SIGHUP, must not cut a cleanup short.
+
+    On leaving, a held signal is delivered again to the handler it would have met, unless the block
+    is already being left because of an interrupt (``interrupted``, or a KeyboardInterrupt raised in
+    it): that one is on its way out already. Outside the main thread, where no handler can be set,
+    nothing is held.
+    """
+
+    def __init__(self, interrupted: bool = False) -> None:
+        self.interrupted = interrupted
+        self.pending: list[int] = []
+        self.previous: dict[int, Any] = {}
+
+    def _hold(self, signum: int, frame: object) -> None:
+        self.pending.append(signum)
+
+    def __enter__(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in STOP_SIGNALS:
+            handler = signal.getsignal(signum)
+            if handler is not None and handler != signal.SIG_IGN:
+                self.previous[signum] = signal.signal(signum, self._hold)
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        interrupted = self.interrupted or (kind is not None and issubclass(kind, KeyboardInterrupt))
+        if self.pending and not interrupted:
+            signal.raise_signal(self.pending[0])
+
+
+class _Unwinding(ExitStack):
+    """The hooks entered so far, left in reverse order with stop signals held, so every one is left."""
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> bool | None:
+        with _SignalsHeld(interrupted=kind is not None and issubclass(kind, KeyboardInterrupt)):
+            return super().__exit__(kind, value, tb)
 
 
 @dataclass
@@ -109,29 +156,31 @@ class Hooks:
         Yields False when a hook with ``on_failure = "abort"`` failed; the hooks already entered
         are left (thawed, backup stopped) before the caller sees it.
         """
-        with ExitStack() as stack:
-            proceed = True
-            for index, hook in enumerate(self.hooks):
-                report = HookReport(index, hook.type)
-                self.reports.append(report)
-                started = time.monotonic()
-                try:
-                    stack.enter_context(_enter(hook, self.moment, report))
-                except HookFailed as e:
-                    report.status, report.message = "failed", str(e)
-                finally:
-                    report.seconds = time.monotonic() - started
-                if report.status == "failed":
-                    log.error("group %s: %s hook failed: %s", self.moment.group, hook.type, report.message, extra={
-                        "event": "hook-failed", "group": self.moment.group, "hook": report.index, "type": hook.type})
-                    if hook.on_failure == "abort":
-                        proceed = False
-                        break
-            yield proceed
-        for report in self.reports:
-            if report.status == "cleanup-failed":
-                log.error("group %s: %s hook: %s", self.moment.group, report.kind, report.message, extra={
-                    "event": "hook-cleanup-failed", "group": self.moment.group, "hook": report.index, "type": report.kind})
+        try:
+            with _Unwinding() as stack:
+                proceed = True
+                for index, hook in enumerate(self.hooks):
+                    report = HookReport(index, hook.type)
+                    self.reports.append(report)
+                    started = time.monotonic()
+                    try:
+                        stack.enter_context(_enter(hook, self.moment, report))
+                    except HookFailed as e:
+                        report.status, report.message = "failed", str(e)
+                    finally:
+                        report.seconds = time.monotonic() - started
+                    if report.status == "failed":
+                        log.error("group %s: %s hook failed: %s", self.moment.group, hook.type, report.message, extra={
+                            "event": "hook-failed", "group": self.moment.group, "hook": report.index, "type": hook.type})
+                        if hook.on_failure == "abort":
+                            proceed = False
+                            break
+                yield proceed
+        finally:  # also when interrupted, where no report is rendered: the log says what was not undone
+            for report in self.reports:
+                if report.status == "cleanup-failed":
+                    log.error("group %s: %s hook: %s", self.moment.group, report.kind, report.message, extra={
+                        "event": "hook-cleanup-failed", "group": self.moment.group, "hook": report.index, "type": report.kind})
 
     @property
     def failed(self) -> list[HookReport]:
@@ -421,54 +470,87 @@ def _frozen(path: Path) -> bool:
     return False
 
 
+def _start_watchdog(path: Path, max_pause: float) -> subprocess.Popen[bytes]:
+    """``snapsync thaw PATH MAX_PAUSE`` in its own session, born with the stop signals blocked: from
+    its first instruction a SIGTERM (``systemctl stop`` signals the whole unit) waits for
+    :func:`thaw_after`, which thaws at once, instead of ending it before it could thaw."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "snapsync", "thaw", str(path), f"{max_pause:g}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
 @contextmanager
 def freeze(hook: FreezeHook, report: HookReport) -> Iterator[None]:
     """Freeze the cgroup, wait until the kernel says every task stopped, thaw after the snapshot.
 
     A detached watchdog (``snapsync thaw PATH SECONDS``) is started first: if snapsync dies while the
-    application is frozen, the watchdog thaws it after ``max_pause``. It is killed after the thaw.
+    application is frozen, the watchdog thaws it after ``max_pause``, or at once when it is told to
+    stop. It is killed after the thaw. Anything that thawed the cgroup before the snapshot was done
+    (the watchdog, by signal or after ``max_pause``; a person) makes the hook ``cleanup-failed``: the
+    snapshot did not get the single instant it claims.
     """
     path = cgroup_dir(hook)
     if not (path / "cgroup.freeze").exists():
         raise HookFailed(f"{path}: not a cgroup v2 directory with a freezer (cgroup.freeze missing)")
     max_pause = hook.max_pause.total_seconds()
-    watchdog = subprocess.Popen(
-        [sys.executable, "-m", "snapsync", "thaw", str(path), f"{max_pause:g}"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    if _frozen(path):
-        log.warning("%s was already frozen (a run that died before thawing?); it is thawed after this snapshot", path)
+    watchdog: subprocess.Popen[bytes] | None = None
     started = time.monotonic()
+    frozen = False
     try:
+        with _SignalsHeld():  # an interrupt before the assignment would leave the watchdog to thaw a later freeze
+            watchdog = _start_watchdog(path, max_pause)
+        if _frozen(path):
+            log.warning("%s was already frozen (a run that died before thawing?); it is thawed after this snapshot", path)
         _set_frozen(path, True)
         deadline = started + min(max_pause / 2, 10.0)
         while not _frozen(path):
             if time.monotonic() > deadline:
                 raise HookFailed(f"{path}: tasks did not freeze within {deadline - started:.1f}s (stuck in the kernel?)")
             time.sleep(0.005)
+        frozen = True
         yield
     finally:
-        try:
-            _set_frozen(path, False)
-        except OSError as e:
-            report.status, report.message = "cleanup-failed", f"thaw of {path} failed: {e}; the watchdog thaws it within {max_pause:g}s"
-        else:
-            watchdog.kill()
-        watchdog.wait()
-        report.paused_seconds = time.monotonic() - started
+        with _SignalsHeld(interrupted=isinstance(sys.exc_info()[1], KeyboardInterrupt)):
+            try:
+                early = frozen and (path / "cgroup.freeze").read_text().strip() == "0"
+                _set_frozen(path, False)
+            except OSError as e:
+                report.status, report.message = "cleanup-failed", f"thaw of {path} failed: {e}; the watchdog thaws it within {max_pause:g}s"
+            else:
+                if watchdog is not None:
+                    watchdog.kill()
+                if early:
+                    report.status, report.message = "cleanup-failed", (
+                        f"{path} was thawed before the snapshot was done (its watchdog stopped, or max_pause "
+                        f"{max_pause:g}s passed): the snapshot may not be consistent")
+            if watchdog is not None:
+                watchdog.wait()
+            report.paused_seconds = time.monotonic() - started
 
 
 def thaw_after(path: str, seconds: float) -> int:
-    """``snapsync thaw``: the freeze hook's dead-man switch. Sleeps, then thaws unconditionally."""
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    time.sleep(seconds)
+    """``snapsync thaw``: the freeze hook's dead-man switch. Thaws unconditionally after ``seconds``,
+    or at once on SIGTERM, SIGHUP or SIGINT: whoever stops it (``systemctl stop`` signals the whole
+    unit, this process too) must not leave the application frozen. The snapshot run kills it with
+    SIGKILL after its own thaw."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # already blocked when started by freeze()
+    received = signal.sigtimedwait(STOP_SIGNALS, seconds)
     try:
         _set_frozen(Path(path), False)
     except OSError as e:
         print(f"snapsync thaw: {path}: {e}", file=sys.stderr)
         return 1
-    print(f"snapsync thaw: thawed {path} after {seconds:g}s (the snapshot run did not)", file=sys.stderr)
-    return 0
+    if received is None:
+        print(f"snapsync thaw: thawed {path} after {seconds:g}s (the snapshot run did not)", file=sys.stderr)
+        return 0
+    name = signal.Signals(received.si_signo).name
+    print(f"snapsync thaw: thawed {path} on {name}", file=sys.stderr)
+    return 128 + received.si_signo
 
 
 # --- command ---------------------------------------------------------------------------------------
@@ -487,18 +569,24 @@ def _run_command(argv: Sequence[str], hook: CommandHook, moment: Moment, phase: 
         executable = trusted_program(argv[0], env)
     except UntrustedProgram as e:
         raise HookFailed(f"{phase} command {shlex.join(argv)} refused: {e}") from e
+    proc: subprocess.Popen[str] | None = None
     try:
-        proc = subprocess.Popen(list(argv), executable=executable, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    except OSError as e:
-        raise HookFailed(f"{phase} command {shlex.join(argv)}: {e.strerror or e}") from e
-    try:
+        with _SignalsHeld():  # an interrupt inside Popen would leave a child no one knows to kill
+            proc = subprocess.Popen(list(argv), executable=executable, env=env, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
         _, stderr = proc.communicate(timeout=timeout)
     except BaseException as e:  # the timeout, or snapsync itself interrupted: take the whole group down
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        if proc is not None:
+            with _SignalsHeld(interrupted=isinstance(e, KeyboardInterrupt)):
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:  # the group is gone already (systemd signalled it too)
+                    pass
+                proc.wait()
         if isinstance(e, subprocess.TimeoutExpired):
             raise HookFailed(f"{phase} command {shlex.join(argv)} killed after {timeout:g}s") from e
+        if isinstance(e, OSError) and proc is None:
+            raise HookFailed(f"{phase} command {shlex.join(argv)}: {e.strerror or e}") from e
         raise
     if proc.returncode != 0:
         tail = " | ".join(stderr.strip().splitlines()[-3:]) or "(no output)"
@@ -508,20 +596,37 @@ def _run_command(argv: Sequence[str], hook: CommandHook, moment: Moment, phase: 
 @contextmanager
 def command(hook: CommandHook, moment: Moment, report: HookReport) -> Iterator[None]:
     """``pre`` before the snapshot; ``post`` after it, or after the snapshot was skipped, whenever
-    ``pre`` was started, even if it failed: post is where a stopped service is started again."""
-    if hook.pre is not None:
-        try:
-            _run_command(hook.pre, hook, moment, "pre")
-        except HookFailed as e:
-            report.status, report.message = "failed", str(e)
+    ``pre`` was started, even if it failed or snapsync was interrupted while it ran (its process
+    group is killed first): post is where a stopped service is started again. Stop signals wait
+    while post runs, which its ``timeout`` bounds."""
+    in_pre = True
     try:
-        yield
-    finally:
-        if hook.post is not None:
+        if hook.pre is not None:
             try:
-                _run_command(hook.post, hook, moment, "post")
+                _run_command(hook.pre, hook, moment, "pre")
             except HookFailed as e:
-                report.status, report.message = "cleanup-failed", str(e)
+                report.status, report.message = "failed", str(e)
+        in_pre = False
+        yield
+    except BaseException as e:
+        interrupted = isinstance(e, KeyboardInterrupt)
+        if in_pre:
+            report.status, report.message = "failed", "pre command interrupted" if interrupted else f"pre command: {e!r}"
+            log.warning("group %s: %s; running its post", moment.group, report.message, extra={
+                "event": "hook-interrupted", "group": moment.group, "hook": report.index, "type": hook.type})
+        _post(hook, moment, report, interrupted)
+        raise
+    _post(hook, moment, report)
+
+
+def _post(hook: CommandHook, moment: Moment, report: HookReport, interrupted: bool = False) -> None:
+    if hook.post is None:
+        return
+    with _SignalsHeld(interrupted):
+        try:
+            _run_command(hook.post, hook, moment, "post")
+        except HookFailed as e:
+            report.status, report.message = "cleanup-failed", str(e)
 
 
 # --- after a restore: does the application's data work? -------------------------------------------

@@ -217,16 +217,31 @@ class Runner:
             if snap.name in doomed:
                 for dataset in snap.datasets:
                     per_dataset.setdefault(dataset, []).append(snap.name)
+        left: set[str] = set()
         for dataset, names in per_dataset.items():
             try:
                 backend.destroy(dataset, names)
+                gone = names
             except SnapsyncError as e:
                 report.errors.append(f"prune {dataset}: {e}")
                 report.failures.append("prune")
-                continue
-            log.info("group %s: pruned %d snapshot(s) of %s", group.name, len(names), dataset, extra={
-                "event": "pruned", "group": group.name, "dataset": dataset, "snapshots": names})
-        report.deleted = [d.name for d in plan.removed]
+                still = self._still_there(backend, dataset, names, report)
+                left |= still
+                gone = [n for n in names if n not in still]
+            if gone:
+                log.info("group %s: pruned %d snapshot(s) of %s", group.name, len(gone), dataset, extra={
+                    "event": "pruned", "group": group.name, "dataset": dataset, "snapshots": gone})
+        report.deleted = [d.name for d in plan.removed if d.name not in left]
+
+    @staticmethod
+    def _still_there(backend: StorageBackend, dataset: str, names: Sequence[str], report: GroupReport) -> set[str]:
+        """Which of ``names`` a destroy that failed left: the report counts only what is gone."""
+        try:
+            present = {s.name for s in backend.list_snapshots(dataset) if s.kind == "snapshot"}
+        except SnapsyncError as e:
+            report.errors.append(f"prune {dataset}: cannot tell what was deleted, so none is counted: {e}")
+            return set(names)
+        return present & set(names)
 
     def replication(self, group: Group, target_name: str) -> Replication | None:
         target = self.policy.targets[target_name]

@@ -148,11 +148,16 @@ _BUCKETS: tuple[_Bucketing, ...] = (
 
 
 def _representatives(locals_: Sequence[datetime], key: Callable[[datetime], _BucketKey], count: int) -> list[int]:
-    """Index of the oldest snapshot in each of the ``count`` latest periods that have one."""
+    """Index of the oldest snapshot in each of the ``count`` latest periods that have one.
+
+    Periods are ordered by time (``locals_`` is in UTC order, and every period is one interval),
+    never by their keys: where DST ends inside a local hour (Pacific/Chatham, 03:45) the hour after
+    the change has the same UTC-aligned start as the one before it.
+    """
     first: dict[_BucketKey, int] = {}
     for index, local in enumerate(locals_):
         first.setdefault(key(local), index)
-    return [first[k] for k in sorted(first)[-count:]]
+    return sorted(first.values())[-count:]
 
 
 def plan_prune(

@@ -24,7 +24,7 @@ from snapsync.backends.base import SnapshotInfo, StorageBackend
 from snapsync.backends.usage import Holder
 from snapsync.errors import SnapsyncError, UsageError
 from snapsync.host.state import read_json, state_dir, write_json
-from snapsync.plan.holds import is_target_tag, safety_tag, target_tag
+from snapsync.plan.holds import is_safety_tag, is_target_tag, safety_tag, tag_subject, target_tag
 from snapsync.plan.naming import parse_snapshot_name, snapshot_name
 from snapsync.policy.loader import Group
 
@@ -66,6 +66,30 @@ def _stop_hint(found: list[Holder]) -> str:
 
 def _plan_path(group: str) -> Path:
     return state_dir() / "rollback" / f"{group}.json"
+
+
+def _taken_path() -> Path:
+    return state_dir() / "rollback" / "safety.json"
+
+
+def _taken() -> dict[str, list[str]]:
+    """The safety snapshots taken per dataset and not yet released: where a rollback leaves its safety
+    snapshot aside (ZFS), on a dataset whose name only this record knows."""
+    data = (read_json(_taken_path()) or {}).get("taken")
+    if not isinstance(data, dict):
+        return {}
+    return {str(ds): [str(n) for n in names] for ds, names in data.items() if isinstance(names, list)}
+
+
+def _record(datasets: Sequence[str], safety: str, *, taken: bool) -> None:
+    record = _taken()
+    for ds in datasets:
+        names = [n for n in record.get(ds, []) if n != safety] + ([safety] if taken else [])
+        if names:
+            record[ds] = names
+        else:
+            record.pop(ds, None)
+    write_json(_taken_path(), {"taken": record})
 
 
 def rollback(
@@ -121,6 +145,7 @@ def rollback(
     if dry_run:
         return report
     write_json(_plan_path(group.name), {"snapshot": snapshot, "safety": safety, "aside": report.aside})
+    _record(group.datasets, safety, taken=True)
     backend.snapshot_group(group.datasets, safety)
     for ds in group.datasets:
         backend.set_holds(ds, safety_tag(safety), [safety])
@@ -186,18 +211,55 @@ def _target_notes(
     return notes
 
 
-def release(backend: StorageBackend, datasets: Sequence[str], safety: str) -> None:
-    """``snapsync release``: drop a rollback's hold on its safety snapshot, so retention may prune it,
-    wherever the rollback left that snapshot (with the old state aside, where newer snapshots go there)."""
-    tag = safety_tag(safety)
+def _safety_held(backend: StorageBackend, place: str, *, aside: bool = False) -> set[str]:
+    """The safety snapshots held at ``place``; for an aside, none if there is no such dataset (any more)."""
+    try:
+        snapshots = backend.list_snapshots(place)
+    except SnapsyncError:
+        if not aside:
+            raise
+        return set()
+    return {tag_subject(tag) for s in snapshots for tag in s.holds if is_safety_tag(tag)}
+
+
+def _holding(backend: StorageBackend, ds: str, safety: str) -> list[str]:
+    """Where ``safety`` is held for ``ds``: on it, or aside with the old state (where newer snapshots go)."""
+    places = [ds] if safety in _safety_held(backend, ds) else []
+    aside = aside_name(ds, safety)
+    if backend.capabilities.rollback_sets_newer_aside and safety in _safety_held(backend, aside, aside=True):
+        places.append(aside)
+    return places
+
+
+def held_safety(backend: StorageBackend, datasets: Sequence[str]) -> list[str]:
+    """Every safety snapshot a rollback still holds for ``datasets``, wherever it left it."""
+    taken = _taken()
+    names = set()
     for ds in datasets:
-        backend.set_holds(ds, tag, [])
-        if not backend.capabilities.rollback_sets_newer_aside:
-            continue
-        aside = aside_name(ds, safety)
-        try:
-            there = any(s.name == safety for s in backend.list_snapshots(aside))
-        except SnapsyncError:
-            there = False
-        if there:
-            backend.set_holds(aside, tag, [])
+        names |= _safety_held(backend, ds)
+        if backend.capabilities.rollback_sets_newer_aside:
+            for safety in taken.get(ds, []):
+                names |= _safety_held(backend, aside_name(ds, safety), aside=True)
+    return sorted(names)
+
+
+def release(backend: StorageBackend, datasets: Sequence[str], safety: str) -> list[str]:
+    """``snapsync release``: drop a rollback's hold on its safety snapshot, so retention may prune it,
+    wherever the rollback left that snapshot; returns the datasets it was released for.
+
+    A name that is no safety snapshot held there (a typo, a second release, an ordinary snapshot) is
+    refused with the ones that are: reporting success would leave the real one held for ever.
+    """
+    holding = {ds: _holding(backend, ds, safety) for ds in datasets}
+    if not any(holding.values()):
+        held = held_safety(backend, datasets)
+        there = f"the safety snapshots held there: {', '.join(held)}" if held else "no safety snapshot is held there"
+        raise UsageError(f"{safety!r} is not a safety snapshot held for {', '.join(datasets)}; {there}")
+    for places in holding.values():
+        for place in places:
+            backend.set_holds(place, safety_tag(safety), [])
+    try:
+        _record(datasets, safety, taken=False)
+    except (OSError, SnapsyncError):
+        pass  # the record only names asides for the list above, which checks every name it has anyway
+    return [ds for ds, places in holding.items() if places]

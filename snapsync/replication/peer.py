@@ -44,6 +44,10 @@ class Peer:
             return RemoteRefused(message) if response.get("kind") == "refused" else BackendError(message)
         tail = " | ".join(stderr.strip().splitlines()[-3:]) or "(no output)"
         if self.transport.transient(returncode, stderr):
+            if not stderr.strip():  # ssh's own exit with nothing said: the session's connection went away
+                return TransientError(
+                    f"{where}: {op}: ssh connection lost (exit {returncode}): the session ended without an exit status"
+                )
             return TransientError(f"{where}: {op}: connection failed: {tail}")
         if returncode == 0:
             return BackendError(f"{where}: {op}: no answer from snapsync serve: {tail}")

@@ -557,12 +557,28 @@ class Replication:
         if dry_run:
             return
         doomed = {d.name for d in plan.removed}
+        failed: list[str] = []
         for link in self.links:
             have = self._have.get(link.path, {})
-            deleted = self.sink.delete(link.path, sorted(n for n in doomed if n in have))
+            names = sorted(n for n in doomed if n in have)
+            try:
+                deleted = self.sink.delete(link.path, names)
+            except SnapsyncError as e:  # some may be gone before it stopped: the target's listing says which
+                failed.append(f"{link.ref}: {e}")
+                deleted = self._gone(link, names)
             for name in deleted:
                 have.pop(name, None)
             report.pruned += [f"{link.ref}: {n}" for n in deleted]
+        if failed:
+            raise BackendError("; ".join(failed))
+
+    def _gone(self, link: DatasetLink, names: Sequence[str]) -> list[str]:
+        """Which of ``names`` the target no longer holds; none when it cannot be asked."""
+        try:
+            still = {c.name for c in self._listing(link)[0]}
+        except SnapsyncError:
+            return []
+        return [n for n in names if n not in still]
 
     def _origin(self) -> str:
         return "the source" if self.direction == "push" else self.target

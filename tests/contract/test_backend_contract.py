@@ -114,8 +114,9 @@ def test_held_snapshot_is_refused_until_the_hold_moves(env: BackendEnv) -> None:
     env.backend.set_holds(ds, "target:nas", [NAME])
     held = {s.name: s.holds for s in env.backend.list_snapshots(ds) if s.kind == "snapshot"}
     assert held == {NAME: ("target:nas",), LATER: ()}
-    with pytest.raises(BackendError, match="held"):
-        env.backend.destroy(ds, [LATER, NAME])
+    with pytest.raises(BackendError, match="held") as refused:
+        env.backend.destroy(ds, [NAME])
+    assert NAME in str(refused.value) and "\n" not in str(refused.value)
     assert {s.name for s in env.backend.list_snapshots(ds) if s.kind == "snapshot"} == {NAME, LATER}
     env.backend.set_holds(ds, "target:nas", [LATER])
     env.backend.destroy(ds, [NAME])
@@ -123,3 +124,28 @@ def test_held_snapshot_is_refused_until_the_hold_moves(env: BackendEnv) -> None:
     assert (left.name, left.holds) == (LATER, ("target:nas",))
     env.backend.set_holds(ds, "target:nas", [])
     assert all(not s.holds for s in env.backend.list_snapshots(ds))
+
+
+def test_one_held_snapshot_does_not_keep_the_others(env: BackendEnv) -> None:
+    """The held one stays and is named; every other one named goes (a prune must get past a hold)."""
+    ds = env.new_dataset("d")
+    names = [NAME, LATER, "snapsync_2026-11-26T14:00:00Z", "snapsync_2026-11-26T15:00:00Z"]
+    for name in names:
+        env.backend.snapshot_group([ds], name)
+    env.backend.set_holds(ds, "target:nas", [LATER])
+    with pytest.raises(BackendError, match="held by target:nas") as refused:
+        env.backend.destroy(ds, names[:3])
+    assert LATER in str(refused.value) and NAME not in str(refused.value)
+    assert [s.name for s in env.backend.list_snapshots(ds) if s.kind == "snapshot"] == [LATER, names[3]]
+
+
+def test_one_refused_snapshot_does_not_keep_the_others(env: BackendEnv) -> None:
+    if env.plant_intruder is None:
+        pytest.skip("this filesystem cannot hold a writable object in its snapshot namespace")
+    ds = env.new_dataset("d")
+    env.plant_intruder(ds, NAME)
+    env.backend.snapshot_group([ds], LATER)
+    with pytest.raises(BackendError, match="refusing") as refused:
+        env.backend.destroy(ds, [NAME, LATER])
+    assert NAME in str(refused.value) and LATER not in str(refused.value)
+    assert [s.name for s in env.backend.list_snapshots(ds)] == [NAME]

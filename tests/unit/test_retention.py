@@ -283,3 +283,25 @@ def test_to_json_shape() -> None:
         {"name": "a", "created": "2026-07-01T08:00:00.250000Z", "keep": True, "reasons": ["newest"]},
     ]
     assert json.loads(json.dumps(out)) == out
+
+
+def test_hours_are_ordered_by_time_where_dst_ends_inside_an_hour() -> None:
+    """Pacific/Chatham leaves DST at 03:45 local (+13:45 -> +12:45): local 03:05 (DST) is earlier
+    than the 02:50 after the change, and ``hourly = 1`` keeps the later one."""
+    from datetime import UTC as utc
+
+    from snapsync.plan.retention import RetentionRules as Rules, plan_prune as plan
+
+    @dataclass(frozen=True)
+    class Snap:
+        name: str
+        created: datetime
+
+    before = Snap("before-change", datetime(2026, 4, 4, 13, 20, tzinfo=utc))  # 03:05 +13:45
+    after = Snap("after-change", datetime(2026, 4, 4, 14, 5, tzinfo=utc))  # 02:50 +12:45
+    assert before.created.astimezone(ZoneInfo("Pacific/Chatham")).hour == 3
+    assert after.created.astimezone(ZoneInfo("Pacific/Chatham")).hour == 2
+    result = plan([before, after], Rules(hourly=1, timezone="Pacific/Chatham"), datetime(2026, 4, 4, 14, 30, tzinfo=utc))
+    reasons = {d.name: d.reasons for d in result.decisions}
+    assert any(r.startswith("hourly") for r in reasons["after-change"])
+    assert not any(r.startswith("hourly") for r in reasons["before-change"])

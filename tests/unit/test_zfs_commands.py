@@ -102,13 +102,27 @@ def test_destroy_is_one_batched_command_for_the_snapshots_that_exist(fake_zfs: P
     assert calls(fake_zfs, "destroy") == [["destroy", "tank/a@s1,s3"]]
 
 
-def test_destroy_of_a_held_snapshot_is_refused_before_anything_is_destroyed(fake_zfs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FAKE_ZFS_SNAPS", _rows("s1", "s2", held="s2"))
+def test_destroy_leaves_a_held_snapshot_and_destroys_the_others(fake_zfs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_ZFS_SNAPS", _rows("s1", "s2", "s3", held="s2"))
     fake_holds = fake_zfs.parent / "bin" / "zfs"
     fake_holds.write_text(fake_holds.read_text() + 'if args[0] == "holds":\n    print("tank/a@s2\\tsnapsync:target:nas\\tThu Nov 26 2026")\n')
-    with pytest.raises(BackendError, match="held by target:nas"):
-        cli().destroy("tank/a", ["s1", "s2"])
-    assert calls(fake_zfs, "destroy") == []
+    with pytest.raises(BackendError, match="refusing to destroy tank/a@s2: held by target:nas") as refused:
+        cli().destroy("tank/a", ["s1", "s2", "s3"])
+    assert "s1" not in str(refused.value) and "s3" not in str(refused.value)
+    assert calls(fake_zfs, "destroy") == [["destroy", "tank/a@s1,s3"]]
+
+
+def test_a_batch_that_fails_whole_is_destroyed_one_by_one(fake_zfs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hold or clone that appears after the listing fails the batch; the others still go."""
+    monkeypatch.setenv("FAKE_ZFS_SNAPS", _rows("s1", "s2", "s3"))
+    fake = fake_zfs.parent / "bin" / "zfs"
+    fake.write_text(fake.read_text() + 'if args[0] == "destroy" and "s2" in args[1]:\n    sys.exit("cannot destroy snapshot tank/a@s2: dataset is busy")\n')
+    with pytest.raises(BackendError, match="tank/a@s2: dataset is busy") as refused:
+        cli().destroy("tank/a", ["s1", "s2", "s3"])
+    assert "s1" not in str(refused.value) and "s3" not in str(refused.value)
+    assert calls(fake_zfs, "destroy") == [
+        ["destroy", "tank/a@s1,s2,s3"], ["destroy", "tank/a@s1"], ["destroy", "tank/a@s2"], ["destroy", "tank/a@s3"],
+    ]
 
 
 @pytest.mark.parametrize(
