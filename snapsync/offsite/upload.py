@@ -294,8 +294,7 @@ class Offsite:
         archive.store.delete([manifest.directory() + PROGRESS])
         if tick is not None:
             tick(meter.bytes)
-        new = meter.bytes - sum(c.raw for c in final.chunks[:done])
-        report.sent.append(Sent(ds, up.name, up.parent, new, meter.seconds))
+        report.sent.append(Sent(ds, up.name, up.parent, meter.bytes, meter.seconds))  # skipped chunks are not metered
         if done:
             report.notes.append(f"{ds}: {up.name}: continued the unfinished upload after {done} stored chunk(s)")
         log.info(

@@ -147,7 +147,11 @@ def test_an_upload_killed_mid_chunk_continues_at_the_last_complete_chunk(
     (target,) = json.loads(out.stdout)["groups"][0]["targets"]
     assert any("continued the unfinished upload after" in n for n in target["notes"]), target
     (sent,) = target["sent"]
-    assert sent["bytes"] < 10 << 20  # only what was missing was read into new chunks
+    (note,) = [n for n in target["notes"] if "continued the unfinished upload after" in n]
+    kept = int(note.split("after ")[1].split(" ")[0])
+    snapshot = btrfs_root / ".snapsync" / "app" / sent["name"]
+    stream = subprocess.run(["btrfs", "send", "-q", str(snapshot)], capture_output=True, check=True).stdout
+    assert sent["bytes"] == len(stream) - kept * (1 << 20)  # only what was missing, counted once
     after = {k: v["ETag"] for k, v in bucket.keys("homelab/").items() if "/chunk-" in k}
     stored_before = sorted(before)[:-1]  # the newest one may have been rewritten if it was cut
     assert all(after[k] == before[k] for k in stored_before)
