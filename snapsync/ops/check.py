@@ -20,6 +20,7 @@ from snapsync.policy.durations import format_duration
 from snapsync.errors import SnapsyncError
 from snapsync.plan.groups import GroupListing
 from snapsync.host.state import read_json, state_dir
+from snapsync.recovery.rollback import unfinished, unfinished_text
 
 if TYPE_CHECKING:
     from snapsync.policy.loader import Group, Policy
@@ -52,7 +53,7 @@ class Finding:
     group: str
     target: str | None
     what: str
-    """snapshot (the source), copy (a target, or a pulled copy here), drill."""
+    """snapshot (the source), copy (a target, or a pulled copy here), drill, rollback (one left unfinished)."""
     status: Status
     detail: str
     age: timedelta | None = None
@@ -183,6 +184,8 @@ def assess(
     held = {} if local else runner.target_holdings(groups, pulls=pulls)
     findings: list[Finding] = []
     for group in groups:
+        if (target := unfinished(group.name)) is not None:
+            findings.append(Finding(group.name, None, "rollback", Status.CRITICAL, unfinished_text(group.name, target)))
         findings.append(_source_finding(runner, group, now))
         for name in [] if local else group.targets:
             holdings = held.get(group.name)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from snapsync.backends import backend_for
 from snapsync.backends.base import SnapshotInfo, StorageBackend
 from snapsync.clock import Clock
-from snapsync.errors import BackendError, SnapsyncError, UsageError
+from snapsync.errors import BackendError, DatasetMissing, SnapsyncError, UsageError
 from snapsync.ops.hooks import HookReport, Hooks, Moment
 from snapsync.plan.naming import snapshot_name
 from snapsync.plan.groups import GroupListing, is_due, merge_listing, plan_group_prune
@@ -366,9 +366,15 @@ class Runner:
         try:
             step()
         except SnapsyncError as e:
-            report.errors.append(f"{what}: {e}")
+            text = str(e)
+            if isinstance(e, DatasetMissing):
+                from snapsync.recovery.rollback import unfinished, unfinished_text
+
+                if (target := unfinished(report.group)) is not None:
+                    text += f" ({unfinished_text(report.group, target)})"
+            report.errors.append(f"{what}: {text}")
             report.failures.append(what)
-            log.error("group %s: %s failed: %s", report.group, what, e, extra={"event": f"{what}-failed", "group": report.group})
+            log.error("group %s: %s failed: %s", report.group, what, text, extra={"event": f"{what}-failed", "group": report.group})
 
 
 def _pin_reason(group: Group, tag: str) -> str | None:

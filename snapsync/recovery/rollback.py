@@ -68,6 +68,23 @@ def _plan_path(group: str) -> Path:
     return state_dir() / "rollback" / f"{group}.json"
 
 
+def unfinished(group: str) -> str | None:
+    """The snapshot an interrupted rollback of ``group`` was returning to; None when none is unfinished.
+
+    Until it is finished a dataset of the group may be missing (moved aside, not yet replaced):
+    whatever fails for that reason says so and how to finish (``check``, ``snapshot``, ``run``).
+    """
+    try:
+        pending = read_json(_plan_path(group))
+    except SnapsyncError:
+        return None
+    return str(pending["snapshot"]) if pending and pending.get("snapshot") else None
+
+
+def unfinished_text(group: str, snapshot: str) -> str:
+    return f"an interrupted rollback of group {group} to {snapshot} is unfinished; run `snapsync rollback {group} {snapshot}` to finish it"
+
+
 def _taken_path() -> Path:
     return state_dir() / "rollback" / "safety.json"
 
@@ -111,10 +128,7 @@ def rollback(
         raise UsageError(f"{snapshot!r} is not one of group {group.name}'s snapshots (prefix {group.prefix!r})")
     pending = read_json(_plan_path(group.name))
     if pending is not None and pending.get("snapshot") != snapshot:
-        raise UsageError(
-            f"an interrupted rollback of group {group.name} to {pending.get('snapshot')} is unfinished; run "
-            f"`snapsync rollback {group.name} {pending.get('snapshot')}` to finish it first"
-        )
+        raise UsageError(f"{unfinished_text(group.name, str(pending.get('snapshot')))} first")
     if pending is not None:
         return _resume(group, backend, snapshot, pending, dry_run)
     listings = {ds: {s.name: s for s in backend.list_snapshots(ds)} for ds in group.datasets}

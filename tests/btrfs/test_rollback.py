@@ -211,6 +211,11 @@ def test_a_rollback_that_died_between_its_renames_is_finished_by_running_it_agai
     assert not db.exists() and (app / "data.txt").read_text() == "app v1\n"  # the one instant without db
     other = snapsync("-p", str(policy), "rollback", "app", second)
     assert other.returncode == 2 and f"an interrupted rollback of group app to {first} is unfinished" in other.stderr
+    finish = f"an interrupted rollback of group app to {first} is unfinished; run `snapsync rollback app {first}` to finish it"
+    check = snapsync("-p", str(policy), "check", "--no-ping")
+    assert check.returncode == 2 and check.stdout.startswith("SNAPSYNC CRITICAL") and finish in check.stdout, check.stdout
+    taken = snapsync("-p", str(policy), "snapshot")
+    assert taken.returncode == 1 and "does not exist" in taken.stderr and finish in taken.stderr, taken.stderr
 
     finished = run_json("-p", str(policy), "rollback", "app", first)
     assert any("finishing the interrupted rollback" in n for n in finished["notes"])
