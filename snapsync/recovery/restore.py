@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NoReturn, Protocol
 
 from snapsync.backends import FILESYSTEMS, filesystem_of_place, receiver_for
 from snapsync.offsite.archive import Archive, DatasetState, Manifest
@@ -245,7 +245,7 @@ def restore(
     return report
 
 
-def _refuse_an_older_state(group: str, states: dict[str, DatasetState], hidden: list[str]) -> None:
+def _refuse_an_older_state(group: str, states: dict[str, DatasetState], hidden: list[str]) -> NoReturn:
     """The archive's newest uploads are missing: restoring what is left would go back in time unasked."""
     more = f" (and {len(hidden) - 1} more)" if len(hidden) > 1 else ""
     try:
