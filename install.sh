@@ -12,8 +12,9 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 # zstd and openssh-client are used by replication; openssh-server (sshd) and postgresql (the hook
 # tests' PostgreSQL 15) only by the test suite, which starts its own servers with private configs;
-# prometheus (promtool), nix-bin (nix-instantiate) and systemd (systemd-analyze) check deploy/.
-apt_packages=(btrfs-progs libbtrfsutil-dev gcc python3-dev python3-venv util-linux mount zstd openssh-client openssh-server postgresql prometheus nix-bin systemd)
+# prometheus (promtool), nix-bin (nix-instantiate) and systemd (systemd-analyze) check deploy/;
+# prometheus-node-exporter is scraped by the metrics test, acl (setfacl) writes the ACLs adopt must keep.
+apt_packages=(btrfs-progs libbtrfsutil-dev gcc python3-dev python3-venv util-linux mount zstd openssh-client openssh-server postgresql prometheus prometheus-node-exporter nix-bin systemd acl)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -21,6 +22,11 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The test suite starts its own node_exporter on a private port; a freshly installed package must
+  # not leave one listening on every interface.
+  if [[ " ${missing[*]} " == *" prometheus-node-exporter "* ]] && command -v systemctl >/dev/null; then
+    systemctl disable --now prometheus-node-exporter >/dev/null 2>&1 || true
+  fi
 fi
 
 python=${PYTHON:-python3}

@@ -30,6 +30,14 @@ OPS: dict[Role, frozenset[str]] = {
     "receive": frozenset({"hello", "list", "receive", "resume", "delete"}),
     "send": frozenset({"hello", "list", "send", "hold"}),
 }
+RESTORE_OPTION = "--allow-restore"
+"""``serve`` option: a receive-role key may also have its own copies sent back (restores, drills)."""
+
+
+def allowed_ops(role: Role, restore: bool = False) -> frozenset[str]:
+    """What a server in ``role`` answers. Restoring adds ``send`` and nothing else: reading copies back
+    deletes or overwrites nothing, so the key can do no more harm to its backups than before."""
+    return OPS[role] | {"send"} if restore and role == "receive" else OPS[role]
 
 _COMPONENT = re.compile(r"[A-Za-z0-9_%][A-Za-z0-9._%+=@:-]{0,764}")
 _SNAPSHOT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,254}")
@@ -134,8 +142,9 @@ class Request:
     args: dict[str, Any]
 
 
-def parse_request(line: bytes, role: Role) -> Request:
-    """Decode and validate one request line for a server in ``role``; raise :class:`Refused`."""
+def parse_request(line: bytes, role: Role, restore: bool = False) -> Request:
+    """Decode and validate one request line for a server in ``role`` (see :func:`allowed_ops`); raise
+    :class:`Refused`."""
     if len(line) > MAX_REQUEST:
         raise Refused(f"request longer than {MAX_REQUEST} bytes")
     try:
@@ -150,9 +159,10 @@ def parse_request(line: bytes, role: Role) -> Request:
     if type(version) is not int or version != VERSION:
         raise Refused(f"protocol version {version!r} not supported (this server speaks {VERSION})")
     op = data.get("op")
-    if not isinstance(op, str) or op not in OPS[role]:
-        allowed = ", ".join(sorted(OPS[role]))
-        raise Refused(f"operation {op!r} is not allowed for role {role!r} (allowed: {allowed})")
+    ops = allowed_ops(role, restore)
+    if not isinstance(op, str) or op not in ops:
+        hint = f"; this key reads its copies back only with serve {RESTORE_OPTION}" if op == "send" else ""
+        raise Refused(f"operation {op!r} is not allowed for role {role!r} (allowed: {', '.join(sorted(ops))}){hint}")
     args = {k: v for k, v in data.items() if k not in ("v", "op")}
     validate = _VALIDATORS[str(op)]
     return Request(str(op), validate(args))

@@ -3,28 +3,18 @@ systemd-analyze (units), nix-instantiate (the NixOS module), and our CLI (every 
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.required import tool
+
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 UNITS = sorted((DEPLOY / "systemd").glob("*.service")) + sorted((DEPLOY / "systemd").glob("*.timer"))
-
-
-def tool(name: str) -> str:
-    """The tool's path; CI installs every one (install.sh), so there a missing tool fails."""
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI") == "true" or os.environ.get("SNAPSYNC_REQUIRE_BTRFS") == "1":
-            pytest.fail(f"{name} is not installed (install.sh installs it)")
-        pytest.skip(f"{name} is not installed")
-    return path
 
 
 def test_alerting_rules_pass_promtool_and_their_unit_tests() -> None:
@@ -52,7 +42,7 @@ def test_every_metric_the_rules_use_is_one_snapsync_writes() -> None:
         "drills": {"g/t": {"group": "g", "target": "t", "ok": True, "last_run": 1.0, "duration": 1.0, "restored_bytes": 1, "last_success": 1.0}},
     }
     written = set()
-    for family in families(everything, datetime.now(UTC), "h", {("g", ""): (1.0, 2.0), ("g", "t"): (1.0, 2.0)}):
+    for family in families(everything, datetime.now(UTC), "h", {("g", ""): (1.0, 2.0), ("g", "t"): (1.0, 2.0)}, policy="p"):
         written |= {s.name for s in family.samples}
     assert used - written == set()
 
@@ -121,20 +111,12 @@ def test_every_command_the_units_and_cron_run_is_one_snapsync_accepts(tmp_path: 
         assert "Usage:" not in proc.stderr
 
 
-@pytest.mark.parametrize("name", ["module.nix", "package.nix"])
+@pytest.mark.parametrize("name", ["module.nix", "package.nix", "source.nix"])
 def test_nix_files_parse(name: str) -> None:
+    """Only that they parse: tests/nixos/ evaluates the module with nixpkgs' module system."""
     nix = tool("nix-instantiate")
     parsed = subprocess.run([nix, "--parse", str(DEPLOY / "nixos" / name)], capture_output=True, text=True)
     assert parsed.returncode == 0, parsed.stderr
-
-
-def test_the_nixos_module_offers_what_the_readme_promises() -> None:
-    text = (DEPLOY / "nixos" / "module.nix").read_text()
-    for option in ("options.services.snapsync", "enable = mkEnableOption", "policy = mkOption", "toml.generate",
-                   "receive = {", "authorizedKeys = mkOption", "zfs allow -u", "drill = {", "check = {",
-                   "Persistent = persistent", "RandomizedDelaySec = delay", "policy check --syntax-only"):
-        assert option in text, option
-    assert 'command="${forced}",restrict' in text  # the same confinement as `snapsync authorize`
 
 
 def test_every_metric_is_documented() -> None:

@@ -30,8 +30,11 @@ ZFS_CANNOT = ("cannot hold a writable object in its snapshot namespace", "is not
 
 
 def test_contract_suite_against_zfs_with_libzfs_core_and_cli_only(alpha: Machine) -> None:
-    out = guest_pytest(alpha, "tests/contract", {"SNAPSYNC_CONTRACT_BACKENDS": "zfs,zfs-cli"})
+    select = os.environ.get("SNAPSYNC_GUEST_SELECT", "")
+    out = guest_pytest(alpha, f"tests/contract {select}".strip(), {"SNAPSYNC_CONTRACT_BACKENDS": "zfs,zfs-cli"})
     print(out[-1500:])
+    if select:  # a narrowed run: the count below is for the whole suite
+        return
     skipped = [line for line in out.splitlines() if line.startswith("SKIPPED")]
     assert all(any(reason in line for reason in ZFS_CANNOT) for line in skipped), skipped
     per_backend = _collected_here("tests/contract")
@@ -40,6 +43,7 @@ def test_contract_suite_against_zfs_with_libzfs_core_and_cli_only(alpha: Machine
 
 
 def test_zfs_specific_suite(alpha: Machine) -> None:
-    out = guest_pytest(alpha, "vm-tests/guest")
+    """``SNAPSYNC_GUEST_SELECT`` (e.g. ``-k bookmark``) narrows it while working on one guest test."""
+    out = guest_pytest(alpha, f"vm-tests/guest {os.environ.get('SNAPSYNC_GUEST_SELECT', '')}".strip())
     print(out[-1500:])
     assert _passed(out) > 0 and " failed" not in out, out[-1500:]

@@ -1,13 +1,13 @@
-# snapsync as a Nix package, built from this source tree:
+# snapsync as a Nix package, built from this source tree (the files source.nix lets through):
 #   pkgs.python3Packages.callPackage ./package.nix { }
 { lib, buildPythonApplication, setuptools, pydantic, typer, rich, tenacity, btrfsutil, tzdata, tomli-w
 , psycopg, boto3, cryptography, zstandard, prometheus-client }:
 
 buildPythonApplication {
   pname = "snapsync";
-  version = "0.1.0";
+  version = (lib.importTOML ../../pyproject.toml).project.version;
   pyproject = true;
-  src = lib.cleanSource ../..;
+  src = import ./source.nix { inherit lib; };
   build-system = [ setuptools ];
   dependencies = [
     pydantic typer rich tenacity btrfsutil tzdata tomli-w psycopg boto3 cryptography zstandard prometheus-client

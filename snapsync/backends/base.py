@@ -55,6 +55,30 @@ class Scratch:
 
 
 @dataclass(frozen=True)
+class Adoption:
+    """A plain directory on its way to being a dataset of its own (``snapsync adopt``): what is
+    there now, and what is left to do, in order (see :meth:`StorageBackend.adoption`)."""
+
+    path: str
+    state: Literal["directory", "interrupted", "adopted"]
+    """A plain directory; one an adopt stopped on (running it again finishes); a dataset already."""
+    steps: tuple[str, ...] = ()
+    touches_live: bool = False
+    """Whether a step left changes what is at ``path``, so nothing may use it meanwhile."""
+    kept: str | None = None
+    """Where the original directory stays once the dataset took its place."""
+    notes: tuple[str, ...] = ()
+    called: str = "dataset"
+    """What the filesystem calls a dataset, for messages: "subvolume"."""
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "path": self.path, "state": self.state, "steps": list(self.steps), "kept": self.kept,
+            "notes": list(self.notes),
+        }
+
+
+@dataclass(frozen=True)
 class SnapshotInfo:
     """One snapshot (or bookmark) as the filesystem reports it.
 
@@ -150,6 +174,22 @@ class StorageBackend(Protocol):
 
         Holds record which snapshot a target still needs as its incremental base; ``list_snapshots``
         reports them in ``SnapshotInfo.holds`` and pruning pins them. ZFS uses real holds.
+        """
+        ...
+
+    def lost_holds(self, dataset: str) -> dict[str, list[str]]:
+        """Holds recorded on snapshots that no longer exist, by tag: a held snapshot deleted by hand.
+
+        The tag's holder still had that snapshot as its base, so an older one may be the base now;
+        pruning keeps those until its next replication moves the hold (``set_holds``). A backend
+        whose held snapshots cannot be destroyed returns ``{}``.
+        """
+        ...
+
+    def drop_bookmarks(self, dataset: str, names: Sequence[str]) -> None:
+        """Destroy the named bookmarks of ``dataset`` (never a snapshot); names already gone are ignored.
+
+        Called only with bookmarks ``list_snapshots`` reported, once no holder can need them.
         """
         ...
 
@@ -253,5 +293,38 @@ class StorageBackend(Protocol):
 
         MUST NOT replace anything that appeared at ``dataset`` meanwhile (a unit's StateDirectory=):
         that is refused, with where the restored snapshot is.
+        """
+        ...
+
+    # --- what a dataset's snapshots leave out, and plain directories made datasets ----------------
+
+    def nested(self, dataset: str) -> list[str]:
+        """The datasets inside ``dataset`` whose files its snapshots do not contain (neither btrfs nor
+        a ZFS snapshot without ``-r`` recurses), sorted: only the outermost ones, since each carries
+        what is nested in it. btrfs: writable subvolumes below it (read-only ones are snapshots or
+        received copies, not live data); ZFS: its child filesystems and volumes.
+
+        The policy must list each as a dataset of some group or exclude it; else every snapshot
+        warns. Raises DatasetMissing for a dataset that is not there.
+        """
+        ...
+
+    def adoption(self, path: str) -> Adoption | None:
+        """What turning the plain directory ``path`` into a dataset in place takes, without doing it;
+        None when ``path`` is not on this backend's filesystem.
+
+        Raises UsageError for a path that cannot be adopted, with what to do instead (a filesystem
+        that has no such conversion says how to make the dataset by hand).
+        """
+        ...
+
+    def adopt(self, path: str) -> Adoption:
+        """Make ``path`` a dataset in place, with the same files, ownership, modes, ACLs, xattrs,
+        hard links, holes and timestamps; returns what was done. The caller has made sure nothing
+        uses it.
+
+        MUST keep ``path`` a whole directory throughout (one atomic swap) and the original until the
+        copy is verified; after a stop at any step a repeated call finishes, or undoes what was half
+        done, without losing anything.
         """
         ...

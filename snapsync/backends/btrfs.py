@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, ClassVar
 import btrfsutil
 
 from snapsync.backends import FILESYSTEMS
-from snapsync.backends.base import Capabilities, Scratch, SnapshotInfo
+from snapsync.backends.base import Adoption, Capabilities, Scratch, SnapshotInfo
 from snapsync.backends.usage import Holder, holders
 from snapsync.errors import BackendError, DatasetMissing
 from snapsync.host.safefs import fd_path, private_dir, read_file, write_atomic
@@ -194,6 +194,22 @@ class BtrfsBackend:
             if holds != before:
                 _write(home, directory, HOLDS_FILE, json.dumps(holds, indent=1, sort_keys=True).encode())
 
+    def lost_holds(self, dataset: str) -> dict[str, list[str]]:
+        """Entries of the holds file whose snapshot was deleted (``btrfs subvolume delete`` ignores it)."""
+        directory = self.snapshot_path(dataset)
+        try:
+            with self._home(dataset) as home:
+                holds = self._read_holds(home, directory)
+        except FileNotFoundError:
+            return {}
+        present = {rel for rel, _ in self._children(directory)} if holds else set()
+        lost = {tag: [n for n in names if n not in present] for tag, names in holds.items()}
+        return {tag: names for tag, names in lost.items() if names}
+
+    def drop_bookmarks(self, dataset: str, names: Sequence[str]) -> None:
+        if names:
+            raise BackendError(f"{dataset}: btrfs has no bookmarks ({', '.join(names)})")
+
     def send_argv(self, dataset: str, name: str, base: str | None) -> list[str]:
         """``btrfs send`` of one snapshot, incremental from ``base`` when given (both read-only)."""
         _check_name(name)
@@ -272,28 +288,53 @@ class BtrfsBackend:
 
         The new subvolume is made under a temporary name first, so the only instant without a
         subvolume at ``dataset`` is between two renames; a call after a crash there finds the
-        temporary one and finishes.
+        temporary one and finishes, and a call after the swap finds it done.
         """
         _check_name(name)
         path, target = Path(dataset), Path(aside)
         fresh = f".{path.name}.rollback-{name}"
         if target.parent != path.parent:
             raise BackendError(f"{aside}: must be beside {dataset}")
+        with self._rollback_dir(path, name, "rollback to") as (parent, home):
+            self._rollback_in(parent, home, path, name, target.name, fresh)
+
+    @contextmanager
+    def _rollback_dir(self, path: Path, name: str, what: str) -> Iterator[tuple[int, int]]:
+        """The dataset's directory and its snapshot directory as descriptors; failures as one line."""
         try:
             parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
-            raise DatasetMissing(f"{dataset}: its directory cannot be opened: {e.strerror or e}") from e
+            raise DatasetMissing(f"{path}: its directory cannot be opened: {e.strerror or e}") from e
         try:
-            with self._home(dataset) as home:
-                self._rollback_in(parent, home, path, name, target.name, fresh)
+            with self._home(str(path)) as home:
+                yield parent, home
         except FileNotFoundError as e:
-            raise BackendError(f"{dataset}: no snapshot {name} in {self.snapshot_path(dataset)}") from e
+            raise BackendError(f"{path}: no snapshot {name} in {self.snapshot_path(str(path))}") from e
         except btrfsutil.BtrfsUtilError as e:
-            raise BackendError(f"{dataset}: rollback to {name} failed: {e.strerror or e}") from e
+            raise BackendError(f"{path}: {what} {name} failed: {e.strerror or e}") from e
         except OSError as e:
-            raise BackendError(f"{dataset}: rollback to {name} failed: {e.strerror or e}") from e
+            raise BackendError(f"{path}: {what} {name} failed: {e.strerror or e}") from e
         finally:
             os.close(parent)
+
+    @staticmethod
+    def _rollback_step(step: str) -> None:
+        """A step of a rollback or of its undo is done: logged, and SIGKILLed here when
+        ``$SNAPSYNC_TEST_KILL_AT`` names it, which only tests/faults set (see recovery.rollback.reached)."""
+        import logging
+        import signal
+
+        logging.getLogger("snapsync.recovery.rollback").info("rollback step: %s", step)
+        if os.environ.get("SNAPSYNC_TEST_KILL_AT") == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    @staticmethod
+    def _copy_of(entry: str, snapshot: str) -> bool:
+        """Whether ``entry`` is a writable snapshot of ``snapshot``: what a rollback prepares and puts in place."""
+        if os.path.islink(entry) or not os.path.isdir(entry) or not btrfsutil.is_subvolume(entry):
+            return False
+        info = btrfsutil.subvolume_info(entry)
+        return not info.flags & _READ_ONLY and info.parent_uuid == btrfsutil.subvolume_info(snapshot).uuid
 
     def _rollback_in(self, parent: int, home: int, path: Path, name: str, aside: str, fresh: str) -> None:
         """The rollback's steps, every one through descriptors of the dataset's directory and of its
@@ -312,6 +353,8 @@ class BtrfsBackend:
                 return
             raise DatasetMissing(f"{path}: does not exist")
         if os.path.lexists(at(aside)):
+            if self._copy_of(at(here), snapshot):  # swapped before a crash: nothing is left to do
+                return
             raise BackendError(f"{path.parent / aside} already exists; not moving {path} over it")
         nested = [str(p) for p, _ in btrfsutil.SubvolumeIterator(at(here), top=0)] if btrfsutil.is_subvolume(at(here)) else []
         if nested:
@@ -322,8 +365,67 @@ class BtrfsBackend:
         if os.path.lexists(at(fresh)):
             btrfsutil.delete_subvolume(at(fresh))  # a writable snapshot of ours, from an attempt that died
         btrfsutil.create_snapshot(snapshot, at(fresh), read_only=False)
+        self._rollback_step(f"writable snapshot made {here}")
         os.rename(here, aside, src_dir_fd=parent, dst_dir_fd=parent)
+        self._rollback_step(f"moved aside {here}")
         os.rename(fresh, here, src_dir_fd=parent, dst_dir_fd=parent)
+
+    def undo_rollback(self, dataset: str, name: str, aside: str, kept: str, *, dry_run: bool = False) -> list[str]:
+        """Put ``dataset`` back as it was before an interrupted ``rollback(dataset, name, aside)``;
+        returns what it did (or, with ``dry_run``, would do).
+
+        The state moved aside returns; the prepared writable snapshot, never in use, is deleted; a
+        state already put in place was live and may hold new writes, so it goes to ``kept`` and
+        stays. Every state is checked before the first change, and anything that is not what a
+        rollback leaves is refused. A call after a stop at any step (or a rollback) continues.
+        """
+        _check_name(name)
+        path = Path(dataset)
+        if Path(aside).parent != path.parent or Path(kept).parent != path.parent:
+            raise BackendError(f"{aside} and {kept}: must be beside {dataset}")
+        with self._rollback_dir(path, name, "undoing the rollback to") as (parent, home):
+            return self._undo_in(parent, home, path, name, Path(aside).name, Path(kept).name, dry_run)
+
+    def _undo_in(self, parent: int, home: int, path: Path, name: str, aside: str, kept: str, dry_run: bool) -> list[str]:
+        here, fresh = path.name, f".{path.name}.rollback-{name}"
+        beside = path.parent
+
+        def at(entry: str) -> str:
+            return fd_path(parent, entry)
+
+        snapshot = fd_path(home, name)
+        if not os.path.isdir(snapshot) or not btrfsutil.is_subvolume(snapshot):
+            raise BackendError(f"{path}: no snapshot {name} in {self.snapshot_path(str(path))}")
+        live, moved = os.path.lexists(at(here)), os.path.lexists(at(aside))
+        prepared = os.path.lexists(at(fresh))
+        if live and moved:
+            if not self._copy_of(at(here), snapshot):
+                raise BackendError(
+                    f"{path} is not the state the rollback put in place and {beside / aside} exists: look at both, "
+                    f"keep the one you want at {path} and rename the other away"
+                )
+            if os.path.lexists(at(kept)):
+                raise BackendError(f"{beside / kept} already exists; rename it away")
+        elif not live and not moved:
+            raise BackendError(f"{path} and {beside / aside} are both missing: there is nothing to put back")
+        if prepared and not self._copy_of(at(fresh), snapshot):
+            raise BackendError(f"{beside / fresh} is not a writable snapshot of {name}; look at it and rename it away")
+        done = []
+        if live and moved:
+            done.append(f"{path}: moved the state put in place (it may have been used) to {beside / kept}")
+            if not dry_run:
+                os.rename(here, kept, src_dir_fd=parent, dst_dir_fd=parent)
+                self._rollback_step(f"rolled-back state moved away {here}")
+        if moved:
+            done.append(f"{path}: put back from {beside / aside}")
+            if not dry_run:
+                os.rename(aside, here, src_dir_fd=parent, dst_dir_fd=parent)
+                self._rollback_step(f"put back {here}")
+        if prepared:
+            done.append(f"{path}: deleted the prepared writable snapshot {beside / fresh} (never in use)")
+            if not dry_run:
+                btrfsutil.delete_subvolume(at(fresh))
+        return done or [f"{path}: as it was"]
 
     def destroy(self, dataset: str, names: Sequence[str]) -> None:
         """Delete read-only snapshots by name, each reached through the checked directory's
@@ -452,6 +554,34 @@ class BtrfsBackend:
                 f"restored snapshot is in {home}: move {dataset} away and run the restore again"
             )
         btrfsutil.create_snapshot(home / name, dataset, read_only=False)
+
+    def nested(self, dataset: str) -> list[str]:
+        """Writable subvolumes whose nearest enclosing subvolume is ``dataset``, from one walk of its
+        subvolume tree. Read-only ones are snapshots or received copies (snapsync's own snapshot
+        directories among them), not live data."""
+        self.check_dataset(dataset)
+        try:
+            top = btrfsutil.subvolume_id(dataset)
+            with btrfsutil.SubvolumeIterator(dataset, info=True) as it:
+                found = [
+                    os.path.join(dataset, rel) for rel, info in it
+                    if info.parent_id == top and not info.flags & _READ_ONLY
+                ]
+        except (OSError, btrfsutil.BtrfsUtilError) as e:
+            raise BackendError(f"{dataset}: cannot list the subvolumes inside it: {e.strerror or e}") from e
+        return sorted(found)
+
+    def adoption(self, path: str) -> Adoption | None:
+        from snapsync.backends.btrfs_adopt import adoption
+
+        return adoption(path)
+
+    def adopt(self, path: str) -> Adoption:
+        """A new subvolume beside the directory, a reflink copy, a comparison, one atomic swap; the
+        original is kept beside it (see btrfs_adopt)."""
+        from snapsync.backends.btrfs_adopt import adopt
+
+        return adopt(path)
 
 
 class CopiesBackend(BtrfsBackend):

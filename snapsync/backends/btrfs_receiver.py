@@ -33,7 +33,7 @@ import btrfsutil
 
 from snapsync.backends.base import Capabilities, StorageBackend
 from snapsync.backends.btrfs import BtrfsBackend, CopiesBackend
-from snapsync.backends.receiver import Copy
+from snapsync.backends.receiver import Copy, PartialDelete
 from snapsync.errors import BackendError, CommandFailed, UnsafePath
 from snapsync.host.lock import file_lock
 from snapsync.protocol import Refused, check_name, check_path
@@ -384,7 +384,8 @@ class BtrfsReceiver:
         """Delete copies by name. Writable ones were changed on the target: only with ``allow_writable``.
 
         Only subvolumes that arrived by receive (they carry a received_uuid) are ours to delete,
-        whatever the flags; anything else in the directory was put there by someone else.
+        whatever the flags; anything else in the directory was put there by someone else. A copy
+        refused or failing stops only its own name; :class:`PartialDelete` then says which went.
         """
         if self.append_only:
             raise Refused("this store is append-only: it never deletes a copy; prune on the target itself")
@@ -392,28 +393,40 @@ class BtrfsReceiver:
             check_name(name)
         directory = self.directory(rel)
         deleted: list[str] = []
+        left: list[str] = []
         if not directory.is_dir():
             return deleted
         with self._locked(directory):
             markers = _markers(directory)
-            for name in names:
+            for name in dict.fromkeys(names):
                 path = directory / name
                 if not os.path.lexists(path):
                     continue
-                if name in markers:
-                    raise BackendError(f"refusing to delete {rel}/{name}: a receive is (or was) in progress")
-                if path.is_symlink() or not btrfsutil.is_subvolume(path):
-                    raise BackendError(f"refusing to delete {rel}/{name}: not a btrfs subvolume")
-                copy = _copy(name, btrfsutil.subvolume_info(path), partial=False)
-                if copy.received_uuid is None:
-                    raise BackendError(
-                        f"refusing to delete {rel}/{name}: it did not arrive by receive (no received_uuid), "
-                        "so it is somebody's data, not a copy of ours"
-                    )
-                if not copy.read_only and not allow_writable:
-                    raise BackendError(f"refusing to delete {rel}/{name}: it was made writable (changed on the target)")
-                _delete(path)
+                try:
+                    why = _not_deletable(path, name in markers, allow_writable)
+                    if why is None:
+                        btrfsutil.delete_subvolume(path)
+                except (OSError, btrfsutil.BtrfsUtilError) as e:
+                    left.append(f"{rel}/{name}: delete failed: {e.strerror or e}")
+                    continue
+                if why is not None:
+                    left.append(f"refusing to delete {rel}/{name}: {why}")
+                    continue
                 deleted.append(name)
+        if left:
+            raise PartialDelete("; ".join(left), deleted)
         return deleted
 
 
+def _not_deletable(path: Path, marked: bool, allow_writable: bool) -> str | None:
+    """Why the subvolume at ``path`` is no copy of ours to delete, or None."""
+    if marked:
+        return "a receive is (or was) in progress"
+    if path.is_symlink() or not btrfsutil.is_subvolume(path):
+        return "not a btrfs subvolume"
+    copy = _copy(path.name, btrfsutil.subvolume_info(path), partial=False)
+    if copy.received_uuid is None:
+        return "it did not arrive by receive (no received_uuid), so it is somebody's data, not a copy of ours"
+    if not copy.read_only and not allow_writable:
+        return "it was made writable (changed on the target)"
+    return None

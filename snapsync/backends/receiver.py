@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
+from snapsync.errors import BackendError
+
 if TYPE_CHECKING:
     from snapsync.backends.base import Capabilities, StorageBackend
 
@@ -55,6 +57,15 @@ class Copy:
             partial=bool(data["partial"]),
             created=datetime.strptime(str(data["created"]), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC),
         )
+
+
+class PartialDelete(BackendError):
+    """A delete that left some of its copies: the message names each one left and why, ``deleted``
+    what did go, so a caller counts only copies that are gone (``serve`` sends both back)."""
+
+    def __init__(self, message: str, deleted: list[str]) -> None:
+        super().__init__(message)
+        self.deleted = deleted
 
 
 class Receiver(Protocol):
@@ -121,7 +132,11 @@ class Receiver(Protocol):
 
         MUST destroy only copies that arrived by receive, never the dataset or anything else under a
         copy's name: what the filesystem can tell did not arrive by receive (a subvolume made on this
-        host), or was made writable (unless ``allow_writable``), is refused with BackendError.
+        host), or was made writable (unless ``allow_writable``), is refused. A copy refused (by this
+        check or by the filesystem: a hold, a clone, a send reading it) MUST NOT keep the others:
+        every other one is destroyed, then :class:`PartialDelete` names each copy left with its
+        reason and carries exactly the names destroyed (a prune that stopped at the first refusal
+        would never get past it, and one that reported its plan would count copies still there).
         """
         ...
 

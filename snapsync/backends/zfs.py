@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from snapsync.backends import FILESYSTEMS
-from snapsync.backends.base import Capabilities, Scratch, SnapshotInfo
+from snapsync.backends.base import Adoption, Capabilities, Scratch, SnapshotInfo
 from snapsync.backends.usage import Holder, holders, mounts
-from snapsync.errors import BackendError, CommandFailed, DatasetMissing
+from snapsync.errors import BackendError, CommandFailed, DatasetMissing, UsageError
 
 if TYPE_CHECKING:
     from snapsync.backends.receiver import Receiver
@@ -237,7 +237,8 @@ class ZfsBackend:
 
         After the promotion the clone owns every snapshot up to ``name`` and the old dataset (now at
         ``aside``, unmounted, ``canmount=noauto``) keeps the newer ones, holds included. A local
-        ``mountpoint`` moves to the new dataset. A call after a crash between the renames finishes.
+        ``mountpoint`` moves to the new dataset. A call after a stop at any step finishes, and one
+        after the swap only makes sure the new dataset is mounted as the old one was.
         """
         check_snapshot_name(name)
         parent, _, leaf = dataset.rpartition("/")
@@ -252,6 +253,9 @@ class ZfsBackend:
                 return
             raise DatasetMissing(f"{dataset}: does not exist")
         if self.exists(aside):
+            if self._origin(aside) == f"{dataset}@{name}":  # swapped before a stop: only settling is left
+                self._settle(dataset, aside)
+                return
             raise BackendError(f"{aside} already exists; not renaming {dataset} over it")
         children = zfs("list", "-H", "-o", "name", "-r", "-d", "1", dataset).stdout.split()[1:]
         if children:
@@ -265,42 +269,155 @@ class ZfsBackend:
                 f"{dataset} is mounted with mountpoint=legacy (outside ZFS's control): unmount it, run the "
                 f"rollback again, and mount it again afterwards"
             )
-        def prop(name: str, ds: str) -> str:
-            return str(zfs("get", "-H", "-o", "value", name, ds).stdout.strip())
-
         if self.exists(fresh):
-            if prop("origin", dataset) == f"{fresh}@{name}":
+            if self._origin(dataset) == f"{fresh}@{name}":
                 self._swap_in(fresh, dataset, aside)  # promoted before a crash: only the swap is left
                 return
-            if prop("origin", fresh) != f"{dataset}@{name}":
+            if self._origin(fresh) != f"{dataset}@{name}":
                 raise BackendError(f"{fresh} exists and is not snapsync's clone of {dataset}@{name}; look at it and rename it away")
             zfs("destroy", fresh)  # our clone from an attempt that died before promoting: nothing of value
         zfs("clone", "-o", "canmount=noauto", f"{dataset}@{name}", fresh)
+        self._rollback_step(f"clone made {leaf}")
         zfs("promote", fresh)
+        self._rollback_step(f"promoted {leaf}")
         self._swap_in(fresh, dataset, aside)
 
+    @staticmethod
+    def _rollback_step(step: str) -> None:
+        """A step of a rollback or of its undo is done: logged, and SIGKILLed here when
+        ``$SNAPSYNC_TEST_KILL_AT`` names it, which only tests set (see recovery.rollback.reached)."""
+        import logging
+        import signal
+
+        logging.getLogger("snapsync.recovery.rollback").info("rollback step: %s", step)
+        if os.environ.get("SNAPSYNC_TEST_KILL_AT") == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    @staticmethod
+    def _origin(dataset: str) -> str:
+        """The snapshot ``dataset`` is a clone of (``-`` for none), by its current name."""
+        return zfs("get", "-H", "-o", "value", "origin", dataset).stdout.strip()
+
+    @staticmethod
+    def _local(dataset: str, prop: str) -> str | None:
+        """A property's value when it is set on ``dataset`` itself, else None."""
+        value, _, source = zfs("get", "-H", "-o", "value,source", prop, dataset).stdout.rstrip("\n").partition("\t")
+        return value if source == "local" else None
+
     def _swap_in(self, fresh: str, dataset: str, aside: str) -> None:
+        leaf = dataset.rpartition("/")[2]
         if self.exists(dataset):
-            value, source = zfs("get", "-H", "-o", "value,source", "mountpoint", dataset).stdout.strip().split("\t")
-            canmount = zfs("get", "-H", "-o", "value", "canmount", dataset).stdout.strip()
-            zfs("set", f"snapsync:rollback-mountpoint={value if source == 'local' else '-'}", dataset)
-            zfs("set", f"snapsync:rollback-canmount={canmount}", dataset)
+            if self._local(dataset, "snapsync:rollback-canmount") is None:  # not yet saved by a stopped attempt
+                value = self._local(dataset, "mountpoint")
+                canmount = zfs("get", "-H", "-o", "value", "canmount", dataset).stdout.strip()
+                zfs("set", f"snapsync:rollback-mountpoint={value if value is not None else '-'}", dataset)
+                zfs("set", f"snapsync:rollback-canmount={canmount}", dataset)
             if zfs("get", "-H", "-o", "value", "mounted", dataset).stdout.strip() == "yes":
                 zfs("unmount", dataset)
             zfs("set", "canmount=noauto", dataset)
+            self._rollback_step(f"unmounted {leaf}")
             zfs("rename", "-u", dataset, aside)
+            self._rollback_step(f"moved aside {leaf}")
+        zfs("rename", "-u", fresh, dataset)
+        self._rollback_step(f"renamed in {leaf}")
+        self._settle(dataset, aside)
+
+    def _settle(self, dataset: str, aside: str) -> None:
+        """The swapped-in dataset takes the old one's local ``mountpoint`` and ``canmount`` and is mounted
+        as it was; the old one keeps no mountpoint. Each step checks first, so a repeat changes nothing."""
         saved = {
             key: zfs("get", "-H", "-o", "value", f"snapsync:rollback-{key}", aside).stdout.strip()
             for key in ("mountpoint", "canmount")
         }
-        zfs("rename", "-u", fresh, dataset)
         if saved["mountpoint"] not in ("-", ""):
-            zfs("set", f"mountpoint={saved['mountpoint']}", dataset)
-            zfs("set", "mountpoint=none", aside)
+            if self._local(dataset, "mountpoint") != saved["mountpoint"]:
+                zfs("set", f"mountpoint={saved['mountpoint']}", dataset)
+            if self._local(aside, "mountpoint") != "none":
+                zfs("set", "mountpoint=none", aside)
         canmount = saved["canmount"] if saved["canmount"] in ("on", "off", "noauto") else "on"
         zfs("set", f"canmount={canmount}", dataset)
-        if canmount == "on":
+        if canmount == "on" and zfs("get", "-H", "-o", "value", "mounted", dataset).stdout.strip() != "yes":
             zfs("mount", dataset)
+
+    def undo_rollback(self, dataset: str, name: str, aside: str, kept: str, *, dry_run: bool = False) -> list[str]:
+        """Put ``dataset`` back as it was before an interrupted ``rollback(dataset, name, aside)``;
+        returns what it did (or, with ``dry_run``, would do).
+
+        The old dataset returns to its name and is promoted again (it owns all its snapshots), with its
+        own ``mountpoint`` and ``canmount``, mounted as before. The prepared clone, never mounted, is
+        destroyed; a clone already swapped in was live and may hold new writes, so it goes to ``kept``
+        (unmounted, ``canmount=noauto``, ``mountpoint=none``) and stays. Every state is checked before the first change;
+        a call after a stop at any step (or a rollback) continues.
+        """
+        check_snapshot_name(name)
+        parent, _, leaf = dataset.rpartition("/")
+        if not parent or aside.rpartition("/")[0] != parent or kept.rpartition("/")[0] != parent:
+            raise BackendError(f"{aside} and {kept}: must be beside {dataset}")
+        fresh = f"{parent}/{leaf}.rollback-new"
+        live, moved, prepared = self.exists(dataset), self.exists(aside), self.exists(fresh)
+        old = aside if moved else dataset
+        if live and moved:
+            if self._origin(aside) != f"{dataset}@{name}":
+                raise BackendError(
+                    f"{dataset} is not the clone the rollback put in place and {aside} exists: look at both, keep the "
+                    f"one you want at {dataset} and rename the other away"
+                )
+            if self.exists(kept):
+                raise BackendError(f"{kept} already exists; rename it away")
+        elif not live and not moved:
+            raise BackendError(f"{dataset} and {aside} are both missing: there is nothing to put back")
+        if prepared and f"{fresh}@{name}" != self._origin(old) and self._origin(fresh) != f"{dataset}@{name}":
+            raise BackendError(f"{fresh} exists and is not snapsync's clone of {dataset}@{name}; look at it and rename it away")
+        done = []
+        if live and moved:
+            done.append(f"{dataset}: moved the clone put in place (it may have been used) to {kept}")
+            if not dry_run:
+                if zfs("get", "-H", "-o", "value", "mounted", dataset).stdout.strip() == "yes":
+                    zfs("unmount", dataset)
+                zfs("set", "canmount=noauto", dataset)
+                zfs("rename", "-u", dataset, kept)
+                self._rollback_step(f"rolled-back state moved away {leaf}")
+        if moved:
+            done.append(f"{dataset}: put back from {aside}")
+            if not dry_run:
+                zfs("rename", "-u", aside, dataset)
+                self._rollback_step(f"put back {leaf}")
+        where = old if dry_run else dataset  # the old dataset, after the renames above
+        origin = f"{kept}@{name}" if dry_run and live and moved else self._origin(where)
+        if origin in (f"{fresh}@{name}", f"{kept}@{name}"):
+            done.append(f"{dataset}: promoted again (it owns its snapshots up to {name} again)")
+            if not dry_run:
+                zfs("promote", dataset)
+                self._rollback_step(f"promoted back {leaf}")
+        if not dry_run and self.exists(kept) and zfs("get", "-H", "-o", "value", "mountpoint", kept).stdout.strip() != "none":
+            zfs("set", "mountpoint=none", kept)  # never mounted over the dataset it was, nor anywhere by itself
+        if prepared:
+            done.append(f"{dataset}: destroyed the prepared clone {fresh} (never mounted)")
+            if not dry_run:
+                zfs("destroy", fresh)
+        if self._local(where, "snapsync:rollback-canmount") is not None:
+            done.append(f"{dataset}: its own mountpoint and canmount back, mounted as before")
+            if not dry_run:
+                self._unsettle(dataset)
+        return done or [f"{dataset}: as it was"]
+
+    def _unsettle(self, dataset: str) -> None:
+        """The properties the swap saved on the old dataset, applied to it again; the saved copies go last."""
+        saved = {
+            key: zfs("get", "-H", "-o", "value", f"snapsync:rollback-{key}", dataset).stdout.strip()
+            for key in ("mountpoint", "canmount")
+        }
+        if saved["mountpoint"] not in ("-", ""):
+            if self._local(dataset, "mountpoint") != saved["mountpoint"]:
+                zfs("set", f"mountpoint={saved['mountpoint']}", dataset)
+        elif self._local(dataset, "mountpoint") is not None:
+            zfs("inherit", "mountpoint", dataset)
+        canmount = saved["canmount"] if saved["canmount"] in ("on", "off", "noauto") else "on"
+        zfs("set", f"canmount={canmount}", dataset)
+        if canmount == "on" and zfs("get", "-H", "-o", "value", "mounted", dataset).stdout.strip() != "yes":
+            zfs("mount", dataset)
+        zfs("inherit", "snapsync:rollback-mountpoint", dataset)
+        zfs("inherit", "snapsync:rollback-canmount", dataset)
 
     def destroy(self, dataset: str, names: Sequence[str]) -> None:
         """Batched destroy of the existing snapshots that are not held; then one error naming each held one.
@@ -357,6 +474,16 @@ class ZfsBackend:
         if wanted:
             others = {n for n, s in snaps.items() for t in s.holds if t != tag}
             self._destroy_bookmarks(dataset, [n for n in drop if n in bookmarks and n not in others])
+
+    def lost_holds(self, dataset: str) -> dict[str, list[str]]:
+        """Always empty: a held snapshot cannot be destroyed, and a released one leaves its bookmark."""
+        return {}
+
+    def drop_bookmarks(self, dataset: str, names: Sequence[str]) -> None:
+        for name in names:
+            check_snapshot_name(name)
+        present = {s.name for s in self.list_snapshots(dataset) if s.kind == "bookmark"}
+        self._destroy_bookmarks(dataset, [n for n in dict.fromkeys(names) if n in present])
 
     def _bookmark(self, dataset: str, name: str) -> None:
         if self.lzc is not None:
@@ -534,3 +661,47 @@ class ZfsBackend:
         zfs("set", "canmount=on", dataset)
         if zfs("get", "-H", "-o", "value", "mounted", dataset).stdout.strip() != "yes":
             zfs("mount", dataset)
+
+    def nested(self, dataset: str) -> list[str]:
+        """The child filesystems and volumes of ``dataset``: each is a dataset of its own, which a
+        snapshot of its parent (without ``-r``, as snapsync takes them) does not contain. Only the
+        children: a grandchild is in its parent's place, reported when that one is a dataset."""
+        result = zfs("list", "-H", "-o", "name", "-d", "1", "-t", "filesystem,volume", dataset, check=False)
+        if result.returncode != 0:
+            if _missing(result.stderr):
+                raise DatasetMissing(f"{dataset}: does not exist")
+            raise BackendError(f"{dataset}: cannot list its child datasets: {result.stderr.strip()}")
+        return sorted(name for name in result.stdout.splitlines() if name and name != dataset)
+
+    def adoption(self, path: str) -> Adoption | None:
+        """Refused with the commands that do it by hand: ZFS has no way to make a directory a
+        dataset in place (a new dataset needs a copy of the data, which blocks cannot be shared for)."""
+        import shlex
+
+        real = os.path.realpath(path)
+        home = max(
+            (m for m in mounts() if real == m.point or real.startswith(m.point.rstrip("/") + "/")),
+            key=lambda m: len(m.point), default=None,
+        )
+        if home is None or home.fstype != "zfs":
+            return None
+        if home.point == real and home.root == "/":
+            return Adoption(real, "adopted", notes=(f"it is ZFS dataset {home.source}",))
+        if home.point == real:
+            raise UsageError(f"{real}: is a mount point (a bind mount of {home.root} in {home.source}); adopt the directory where it lives")
+        if not os.path.isdir(real):
+            raise UsageError(f"{path}: not a directory")
+        leaf = "".join(c if c.isascii() and (c.isalnum() or c in "_.:-") else "_" for c in os.path.basename(real))
+        child, new, old = f"{home.source}/{leaf}", f"{real}.new", f"{real}.snapsync-adopt-old"
+        q = shlex.quote
+        raise UsageError(
+            f"{real} is a directory in ZFS dataset {home.source}, which cannot become a dataset in place; with what "
+            f"uses it stopped: zfs create -o mountpoint={q(new)} {q(child)} && cp -a {q(real)}/. {q(new)}/ && "
+            f"mv {q(real)} {q(old)} && zfs set mountpoint={q(real)} {q(child)}; then check it and delete {q(old)}"
+        )
+
+    def adopt(self, path: str) -> Adoption:
+        found = self.adoption(path)
+        if found is None:
+            raise UsageError(f"{path}: not on ZFS")
+        return found

@@ -44,9 +44,9 @@ from datetime import UTC, datetime
 from typing import ClassVar
 
 from snapsync.backends.base import Capabilities, StorageBackend
-from snapsync.backends.receiver import Copy
+from snapsync.backends.receiver import Copy, PartialDelete
 from snapsync.backends.zfs import LIST_FIELDS, ZfsBackend, check_snapshot_name, zfs
-from snapsync.errors import BackendError, CommandFailed
+from snapsync.errors import BackendError
 from snapsync.protocol import Refused, check_name, check_path
 from snapsync.host.streams import PIPE_SIZE, Proc, Stalled, finish, widen
 
@@ -641,7 +641,9 @@ class ZfsReceiver:
         return ["(resumable receive state)"]
 
     def delete(self, rel: str, names: list[str], allow_writable: bool = False) -> list[str]:
-        """Destroy copies by name in one batched ``zfs destroy``; held ones make it fail whole."""
+        """Destroy copies by name in one batched ``zfs destroy``. The batch fails whole when one of
+        them cannot go (a hold, a clone): then each is destroyed alone, so one refusal keeps no other,
+        and :class:`PartialDelete` names each one left and carries what went."""
         if self.append_only:
             raise StoreRefused("this store is append-only: it never destroys a copy; prune on the target itself")
         for name in names:
@@ -652,11 +654,33 @@ class ZfsReceiver:
         doomed = [n for n in dict.fromkeys(names) if n in present]
         if not doomed:
             return []
-        try:
-            zfs("destroy", f"{dataset}@{','.join(doomed)}")
-        except CommandFailed as e:
-            raise BackendError(f"cannot destroy copies in {dataset}: {e.stderr.strip()}") from e
+        if zfs("destroy", f"{dataset}@{','.join(doomed)}", check=False).returncode == 0:
+            return doomed
+        still = {c.name for c in self._listing(dataset)[0]}
+        deleted = [n for n in doomed if n not in still]
+        left: list[str] = []
+        for name in doomed:
+            if name not in still:
+                continue
+            result = zfs("destroy", f"{dataset}@{name}", check=False)
+            if result.returncode == 0:
+                deleted.append(name)
+                continue
+            full, why = f"{dataset}@{name}", " ".join(result.stderr.split()) or f"zfs destroy exited {result.returncode}"
+            holds = _holds(full)
+            if holds:
+                left.append(f"refusing to destroy {full}: held by {', '.join(holds)} (still needed by its holder)")
+            else:
+                left.append(why if full in why else f"cannot destroy {full}: {why}")
+        if left:
+            raise PartialDelete("; ".join(left), [n for n in doomed if n in deleted])
         return doomed
+
+
+def _holds(full: str) -> list[str]:
+    """The user holds on one snapshot, by tag (none when it cannot be asked)."""
+    result = zfs("holds", "-H", full, check=False)
+    return sorted(line.split("\t")[1] for line in result.stdout.splitlines() if line.count("\t") >= 2)
 
 
 def _shown(value: str) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal, NoReturn
+from typing import TYPE_CHECKING, Annotated, Literal, NoReturn, cast
 
 import typer
 from rich.console import Console
@@ -25,6 +25,7 @@ from snapsync import __version__
 from snapsync.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, SnapsyncError
 
 if TYPE_CHECKING:
+    from snapsync.backends.base import SnapshotInfo
     from snapsync.policy.loader import Group, Policy
     from snapsync.policy.schema import DirTarget, S3Target
     from snapsync.replication.replicate import ProgressFactory, TargetReport
@@ -149,6 +150,7 @@ def _act(
     replicate: bool = False,
     targets: list[str] | None = None,
     prune_targets: bool = True,
+    drop_future: bool = False,
 ) -> int:
     """Load, select, run under the policy's lock (a dry run changes nothing, so it takes none), record
     metrics, render."""
@@ -167,6 +169,7 @@ def _act(
             return _runner(policy, progress).run(
                 selected, take=take, only_due=only_due, prune=prune, dry_run=dry_run,
                 replicate=replicate, targets=targets, prune_targets=prune_targets, pulls=pulls,
+                drop_future=drop_future,
             )
 
     if dry_run:
@@ -200,13 +203,20 @@ def prune(
     groups: GroupsArg = None,
     dry_run: DryRunOpt = False,
     explain: Annotated[bool, typer.Option("--explain", help="Show every snapshot and each rule that kept it.")] = False,
+    future: Annotated[bool, typer.Option(
+        "--future", help="Also delete the snapshots dated after the clock (taken while it was wrong); fix the clock first."
+    )] = False,
     as_json: JsonOpt = False,
     lock_timeout: LockTimeoutOpt = 60.0,
 ) -> int:
-    """Delete the snapshots that no retention rule keeps. Foreign snapshots are never touched."""
+    """Delete the snapshots that no retention rule keeps. Foreign snapshots are never touched.
+
+    A snapshot dated after the clock stops pruning (the clock stepped back); ``--future`` deletes
+    such snapshots after their replication holds are released, then prunes as usual.
+    """
     return _act(
         "prune", groups, take=False, only_due=False, prune=True, dry_run=dry_run, as_json=as_json,
-        lock_timeout=lock_timeout, explain=explain,
+        lock_timeout=lock_timeout, explain=explain, drop_future=future,
     )
 
 
@@ -253,12 +263,13 @@ def serve(
     snapshot_dir: Annotated[str, typer.Option("--snapshot-dir", help="send role: where snapshots live, as in the policy.")] = ".snapsync",
     append_only: Annotated[bool, typer.Option("--append-only", help="receive role: refuse to delete copies.")] = False,
     stall_timeout: Annotated[float, typer.Option("--stall-timeout", min=0.1, max=86400, help="Give up on a request line or a stream that moves nothing for this many seconds.")] = 600.0,
+    allow_restore: Annotated[bool, typer.Option("--allow-restore", help="receive role: also send the copies back (restore, drill).")] = False,
 ) -> int:
     """The far end of replication, for an ssh forced command (see `snapsync authorize`). Reads one
     request on stdin; speaks a small versioned protocol; runs no shell."""
     from snapsync.replication.serve import serve as run_serve
 
-    return run_serve(root, role, snapshot_dir, append_only, stall_timeout)
+    return run_serve(root, role, snapshot_dir, append_only, stall_timeout, allow_restore)
 
 
 @app.command()
@@ -268,6 +279,7 @@ def authorize(
     role: Annotated[Literal["receive", "send"], typer.Option("--role")] = "receive",
     command: Annotated[str, typer.Option("--command", help="Path of snapsync on this host.")] = "snapsync",
     append_only: Annotated[bool, typer.Option("--append-only", help="receive role: the key may add copies, never delete.")] = False,
+    allow_restore: Annotated[bool, typer.Option("--allow-restore", help="receive role: the key may also read its copies back (restore, drill).")] = False,
 ) -> int:
     """Print the authorized_keys line that confines KEYFILE to `snapsync serve` in ROLE below ROOT."""
     from snapsync.errors import UsageError
@@ -283,7 +295,10 @@ def authorize(
         raise UsageError(f"{keyfile}: {e.strerror or e}") from None
     if len(lines) != 1 or not lines[0].split()[0].startswith(("ssh-", "ecdsa-", "sk-")) or len(lines[0].split()) < 2:
         raise UsageError(f"{keyfile}: not a single ssh public key (expected a line like 'ssh-ed25519 AAAA... comment')")
+    if allow_restore and role != "receive":
+        raise UsageError("--allow-restore is an option of the receive role (the send role hands out snapshots already)")
     argv = [command, "serve", "--root", root, "--role", role] + (["--append-only"] if append_only else [])
+    argv += ["--allow-restore"] if allow_restore else []
     out.print(authorized_keys_line(lines[0], argv), markup=False, highlight=False, soft_wrap=True)
     return EXIT_OK
 
@@ -335,15 +350,35 @@ def _list_group(
         if not as_json:
             err.print(f"[bold]{group.name}[/]: [red]error:[/] {e}")
         return entry, False
+    try:
+        reviews = runner.review_holds(group, listing)
+    except SnapsyncError as e:
+        reviews = {}
+        cast(list[str], entry["errors"]).append(f"cannot tell why holds are kept: {e}")
+    now = runner.clock.now()
+
+    def why(ds: str, snap: SnapshotInfo) -> list[str]:
+        when = parse_snapshot_name(group.prefix, snap.name)
+        future = ["dated after the clock: never sent, pruning waits (see `snapsync check`)"] if when and when > now else []
+        return future + (reviews[ds].why(snap) if ds in reviews else [])
+
     entry["datasets"] = [
         {
             "dataset": ds,
-            "snapshots": [{**s.to_json(), "ours": parse_snapshot_name(group.prefix, s.name) is not None} for s in snaps],
+            "snapshots": [
+                {**s.to_json(), "ours": parse_snapshot_name(group.prefix, s.name) is not None, "why": why(ds, s)}
+                for s in snaps
+            ],
+            "lost_holds": reviews[ds].lost if ds in reviews else {},
         }
         for ds, snaps in listing.items()
     ]
     if not as_json:
-        render_listing(out, group.name, group.backend, listing, group.prefix)
+        render_listing(out, group.name, group.backend, listing, group.prefix, why)
+        for ds, review in reviews.items():
+            for tag, names in review.lost.items():
+                out.print(f"  {ds}: hold {tag} was on {', '.join(names)}, deleted by hand; older snapshots kept "
+                          f"until it replicates again", highlight=False)
         for t in targets:
             render_target_state(out, t)
     return entry, all(t.ok for t in targets)
@@ -427,7 +462,7 @@ def check(
 def policy_check(
     file: Annotated[str | None, typer.Argument(help="Policy file (default: --policy).", show_default=False)] = None,
     syntax_only: Annotated[
-        bool, typer.Option("--syntax-only", help="Only parse and validate; do not look at the datasets or hook programs on this machine.")
+        bool, typer.Option("--syntax-only", help="Only parse and validate (a policy for another machine): do not look at the datasets, the hook programs or the file's owner and mode here.")
     ] = False,
     as_json: JsonOpt = False,
 ) -> int:
@@ -436,13 +471,13 @@ def policy_check(
     Also checks that every dataset exists here and can be snapshotted, unless --syntax-only.
     """
     from snapsync.policy.loader import policy_warnings
-    from snapsync.ops.preflight import check_datasets, receiving_warnings
+    from snapsync.ops.preflight import check_datasets, nested_policy_warnings, receiving_warnings
 
     policy = _load(file, check_programs=not syntax_only)
     warnings = policy_warnings(policy)
     if not syntax_only:
         check_datasets(policy)
-        warnings += receiving_warnings(policy)
+        warnings += nested_policy_warnings(policy) + receiving_warnings(policy)
     if as_json:
         print(json.dumps({"policy": policy.normalized(), "warnings": warnings}))
     else:
@@ -535,6 +570,64 @@ def restore(
         )
     for problem in report.problems:
         err.print(f"[yellow]warning:[/] elsewhere in the archive: {escape(problem)}")
+    return EXIT_OK
+
+
+@app.command("restore-db")
+def restore_db(
+    group: Annotated[str, typer.Argument(help="The group whose postgres hook dumps the database.")],
+    snapshot: Annotated[str, typer.Argument(help="The snapshot whose dump to restore (see `snapsync list GROUP`).")],
+    database: Annotated[str, typer.Argument(help="The one database to bring back; the server's others are not touched.")],
+    source: Annotated[
+        str | None, typer.Option("--from", help="Read the snapshot from this target (offsite or another host) instead of this host's.")
+    ] = None,
+    into: Annotated[
+        str | None, typer.Option("--into", help="Restore into this server (a libpq connection string) instead of the hook's.")
+    ] = None,
+    hook: Annotated[int | None, typer.Option("--hook", min=0, help="Which hook's dumps (its index in the group), when several dump it.")] = None,
+    terminate: Annotated[
+        bool, typer.Option("--terminate", help="Disconnect the sessions still on the database before the swap (default: refuse).")
+    ] = False,
+    scratch: Annotated[str | None, typer.Option("--scratch", help="With --from: directory for the throwaway filesystem (default /var/tmp).")] = None,
+    dry_run: DryRunOpt = False,
+    as_json: JsonOpt = False,
+    lock_timeout: LockTimeoutOpt = 60.0,
+) -> int:
+    """Bring ONE PostgreSQL database back from a snapshot's dump (the postgres hook's dump mode).
+
+    The dump is restored into a new database, checked, and then swapped in for the live one in one
+    transaction; the live one is kept as DATABASE_before_TIME. Nothing else on the server changes, and
+    an interruption leaves the live database as it was (run it again). Stop the service using the
+    database first, or pass --terminate.
+    """
+    from contextlib import nullcontext
+
+    from snapsync.clock import SystemClock
+    from snapsync.host.lock import policy_lock
+    from snapsync.ops.runner import select_groups
+    from snapsync.recovery.pgrestore import restore_database
+
+    policy = _load()
+    (chosen,) = select_groups(policy, [group])
+    backend = _runner(policy).backend(chosen)
+    locked = source is not None or not dry_run  # a copy being read from a target must not be pruned meanwhile
+    with policy_lock(policy.source, lock_timeout) if locked else nullcontext(), _progress(as_json) as progress:
+        report = restore_database(
+            policy, chosen, backend, snapshot, database, SystemClock().now(), source=source, into=into, hook_index=hook,
+            terminate=terminate, dry_run=dry_run, scratch_parent=scratch, progress=progress,
+        )
+    if as_json:
+        print(json.dumps(report.to_json()))
+        return EXIT_OK
+    verb = "would restore" if dry_run else "restored"
+    dumped = f", dumped {report.dumped_at}" if report.dumped_at else ""
+    out.print(f"{verb} database {database} from {group}@{snapshot} ({report.source}: {report.dump}{dumped}):", markup=False, soft_wrap=True)
+    for step in report.steps:
+        out.print(f"  - {step}", markup=False, soft_wrap=True)
+    for note in report.notes:
+        out.print(f"  note: {note}", markup=False, soft_wrap=True)
+    if not dry_run and report.kept_as:
+        out.print(f"the previous state is kept as database {report.kept_as}; when satisfied: DROP DATABASE \"{report.kept_as}\"", markup=False, soft_wrap=True)
     return EXIT_OK
 
 
@@ -632,8 +725,13 @@ def drill(
 @app.command()
 def rollback(
     group: Annotated[str, typer.Argument(help="The group to roll back.")],
-    snapshot: Annotated[str, typer.Argument(help="The snapshot to return to (see `snapsync list GROUP`).")],
-    force: Annotated[bool, typer.Option("--force", help="Roll back even while processes or mounts use the data.")] = False,
+    snapshot: Annotated[
+        str | None, typer.Argument(help="The snapshot to return to (see `snapsync list GROUP`); not needed with --abort.")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Roll back (or abort) even while processes or mounts use the data.")] = False,
+    abort: Annotated[
+        bool, typer.Option("--abort", help="Undo an interrupted rollback: every dataset back as it was, the safety snapshot kept.")
+    ] = False,
     dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
     lock_timeout: LockTimeoutOpt = 60.0,
@@ -642,20 +740,38 @@ def rollback(
 
     Takes a held safety snapshot of the current state first and moves the current state aside;
     refuses while the data is in use (naming the processes and units to stop) unless --force.
+    Run it again to finish one that was interrupted, or pass --abort to undo that one instead.
     """
+    from contextlib import nullcontext
+
     from snapsync.clock import SystemClock
+    from snapsync.errors import UsageError
     from snapsync.host.lock import policy_lock
+    from snapsync.recovery.rollback import abort as run_abort
     from snapsync.recovery.rollback import rollback as run_rollback
     from snapsync.ops.runner import select_groups
 
+    if snapshot is None and not abort:
+        raise UsageError(f"name the snapshot to return to (`snapsync list {group}`), or pass --abort to undo an interrupted rollback")
     policy = _load()
     (chosen,) = select_groups(policy, [group])
     backend = _runner(policy).backend(chosen)
-    if dry_run:
-        report = run_rollback(chosen, backend, snapshot, SystemClock().now(), force=force, dry_run=True)
-    else:
-        with policy_lock(policy.source, lock_timeout):
-            report = run_rollback(chosen, backend, snapshot, SystemClock().now(), force=force)
+    with nullcontext() if dry_run else policy_lock(policy.source, lock_timeout):
+        if abort:
+            undone = run_abort(chosen, backend, snapshot, force=force, dry_run=dry_run)
+        else:
+            assert snapshot is not None
+            report = run_rollback(chosen, backend, snapshot, SystemClock().now(), force=force, dry_run=dry_run)
+    if abort:
+        if as_json:
+            print(json.dumps(undone.to_json()))
+            return EXIT_OK
+        out.print(f"{'would undo' if dry_run else 'undid'} the interrupted rollback of {group} to {undone.snapshot}:", markup=False)
+        for step in undone.steps:
+            out.print(f"  - {step}", markup=False)
+        for note in undone.notes:
+            out.print(f"  note: {note}", markup=False)
+        return EXIT_OK
     if as_json:
         print(json.dumps(report.to_json()))
         return EXIT_OK
@@ -665,10 +781,11 @@ def rollback(
     for note in report.notes:
         out.print(f"  note: {note}", markup=False)
     if not dry_run:
-        out.print(
-            f"the previous state is kept beside each dataset ({', '.join(report.aside.values())}) and as safety "
-            f"snapshot {report.safety}; when satisfied: snapsync release {group} {report.safety}", markup=False,
+        safety = (
+            f" and as safety snapshot {report.safety} (held on {', '.join(report.safety_on)}); when satisfied: "
+            f"snapsync release {group} {report.safety}" if report.safety_on else "; no safety snapshot is held"
         )
+        out.print(f"the previous state is kept beside each dataset ({', '.join(report.aside.values())}){safety}", markup=False)
     return EXIT_OK
 
 
@@ -690,6 +807,52 @@ def release(
         released = run_release(backend, chosen.datasets, snapshot)
     out.print(f"released {safety_tag(snapshot)} on {len(released)} dataset(s) of {group}", markup=False)
     return EXIT_OK
+
+
+@app.command()
+def adopt(
+    paths: Annotated[list[str], typer.Argument(metavar="PATH", help="Plain directories to make datasets of their own.", show_default=False)],
+    dry_run: DryRunOpt = False,
+    as_json: JsonOpt = False,
+) -> int:
+    """Turn plain directories into btrfs subvolumes in place, so that a group can list them.
+
+    Each directory's files are copied into a new subvolume beside it sharing every block
+    (cp --reflink=always: no data is copied), compared with the original (modes, owners, ACLs,
+    xattrs, hard links, holes, timestamps), and swapped in by one atomic rename; the original is
+    kept as PATH.snapsync-adopt-old until you delete it. Refuses while anything uses a directory,
+    printing the commands to stop its services and unmount its bind mounts (and to undo that
+    afterwards). Run it again to finish one that was stopped. On ZFS it prints how to do it by hand.
+    """
+    from snapsync.ops.adopt import adopt as run_adopt
+    from snapsync.ops.adopt import busy_message
+
+    try:
+        policy: Policy | None = _load(check_programs=False)
+    except SnapsyncError:
+        policy = None  # adopt needs no policy; with one, it says what the policy needs next
+    reports = run_adopt(paths, dry_run=dry_run, policy=policy)
+    if as_json:
+        print(json.dumps({"dry_run": dry_run, "paths": [r.to_json() for r in reports]}))
+        return EXIT_OK if all(r.ok for r in reports) else EXIT_PARTIAL
+    for r in reports:
+        a = r.adoption
+        if a.state == "adopted" and not a.steps:
+            kept = f" (its original directory is still at {a.kept})" if a.kept else ""
+            out.print(f"{a.path}: already a {a.called}{kept}", markup=False, soft_wrap=True)
+        elif r.error is not None:
+            err.print(f"snapsync: error: {a.path}: not adopted: {r.error}", markup=False, soft_wrap=True)
+        else:
+            verb = ("would finish" if dry_run else "finished") + " the stopped adopt of" if a.state == "interrupted" else (
+                "would adopt" if dry_run else "adopted")
+            out.print(f"{verb} {a.path}" + ("" if dry_run else f": it is a {a.called} now") + (":" if dry_run else ""), markup=False, soft_wrap=True)
+            for step in a.steps if dry_run else ():
+                out.print(f"  - {step}", markup=False, soft_wrap=True)
+        if dry_run and r.holders:
+            out.print(f"  in use now, so adopt would refuse: {busy_message(a.path, r.holders)}", markup=False, soft_wrap=True)
+        for note in (*a.notes, *r.notes) if r.error is None else ():
+            out.print(f"  note: {note}", markup=False, soft_wrap=True)
+    return EXIT_OK if all(r.ok for r in reports) else EXIT_PARTIAL
 
 
 @app.command()

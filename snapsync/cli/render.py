@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -166,6 +167,8 @@ def render_reports(console: Console, reports: Sequence[GroupReport], *, explain:
         console.print(f"[bold]{r.group}[/]: {status}: " + "; ".join(parts))
         for err in r.errors:
             console.print(f"  [red]error:[/] {err}", highlight=False)
+        for warning in r.warnings:
+            console.print(f"  [yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
         for t in r.targets:
             render_target(console, t)
         for line in r.released:
@@ -180,13 +183,18 @@ def render_reports(console: Console, reports: Sequence[GroupReport], *, explain:
                     console.print(f"  {line}", highlight=False)
 
 
-def render_listing(console: Console, group: str, backend: str, listing: dict[str, list[SnapshotInfo]], prefix: str) -> None:
+def render_listing(
+    console: Console, group: str, backend: str, listing: dict[str, list[SnapshotInfo]], prefix: str,
+    why: Callable[[str, SnapshotInfo], list[str]] = lambda _d, _s: [],
+) -> None:
+    """Every snapshot and bookmark, ours and foreign, with who holds it and why it is kept."""
     for dataset, snaps in listing.items():
         table = Table(title=f"{group} ({backend}) {dataset}", title_justify="left", show_edge=False, pad_edge=False)
         table.add_column("snapshot", no_wrap=True)
         table.add_column("created (fs)", no_wrap=True)
         for col in ("ro", "id", "ours", "held by"):
             table.add_column(col)
+        table.add_column("why kept")
         for s in snaps:
             ours = parse_snapshot_name(prefix, s.name) is not None
             table.add_row(
@@ -196,7 +204,8 @@ def render_listing(console: Console, group: str, backend: str, listing: dict[str
                 s.guid[:8],
                 "yes" if ours else "[dim]foreign[/]",
                 ", ".join(s.holds),
+                escape("; ".join(why(dataset, s))),
             )
         if not snaps:
-            table.add_row("(no snapshots)", "", "", "", "", "")
+            table.add_row("(no snapshots)", "", "", "", "", "", "")
         console.print(table)

@@ -140,6 +140,7 @@ class Offsite:
                 self._dataset(ds, keys[ds], sources[ds], state, report, dry_run)
             except SnapsyncError as e:
                 report.errors.append(f"{ds}: {e}")
+        self._drop_future(report, sources, states, keys, dry_run)
         self._lag(report, sources, states, keys)
         if prune and self.target.retention is not None and not report.errors:
             self._prune(report, states, keys, dry_run)
@@ -199,6 +200,7 @@ class Offsite:
             [m.stored() for m in state.stored.values()],
             [m.partial() for m in state.partial.values()],
             self.target.full_every,
+            self.now(),
         )
         report.notes += [f"{ds}: {n}" for n in plan.notes]
         for name in plan.discard:
@@ -318,6 +320,34 @@ class Offsite:
         if rest:
             self.archive.store.delete(rest)
 
+    def _drop_future(
+        self, report: TargetReport, sources: dict[str, list[SnapshotId]], states: dict[str, DatasetState],
+        keys: dict[str, str], dry_run: bool,
+    ) -> None:
+        """Delete uploads dated after the clock whose original the source still has and nothing builds on.
+
+        They were uploaded while the clock was ahead; kept, they would stop the store's pruning until
+        that date. The source's original stays (``snapsync prune --future`` is the way to drop it).
+        """
+        now = self.now()
+        for ds in self.group.datasets:
+            state = states.get(keys[ds])
+            if state is None:
+                continue
+            originals = {s.name: s.guid for s in sources[ds]}
+            parents = {m.stored().parent for m in state.stored.values()}
+            doomed = [
+                m.snapshot for m in state.stored.values()
+                if m.created > now and originals.get(m.snapshot) == m.guid and m.snapshot not in parents
+            ]
+            for name in sorted(doomed):
+                report.planned.append(f"{ds}: delete the upload of {name}, dated after this host's clock (the source keeps it)")
+                if dry_run:
+                    continue
+                self._delete_snapshot(state, keys[ds], name)
+                state.stored.pop(name, None)
+                report.notes.append(f"{ds}: deleted the upload of {name} (dated after this host's clock)")
+
     def _lag(
         self,
         report: TargetReport,
@@ -325,7 +355,9 @@ class Offsite:
         states: dict[str, DatasetState],
         keys: dict[str, str],
     ) -> None:
-        newest = [s[-1] for s in sources.values() if s]
+        now = self.now()
+        past = {ds: [s for s in snaps if s.created <= now] for ds, snaps in sources.items()}
+        newest = [s[-1] for s in past.values() if s]
         if not newest:
             return
         top = max(newest, key=lambda s: (s.created, s.name))

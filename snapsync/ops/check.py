@@ -106,6 +106,24 @@ def judge_source(group: str, datasets: Sequence[str], listing: GroupListing, lim
     return Finding(group, None, "snapshot", status, f"newest snapshot {_age_text(age, limits, status)}", age, limits)
 
 
+def judge_future(group: str, listing: GroupListing, now: datetime) -> Finding | None:
+    """Snapshots dated after the clock: it was wrong when they were taken, or it is wrong now.
+
+    They are never sent nor a base, and retention refuses to prune past them, so this is CRITICAL
+    until someone decides which clock was right.
+    """
+    future = [s for s in listing.snapshots if s.created > now]
+    if not future:
+        return None
+    ahead = approx(future[-1].created - now)
+    names = ", ".join(s.name for s in future)
+    return Finding(
+        group, None, "clock", Status.CRITICAL,
+        f"{names} dated up to {ahead} after the clock: not replicated, and pruning waits; if the clock is right now, "
+        f"replicate, then delete them with `snapsync prune {group} --future`; else fix the clock",
+    )
+
+
 def judge_copy(
     group: str, target: str, newest: datetime | None, errors: Sequence[str], limits: Thresholds, now: datetime,
     what: str = "copy", reached: bool = False,
@@ -186,7 +204,7 @@ def assess(
     for group in groups:
         if (target := unfinished(group.name)) is not None:
             findings.append(Finding(group.name, None, "rollback", Status.CRITICAL, unfinished_text(group.name, target)))
-        findings.append(_source_finding(runner, group, now))
+        findings += _source_findings(runner, group, now)
         for name in [] if local else group.targets:
             holdings = held.get(group.name)
             report = next((t for t in holdings.targets if t.target == name), None) if holdings else None
@@ -200,12 +218,14 @@ def assess(
     return findings
 
 
-def _source_finding(runner: Runner, group: Group, now: datetime) -> Finding:
+def _source_findings(runner: Runner, group: Group, now: datetime) -> list[Finding]:
     limits = Thresholds(group.warn_after, group.crit_after)
     try:
-        return judge_source(group.name, group.datasets, runner.listing(group), limits, now)
+        listing = runner.listing(group)
     except SnapsyncError as e:
-        return Finding(group.name, None, "snapshot", Status.CRITICAL, f"cannot list: {_one_line(str(e))}")
+        return [Finding(group.name, None, "snapshot", Status.CRITICAL, f"cannot list: {_one_line(str(e))}")]
+    future = judge_future(group.name, listing, now)
+    return [judge_source(group.name, group.datasets, listing, limits, now), *([future] if future else [])]
 
 
 def _copy_finding(

@@ -28,6 +28,7 @@ run by drills): SQLite's integrity check, a PostgreSQL server that recovers and 
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import shlex
@@ -38,14 +39,17 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote
 
 from snapsync.errors import SnapsyncError
 from snapsync.policy.schema import CommandHook, FreezeHook, Hook, PostgresHook, SqliteHook
@@ -189,7 +193,7 @@ class Hooks:
 
 def _enter(hook: Hook, moment: Moment, report: HookReport) -> Any:
     if isinstance(hook, PostgresHook):
-        return postgres(hook, report)
+        return postgres(hook, report, moment)
     if isinstance(hook, SqliteHook):
         return sqlite(hook, report)
     if isinstance(hook, FreezeHook):
@@ -201,9 +205,12 @@ def _enter(hook: Hook, moment: Moment, report: HookReport) -> Any:
 
 
 def hook_programs(hook: Hook) -> list[tuple[tuple[str | int, ...], str]]:
-    """Every program ``hook`` runs, by the key under the hook that names it; postgres and sqlite run none."""
+    """Every program ``hook`` runs, by the key under the hook that names it; sqlite runs none, postgres
+    only pg_dump (with ``dump``)."""
     if isinstance(hook, CommandHook):
         return [((phase, 0), argv[0]) for phase, argv in (("pre", hook.pre), ("post", hook.post)) if argv]
+    if isinstance(hook, PostgresHook) and hook.dump is not None:
+        return [(("bin_dir",) if hook.bin_dir else ("dump",), pg_program(hook, "pg_dump"))]
     if isinstance(hook, FreezeHook) and hook.unit is not None:
         return [(("unit",), "systemctl")]
     return []
@@ -357,8 +364,10 @@ def _conninfo(hook: PostgresHook) -> dict[str, Any]:
 
 
 @contextmanager
-def postgres(hook: PostgresHook, report: HookReport) -> Iterator[None]:
-    """CHECKPOINT right before the snapshot, or backup mode held across it on one connection."""
+def postgres(hook: PostgresHook, report: HookReport, moment: Moment | None = None) -> Iterator[None]:
+    """The dumps (with ``dump``), then CHECKPOINT right before the snapshot, or backup mode held across
+    it on one connection. A failed dump fails the hook (its ``on_failure`` decides about the snapshot)
+    after the other databases were dumped and the checkpoint done."""
     try:
         import psycopg
     except ImportError as e:
@@ -371,6 +380,11 @@ def postgres(hook: PostgresHook, report: HookReport) -> Iterator[None]:
     with conn:
         try:
             conn.execute(f"SET statement_timeout = {timeout_ms}")
+            if hook.dump is not None:
+                try:
+                    report.message = dump_databases(hook, conn, moment.snapshot if moment else None)
+                except HookFailed as e:
+                    report.status, report.message = "failed", str(e)
             if hook.mode == "checkpoint":
                 conn.execute("CHECKPOINT")
             else:
@@ -390,6 +404,273 @@ def postgres(hook: PostgresHook, report: HookReport) -> Iterator[None]:
 
 def _pg_message(error: Exception) -> str:
     return " ".join(str(error).split())
+
+
+# --- postgres: dumps -------------------------------------------------------------------------------
+
+DUMP_MANIFEST = "snapsync-dumps.json"
+"""In ``dump_dir``: which databases were dumped when, so a restore can say how old the dump it reads is."""
+DUMP_SUFFIX = ".dump"
+
+
+def dump_file(database: str) -> str:
+    """The file a database's dump is kept in: its name, %-escaped where a file name could not hold it."""
+    return quote(database, safe="") + DUMP_SUFFIX
+
+
+def pg_program(hook: PostgresHook, name: str) -> str:
+    """``pg_dump``/``pg_restore`` as the hook names them: in ``bin_dir``, else looked up in PATH."""
+    return os.path.join(hook.bin_dir, name) if hook.bin_dir else name
+
+
+def pg_executable(hook: PostgresHook, name: str) -> str:
+    """The path to run ``name`` by, once :func:`trusted_program` passed it and everything it leads to,
+    or HookFailed saying why not. It is the path as found, not where its symlinks lead: Debian's
+    ``/usr/bin/pg_dump`` is a link to one wrapper that picks the program by the name it was run as."""
+    program = pg_program(hook, name)
+    found = trusted_program(program)
+    if found is None:
+        where = f"in bin_dir {hook.bin_dir}" if hook.bin_dir else "in PATH (set bin_dir to PostgreSQL's bin directory)"
+        raise HookFailed(f"{name} not found {where}")
+    return program if "/" in program else shutil.which(program) or found
+
+
+@dataclass(frozen=True)
+class PgServer:
+    """Where a PostgreSQL server is reached: the hook's connection (or ``--into``'s), for any of its
+    databases, by psycopg or by a client program (the password goes in the environment, never argv)."""
+
+    params: Mapping[str, str]
+    timeout: int
+
+    @classmethod
+    def of(cls, hook: PostgresHook, dsn: str | None = None) -> PgServer:
+        from psycopg.conninfo import conninfo_to_dict
+
+        timeout = max(1, int(hook.timeout.total_seconds()))
+        if dsn is not None or hook.dsn is not None:
+            params = {k: str(v) for k, v in conninfo_to_dict(dsn if dsn is not None else hook.dsn or "").items() if v is not None}
+        else:
+            parts = (("host", hook.host), ("port", hook.port), ("user", hook.user), ("dbname", hook.dbname))
+            params = {k: str(v) for k, v in parts if v is not None}
+        return cls(params, timeout)
+
+    def connect(self, dbname: str) -> Any:
+        import psycopg
+        from psycopg.conninfo import make_conninfo
+
+        conninfo = make_conninfo(**{**self.params, "dbname": dbname, "connect_timeout": str(self.timeout)})
+        return psycopg.connect(conninfo, autocommit=True)
+
+    def client(self, dbname: str) -> tuple[str, dict[str, str]]:
+        """``--dbname`` for pg_dump or pg_restore, and the environment to run it in."""
+        from psycopg.conninfo import make_conninfo
+
+        params = {**self.params, "dbname": dbname, "connect_timeout": str(self.timeout)}
+        password = params.pop("password", None)
+        env = {**os.environ, **({"PGPASSWORD": password} if password else {})}
+        return make_conninfo(**params), env
+
+
+def run_client(
+    argv: Sequence[str], executable: str, env: Mapping[str, str], timeout: float | None, stdout: int | None = None
+) -> tuple[int, str]:
+    """A PostgreSQL client program in its own session, killed with its group after ``timeout`` (None:
+    none) or when snapsync is interrupted; returns its exit status and the last lines of its stderr."""
+    proc: subprocess.Popen[str] | None = None
+    try:
+        with _SignalsHeld():  # an interrupt inside Popen would leave a child no one knows to kill
+            proc = subprocess.Popen(list(argv), executable=executable, env=dict(env), stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL if stdout is None else stdout, stderr=subprocess.PIPE,
+                                    text=True, start_new_session=True, preexec_fn=_dies_with_us(os.getpid()))
+        _, stderr = proc.communicate(timeout=timeout)
+    except BaseException as e:
+        if proc is not None:
+            with _SignalsHeld(interrupted=isinstance(e, KeyboardInterrupt)):
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+        if isinstance(e, subprocess.TimeoutExpired):
+            return -signal.SIGKILL, f"killed after {e.timeout:g}s"
+        if isinstance(e, OSError) and proc is None:
+            return 127, e.strerror or str(e)
+        raise
+    return proc.returncode, " | ".join(stderr.strip().splitlines()[-3:]) or "(no output)"
+
+
+def _dies_with_us(owner: int) -> Callable[[], None]:
+    """Runs in the child before exec: SIGKILL when the thread that started it is gone, SIGKILL
+    included, so a killed snapsync leaves no pg_dump or pg_restore writing on for hours (what they
+    wrote is never used: a dump's temporary file, a work database, both replaced by the next run)."""
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up in the parent; the child only calls it
+
+    def preexec() -> None:
+        prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != owner:
+            os._exit(1)
+
+    return preexec
+
+
+RESTORE_WORK_MARK = "snapsync restore-db: work copy of "
+"""The comment of the database ``snapsync restore-db`` restores into before the swap: only a database
+carrying it is ever dropped by a restore, and none carrying it is dumped."""
+
+
+def list_databases(conn: Any) -> list[str]:
+    """Every database one can connect to, templates aside: what ``dump = "all"`` dumps (not the work
+    copy of a restore that was killed, which the next restore replaces)."""
+    rows = conn.execute(
+        "SELECT datname FROM pg_database WHERE NOT datistemplate AND datallowconn "
+        "AND NOT starts_with(coalesce(shobj_description(oid, 'pg_database'), ''), %s) ORDER BY datname",
+        [RESTORE_WORK_MARK],
+    ).fetchall()
+    return [str(r[0]) for r in rows]
+
+
+def dump_databases(hook: PostgresHook, conn: Any, snapshot: str | None) -> str:
+    """``pg_dump -Fc`` of each database of the hook into ``dump_dir``; returns what was done.
+
+    Each dump is written to a temporary name, fsynced and renamed over the previous one, so the
+    directory (and every snapshot of it) holds only complete dumps; a dump that fails leaves the
+    previous one in place and the manifest says how old it is. The directory is root's, 0700, the
+    dumps 0600. Dumps of databases no longer dumped are removed once the others are in place.
+    """
+    import psycopg
+
+    from snapsync.host.safefs import private_dir, read_file, write_atomic
+
+    assert hook.dump is not None and hook.dump_dir is not None
+    started = time.monotonic()
+    executable = pg_executable(hook, "pg_dump")
+    try:
+        databases = list_databases(conn) if hook.dumps_all else list(hook.dump)
+        version = str(conn.execute("SHOW server_version").fetchone()[0])
+    except psycopg.Error as e:
+        raise HookFailed(f"cannot list the databases to dump: {_pg_message(e)}") from e
+    server = PgServer.of(hook)
+    if not os.path.isdir(os.path.dirname(hook.dump_dir)):  # a dataset not mounted: never make it a plain directory
+        raise HookFailed(f"dump_dir {hook.dump_dir}: {os.path.dirname(hook.dump_dir)} is not a directory")
+    try:
+        with private_dir(hook.dump_dir, own=1, create=True, mode=0o700) as dirfd:
+            _refuse_links(dirfd, hook.dump_dir)
+            os.fchmod(dirfd, 0o700)
+            for name in os.listdir(dirfd):
+                if name.startswith(".") and name.endswith(".partial"):  # a dump killed outright
+                    os.unlink(name, dir_fd=dirfd)
+            previous = _manifest(read_file(dirfd, DUMP_MANIFEST))
+            entries: dict[str, dict[str, object]] = {}
+            failed: list[str] = []
+            for database in databases:
+                try:
+                    entries[database] = _dump_one(hook, server, executable, dirfd, database)
+                except HookFailed as e:
+                    failed.append(f"{database}: {e}")
+                    if database in previous:
+                        entries[database] = {**previous[database], "failed": str(e)}
+            manifest = {"format": 1, "snapshot": snapshot, "server_version": version, "databases": entries}
+            write_atomic(dirfd, DUMP_MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+            wanted = {dump_file(d) for d in databases}
+            for name in os.listdir(dirfd):
+                if name.endswith(DUMP_SUFFIX) and not name.startswith(".") and name not in wanted:
+                    os.unlink(name, dir_fd=dirfd)
+            os.fsync(dirfd)
+    except (OSError, SnapsyncError) as e:
+        raise HookFailed(f"dump_dir {hook.dump_dir}: {getattr(e, 'strerror', None) or e}") from e
+    if failed:
+        kept = " (the previous dump is kept)" if any(d in previous for d in databases) else ""
+        raise HookFailed(f"pg_dump failed for {len(failed)} of {len(databases)} database(s){kept}: {'; '.join(failed)}")
+    size = sum(int(str(e.get("bytes", 0))) for e in entries.values())
+    return f"dumped {len(databases)} database(s), {size} bytes, in {time.monotonic() - started:.1f}s"
+
+
+def _refuse_links(dirfd: int, path: str) -> None:
+    """The directory opened must be ``path`` itself: one reached through a symlink on the way (which
+    whoever owns a directory above could plant) would put root's dumps, and their cleanup, elsewhere."""
+    real = os.readlink(f"/proc/self/fd/{dirfd}")
+    if real != path:
+        raise HookFailed(f"dump_dir {path} is reached through a symbolic link (it is {real}); name the real path")
+
+
+def _manifest(raw: bytes | None) -> dict[str, dict[str, object]]:
+    try:
+        data = json.loads(raw or b"{}")
+        entries = data.get("databases", {}) if isinstance(data, dict) else {}
+    except ValueError:
+        return {}
+    return {k: v for k, v in entries.items() if isinstance(v, dict)} if isinstance(entries, dict) else {}
+
+
+def _dump_one(hook: PostgresHook, server: PgServer, executable: str, dirfd: int, database: str) -> dict[str, object]:
+    """One database into ``<dump_dir>/<name>.dump``, through a temporary file renamed over it when complete."""
+    name = dump_file(database)
+    partial = f".{name}.partial"
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dirfd)
+    done = False
+    try:
+        os.fchmod(fd, 0o600)
+        target, env = server.client(database)
+        lock_wait = max(1000, int(hook.timeout.total_seconds() * 1000))
+        argv = [pg_program(hook, "pg_dump"), "--format=custom", "--no-password", f"--lock-wait-timeout={lock_wait}", f"--dbname={target}"]
+        limit = hook.dump_limit.total_seconds()
+        code, stderr = run_client(argv, executable, env, limit, stdout=fd)
+        if code != 0:
+            raise HookFailed(f"pg_dump exited {code}: {' '.join(stderr.split())}")
+        os.fsync(fd)
+        size = os.fstat(fd).st_size
+        os.rename(partial, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+        done = True
+    finally:
+        os.close(fd)
+        if not done:
+            try:
+                os.unlink(partial, dir_fd=dirfd)
+            except OSError:
+                pass
+    os.fsync(dirfd)
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    return {"file": name, "dumped_at": now, "bytes": size}
+
+
+def read_dump_manifest(directory: Path) -> dict[str, dict[str, object]]:
+    """The manifest's entries (database -> file, dumped_at, bytes, failed) in a copy of ``dump_dir``."""
+    try:
+        return _manifest((directory / DUMP_MANIFEST).read_bytes())
+    except FileNotFoundError:
+        return {}
+
+
+def check_dumps(hook: PostgresHook, directory: Path | None) -> Check:
+    """Every dump in a restored copy of ``dump_dir`` is there and readable (``pg_restore --list``)."""
+    name = f"postgres dumps {hook.dump_dir}"
+    if directory is None:
+        return Check(name, False, "dump_dir is not inside any dataset of the group: no copy carries the dumps")
+    entries = read_dump_manifest(directory)
+    if not entries:
+        return Check(name, False, f"no {DUMP_MANIFEST} in the restored copy: no dump was taken before this snapshot")
+    missing = [d for d in (hook.dump or ()) if d not in entries]
+    try:
+        executable = pg_executable(hook, "pg_restore")
+    except HookFailed as e:
+        return Check(name, False, str(e))
+    bad = list(missing)
+    for database in entries:
+        path = directory / dump_file(database)
+        if not path.is_file():
+            bad.append(f"{database} (file missing)")
+            continue
+        code, stderr = run_client([pg_program(hook, "pg_restore"), "--list", str(path)], executable, os.environ, 600)
+        if code != 0:
+            bad.append(f"{database} ({stderr})")
+    stale = [d for d, e in entries.items() if e.get("failed")]
+    if bad:
+        return Check(name, False, f"unreadable or missing: {', '.join(bad)}")
+    note = f"; stale (their last dump failed): {', '.join(stale)}" if stale else ""
+    return Check(name, not stale, f"{len(entries)} dump(s) readable: {', '.join(entries)}{note}")
 
 
 # --- sqlite ----------------------------------------------------------------------------------------
@@ -515,9 +796,11 @@ def freeze(hook: FreezeHook, report: HookReport) -> Iterator[None]:
         frozen = True
         yield
     finally:
-        with _SignalsHeld(interrupted=isinstance(sys.exc_info()[1], KeyboardInterrupt)):
+        interrupted = isinstance(sys.exc_info()[1], KeyboardInterrupt)
+        with _SignalsHeld(interrupted=interrupted):
             try:
-                early = frozen and (path / "cgroup.freeze").read_text().strip() == "0"
+                # Stopped by a signal, no snapshot follows: the watchdog thawing first is no inconsistency.
+                early = frozen and not interrupted and (path / "cgroup.freeze").read_text().strip() == "0"
                 _set_frozen(path, False)
             except OSError as e:
                 report.status, report.message = "cleanup-failed", f"thaw of {path} failed: {e}; the watchdog thaws it within {max_pause:g}s"
@@ -653,11 +936,17 @@ def check_restored(hook: Hook, locate: Callable[[str], Path | None], scratch: Pa
     """
     if isinstance(hook, SqliteHook):
         return [_sqlite_restored(db, locate(db)) for db in hook.databases]
-    if isinstance(hook, PostgresHook) and hook.data_dir is not None:
-        data = locate(hook.data_dir)
-        if data is None:
-            return [Check(f"postgres {hook.data_dir}", False, "data_dir is not inside any dataset of the group")]
-        return [check_postgres(hook, data, scratch)]
+    if isinstance(hook, PostgresHook):
+        checks = []
+        if hook.data_dir is not None:
+            data = locate(hook.data_dir)
+            if data is None:
+                checks.append(Check(f"postgres {hook.data_dir}", False, "data_dir is not inside any dataset of the group"))
+            else:
+                checks.append(check_postgres(hook, data, scratch))
+        if hook.dump_dir is not None:
+            checks.append(check_dumps(hook, locate(hook.dump_dir)))
+        return checks
     return []
 
 
@@ -681,7 +970,8 @@ def check_sqlite(database: str, copy: Path) -> Check:
     return Check(f"sqlite {database}", ok, "integrity_check ok" if ok else "; ".join(rows[:5]))
 
 
-def _pg_bin(data: Path) -> Path:
+def server_binaries(data: Path) -> Path:
+    """The directory of the PostgreSQL server programs (pg_ctl, postgres, pg_dump) of ``data``'s version."""
     version = (data / "PG_VERSION").read_text().strip()
     candidates = [Path(f"/usr/lib/postgresql/{version}/bin")] + [Path(p).parent for p in glob.glob("/usr/lib/postgresql/*/bin/pg_ctl")]
     found = shutil.which("pg_ctl")
@@ -691,6 +981,10 @@ def _pg_bin(data: Path) -> Path:
         if (c / "pg_ctl").exists() and (c / "postgres").exists():
             return c
     raise SnapsyncError(f"no PostgreSQL {version} server binaries here (pg_ctl); install them to drill this group")
+
+
+SOCKET_PATH_MAX = 107
+"""The longest path a Unix socket can be bound to (sun_path less its NUL)."""
 
 
 def _free_port() -> int:
@@ -706,48 +1000,61 @@ def check_postgres(hook: PostgresHook, data: Path, scratch: Path) -> Check:
     name = f"postgres {hook.data_dir}"
     if not (data / "PG_VERSION").exists():
         return Check(name, False, f"{hook.data_dir} is not a PostgreSQL data directory in the restored copy")
+    started = time.monotonic()
+    try:
+        with side_server(data, scratch) as (sock, port):
+            user = hook.user or "postgres"
+            dbname = hook.dbname or "postgres"
+            try:
+                with psycopg.connect(host=str(sock), port=port, user=user, dbname=dbname, autocommit=True, connect_timeout=30) as conn:
+                    row = conn.execute(hook.check_query).fetchone()
+            except psycopg.Error as e:
+                return Check(name, False, f"check query failed: {str(e).strip().splitlines()[0]}")
+            return Check(name, True, f"started in {time.monotonic() - started:.1f}s; {hook.check_query!r} answered {row!r}")
+    except SnapsyncError as e:
+        return Check(name, False, str(e))
+
+
+@contextmanager
+def side_server(data: Path, scratch: Path, options: str = "") -> Iterator[tuple[Path, int]]:
+    """A throwaway server on ``data`` (a writable copy of a data directory) as its owner, on a private
+    socket in ``scratch`` with trust authentication, no archiving and a free port; yields the socket
+    directory and the port, and stops it (immediate) whatever happens. SnapsyncError when it cannot start."""
     owner = data.stat()
     sock = scratch / f"pg-sock-{os.getpid()}"
+    if len(str(sock / ".s.PGSQL.65535").encode()) > SOCKET_PATH_MAX:  # the server could not bind it
+        sock = Path(tempfile.mkdtemp(prefix="snapsync-pg-", dir="/tmp"))
     sock.mkdir(mode=0o700, exist_ok=True)
     sock.chmod(0o700)  # trust authentication below: only the owner (and root) may reach the socket
     os.chown(sock, owner.st_uid, owner.st_gid)
-    hba = sock / "pg_hba.conf"
-    hba.write_text("local all all trust\n")
-    os.chown(hba, owner.st_uid, owner.st_gid)
-    (data / "postmaster.pid").unlink(missing_ok=True)  # the source's; its pid means nothing here
-    port = _free_port()
     try:
-        binaries = _pg_bin(data)
-    except SnapsyncError as e:
-        return Check(name, False, str(e))
-    log = scratch / "pg-drill.log"
-    log.touch()
-    os.chown(log, owner.st_uid, owner.st_gid)
-    options = (
-        f"-p {port} -k {sock} -c listen_addresses='' -c unix_socket_permissions=0700 -c hba_file={hba} "
-        f"-c archive_mode=off"
-    )
+        hba = sock / "pg_hba.conf"
+        hba.write_text("local all all trust\n")
+        os.chown(hba, owner.st_uid, owner.st_gid)
+        (data / "postmaster.pid").unlink(missing_ok=True)  # the source's; its pid means nothing here
+        port = _free_port()
+        binaries = server_binaries(data)
+        log = scratch / "pg-drill.log"
+        log.touch()
+        os.chown(log, owner.st_uid, owner.st_gid)
+        settings = (
+            f"-p {port} -k {sock} -c listen_addresses='' -c unix_socket_permissions=0700 -c hba_file={hba} "
+            f"-c archive_mode=off {options}"
+        ).strip()
 
-    def pg_ctl(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(binaries / "pg_ctl"), "-D", str(data), *args], user=owner.st_uid, group=owner.st_gid,
-            extra_groups=[], capture_output=True, text=True, timeout=600,
-        )
+        def pg_ctl(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [str(binaries / "pg_ctl"), "-D", str(data), *args], user=owner.st_uid, group=owner.st_gid,
+                extra_groups=[], capture_output=True, text=True, timeout=600, check=False,
+            )
 
-    started = time.monotonic()
-    run = pg_ctl("-l", str(log), "-w", "-t", "300", "-o", options, "start")
-    try:
-        if run.returncode != 0:
-            tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
-            return Check(name, False, f"the server did not start: {tail or run.stderr.strip()}")
-        user = hook.user or "postgres"
-        dbname = hook.dbname or "postgres"
+        run = pg_ctl("-l", str(log), "-w", "-t", "300", "-o", settings, "start")
         try:
-            with psycopg.connect(host=str(sock), port=port, user=user, dbname=dbname, autocommit=True, connect_timeout=30) as conn:
-                row = conn.execute(hook.check_query).fetchone()
-        except psycopg.Error as e:
-            return Check(name, False, f"check query failed: {str(e).strip().splitlines()[0]}")
-        return Check(name, True, f"started in {time.monotonic() - started:.1f}s; {hook.check_query!r} answered {row!r}")
+            if run.returncode != 0:
+                tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
+                raise SnapsyncError(f"the server did not start: {tail or run.stderr.strip()}")
+            yield sock, port
+        finally:
+            pg_ctl("-m", "immediate", "-w", "stop")
     finally:
-        pg_ctl("-m", "immediate", "-w", "stop")
         shutil.rmtree(sock, ignore_errors=True)

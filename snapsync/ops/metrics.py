@@ -5,21 +5,26 @@ last good one was. So every command folds its reports into a small remembered st
 (``<state dir>/metrics-*.json``, one per textfile), and the textfile is rendered from all of it. ``observe_*`` and
 ``families`` are pure (data and a time in, data out); ``record_*`` do the file I/O, atomically.
 Timestamps are exported rather than ages where an alert needs them: ``time() - ts`` in PromQL
-keeps counting while snapsync does not run. Reference: docs/monitoring.md.
+keeps counting while snapsync does not run. Every series carries a ``policy`` label (the policy file's
+stem): node_exporter drops a series two textfiles share, silently, so two policies on one host must
+never write the same one. Reference: docs/monitoring.md.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import socket
+import stat
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from snapsync import __version__
@@ -141,7 +146,7 @@ Limits = Mapping[tuple[str, str], tuple[float, float]]
 
 GT = ("group", "target")
 METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
-    # name: (gauge or counter, labels, help); docs/monitoring.md lists them for people.
+    # name: (gauge or counter, labels besides "policy", help); docs/monitoring.md lists them for people.
     "snapsync_info": ("gauge", ("version", "host"), "snapsync's version and the host it runs on."),
     "snapsync_textfile_written_timestamp_seconds": ("gauge", (), "When snapsync last wrote this file."),
     "snapsync_snapshot_warn_after_seconds": ("gauge", ("group",), "The policy's warn_after for the group's newest snapshot."),
@@ -179,8 +184,8 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
 }
 
 
-def families(state: State, now: datetime, host: str, limits: Limits | None = None) -> list[Metric]:
-    """Every metric family the textfile holds, from the remembered state at ``now``."""
+def families(state: State, now: datetime, host: str, limits: Limits | None = None, *, policy: str) -> list[Metric]:
+    """Every metric family the textfile holds, from the remembered state at ``now``; ``policy`` labels each series."""
     fams: dict[str, Metric] = {}
 
     def emit(name: str, labels: Sequence[str], value: float | None) -> None:
@@ -188,8 +193,9 @@ def families(state: State, now: datetime, host: str, limits: Limits | None = Non
             return
         if name not in fams:
             kind, names, doc = METRICS[name]
-            fams[name] = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(name, doc, labels=names)
-        fams[name].add_metric(list(labels), float(value))  # type: ignore[attr-defined]
+            family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+            fams[name] = family(name, doc, labels=("policy", *names))
+        fams[name].add_metric([policy, *labels], float(value))  # type: ignore[attr-defined]
 
     emit("snapsync_info", [__version__, host], 1)
     emit("snapsync_textfile_written_timestamp_seconds", [], now.timestamp())
@@ -259,6 +265,12 @@ def state_path(policy: Policy) -> Path:
     return state_dir() / f"metrics-{tag}.json"
 
 
+def policy_label(policy: Policy) -> str:
+    """The policy file's stem: the schema's ``host`` names the machine, which two policies on it share.
+    The stem is the same however the file is named on the command line, and through a symlink (NixOS)."""
+    return PurePath(policy.source).stem
+
+
 def textfile_path(policy: Policy) -> Path:
     return Path(policy.monitoring.textfile) if policy.monitoring.textfile else state_dir() / "metrics" / "snapsync.prom"
 
@@ -278,12 +290,14 @@ def policy_limits(policy: Policy) -> dict[tuple[str, str], tuple[float, float]]:
     return out
 
 
-def write_textfile(path: Path, state: State, now: datetime, host: str, limits: Limits | None = None) -> None:
+def write_textfile(
+    path: Path, state: State, now: datetime, host: str, limits: Limits | None = None, *, policy: str
+) -> None:
     """Atomically: a temporary file beside it (not ``*.prom``, so the collector never reads it half
     written), renamed over. Mode 0644 whatever the umask: node_exporter runs as another user. The
     directory must be root's alone (see :mod:`snapsync.host.safefs`): a shared one is refused."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Families(families(state, now, host, limits)))
+    registry.register(_Families(families(state, now, host, limits, policy=policy)))
     data = generate_latest(registry)
     with private_dir(path.parent, own=1, create=True, mode=0o755) as dirfd:
         write_atomic(dirfd, path.name, data, mode=0o644)
@@ -317,9 +331,55 @@ def _record(policy: Policy, now: datetime, fold: Callable[[State], State]) -> No
         path = state_path(policy)
         state = forget(fold(read_json(path) or {}), _shape(policy))
         write_json(path, state)
-        write_textfile(textfile_path(policy), state, now, policy.host or socket.gethostname().split(".")[0], policy_limits(policy))
+        textfile, label = textfile_path(policy), policy_label(policy)
+        host = policy.host or socket.gethostname().split(".")[0]
+        before = _policy_of(_head(textfile))
+        if before is not None and before != label:
+            log.warning("metrics: %s was written by the policy %r too; two policies sharing a textfile hide each other's "
+                        "series: give each its own [monitoring] textfile", textfile, before, extra={"event": "metrics-failed"})
+        write_textfile(textfile, state, now, host, policy_limits(policy), policy=label)
     except Exception as e:  # noqa: BLE001 (the backup is done; its report must still be shown)
         log.warning("could not write metrics: %s", e, extra={"event": "metrics-failed"})
+        return
+    for other in _same_policy_beside(textfile, label):
+        log.warning("metrics: %s also holds series of a policy named %r and node_exporter drops the series both files have; "
+                    "rename one of the policy files", other, label, extra={"event": "metrics-failed"})
+
+
+def _same_policy_beside(textfile: Path, label: str) -> list[Path]:
+    """Other textfiles in the collector's directory with series of the same ``policy`` label: two policy
+    files of one name in different directories would collide again, and node_exporter says nothing."""
+    found = []
+    for other in sorted(textfile.parent.glob("*.prom")):
+        if other.name != textfile.name and _policy_of(_head(other)) == label:
+            found.append(other)
+    return found
+
+
+def _head(path: Path) -> bytes:
+    """The start of a textfile (``snapsync_info`` comes first); empty when absent, unreadable or not a
+    regular file (unreadable: node_exporter reports that itself, as ``node_textfile_scrape_error``)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)  # a fifo must not hang the run
+    except OSError:
+        return b""
+    try:
+        return os.read(fd, 65536) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
+
+
+def _policy_of(head: bytes) -> str | None:
+    """The ``policy`` label of the ``snapsync_info`` sample in the start of a textfile, if there is one."""
+    for line in head.decode(errors="replace").splitlines():
+        if line.startswith("snapsync_info{"):
+            try:
+                return next(s.labels.get("policy") for f in text_string_to_metric_families(line + "\n") for s in f.samples)
+            except (ValueError, StopIteration):  # another program's file, or a line cut short
+                return None
+    return None
 
 
 def record_run(

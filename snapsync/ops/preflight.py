@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from snapsync.backends import backend_for, receiver_for
+from snapsync.backends import backend_for, policy_form, receiver_for
 from snapsync.backends.base import StorageBackend
 from snapsync.errors import PolicyError, SnapsyncError
 from snapsync.policy.loader import Group, Policy
@@ -75,3 +75,65 @@ def offsite_warnings(policy: Policy) -> list[str]:
                 warnings.append(f"targets.{name}.path: {e}")
     return warnings
 
+
+
+SHOWN_NESTED = 20
+
+
+def nested_warnings(policy: Policy, group: Group, backend: StorageBackend) -> list[str]:
+    """One line per dataset of ``group`` holding nested datasets that no group lists and no
+    ``exclude`` covers: their files are in none of its snapshots (neither btrfs nor ZFS snapshots
+    recurse). Said by `policy check` and by every snapshot; a failure to look is said too."""
+    return [line for _, line, _ in _nested(policy, group, backend) if line]
+
+
+def _nested(policy: Policy, group: Group, backend: StorageBackend) -> list[tuple[int, str, list[str]]]:
+    """(position in datasets, the warning or "", every nested dataset found there)."""
+    form = policy_form(group.backend)
+    called = form.called if form is not None else "datasets"
+    listed = {d for g in policy.groups.values() if g.backend == group.backend for d in g.datasets}
+    excluded = [e for g in policy.groups.values() if g.backend == group.backend for e in g.exclude]
+    found: list[tuple[int, str, list[str]]] = []
+    for i, dataset in enumerate(group.datasets):
+        try:
+            inside = backend.nested(dataset)
+        except SnapsyncError as e:
+            found.append((i, f"{dataset}: cannot tell which {called} are nested in it: {e}", []))
+            continue
+        left = [n for n in inside if n not in listed and not any(n == e or n.startswith(e + "/") for e in excluded)]
+        line = ""
+        if left:
+            names = ", ".join(left[:SHOWN_NESTED]) + (f" (and {len(left) - SHOWN_NESTED} more)" if len(left) > SHOWN_NESTED else "")
+            line = (
+                f"{dataset} has nested {called} that its snapshots leave out: {names}; list each as a dataset of a "
+                f"group to back it up, or in groups.{group.name}.exclude to leave it out on purpose"
+            )
+        found.append((i, line, inside))
+    return [f for f in found if f[1] or f[2]]
+
+
+def nested_policy_warnings(policy: Policy, backends: Callable[[Group], StorageBackend] = backend_for) -> list[str]:
+    """`policy check`: the nested datasets every snapshot would warn about, by key, and each
+    ``exclude`` entry that covers none (it leaves nothing out: plain directories are in the snapshots)."""
+    warnings: list[str] = []
+    seen: dict[str, list[str]] = {}
+    for group in policy.groups.values():
+        try:
+            backend = backends(group)
+        except SnapsyncError:
+            continue  # check_datasets reported it
+        for i, line, inside in _nested(policy, group, backend):
+            if line:
+                warnings.append(f"groups.{group.name}.datasets[{i}]: {line}")
+            seen.setdefault(group.backend, []).extend(inside)
+    for group in policy.groups.values():
+        form = policy_form(group.backend)
+        called = form.called if form is not None else "datasets"
+        nested = seen.get(group.backend, [])
+        for i, entry in enumerate(group.exclude):
+            if not any(n == entry or n.startswith(entry + "/") for n in nested):
+                warnings.append(
+                    f"groups.{group.name}.exclude[{i}]: no nested {called} at or below {entry}: it leaves nothing "
+                    "out (plain directories are in the snapshots)"
+                )
+    return warnings

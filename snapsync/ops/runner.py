@@ -10,7 +10,8 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from snapsync.backends import backend_for
@@ -18,9 +19,20 @@ from snapsync.backends.base import SnapshotInfo, StorageBackend
 from snapsync.clock import Clock
 from snapsync.errors import BackendError, DatasetMissing, SnapsyncError, UsageError
 from snapsync.ops.hooks import HookReport, Hooks, Moment
-from snapsync.plan.naming import snapshot_name
+from snapsync.plan.naming import parse_snapshot_name, snapshot_name
 from snapsync.plan.groups import GroupListing, is_due, merge_listing, plan_group_prune
-from snapsync.plan.holds import is_pull_tag, is_safety_tag, is_target_tag, pull_tag, tag_subject, target_tag
+from snapsync.plan.holds import (
+    Held,
+    Leftovers,
+    is_pull_tag,
+    is_safety_tag,
+    is_target_tag,
+    leftovers,
+    lost_hold_pins,
+    pull_tag,
+    tag_subject,
+    target_tag,
+)
 from snapsync.policy.loader import Group, Policy
 from snapsync.policy.schema import DirTarget, LocalTarget, S3Target, SshTarget
 from snapsync.protocol import dataset_key
@@ -50,6 +62,8 @@ class GroupReport:
     failures: list[str] = field(default_factory=list)
     """The kind of each error (snapshot, hook, replicate, pull, prune), for metrics."""
     hooks: list[HookReport] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    """What is wrong but did not fail the run: nested datasets the snapshot left out."""
 
     @property
     def ok(self) -> bool:
@@ -68,7 +82,32 @@ class GroupReport:
             "targets": [t.to_json() for t in self.targets],
             "hooks": [h.to_json() for h in self.hooks],
             "errors": self.errors,
+            "warnings": self.warnings,
         }
+
+
+@dataclass(frozen=True)
+class HoldReview:
+    """One dataset's holds as pruning will treat them (see :meth:`Runner.review_holds`)."""
+
+    stale: dict[str, str]
+    """Tags the next prune releases, with the reason."""
+    pins: dict[str, list[str]]
+    """Why each pinned snapshot is kept."""
+    lost: dict[str, list[str]]
+    """Holds recorded on snapshots that were deleted by hand, by tag."""
+    leftovers: Leftovers
+
+    def why(self, snap: SnapshotInfo) -> list[str]:
+        """What keeps (or will drop) one snapshot or bookmark, for `list`."""
+        if snap.kind == "bookmark":
+            if snap.name in self.leftovers.drop_bookmarks:
+                return [f"goes at the next prune: {self.leftovers.drop_bookmarks[snap.name]}"]
+            kept = self.leftovers.kept_bookmarks.get(snap.name)
+            return [kept] if kept else []
+        whys = list(self.pins.get(snap.name, []))
+        whys += [f"{t}: released at the next prune ({self.stale[t]})" for t in snap.holds if t in self.stale]
+        return whys
 
 
 @dataclass
@@ -146,6 +185,7 @@ class Runner:
             for dataset in group.datasets:  # what snapshot_group checks first: the dry run fails where the run would
                 self.backend(group).check_dataset(dataset)
             report.snapshot = name
+            self._nested(group, report)
             return
         hooks = Hooks(group.hooks, Moment(group.name, name, tuple(group.datasets)))
         try:
@@ -169,34 +209,81 @@ class Runner:
                 self.backend(group).annotate(group.datasets[0], name, "backup_label", hook.backup_label)
         log.info("group %s: took snapshot %s of %d dataset(s)", group.name, name, len(group.datasets), extra={
             "event": "snapshot", "group": group.name, "snapshot": name, "datasets": len(group.datasets)})
+        self._nested(group, report)
+
+    def _nested(self, group: Group, report: GroupReport) -> None:
+        """Every snapshot says what it left out: nested datasets the policy neither lists nor excludes."""
+        from snapsync.ops.preflight import nested_warnings
+
+        for line in nested_warnings(self.policy, group, self.backend(group)):
+            report.warnings.append(line)
+            log.warning("group %s: %s", group.name, line, extra={"event": "nested-left-out", "group": group.name})
+
+    def review_holds(self, group: Group, raw: Mapping[str, Sequence[SnapshotInfo]]) -> dict[str, HoldReview]:
+        """Per dataset: which holds and bookmarks have outlived their use, and why each snapshot is pinned.
+
+        Nothing is changed here: ``prune`` acts on it, ``list`` shows it.
+        """
+        backend = self.backend(group)
+        now = self.clock.now()
+        holders = [target_tag(t) for t in group.targets]
+        reviews: dict[str, HoldReview] = {}
+        for dataset, snaps in raw.items():
+            entries = held_entries(group.prefix, snaps)
+            lost_names = backend.lost_holds(dataset)
+            lost = {tag: _newest_time(group.prefix, names) for tag, names in lost_names.items()}
+            tags = {tag for e in entries for tag in e.holds} | set(lost)
+            stale = {tag: "target no longer configured for this group" for tag in tags if _pin_reason(group, tag) is None}
+            left = leftovers(entries, holders, {t: w for t, w in lost.items() if t not in stale}, now, group.hold_expiry)
+            stale |= left.release
+            pins: dict[str, list[str]] = {}
+            for e in entries:
+                for tag in e.holds:
+                    reason = None if tag in stale else _pin_reason(group, tag)
+                    if reason is not None and reason not in pins.setdefault(e.name, []):
+                        pins[e.name].append(reason)
+            reasons_for = {
+                tag: f"{_pin_reason(group, tag)}; its held {', '.join(lost_names[tag])} was deleted by hand, "
+                f"so every older snapshot is kept until it replicates again"
+                for tag in lost if tag not in stale
+            }
+            for name, whys in lost_hold_pins(entries, lost, reasons_for).items():
+                pins.setdefault(name, []).extend(w for w in whys if w not in pins.get(name, []))
+            reviews[dataset] = HoldReview(stale, pins, lost_names, left)
+        return reviews
 
     def replication_pins(self, group: Group, report: GroupReport, raw: Mapping[str, Sequence[SnapshotInfo]]) -> dict[str, list[str]]:
         """Pins for the group's own pruning: every snapshot a target (or a pulling host) still needs.
 
-        Holds of targets the group no longer lists are stale: they are released (and reported) so a
-        removed target does not pin snapshots forever.
+        Holds and bookmarks that have outlived their use go here, each reported: a target the group
+        no longer lists, a pulling host that stopped fetching (``hold_expiry``), a bookmark no
+        holder can need. A hold whose snapshot was deleted by hand pins every older snapshot until
+        its holder's next replication finds the base both sides still share.
         """
         pinned: dict[str, list[str]] = {}
-        stale: dict[tuple[str, str], None] = {}
-        for dataset, snaps in raw.items():
-            for snap in snaps:
-                for tag in snap.holds:
-                    reason = _pin_reason(group, tag)
-                    if reason is None:
-                        stale[(dataset, tag)] = None
-                        continue
-                    reasons = pinned.setdefault(snap.name, [])
-                    if reason not in reasons:
-                        reasons.append(reason)
-        for dataset, tag in stale:
-            if not report.dry_run:
-                self.backend(group).set_holds(dataset, tag, [])
-            report.released.append(f"{dataset}: {tag} (target no longer configured for this group)")
+        backend = self.backend(group)
+        for dataset, review in self.review_holds(group, raw).items():
+            for tag, why in sorted(review.stale.items()):
+                if not report.dry_run:
+                    backend.set_holds(dataset, tag, [])
+                report.released.append(f"{dataset}: {tag} ({why})")
+            for name, whys in review.pins.items():
+                pinned.setdefault(name, []).extend(w for w in whys if w not in pinned.get(name, []))
+            doomed = sorted(review.leftovers.drop_bookmarks)
+            if doomed:
+                if not report.dry_run:
+                    backend.drop_bookmarks(dataset, doomed)
+                report.released += [f"{dataset}: bookmark #{n} ({review.leftovers.drop_bookmarks[n]})" for n in doomed]
         return pinned
 
-    def prune(self, group: Group, report: GroupReport) -> None:
+    def prune(self, group: Group, report: GroupReport, *, drop_future: bool = False) -> None:
+        if drop_future:
+            self._drop_future(group, report)
         raw = self.raw_listing(group)
         listing = merge_listing(group.prefix, raw)
+        if drop_future and report.dry_run:  # what the run would leave once they are deleted
+            now = self.clock.now()
+            listing = replace(listing, snapshots=tuple(s for s in listing.snapshots if s.created <= now))
         pinned = self.replication_pins(group, report, raw)
         plan = plan_group_prune(listing, group.retention, self.clock.now(), pinned)
         report.plan = plan
@@ -231,7 +318,43 @@ class Runner:
             if gone:
                 log.info("group %s: pruned %d snapshot(s) of %s", group.name, len(gone), dataset, extra={
                     "event": "pruned", "group": group.name, "dataset": dataset, "snapshots": gone})
-        report.deleted = [d.name for d in plan.removed if d.name not in left]
+        report.deleted += [d.name for d in plan.removed if d.name not in left]
+
+    def _drop_future(self, group: Group, report: GroupReport) -> None:
+        """Delete the snapshots dated after the clock, asked for by name of the option.
+
+        One still held is refused: a target or pulling host holding it may have a copy, which its
+        next replication on the right clock deletes while the source still has the original (and
+        moves the hold back); deleting the original first would make that copy a divergence.
+        """
+        now = self.clock.now()
+        backend = self.backend(group)
+        for dataset, snaps in self.raw_listing(group).items():
+            future = [e for e in held_entries(group.prefix, snaps) if e.kind == "snapshot" and e.created > now]
+            for e in future:
+                if e.holds:
+                    report.errors.append(
+                        f"prune --future {dataset}: {e.name} is held by {', '.join(e.holds)}; replicate first "
+                        f"(that deletes the target's copy of it and moves the hold back), then run this again"
+                    )
+                    report.failures.append("prune")
+            names = [e.name for e in future if not e.holds]
+            if not names:
+                continue
+            if report.dry_run:
+                report.deleted += [n for n in names if n not in report.deleted]
+                continue
+            try:
+                backend.destroy(dataset, names)
+            except SnapsyncError as e:
+                report.errors.append(f"prune --future {dataset}: {e}")
+                report.failures.append("prune")
+            still = self._still_there(backend, dataset, names, report)
+            gone = [n for n in names if n not in still]
+            report.deleted += [n for n in gone if n not in report.deleted]
+            if gone:
+                log.warning("group %s: deleted %s of %s, dated after the clock", group.name, gone, dataset, extra={
+                    "event": "pruned-future", "group": group.name, "dataset": dataset, "snapshots": gone})
 
     @staticmethod
     def _still_there(backend: StorageBackend, dataset: str, names: Sequence[str], report: GroupReport) -> set[str]:
@@ -336,6 +459,7 @@ class Runner:
         targets: Sequence[str] | None = None,
         prune_targets: bool = True,
         pulls: Sequence[str] = (),
+        drop_future: bool = False,
     ) -> list[GroupReport]:
         """Snapshot (all groups first, so they share an instant as closely as possible), replicate, prune.
 
@@ -358,7 +482,7 @@ class Runner:
         if prune:
             for group, report in reports:
                 if not report.errors:  # a failed target must not stop pruning: its base is pinned
-                    self._guard(report, "prune", lambda: self.prune(group, report))
+                    self._guard(report, "prune", lambda: self.prune(group, report, drop_future=drop_future))
         return [r for _, r in reports] + pulled
 
     @staticmethod
@@ -387,6 +511,20 @@ def _pin_reason(group: Group, tag: str) -> str | None:
     if is_safety_tag(tag):
         return f"safety snapshot of a rollback (release with `snapsync release {group.name} {name}`)"
     return f"held by {tag} (not snapsync's hold; release it yourself)"
+
+
+def held_entries(prefix: str, snaps: Iterable[SnapshotInfo]) -> list[Held]:
+    """Our snapshots and bookmarks of one dataset, with their holds, as the leftover rules take them."""
+    return [
+        Held(s.name, when, s.kind, s.holds)
+        for s in snaps
+        if (when := parse_snapshot_name(prefix, s.name)) is not None
+    ]
+
+
+def _newest_time(prefix: str, names: Iterable[str]) -> datetime | None:
+    times = [parse_snapshot_name(prefix, n) for n in names]
+    return None if any(t is None for t in times) or not times else max(t for t in times if t is not None)
 
 
 def _timed(step: Callable[[], TargetReport]) -> TargetReport:

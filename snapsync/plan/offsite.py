@@ -102,6 +102,7 @@ def plan_uploads(
     stored: Sequence[Stored],
     partials: Sequence[PartialUpload],
     full_every: FullEvery,
+    now: datetime | None = None,
 ) -> UploadPlan:
     """What to upload for one dataset, oldest first.
 
@@ -110,11 +111,19 @@ def plan_uploads(
     cost more than it is worth). After that every newer source snapshot is uploaded, incrementally
     from the one before, unless a new chain is due. A stored snapshot is only a base if the source
     still has it with the same identity; otherwise the next upload is full (nothing is deleted).
+
+    Snapshots dated after ``now`` (a clock that was wrong) are neither uploaded nor a base, on
+    either side: they would stop every real snapshot from being uploaded until that date.
     """
-    by_name = {s.name: s for s in stored}
-    ordered = sorted(stored, key=lambda s: (s.created, s.name))
-    src = sorted(source, key=lambda s: (s.created, s.name))
     notes: list[str] = []
+    if now is not None:
+        ahead = sorted({s.name for s in source if s.created > now} | {s.name for s in stored if s.created > now})
+        if ahead:
+            notes.append(f"{', '.join(ahead)} dated after this host's clock: not uploaded and never a base")
+        source = [s for s in source if s.created <= now]
+    by_name = {s.name: s for s in stored}
+    ordered = sorted((s for s in stored if now is None or s.created <= now), key=lambda s: (s.created, s.name))
+    src = sorted(source, key=lambda s: (s.created, s.name))
     newest = ordered[-1] if ordered else None
     prev: SnapshotId | None = None
     start: datetime | None = None

@@ -9,12 +9,16 @@ anything else on the target is not ours to delete.
 
 A conflict is returned instead of steps whenever going on would destroy data on the target; the
 plan never falls back to a full send over existing copies.
+
+A snapshot dated after ``now`` (taken while the clock was wrong) is never sent, never a base and
+never the newest: until the clock passes it, it would stop every later snapshot from being sent.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Literal
 
 from snapsync.plan.snapshots import SnapshotId
@@ -50,6 +54,17 @@ class DeletePartial:
 
 
 @dataclass(frozen=True)
+class DropFutureCopy:
+    """Delete the target's copy of a source snapshot dated after the clock.
+
+    The source keeps the original; the copy would otherwise stand after the base (a ZFS receive
+    then refuses the next incremental) and stop the target's pruning until the clock passes it.
+    """
+
+    name: str
+
+
+@dataclass(frozen=True)
 class Resume:
     token: str
 
@@ -73,7 +88,7 @@ class RollbackTarget:
     destroys: tuple[str, ...]
 
 
-Step = DeletePartial | Resume | SendFull | SendIncremental | RollbackTarget
+Step = DeletePartial | DropFutureCopy | Resume | SendFull | SendIncremental | RollbackTarget
 
 
 def _names(names: Sequence[str]) -> str:
@@ -127,6 +142,8 @@ class ReplicationPlan:
     base: str | None
     conflict: Conflict | None = None
     needs_replan: bool = False
+    future: tuple[str, ...] = ()
+    """Source snapshots dated after ``now``: left out of the plan, reported so the clock gets fixed."""
 
 
 def _find_base(
@@ -167,36 +184,52 @@ def plan_replication(
     target: Sequence[TargetSnapshot],
     resume_token: str | None = None,
     on_diverged: Literal["refuse", "rollback"] = "refuse",
+    *,
+    now: datetime | None = None,
+    sent_before: Collection[str] = (),
 ) -> ReplicationPlan:
     """Plan one dataset's replication; see the module docstring for what counts as a conflict.
 
     Without a base and with nothing of ours on the target, the oldest source snapshot goes first
     as a full send and the rest follow incrementally, so the target's own retention sees the same
     history as the source instead of only the newest state.
+
+    ``sent_before`` names snapshots the source knows it sent to this target and has lost since (a
+    hold left on a snapshot deleted by hand): the target's copies up to the newest of them are that
+    history, not a divergence, and the chain continues from the newest snapshot both still share.
     """
+    future = tuple(s.name for s in source if now is not None and s.created > now)
+    dropped: list[Step] = []
+    if future:
+        future_guids = {s.guid for s in source if s.name in future}
+        source = [s for s in source if s.name not in future]
+        dropped = [DropFutureCopy(t.name) for t in target if t.source_guid in future_guids and t.usable_base]
+        target = [t for t in target if t.source_guid not in future_guids or not t.usable_base]
     found = _find_base(source, target)
     base_name = source[found[0]].name if found else None
     if resume_token is not None:
-        return ReplicationPlan((Resume(resume_token),), base_name, needs_replan=True)
+        return ReplicationPlan((Resume(resume_token),), base_name, needs_replan=True, future=future)
 
-    steps: list[Step] = [DeletePartial(t.name) for t in target if t.partial]
+    steps: list[Step] = [*dropped, *(DeletePartial(t.name) for t in target if t.partial)]
     kept = [t for t in target if not t.partial]
     if found is None:
         if kept:
-            return ReplicationPlan((), None, NoCommonBase(tuple(t.name for t in kept)))
-        return ReplicationPlan(tuple(steps + _chain(None, [s for s in source if s.kind == "snapshot"])), None)
+            return ReplicationPlan((), None, NoCommonBase(tuple(t.name for t in kept)), future=future)
+        chain = _chain(None, [s for s in source if s.kind == "snapshot"])
+        return ReplicationPlan(tuple(steps + chain), None, future=future)
 
     index, base_copy = found
     base = source[index]
     sendable = [s for s in source[index + 1 :] if s.kind == "snapshot"]
     last_copy = max(i for i, t in enumerate(kept) if t is base_copy)
-    target_only = tuple(t.name for t in kept[last_copy + 1 :])
+    known = [i for i, t in enumerate(kept) if t.name in sent_before and t.usable_base]
+    target_only = tuple(t.name for t in kept[max([last_copy, *known]) + 1 :])
     if target_only:
         if on_diverged == "refuse":
             conflict = Diverged(base.name, target_only, tuple(s.name for s in sendable))
-            return ReplicationPlan((), base.name, conflict)
+            return ReplicationPlan((), base.name, conflict, future=future)
         steps.append(RollbackTarget(base_copy.name, target_only))
-    return ReplicationPlan(tuple(steps + _chain(base, sendable)), base.name)
+    return ReplicationPlan(tuple(steps + _chain(base, sendable)), base.name, future=future)
 
 
 def replication_pins(

@@ -137,9 +137,11 @@ def _check_depth(source: str, data: dict[str, Any]) -> None:
             todo += [((*loc, i), v) for i, v in enumerate(value)]
 
 
-def load_policy(path: str | os.PathLike[str], check_programs: bool = True) -> Policy:
+def load_policy(path: str | os.PathLike[str], on_this_host: bool = True) -> Policy:
     """Read and validate a policy file; refuse hooks from a file, or running programs, that anyone but
-    root could change. ``check_programs=False`` is for validating a policy meant for another machine."""
+    root could change. ``on_this_host=False`` validates a policy meant for another machine (``policy check
+    --syntax-only``, as a Nix build does, where the store file shows another owner): neither this copy nor
+    the programs here are what runs there, and loading it there checks both."""
     name = os.fspath(path)
     st, raw = _read_policy_file(name)
     try:
@@ -148,8 +150,8 @@ def load_policy(path: str | os.PathLike[str], check_programs: bool = True) -> Po
         problem = f"invalid TOML: not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})"
         raise PolicyError(name, "", problem) from None
     policy = parse_policy(text, name)
-    _check_hook_permissions(policy, st)
-    if check_programs:
+    if on_this_host:
+        _check_hook_permissions(policy, st)
         _check_hook_programs(policy)
     return policy
 

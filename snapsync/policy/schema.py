@@ -318,6 +318,7 @@ class Defaults(_Table):
     snapshot_dir: SnapshotDir = ".snapsync"
     warn_after: Duration | None = None
     crit_after: Duration | None = None
+    hold_expiry: Duration = timedelta(days=30)
     retention: Annotated[RetentionRules, _Merged(base=RetentionRules(), require_keep=False)] = Field(
         default_factory=lambda: retention_table(BUILTIN_RETENTION), validate_default=True
     )
@@ -331,8 +332,41 @@ class _Hook(_Table):
     """abort: a hook that fails on the way in skips the group's snapshot; continue: take it anyway."""
 
 
+PG_NAME_MAX = 63
+"""PostgreSQL's longest identifier in bytes (NAMEDATALEN - 1): a longer name is silently truncated by the server."""
+
+
+def _database_names(value: object) -> object:
+    """``dump = "all"`` (held as the empty tuple, which the file cannot say) or a list of database
+    names; a bare name is a list of one written wrongly."""
+    if value == "all" or value == ():
+        return ()
+    if isinstance(value, str):
+        raise ValueError(f'expected "all" or a list of database names like ["outline", "forgejo"], got {show(value)}')
+    if not isinstance(value, list | tuple) or not value:
+        raise ValueError(f'expected "all" or a non-empty list of database names, got {show(value)}')
+    for i, name in enumerate(value):
+        if not isinstance(name, str) or not name:
+            raise Problem(f"expected a database name, got {show(name)}", i)
+        try:
+            _one_line(name)
+        except ValueError as e:
+            raise Problem(str(e), i) from None
+        if len(name.encode()) > PG_NAME_MAX:
+            raise Problem(f"a PostgreSQL database name is at most {PG_NAME_MAX} bytes: {show(name)}", i)
+        if name in value[:i]:
+            raise Problem(f"database {name!r} is listed twice", i)
+    return tuple(value)
+
+
+DatabaseNames = Annotated[
+    tuple[str, ...], BeforeValidator(_database_names), PlainSerializer(lambda v: list(v) or "all", return_type=object)
+]
+
+
 class PostgresHook(_Hook):
-    """PostgreSQL: a CHECKPOINT before the snapshot (or backup mode around it), so recovery replays little WAL."""
+    """PostgreSQL: a CHECKPOINT before the snapshot (or backup mode around it), so recovery replays little WAL;
+    and, with ``dump``, a ``pg_dump -Fc`` of each database into the group's data, so one database can come back alone."""
 
     type: Literal["postgres"]
     dsn: Text | None = None
@@ -346,12 +380,63 @@ class PostgresHook(_Hook):
     """PGDATA, inside one of the group's datasets: ``snapsync drill`` starts a throwaway server on its restored copy."""
     check_query: Text = "SELECT 1"
     """What a drill runs against that server; it must succeed (e.g. a count of a table that matters)."""
+    dump: DatabaseNames | None = None
+    """Databases to ``pg_dump`` right before each snapshot; ``()`` for ``"all"`` (every one but the
+    templates, listed at each dump): read it through :attr:`dumps_all`."""
+    dump_dir: AbsolutePath | None = None
+    """Where the dumps go, inside one of the group's datasets, so every copy of the snapshot carries them."""
+    dump_timeout: Duration | None = None
+    """How long one database's pg_dump may take before it is killed (and the hook fails); see :attr:`dump_limit`."""
+    bin_dir: AbsolutePath | None = None
+    """The directory of ``pg_dump`` and ``pg_restore`` (default: looked up in PATH); they must be at
+    least the server's version."""
 
     @model_validator(mode="after")
     def _dsn_or_parts(self) -> PostgresHook:
         if self.dsn is not None and any(v is not None for v in (self.host, self.port, self.user, self.dbname)):
             raise Problem("set either dsn or host/port/user/dbname, not both", "dsn")
         return self
+
+    @model_validator(mode="after")
+    def _dump_where(self) -> PostgresHook:
+        if self.dump is not None and self.dump_dir is None:
+            raise Problem("missing required key: dump needs a dump_dir inside one of the group's datasets", "dump_dir")
+        if self.dump is None and (self.dump_dir is not None or self.dump_timeout is not None):
+            raise Problem('dump_dir and dump_timeout need dump: name the databases to dump, or "all"', "dump")
+        if self.dump_dir is not None and self.data_dir is not None and _below(self.dump_dir, self.data_dir, or_same=True):
+            raise Problem(f"{show(self.dump_dir)} is inside data_dir, which belongs to the server; put the dumps beside it", "dump_dir")
+        return self
+
+    @property
+    def dumps_all(self) -> bool:
+        return self.dump == ()
+
+    @property
+    def dump_limit(self) -> timedelta:
+        return self.dump_timeout or timedelta(minutes=30)
+
+    def outside(self, datasets: tuple[str, ...]) -> str | None:
+        """Why ``dump_dir`` is not strictly inside one of ``datasets`` (paths), or None when it is:
+        a dump outside the group's data would travel with no copy."""
+        if self.dump_dir is None or any(_below(self.dump_dir, d) for d in datasets):
+            return None
+        if self.dump_dir in datasets:
+            return f"{show(self.dump_dir)} is a dataset itself; name a directory inside it (snapsync makes it root's, 0700)"
+        return f"{show(self.dump_dir)} is not inside any dataset of the group, so no snapshot would carry the dumps"
+
+
+def _below(path: str, directory: str, or_same: bool = False) -> bool:
+    return (or_same and path == directory) or path.startswith(directory.rstrip("/") + "/")
+
+
+def _hook_in_group(hook: Any, info: ValidationInfo) -> Any:
+    """Cross-checks of a hook against its group's datasets (validated before the hooks)."""
+    form = policy_form(str(info.data.get("backend", "")))
+    datasets: tuple[str, ...] = info.data.get("datasets") or ()
+    paths = form is not None and form.dataset == "path" and bool(datasets)
+    if isinstance(hook, PostgresHook) and paths and (problem := hook.outside(datasets)) is not None:
+        raise Problem(problem, "dump_dir")
+    return hook
 
 
 class SqliteHook(_Hook):
@@ -392,7 +477,9 @@ class CommandHook(_Hook):
         return self
 
 
-Hook = Annotated[PostgresHook | SqliteHook | FreezeHook | CommandHook, Field(discriminator="type")]
+Hook = Annotated[
+    PostgresHook | SqliteHook | FreezeHook | CommandHook, Field(discriminator="type"), AfterValidator(_hook_in_group)
+]
 
 _CREDENTIAL_KEY = re.compile(r"secret|passw|token|credential|session|access.?key|key.?id|api.?key|^key$", re.I)
 
@@ -576,6 +663,10 @@ class Group(_Table):
     name: str
     backend: Literal["btrfs", "zfs"]
     datasets: tuple[str, ...] = Field(min_length=1)
+    exclude: tuple[str, ...] = ()
+    """Datasets nested in this group's datasets that are left out of every snapshot on purpose (a
+    nested one is not in its parent's snapshots): each silences the warning for itself and for
+    everything nested below it."""
     interval: Duration
     prefix: Prefix
     timezone: TimeZone
@@ -591,6 +682,9 @@ class Group(_Table):
     """`snapsync check`: the newest snapshot may be this old before WARNING (default: twice the interval)."""
     crit_after: Duration
     """... and this old before CRITICAL (default: twice warn_after)."""
+    hold_expiry: Duration
+    """A pulling host's hold is released once it has not fetched for this long although there was
+    something to fetch: a host that is gone must not pin snapshots forever."""
 
     @model_validator(mode="before")
     @classmethod
@@ -603,6 +697,7 @@ class Group(_Table):
             "interval": defaults.interval,
             "prefix": defaults.prefix,
             "timezone": defaults.timezone,
+            "hold_expiry": defaults.hold_expiry,
         }
         form = policy_form(str(data.get("backend", "")))
         if form is not None and form.snapshot_dir:
@@ -644,6 +739,31 @@ class Group(_Table):
             if dataset in seen:
                 raise Problem(f"duplicate dataset {show(dataset)} (also datasets[{seen[dataset]}])", i)
             seen[dataset] = i
+        return tuple(seen)
+
+    @field_validator("exclude")
+    @classmethod
+    def _inside_datasets(cls, exclude: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        """Written like the datasets, and strictly inside one of them: nothing else can be nested there."""
+        form = policy_form(info.data.get("backend", ""))
+        datasets = info.data.get("datasets")
+        if form is None or datasets is None:
+            return exclude
+        check = _absolute_path if form.dataset == "path" else _zfs_dataset
+        seen: dict[str, int] = {}
+        for i, entry in enumerate(exclude):
+            try:
+                entry = check(entry)
+            except ValueError as e:
+                raise Problem(str(e), i) from None
+            if entry in seen:
+                raise Problem(f"duplicate entry {show(entry)} (also exclude[{seen[entry]}])", i)
+            if not any(entry.startswith(d.rstrip("/") + "/") for d in datasets):
+                raise Problem(
+                    f"{show(entry)} is not inside any of the group's datasets; exclude names {form.called} "
+                    "nested in them, which their snapshots leave out", i,
+                )
+            seen[entry] = i
         return tuple(seen)
 
     @field_validator("targets")

@@ -2,7 +2,10 @@
 
 A backup nobody has restored is a hope. A drill restores a group's newest snapshot from a target
 (offsite or another host) into a throwaway place (a sparse loop btrfs; on ZFS a scratch dataset in
-the group's pool), then checks what a person would, on a writable copy of what was restored:
+the group's pool), then checks what a person would, on a writable copy of what was restored. From
+an ssh target it reads through the target's own key, as ``restore`` does: a key whose line on the
+backup host may only receive fails the drill with one line naming ``--allow-restore``
+(:meth:`~snapsync.replication.peer.Peer.readable`). The checks:
 
 * files: every file of the restored copy against the source snapshot, when this host still has it;
 * SQLite (the group's sqlite hooks): ``PRAGMA integrity_check`` on each database, with its WAL

@@ -307,20 +307,18 @@ def restore_from_peer(
     progress: Callable[[str, int | None], Callable[[int], None] | None] | None = None,
 ) -> RestoreReport:
     """Restore from another host's copies (an ssh or local target): one full send of the snapshot
-    per dataset, served by ``snapsync serve --role send`` on the backup host."""
+    per dataset, served by ``snapsync serve`` on the backup host: the receive role of this host's key
+    with ``--allow-restore``, or a send-role key on the same root (docs/replication.md)."""
     from snapsync.protocol import dataset_key
 
     started = time.monotonic()
     keys = {dataset_key(ds): ds for ds in group.datasets}
     paths = {key: f"{group.name}/{key}" for key in keys}
     with peer.connected():
-        listed = peer.list_paths(list(paths.values()))
+        listed = peer.readable(list(paths.values()))
         names = []
         for key, path in paths.items():
-            ours = {
-                str(c["name"]) for c in listed.get(path, [])
-                if c.get("read_only", True) and parse_snapshot_name(group.prefix, str(c["name"])) is not None
-            }
+            ours = {n for n in listed.get(path, ()) if parse_snapshot_name(group.prefix, n) is not None}
             if not ours:
                 raise UsageError(f"{target} has no copies of {keys[key]} (group {group.name})")
             names.append(ours)
@@ -343,7 +341,7 @@ def restore_from_peer(
                 meter = Meter(tick=progress(f"restore {keys[key]} {name.rpartition('_')[2]}", None) if progress else None)
                 with reaped(proc):
                     assert proc.popen.stdout is not None
-                    _pumped(store, rel, name, str(header["guid"]), proc.popen.stdout.fileno(), meter, proc.kill)
+                    _pumped(store, rel, name, header["guid"], proc.popen.stdout.fileno(), meter, proc.kill)
                     finish([proc])
                 item.received.append(name)
                 item.bytes = meter.bytes
@@ -467,7 +465,7 @@ def restore_from(
     (chosen,) = select_groups(policy, [group])
     if isinstance(landing, str):
         landing = ToRoot(landing, chosen.name, chosen.backend)
-    return restore_from_peer(Peer(transport_for(source, target), "send"), source, chosen, landing, snapshot, dry_run, progress)
+    return restore_from_peer(Peer(transport_for(source, target), "send", restore=True), source, chosen, landing, snapshot, dry_run, progress)
 
 
 @dataclass

@@ -10,11 +10,20 @@ already holds snapshots newer than the chosen one sees a diverged history (the r
 A dataset in use (a process with a file, directory or mapping in it, through any mount of it, or a
 mount inside it) is refused unless ``--force``, with the processes, their systemd units and what to
 stop. Only the group's own datasets are touched: NixOS rolls ``/`` back at boot by itself.
+
+A journal in the state directory says how far a rollback got. Whatever stopped it (a kill, an I/O
+error), running it again finishes it: the safety snapshot is first made sure of on every dataset
+(taken where it is missing and the dataset still untouched, held where the hold is missing), then
+the datasets not yet swapped are. ``rollback GROUP --abort`` instead puts every dataset back as it
+was, keeping the safety snapshot held. Both can themselves be stopped at any step and run again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import os
+import signal
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -27,6 +36,28 @@ from snapsync.host.state import read_json, state_dir, write_json
 from snapsync.plan.holds import is_safety_tag, is_target_tag, safety_tag, tag_subject, target_tag
 from snapsync.plan.naming import parse_snapshot_name, snapshot_name
 from snapsync.policy.loader import Group
+
+log = logging.getLogger(__name__)
+KILL_AT = "SNAPSYNC_TEST_KILL_AT"
+
+
+def reached(step: str) -> None:
+    """A step of a rollback (or of its abort) is done: logged (``-v``), and, for tests only, the
+    process is SIGKILLed here when ``$SNAPSYNC_TEST_KILL_AT`` names the step, so tests/faults can stop
+    a real run at every step. The backends' rollback methods call their own copy of this."""
+    log.info("rollback step: %s", step)
+    if os.environ.get(KILL_AT) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+PLANNED, HELD = "planned", "held"
+"""The journal's phases: nothing is sure yet; the safety snapshot is taken and held on every
+dataset, and only now may a dataset be swapped. ``"aborting": true`` beside them: an ``--abort``
+is putting every dataset back."""
+
+
+def _leaf(dataset: str) -> str:
+    return dataset.rstrip("/").rpartition("/")[2]
 
 
 class Busy(UsageError):
@@ -43,18 +74,49 @@ class RollbackReport:
     holders: list[Holder] = field(default_factory=list)
     aside: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    safety_on: list[str] = field(default_factory=list)
+    """The datasets whose safety snapshot was seen there and held when the run ended: all a report may claim."""
+    kept: dict[str, str] = field(default_factory=dict)
+    """States an interrupted ``--abort`` moved away (they were in place, and may have been used)."""
 
     def to_json(self) -> dict[str, object]:
         return {
             "group": self.group, "snapshot": self.snapshot, "dry_run": self.dry_run, "ok": True,
-            "safety_snapshot": self.safety, "steps": self.steps, "aside": self.aside, "notes": self.notes,
-            "in_use": [h.to_json() for h in self.holders],
+            "safety_snapshot": self.safety if self.safety_on or self.dry_run else "", "safety_held_on": self.safety_on,
+            "steps": self.steps,
+            "aside": self.aside, "kept": self.kept, "notes": self.notes, "in_use": [h.to_json() for h in self.holders],
+        }
+
+
+@dataclass
+class AbortReport:
+    """What ``rollback GROUP --abort`` did (or would do): every dataset back as it was."""
+
+    group: str
+    snapshot: str
+    dry_run: bool
+    safety: str = ""
+    safety_on: list[str] = field(default_factory=list)
+    steps: list[str] = field(default_factory=list)
+    kept: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "group": self.group, "snapshot": self.snapshot, "aborted": not self.dry_run, "dry_run": self.dry_run,
+            "ok": True, "safety_snapshot": self.safety if self.safety_on else "", "safety_held_on": self.safety_on,
+            "steps": self.steps, "kept": self.kept, "notes": self.notes,
         }
 
 
 def aside_name(dataset: str, safety: str) -> str:
     """Where the current state goes: beside the dataset, named after the safety snapshot."""
     return f"{dataset.rstrip('/')}.pre-rollback.{safety}"
+
+
+def kept_name(dataset: str, safety: str) -> str:
+    """Where ``--abort`` keeps a state the rollback had already put in place: it was live, so may hold new writes."""
+    return f"{dataset.rstrip('/')}.aborted-rollback.{safety}"
 
 
 def _stop_hint(found: list[Holder]) -> str:
@@ -82,7 +144,10 @@ def unfinished(group: str) -> str | None:
 
 
 def unfinished_text(group: str, snapshot: str) -> str:
-    return f"an interrupted rollback of group {group} to {snapshot} is unfinished; run `snapsync rollback {group} {snapshot}` to finish it"
+    return (
+        f"an interrupted rollback of group {group} to {snapshot} is unfinished; run `snapsync rollback {group} {snapshot}` "
+        f"to finish it (or `snapsync rollback {group} --abort` to undo it)"
+    )
 
 
 def _taken_path() -> Path:
@@ -120,17 +185,21 @@ def rollback(
 ) -> RollbackReport:
     """Roll ``group`` back to ``snapshot`` (see the module docstring).
 
-    The plan (safety snapshot, where each dataset goes aside) is written to the state directory
-    before anything changes and removed when all is done; a run after a crash finds it and finishes
-    the same rollback instead of starting another.
+    The plan (safety snapshot, where each dataset goes aside, the targets' holds) is journaled in the
+    state directory before anything changes and removed when all is done; a run after a crash finds
+    it and finishes the same rollback instead of starting another.
     """
     if parse_snapshot_name(group.prefix, snapshot) is None:
         raise UsageError(f"{snapshot!r} is not one of group {group.name}'s snapshots (prefix {group.prefix!r})")
     pending = read_json(_plan_path(group.name))
     if pending is not None and pending.get("snapshot") != snapshot:
-        raise UsageError(f"{unfinished_text(group.name, str(pending.get('snapshot')))} first")
+        other = str(pending.get("snapshot"))
+        raise UsageError(
+            f"an interrupted rollback of group {group.name} to {other} is unfinished; finish it first with "
+            f"`snapsync rollback {group.name} {other}`, or undo it with `snapsync rollback {group.name} --abort`"
+        )
     if pending is not None:
-        return _resume(group, backend, snapshot, pending, dry_run)
+        return _resume(group, backend, snapshot, pending, force, dry_run)
     listings = {ds: {s.name: s for s in backend.list_snapshots(ds)} for ds in group.datasets}
     missing = [ds for ds, snaps in listings.items() if snapshot not in snaps]
     if missing:
@@ -142,9 +211,7 @@ def rollback(
     report = RollbackReport(group.name, snapshot, dry_run, safety)
     report.holders = backend.in_use(group.datasets)
     if report.holders and not force:
-        lines = "; ".join(h.describe() for h in report.holders[:8])
-        more = f" (and {len(report.holders) - 8} more)" if len(report.holders) > 8 else ""
-        raise Busy(f"group {group.name} is in use: {lines}{more}; {_stop_hint(report.holders)}, or pass --force")
+        raise _busy(group.name, report.holders)
     if report.holders:
         report.notes.append("in use, rolled back anyway (--force): " + "; ".join(h.describe() for h in report.holders))
     report.steps.append(
@@ -158,44 +225,290 @@ def rollback(
     report.notes += _target_notes(group, backend, listings, snapshot)
     if dry_run:
         return report
-    write_json(_plan_path(group.name), {"snapshot": snapshot, "safety": safety, "aside": report.aside})
+    held = {
+        ds: tags for ds, snaps in listings.items()
+        if (tags := _tags_holding(snaps.values(), is_target_tag))
+    }
+    plan = {"snapshot": snapshot, "safety": safety, "aside": report.aside, "phase": PLANNED, "holds": held}
+    write_json(_plan_path(group.name), plan)
     _record(group.datasets, safety, taken=True)
+    reached("journal written")
     backend.snapshot_group(group.datasets, safety)
+    reached("safety snapshot taken")
     for ds in group.datasets:
         backend.set_holds(ds, safety_tag(safety), [safety])
+        reached(f"safety held {_leaf(ds)}")
+    report.safety_on = list(group.datasets)
+    _set_phase(group.name, plan, HELD)
+    reached("safety verified")
     return _swap_all(group, backend, snapshot, report)
 
 
-def _resume(group: Group, backend: StorageBackend, snapshot: str, plan: dict[str, Any], dry_run: bool) -> RollbackReport:
-    report = RollbackReport(group.name, snapshot, dry_run, str(plan.get("safety", "")))
+def _set_phase(group: str, plan: dict[str, Any], phase: str) -> None:
+    plan["phase"] = phase
+    write_json(_plan_path(group), plan)
+
+
+def _tags_holding(snaps: Iterable[SnapshotInfo], wanted: Callable[[str], bool]) -> dict[str, list[str]]:
+    """Per tag that ``wanted`` accepts, the snapshots of one dataset it holds."""
+    tags: dict[str, list[str]] = {}
+    for snap in snaps:
+        for tag in snap.holds:
+            if wanted(tag) and snap.kind == "snapshot":
+                tags.setdefault(tag, []).append(snap.name)
+    return tags
+
+
+def _busy(group: str, found: list[Holder]) -> Busy:
+    lines = "; ".join(h.describe() for h in found[:8])
+    more = f" (and {len(found) - 8} more)" if len(found) > 8 else ""
+    return Busy(f"group {group} is in use: {lines}{more}; {_stop_hint(found)}, or pass --force")
+
+
+def _state(backend: StorageBackend, ds: str, aside: str, kept: str) -> str:
+    """How far the swap of ``ds`` got, as the filesystem shows it."""
+    here, moved = backend.exists(ds), backend.exists(aside)
+    if here and moved:
+        return "rolled back"
+    if here:
+        return "not rolled back yet"
+    if moved:
+        return "moved aside, not yet replaced"
+    return f"missing (the state put in place was moved to {kept})" if backend.exists(kept) else "missing"
+
+
+def _resume(
+    group: Group, backend: StorageBackend, snapshot: str, plan: dict[str, Any], force: bool, dry_run: bool
+) -> RollbackReport:
+    safety = str(plan.get("safety", ""))
+    report = RollbackReport(group.name, snapshot, dry_run, safety)
     report.aside = {str(k): str(v) for k, v in dict(plan.get("aside", {})).items()}
-    report.notes.append(f"finishing the interrupted rollback to {snapshot} (safety snapshot {report.safety})")
+    missing = [ds for ds in group.datasets if ds not in report.aside]
+    if not safety or missing:
+        raise UsageError(
+            f"the journal of the interrupted rollback of group {group.name} ({_plan_path(group.name)}) does not "
+            f"name {'the safety snapshot' if not safety else ', '.join(missing)}: look at the datasets and move it away"
+        )
+    report.notes.append(f"finishing the interrupted rollback to {snapshot} (safety snapshot {safety})")
     for ds in group.datasets:
-        state = "done" if backend.exists(report.aside.get(ds, "")) and backend.exists(ds) else "to do"
-        report.steps.append(f"{ds}: {state}")
+        report.steps.append(f"{ds}: found {_state(backend, ds, report.aside[ds], kept_name(ds, safety))}")
     if dry_run:
         return report
+    if plan.get("aborting"):
+        _undo_all(group, backend, snapshot, plan, force, report.kept)
+        report.notes.append("an interrupted --abort had begun: every dataset was put back as it was first, then rolled back")
+        plan.pop("aborting")
+    untouched = [ds for ds in group.datasets if backend.exists(ds) and not backend.exists(report.aside[ds])]
+    report.holders = backend.in_use(untouched) if untouched else []
+    if report.holders and not force:
+        raise _busy(group.name, report.holders)
+    report.safety_on = _secure_safety(group, backend, plan, report.notes)
+    _set_phase(group.name, plan, HELD)
+    reached("safety verified")
     return _swap_all(group, backend, snapshot, report)
+
+
+def _safety_at(backend: StorageBackend, ds: str, aside: str, safety: str) -> dict[str, bool]:
+    """Where the safety snapshot of ``ds`` is (on it, or aside with the old state), and whether it is held there."""
+    found = {}
+    for place in (ds, aside):
+        try:
+            snaps = backend.list_snapshots(place)
+        except SnapsyncError:
+            if place == ds:
+                raise
+            snaps = []
+        for s in snaps:
+            if s.name == safety and s.kind == "snapshot":
+                found[place] = safety_tag(safety) in s.holds
+    return found
+
+
+def _secure_safety(group: Group, backend: StorageBackend, plan: dict[str, Any], notes: list[str]) -> list[str]:
+    """Before any further swap: the safety snapshot exists on every dataset and is held, wherever it is.
+
+    Missing on a dataset not yet touched, it is taken now (its state is still the one before the
+    rollback); missing on one already swapped, nothing can take it any more, and the report says
+    where that state is kept instead. Returns the datasets whose safety snapshot is there and held.
+    """
+    safety, aside = str(plan["safety"]), dict(plan["aside"])
+    tag = safety_tag(safety)
+    untaken: list[str] = []
+    lost: list[str] = []
+    held_on: list[str] = []
+    for ds in group.datasets:
+        found = _safety_at(backend, ds, aside[ds], safety)
+        if not found:
+            (untaken if backend.exists(ds) and not backend.exists(aside[ds]) else lost).append(ds)
+            continue
+        for place, held in found.items():
+            if not held:
+                backend.set_holds(place, tag, [safety])
+                reached(f"safety held {_leaf(ds)}")
+                notes.append(f"{ds}: safety snapshot {safety} was not held; held it now as {tag}")
+        held_on.append(ds)
+    if untaken:
+        _record(untaken, safety, taken=True)
+        backend.snapshot_group(untaken, safety)
+        reached("safety snapshot taken")
+        for ds in untaken:
+            backend.set_holds(ds, tag, [safety])
+            reached(f"safety held {_leaf(ds)}")
+        why = "the interrupted run had not taken it" if plan.get("phase", PLANNED) == PLANNED else "it was missing (deleted by hand?)"
+        notes.append(f"took safety snapshot {safety} of {', '.join(untaken)} now ({why}), held as {tag}")
+        held_on += untaken
+    for ds in lost:
+        notes.append(
+            f"{ds}: its safety snapshot {safety} is missing (deleted by hand?) and it was already rolled back; "
+            f"its state from before the rollback is kept at {aside[ds]}"
+        )
+    return [ds for ds in group.datasets if ds in held_on]
 
 
 def _swap_all(group: Group, backend: StorageBackend, snapshot: str, report: RollbackReport) -> RollbackReport:
+    """Swap every dataset in turn; one already swapped is only checked (and finished, where the backend
+    had steps left after the swap, such as mounting), so a rerun after a stop at any step converges."""
     done: list[str] = []
     for ds in group.datasets:
         aside = report.aside[ds]
-        if not (backend.exists(aside) and backend.exists(ds)):
-            try:
-                backend.rollback(ds, snapshot, aside)
-            except SnapsyncError as e:
-                raise type(e)(
-                    f"{e}; rolled back so far: {', '.join(done) or 'nothing'} (safety snapshot {report.safety} holds "
-                    f"the state of all); fix the cause and run `snapsync rollback {group.name} {snapshot}` again to finish"
-                ) from e
+        try:
+            backend.rollback(ds, snapshot, aside)
+        except SnapsyncError as e:
+            kept = ", ".join(report.safety_on) or "no dataset"
+            failed = SnapsyncError(
+                f"{e}; rolled back so far: {', '.join(done) or 'nothing'} (safety snapshot {report.safety} holds the "
+                f"state of {kept}); fix the cause and run `snapsync rollback {group.name} {snapshot}` again to finish, "
+                f"or `snapsync rollback {group.name} --abort` to undo it"
+            )
+            failed.exit_code = e.exit_code
+            raise failed from e
         done.append(ds)
         if backend.capabilities.rollback_sets_newer_aside:
             # The newer snapshots went aside with the old state; they are no target's base any more.
-            tags = {t for snap in backend.list_snapshots(aside) for t in snap.holds if is_target_tag(t)}
+            tags = _tags_holding(backend.list_snapshots(aside), is_target_tag)
             for tag in sorted(tags):
                 backend.set_holds(aside, tag, [])
+        reached(f"rolled back {_leaf(ds)}")
+    for ds in group.datasets:
+        kept = kept_name(ds, report.safety)
+        if backend.exists(kept):
+            report.kept[ds] = kept
+            report.notes.append(f"{ds}: the state an interrupted --abort moved away is kept at {kept}; delete it when sure")
+    _plan_path(group.name).unlink(missing_ok=True)
+    return report
+
+
+def _undoer(backend: StorageBackend) -> Callable[..., list[str]]:
+    """The backend's ``undo_rollback(dataset, name, aside, kept, *, dry_run)``, which ``--abort`` needs."""
+    undo: Callable[..., list[str]] | None = getattr(backend, "undo_rollback", None)
+    if undo is None:
+        raise UsageError(f"the {backend.kind} backend cannot undo a rollback; finish it instead")
+    return undo
+
+
+def _undo_all(
+    group: Group, backend: StorageBackend, snapshot: str, plan: dict[str, Any], force: bool, kept: dict[str, str],
+    *, dry_run: bool = False,
+) -> list[str]:
+    """Put every dataset back as it was before the rollback; returns what was (or would be) done.
+
+    Every dataset is checked before the first change: a state that cannot be undone safely is
+    refused with nothing changed. A state the rollback had put in place was live and may hold new
+    writes, so it is moved to :func:`kept_name`, never deleted. Each step can be stopped; running
+    ``--abort`` (or the rollback) again continues from there.
+    """
+    undo = _undoer(backend)
+    safety, aside = str(plan["safety"]), dict(plan["aside"])
+    steps: list[str] = []
+    for ds in group.datasets:
+        try:
+            steps += undo(ds, snapshot, aside[ds], kept_name(ds, safety), dry_run=True)
+        except SnapsyncError as e:
+            raise UsageError(
+                f"cannot undo the interrupted rollback of group {group.name} safely: {e}; nothing was changed"
+            ) from e
+    live = [ds for ds in group.datasets if backend.exists(ds) and backend.exists(aside[ds])]
+    found = backend.in_use(live) if live else []
+    if found and not force:
+        raise _busy(group.name, found)
+    if dry_run:
+        return steps
+    plan["aborting"] = True
+    write_json(_plan_path(group.name), plan)
+    reached("abort started")
+    recorded = dict(plan.get("holds") or {})
+    for ds in group.datasets:
+        try:
+            undo(ds, snapshot, aside[ds], kept_name(ds, safety))
+            if backend.capabilities.rollback_sets_newer_aside:
+                _restore_holds(backend, ds, dict(recorded.get(ds) or {}))
+        except SnapsyncError as e:
+            failed = SnapsyncError(
+                f"{e}; the undo of the rollback of group {group.name} stopped at {ds}: fix the cause and run "
+                f"`snapsync rollback {group.name} --abort` again to finish it"
+            )
+            failed.exit_code = e.exit_code
+            raise failed from e
+        reached(f"undone {_leaf(ds)}")
+        if backend.exists(kept_name(ds, safety)):
+            kept[ds] = kept_name(ds, safety)
+    return steps
+
+
+def _restore_holds(backend: StorageBackend, ds: str, recorded: dict[str, list[str]]) -> None:
+    """The targets' holds the swap released on the old state, back on it (added to what they hold now)."""
+    snaps = backend.list_snapshots(ds)
+    names = {s.name for s in snaps if s.kind == "snapshot"}
+    now = _tags_holding(snaps, is_target_tag)
+    for tag, held in sorted(recorded.items()):
+        wanted = set(now.get(tag, [])) | (set(held) & names)
+        if wanted != set(now.get(tag, [])):
+            backend.set_holds(ds, tag, sorted(wanted))
+
+
+def abort(
+    group: Group, backend: StorageBackend, snapshot: str | None = None, *, force: bool = False, dry_run: bool = False
+) -> AbortReport:
+    """``snapsync rollback GROUP --abort``: undo an interrupted rollback (see :func:`_undo_all`).
+
+    The safety snapshot stays, held, where it was taken; the journal goes last, so until then
+    ``check`` still says a rollback is unfinished.
+    """
+    plan = read_json(_plan_path(group.name))
+    if plan is None or not plan.get("snapshot"):
+        raise UsageError(f"no interrupted rollback of group {group.name} to abort (a finished rollback is undone by rolling back to its safety snapshot)")
+    target = str(plan["snapshot"])
+    if snapshot is not None and snapshot != target:
+        raise UsageError(f"the interrupted rollback of group {group.name} was to {target}, not {snapshot}; nothing was changed")
+    safety = str(plan.get("safety", ""))
+    aside = dict(plan.get("aside") or {})
+    if not safety or any(ds not in aside for ds in group.datasets):
+        raise UsageError(
+            f"the journal of the interrupted rollback of group {group.name} ({_plan_path(group.name)}) does not name "
+            f"every dataset's place aside: it cannot be undone safely; look at the datasets, then move the journal away"
+        )
+    report = AbortReport(group.name, target, dry_run, safety)
+    report.steps = _undo_all(group, backend, target, plan, force, report.kept, dry_run=dry_run)
+    if dry_run:
+        return report
+    tag = safety_tag(safety)
+    for ds in group.datasets:
+        found = _safety_at(backend, ds, aside[ds], safety)
+        for place, held in found.items():
+            if not held:
+                backend.set_holds(place, tag, [safety])
+        if found:
+            report.safety_on.append(ds)
+    if report.safety_on:
+        report.notes.append(
+            f"safety snapshot {safety} is kept, held as {tag} on {', '.join(report.safety_on)}; "
+            f"when it is no longer needed: snapsync release {group.name} {safety}"
+        )
+    else:
+        _record(group.datasets, safety, taken=False)
+        report.notes.append("the rollback had not taken its safety snapshot yet: there is none to keep")
+    for ds, where in report.kept.items():
+        report.notes.append(f"{ds}: the state the rollback had put in place (it may have been used) is kept at {where}; delete it when sure")
     _plan_path(group.name).unlink(missing_ok=True)
     return report
 

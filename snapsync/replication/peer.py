@@ -1,8 +1,11 @@
 """The client side of :mod:`snapsync.protocol`: one method per operation, one session per call.
 
 Failures come back typed: :class:`TransientError` when the transport says the connection itself
-failed (retried by the caller), :class:`RemoteRefused` when the server refused, and
-:class:`BackendError` with the server's message otherwise (a full disk, a failed receive).
+failed (retried by the caller), :class:`RemoteRefused` when the server refused, :class:`UnexpectedAnswer`
+when it answered in another role than this side needs (the key's ``authorized_keys`` line) or in a
+shape it cannot read, and :class:`BackendError` with the server's message otherwise (a full disk, a
+failed receive); a failure from a server in the wrong role says so too. Every answer is checked
+here, so a caller never meets a field that is not there.
 """
 
 from __future__ import annotations
@@ -10,22 +13,63 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any
 
-from snapsync.errors import BackendError, CommandFailed, RemoteRefused, TransientError
-from snapsync.protocol import encode_request
+from snapsync.backends.base import SnapshotInfo
+from snapsync.backends.receiver import Copy, PartialDelete
+from snapsync.errors import BackendError, CommandFailed, RemoteRefused, TransientError, printable
+from snapsync.protocol import RESTORE_OPTION, encode_request
 from snapsync.host.streams import Meter, Proc, cut_off, finish, pump
 from snapsync.replication.transport import Transport
 
 CALL_TIMEOUT = 600.0
 
 
+class UnexpectedAnswer(BackendError):
+    """The far end answered, but not as this side needs: another role, or a shape it cannot read.
+    It fails that target (or pull, or restore), never the run."""
+
+
+_ENTRIES: dict[str, Callable[[dict[str, Any]], object]] = {
+    "receive": Copy.from_json,  # a receiving root lists copies
+    "send": lambda entry: SnapshotInfo.from_json("", entry),  # a sending one, snapshots
+}
+
+
+@dataclass(frozen=True)
+class _Listed:
+    role: str
+    restore: bool
+    """Whether the server hands out what it lists (``send``): always for the send role."""
+    paths: dict[str, list[dict[str, Any]]]
+    resume: dict[str, str]
+
+
+def _parses(role: str, listed: dict[str, list[Any]]) -> bool:
+    """Whether every entry is what a server in ``role`` lists (and so what the caller will read)."""
+    parse = _ENTRIES[role]
+    try:
+        for entries in listed.values():
+            for entry in entries:
+                if not isinstance(entry, dict):
+                    return False
+                parse(entry)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return False
+    return True
+
+
 class Peer:
-    def __init__(self, transport: Transport, role: str = "receive") -> None:
+    def __init__(self, transport: Transport, role: str = "receive", *, restore: bool = False) -> None:
+        """``role``: the one this side needs, as the far end's ``serve --role`` (for a local target,
+        the one started). ``restore``: this side reads copies back (a restore, a drill), which a
+        receive-role server serves too when its key may restore (``--allow-restore``)."""
         self.transport = transport
         self.role = role
+        self.restore = restore
 
     @property
     def name(self) -> str:
@@ -40,8 +84,16 @@ class Peer:
         response = _decode(raw)
         where = f"target {self.name} ({self.transport.describe()})"
         if response is not None and not response.get("ok", False):
-            message = f"{where}: {op}: {response.get('error')}"
-            return RemoteRefused(message) if response.get("kind") == "refused" else BackendError(message)
+            message = f"{where}: {op}: {printable(str(response.get('error')))}"
+            role = response.get("role")
+            if isinstance(role, str) and not self._serves(role, response.get("restore") is True):
+                message += f"; {self._role_problem(role)}"  # the cause, whatever the server found wrong in its role
+            if response.get("kind") == "refused":
+                return RemoteRefused(message)
+            deleted = response.get("deleted")
+            if op == "delete" and isinstance(deleted, list) and all(isinstance(n, str) for n in deleted):
+                return PartialDelete(message, deleted)  # it went on past a refusal: these did go
+            return BackendError(message)
         tail = " | ".join(stderr.strip().splitlines()[-3:]) or "(no output)"
         if self.transport.transient(returncode, stderr):
             if not stderr.strip():  # ssh's own exit with nothing said: the session's connection went away
@@ -77,17 +129,79 @@ class Peer:
         return self.listing(paths)[0]
 
     def listing(self, paths: Sequence[str]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
-        """Entries per path, and the ZFS resume token of each path that has an interrupted receive."""
+        """Entries per path, and the ZFS resume token of each path that has an interrupted receive.
+
+        Entries are copies for the receive role, snapshots for the send role; each one parses as
+        such, and the server answers in the role this side needs, or :class:`UnexpectedAnswer`."""
+        listed = self._list(paths)
+        if listed.role != self.role:
+            raise self._wrong_role(listed.role)
+        return listed.paths, listed.resume
+
+    def _serves(self, role: str, restore: bool) -> bool:
+        return role == self.role or (self.restore and role == "receive" and restore)
+
+    def readable(self, paths: Sequence[str]) -> dict[str, set[str]]:
+        """Per path, the names a ``send`` session hands out (complete, read-only snapshots or copies),
+        from a send-role server or a receive-role one that serves restores."""
+        listed = self._list(paths)
+        if not self._serves(listed.role, listed.restore):
+            raise self._wrong_role(listed.role)
+        if listed.role == "receive":
+            return {p: {str(c["name"]) for c in cs if c["read_only"] and not c["partial"]} for p, cs in listed.paths.items()}
+        return {
+            p: {str(s["name"]) for s in ss if s.get("kind", "snapshot") == "snapshot" and s.get("read_only", True)}
+            for p, ss in listed.paths.items()
+        }
+
+    def _list(self, paths: Sequence[str]) -> _Listed:
+        """One ``list``, checked: every entry parses as what the answering role lists."""
         response = self.call("list", paths=list(paths))
-        return response["paths"], dict(response.get("resume") or {})
+        listed, resume = response.get("paths"), response.get("resume") or {}
+        if not isinstance(listed, dict) or not all(isinstance(v, list) for v in listed.values()):
+            raise self._unexpected("list", "no list of entries per path")
+        if not isinstance(resume, dict) or not all(isinstance(t, str) for t in resume.values()):
+            raise self._unexpected("list", "resume tokens that are not strings")
+        role = response.get("role")
+        if role is None:  # a server older than role-naming answers: the entries tell
+            role = next((r for r in (self.role, "receive", "send") if _parses(r, listed)), self.role)
+        if not isinstance(role, str) or role not in _ENTRIES:
+            raise self._unexpected("list", f"an unknown role {printable(str(role), 40)!r}")
+        if not _parses(role, listed):
+            raise self._unexpected("list", f"entries that are not {'copies' if role == 'receive' else 'snapshots'}")
+        restore = response.get("restore", role == "send") is True
+        return _Listed(role, restore, listed, resume)
+
+    def _wrong_role(self, role: str) -> UnexpectedAnswer:
+        return UnexpectedAnswer(f"target {self.name} ({self.transport.describe()}): {self._role_problem(role)}")
+
+    def _role_problem(self, role: str) -> str:
+        """What is wrong with a server in ``role`` for this side, and where to fix it."""
+        if self.restore and role == "receive":
+            return (
+                f"this host's key there may only receive copies, not read them back: add {RESTORE_OPTION} to its "
+                f"line in the backup host's authorized_keys (snapsync authorize --role receive {RESTORE_OPTION} ...)"
+            )
+        if self.role == "receive":
+            return (
+                f"the backup host answers as role {role}; its authorized_keys line for this host must use "
+                f"--role receive for replication"
+            )
+        return f"the source host answers as role {role}; its authorized_keys line for this host must use --role {self.role} to be pulled from"
+
+    def _unexpected(self, op: str, what: str) -> UnexpectedAnswer:
+        return UnexpectedAnswer(
+            f"target {self.name} ({self.transport.describe()}): {op}: cannot read the answer: {what} "
+            f"(not snapsync serve, or another version of it)"
+        )
 
     def delete(self, path: str, names: Sequence[str], *, allow_writable: bool = False, partial: bool = False) -> list[str]:
         """Delete copies; ``partial=True`` with no names abandons a ZFS resumable receive."""
         if not names and not partial:
             return []
-        deleted: list[str] = self.call(
-            "delete", path=path, names=list(names), allow_writable=allow_writable, partial=partial
-        )["deleted"]
+        deleted = self.call("delete", path=path, names=list(names), allow_writable=allow_writable, partial=partial).get("deleted")
+        if not isinstance(deleted, list) or not all(isinstance(n, str) for n in deleted):
+            raise self._unexpected("delete", "no list of deleted names")
         return deleted
 
     def hold(self, path: str, tag: str, names: Sequence[str]) -> None:
@@ -178,6 +292,11 @@ class Peer:
             error = self._fail("send", proc, returncode, bytes(raw))
             proc.close()
             raise error
+        if not isinstance(header.get("name"), str) or not isinstance(header.get("guid"), str):
+            proc.kill()
+            proc.wait()
+            proc.close()
+            raise self._unexpected("send", "no snapshot name and guid before the stream")
         return proc, header
 
 

@@ -32,6 +32,7 @@ from snapsync.plan.groups import group_snapshots
 from snapsync.policy.schema import LocalTarget, SshTarget
 from snapsync.plan.replication import (
     DeletePartial,
+    DropFutureCopy,
     ReplicationPlan,
     Resume,
     RollbackTarget,
@@ -44,7 +45,7 @@ from snapsync.plan.replication import (
 from snapsync.plan.retention import PrunePlan, RetentionRules, plan_prune
 from snapsync.plan.snapshots import SnapshotId, our_snapshots
 from snapsync.retry import retrying
-from snapsync.backends.receiver import Copy
+from snapsync.backends.receiver import Copy, PartialDelete
 from snapsync.host.streams import Meter, Proc
 
 log = logging.getLogger("snapsync")
@@ -67,6 +68,10 @@ class SnapshotSource(Protocol):
         ...
 
     def hold(self, dataset: str, tag: str, names: Sequence[str]) -> None: ...
+
+    def lost(self, dataset: str, tag: str) -> list[str]:
+        """Snapshots ``tag`` held that were deleted behind snapsync's back: the target had them."""
+        ...
 
     def estimate(self, dataset: str, name: str, base: str | None) -> int | None: ...
 
@@ -102,6 +107,9 @@ class LocalSource:
     def hold(self, dataset: str, tag: str, names: Sequence[str]) -> None:
         self.backend.set_holds(dataset, tag, names)
 
+    def lost(self, dataset: str, tag: str) -> list[str]:
+        return self.backend.lost_holds(dataset).get(tag, [])
+
     def connected(self) -> AbstractContextManager[None]:
         return nullcontext()
 
@@ -125,6 +133,10 @@ class RemoteSource:
 
     def hold(self, dataset: str, tag: str, names: Sequence[str]) -> None:
         self.peer.hold(dataset, tag, names)
+
+    def lost(self, dataset: str, tag: str) -> list[str]:
+        """Not asked over the wire: a pull plans from what both sides list (its base is their newest common)."""
+        return []
 
     def connected(self) -> AbstractContextManager[None]:
         return self.peer.connected()
@@ -260,6 +272,8 @@ def describe(step: Step) -> str:
         return f"incremental {step.base.name} -> {step.snapshot.name}"
     if isinstance(step, DeletePartial):
         return f"delete partial copy {step.name} left by an interrupted receive"
+    if isinstance(step, DropFutureCopy):
+        return f"delete the copy of {step.name}, dated after this host's clock (the source keeps it)"
     if isinstance(step, RollbackTarget):
         return f"roll target back to {step.to}, destroying {', '.join(step.destroys)}"
     return f"resume receive ({step.token[:16]}...)"
@@ -335,6 +349,9 @@ class Replication:
         self.progress = progress
         self._have: dict[str, dict[str, SnapshotId]] = {}
         """Complete copies on the target per dataset path, by name, kept current as steps succeed."""
+        self._rewound: set[str] = set()
+        """Dataset paths whose newest copy was just dropped (dated after the clock): the next receive
+        there rolls the live dataset back to the base first (a ZFS target still holds that state)."""
 
     def _retrying(self) -> Retrying:
         return retrying(f"{self.group} -> {self.target}")
@@ -384,8 +401,13 @@ class Replication:
         listing, tokens = self.sink.listing([link.path])
         return _copies(listing, link.path), tokens.get(link.path)
 
-    def _plan(self, source: Sequence[SnapshotId], copies: Sequence[Copy], token: str | None) -> ReplicationPlan:
-        return plan_replication(source, target_entries(self.prefix, copies), token, on_diverged=self.settings.on_diverged)
+    def _plan(
+        self, source: Sequence[SnapshotId], copies: Sequence[Copy], token: str | None, sent_before: Sequence[str] = ()
+    ) -> ReplicationPlan:
+        return plan_replication(
+            source, target_entries(self.prefix, copies), token, on_diverged=self.settings.on_diverged,
+            now=self.now(), sent_before=sent_before,
+        )
 
     def _complete(self, copies: Sequence[Copy]) -> dict[str, SnapshotId]:
         """Our complete copies; each carries the identity of the source snapshot it copies."""
@@ -409,22 +431,36 @@ class Replication:
         if report.sent or report.removed_partials:  # a retry: the first attempt changed the target
             copies, token = self._listing(link)
         source = our_snapshots(self.prefix, snaps)
-        plan = self._plan(source, copies, token)
+        lost = self.source.lost(link.ref, self.hold_tag)
+        plan = self._plan(source, copies, token, lost)
         if plan.needs_replan:  # an interrupted ZFS receive: finish it first, then plan what remains
             copies = self._resume_first(link, plan, copies, report, dry_run)
-            plan = self._plan(source, copies, None)
+            plan = self._plan(source, copies, None, lost)
         self._have[link.path] = self._complete(copies)
+        if plan.future:
+            note = (f"{link.ref}: {', '.join(plan.future)} dated after this host's clock: not sent and never a base "
+                    f"(the clock was wrong when it was taken; see `snapsync check`)")
+            if note not in report.notes:
+                report.notes.append(note)
+        if lost and plan.conflict is None:
+            report.notes.append(
+                f"{link.ref}: held base {', '.join(lost)} was deleted on the source; "
+                + (f"continuing from {plan.base}, the newest snapshot both sides share" if plan.base else "no older common snapshot")
+            )
         if plan.conflict is not None:
             raise BackendError(plan.conflict.message())
         report.planned += [f"{link.ref}: {describe(step)}" for step in plan.steps]
         report.pending += sum(isinstance(step, (SendFull, SendIncremental)) for step in plan.steps)
         if dry_run:
+            for step in plan.steps:
+                if isinstance(step, DropFutureCopy):
+                    self._have[link.path].pop(step.name, None)
             return plan.base
-        if plan.base is not None and not plan.steps:
-            self.source.hold(link.ref, self.hold_tag, [plan.base])
         common = plan.base
         for step in plan.steps:
             common = self._execute(link, step, report) or common
+        if common is not None and common == plan.base:
+            self.source.hold(link.ref, self.hold_tag, [common])
         return common
 
     def _resume_first(
@@ -432,7 +468,8 @@ class Replication:
     ) -> list[Copy]:
         """Finish the interrupted receive the plan found; returns what the target holds afterwards."""
         for step in plan.steps:
-            assert isinstance(step, Resume)
+            if not isinstance(step, Resume):
+                continue
             report.planned.append(f"{link.ref}: {describe(step)}")
             report.pending += 1
             if not dry_run:
@@ -443,11 +480,24 @@ class Replication:
     def _execute(self, link: DatasetLink, step: Step, report: TargetReport) -> str | None:
         """One step of the plan; returns the snapshot it made common, if it sent one."""
         have = self._have[link.path]
-        if isinstance(step, DeletePartial):
+        if isinstance(step, DropFutureCopy):
+            deleted = self.sink.delete(link.path, [step.name])
+            for name in deleted:
+                have.pop(name, None)
+            if deleted:
+                self._rewound.add(link.path)
+            report.notes += [f"{link.ref}: deleted the target's copy of {n} (dated after this host's clock)" for n in deleted]
+        elif isinstance(step, DeletePartial):
             removed = self.sink.delete(link.path, [step.name], partial=True)
             report.removed_partials += [f"{link.ref}: {n}" for n in removed]
         elif isinstance(step, RollbackTarget):
-            deleted = self.sink.delete(link.path, list(step.destroys), allow_writable=True)
+            try:
+                deleted = self.sink.delete(link.path, list(step.destroys), allow_writable=True)
+            except PartialDelete as e:  # the others went before it stopped: say so, then fail the step
+                report.rolled_back += [f"{link.ref}: {n}" for n in e.deleted]
+                for name in e.deleted:
+                    have.pop(name, None)
+                raise
             report.rolled_back += [f"{link.ref}: {n}" for n in deleted]
             for name in deleted:
                 have.pop(name, None)
@@ -469,8 +519,9 @@ class Replication:
             tick = self.progress(short, self.source.estimate(link.ref, snap.name, base))
         meter = Meter(tick=tick, rate_limit=self.settings.rate_limit)
         senders = self.source.start_send(link.ref, snap.name, base, self.settings.compress)
-        force = self.settings.on_diverged == "rollback"
+        force = self.settings.on_diverged == "rollback" or link.path in self._rewound
         response = self.sink.receive(link.path, snap.name, snap.guid, self.settings.compress, senders, meter, force)
+        self._rewound.discard(link.path)
         if tick is not None:
             tick(meter.bytes)
         removed = response.get("removed_partials") or []
@@ -510,7 +561,10 @@ class Replication:
         Where this run did not establish the common snapshot (target unreachable, a conflict), the
         hold from the last good run stands in for it: that is what stays pinned on the source.
         """
-        everything = [s for link in self.links for s in our_snapshots(self.prefix, sources.get(link.ref, []))]
+        now = self.now()
+        everything = [
+            s for link in self.links for s in our_snapshots(self.prefix, sources.get(link.ref, [])) if s.created <= now
+        ]
         if not everything:
             return
         newest = max(everything, key=lambda s: (s.created, s.name)).name
@@ -519,10 +573,13 @@ class Replication:
         for link in self.links:
             common = commons.get(link.path)
             if common is None:
-                held = [s.name for s in sources.get(link.ref, []) if self.hold_tag in s.holds]
+                held = [
+                    s.name for s in sources.get(link.ref, [])
+                    if self.hold_tag in s.holds and (when := ours(self.prefix, s.name)) is not None and when <= now
+                ]
                 common = max(held, key=lambda n: (ours(self.prefix, n), n)) if held else None
             if common is None or ours(self.prefix, common) is None:
-                report.notes.append(f"{link.ref}: never replicated to {self.target}")
+                report.notes.append(self._no_common(link))
                 return
             common_names.append(common)
         oldest = min(common_names, key=lambda n: (ours(self.prefix, n), n))
@@ -538,6 +595,17 @@ class Replication:
                 f"{format_duration(report.max_lag or timedelta())}); holding back {', '.join(report.held_back)} "
                 f"on the source until it catches up or is removed from the group"
             )
+
+    def _no_common(self, link: DatasetLink) -> str:
+        """Why no common snapshot is known: never replicated, or its held base was deleted by hand."""
+        try:
+            lost = self.source.lost(link.ref, self.hold_tag)
+        except SnapsyncError:
+            lost = []
+        if lost:
+            return (f"{link.ref}: replicated to {self.target} up to {', '.join(lost)}, which was deleted on the source; "
+                    f"the next replicate continues from the newest snapshot both sides share")
+        return f"{link.ref}: never replicated to {self.target}"
 
     def _prune(self, report: TargetReport, commons: dict[str, str | None], dry_run: bool) -> None:
         """Target retention over the group's complete copies; the newest common one is always kept."""
@@ -563,7 +631,10 @@ class Replication:
             names = sorted(n for n in doomed if n in have)
             try:
                 deleted = self.sink.delete(link.path, names)
-            except SnapsyncError as e:  # some may be gone before it stopped: the target's listing says which
+            except PartialDelete as e:
+                failed.append(f"{link.ref}: {e}")
+                deleted = [n for n in e.deleted if n in names]
+            except SnapsyncError as e:  # an older server does not say which went: the target's listing does
                 failed.append(f"{link.ref}: {e}")
                 deleted = self._gone(link, names)
             for name in deleted:

@@ -2,8 +2,9 @@
 
 One session answers one request (see :mod:`snapsync.protocol`). The role fixed on the command line
 decides which operations exist at all, and ``--root`` confines every path: a key for the receive
-role can add copies below its root and prune them, nothing else; a key for the send role can read
-snapshots below its root. Both roles act through the root's receiver and source backend from
+role can add copies below its root and prune them, nothing else (with ``--allow-restore`` it may also
+have those copies sent back: restores and drills); a key for the send role can read snapshots below
+its root. Both roles act through the root's receiver and source backend from
 :mod:`snapsync.backends`, never on the filesystem themselves. No shell is ever involved: sshd runs
 the forced command, and the backends run their tools and ``zstd`` with argument lists.
 """
@@ -18,10 +19,11 @@ from typing import Any, NoReturn
 
 from snapsync.backends import receiver_for, source_for_place
 from snapsync.backends.base import StorageBackend
+from snapsync.backends.receiver import PartialDelete
 from snapsync.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, BackendError, SnapsyncError, UsageError
 from snapsync.host.streams import Proc, finish
 from snapsync.plan.holds import is_pull_tag
-from snapsync.protocol import MAX_REQUEST, VERSION, Refused, Role, encode_response, parse_request
+from snapsync.protocol import MAX_REQUEST, RESTORE_OPTION, VERSION, Refused, Role, encode_response, parse_request
 
 REQUEST_TIMEOUT = 60.0
 STALL_TIMEOUT = 600.0
@@ -64,33 +66,39 @@ def _kind(error: Exception) -> str:
 class Server:
     def __init__(
         self, root: str, role: Role, snapshot_dir: str = ".snapsync", append_only: bool = False,
-        stall: float = STALL_TIMEOUT,
+        stall: float = STALL_TIMEOUT, restore: bool = False,
     ) -> None:
         self.root = root
         self.role = role
+        self.restore = restore
         self.append_only = append_only
         self.stall = stall
         self.receiver = receiver_for(root, append_only=append_only, stall=stall)
         self.backend = source_for_place(root, snapshot_dir)
 
     def handle(self, fd: int = 0) -> int:
-        """Serve one request; always answer with one JSON line (or a header before a stream)."""
+        """Serve one request; always answer with one JSON line (or a header before a stream).
+
+        A failure says the role too: a client whose key has another role than it needs is told so,
+        not just that a path or an operation was refused."""
+        about = {"role": self.role, "restore": self.readable}
         try:
             try:
                 self.receiver.check_root()
             except BackendError as e:
                 raise Refused(str(e)) from e
-            request = parse_request(read_request(fd, min(REQUEST_TIMEOUT, self.stall)), self.role)
+            request = parse_request(read_request(fd, min(REQUEST_TIMEOUT, self.stall)), self.role, self.restore)
             result = getattr(self, f"op_{request.op}")(fd=fd, **request.args)
         except Refused as e:
-            return _refuse(e)
+            return _refuse(e, **about)
         except SnapsyncError as e:
             print(f"snapsync serve: {e}", file=sys.stderr)
-            _say(encode_response(False, error=str(e), kind=_kind(e)))
+            done = {"deleted": e.deleted} if isinstance(e, PartialDelete) else {}  # it went on past a refusal
+            _say(encode_response(False, error=str(e), kind=_kind(e), **about, **done))
             return EXIT_PARTIAL
         except OSError as e:
             print(f"snapsync serve: {e}", file=sys.stderr)
-            _say(encode_response(False, error=str(e), kind=_kind(e)))
+            _say(encode_response(False, error=str(e), kind=_kind(e), **about))
             return EXIT_PARTIAL
         if result is not None:
             _say(encode_response(True, **result))
@@ -103,15 +111,24 @@ class Server:
             "protocol": VERSION,
             "version": __version__,
             "role": self.role,
+            "restore": self.readable,
             "root": str(self.root),
             "backend": self.backend.kind,
             "append_only": self.append_only,
         }
 
+    @property
+    def readable(self) -> bool:
+        """Whether ``send`` is served: the client of a restore or drill learns it from any answer."""
+        return self.role == "send" or self.restore
+
     def op_list(self, fd: int, paths: list[str]) -> dict[str, Any]:
+        """Copies (receive role) or snapshots (send role), saying which: the two look alike to a
+        client whose key was authorized for the other role, and must not be taken for each other."""
         if self.role == "receive":
             listed = {p: self.receiver.listing(p) for p in paths}
             return {
+                "role": self.role, "restore": self.readable,
                 "paths": {p: [c.to_json() for c in copies] for p, (copies, _) in listed.items()},
                 "resume": {p: token for p, (_, token) in listed.items() if token is not None},
             }
@@ -119,7 +136,7 @@ class Server:
         for p in paths:
             dataset, backend = self._dataset(p)
             snapshots[p] = [s.to_json() for s in backend.list_snapshots(dataset)]
-        return {"paths": snapshots}
+        return {"role": self.role, "restore": self.readable, "paths": snapshots}
 
     def op_receive(self, fd: int, path: str, name: str, guid: str, compress: str, force: bool) -> dict[str, Any]:
         return self.receiver.receive(path, name, guid, fd, compress, force)
@@ -191,15 +208,20 @@ class Server:
         return {"held": names}
 
 
-def _refuse(error: Exception) -> int:
+def _refuse(error: Exception, **about: object) -> int:
     print(f"snapsync serve: refused: {error}", file=sys.stderr)
-    _say(encode_response(False, error=str(error), kind="refused"))
+    _say(encode_response(False, error=str(error), kind="refused", **about))
     return EXIT_USAGE
 
 
-def serve(root: str, role: Role, snapshot_dir: str = ".snapsync", append_only: bool = False, stall: float = STALL_TIMEOUT) -> int:
+def serve(
+    root: str, role: Role, snapshot_dir: str = ".snapsync", append_only: bool = False, stall: float = STALL_TIMEOUT,
+    restore: bool = False,
+) -> int:
+    if restore and role != "receive":
+        return _refuse(Refused(f"{RESTORE_OPTION} is an option of the receive role (the send role hands out snapshots already)"))
     try:
-        server = Server(root, role, snapshot_dir, append_only, stall)
+        server = Server(root, role, snapshot_dir, append_only, stall, restore)
     except SnapsyncError as e:  # a --root that is neither a directory path nor a dataset name
         return _refuse(e)
     return server.handle(0)
@@ -220,6 +242,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--role", choices=("receive", "send"), required=True)
     parser.add_argument("--snapshot-dir", default=".snapsync")
     parser.add_argument("--append-only", action="store_true")
+    parser.add_argument(RESTORE_OPTION, dest="restore", action="store_true")
     parser.add_argument("--stall-timeout", type=float, default=STALL_TIMEOUT)
     try:
         args, rest = parser.parse_known_args(argv)
@@ -227,7 +250,7 @@ def main(argv: list[str]) -> int:
         return -1
     if rest or not 0 < args.stall_timeout <= 86400:
         return -1
-    return serve(args.root, args.role, args.snapshot_dir, args.append_only, args.stall_timeout)
+    return serve(args.root, args.role, args.snapshot_dir, args.append_only, args.stall_timeout, args.restore)
 
 
 def authorized_keys_line(key_line: str, command: list[str]) -> str:

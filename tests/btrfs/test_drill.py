@@ -8,6 +8,7 @@ import os
 import sqlite3
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 from tests.conftest import make_subvolume
 from tests.promtext import Metrics
 from tests.replication.helpers import copies_dir, run_json, snapsync, write_policy
+from tests.sshd import Sshd
 
 pytestmark = pytest.mark.btrfs
 
@@ -171,3 +173,45 @@ def test_a_database_missing_from_the_backup_fails_the_drill(
     (d,) = json.loads(proc.stdout)["drills"]
     checks = {c["check"]: c for c in d["checks"]}
     assert checks[f"sqlite {app}/never-existed.db"] == {"check": f"sqlite {app}/never-existed.db", "ok": False, "detail": "missing from the restored copy"}
+
+
+def test_a_drill_from_an_ssh_push_target_reads_through_the_receive_key_that_may_restore(
+    btrfs_root: Path, target_root: Path, sshd: Sshd, tmp_path: Path, scratch_parent: Path, state: dict[str, str]
+) -> None:
+    """The weekly drill of an ssh backup host: with the documented receive line it can read its copies
+    back; without --allow-restore it fails with one line naming it, and `check` says the same."""
+    app = make_subvolume(btrfs_root / "persist" / "app", "config\n")
+    (app / "blob.bin").write_bytes(os.urandom(300_000))
+    sshd.authorize(sshd.forced(target_root, "receive", "--append-only"))  # a receive key, no restore
+    policy = write_policy(tmp_path / "p.toml", [app], {"nas": sshd.target_table(target_root)})
+    run_json("-p", str(policy), "run", env=state)
+
+    proc = snapsync("-p", str(policy), "drill", "--scratch", str(scratch_parent), "--json", env=state)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    (d,) = json.loads(proc.stdout)["drills"]
+    assert not d["ok"] and d["checks"] == [] and "\n" not in d["error"], d
+    assert "may only receive copies, not read them back: add --allow-restore" in d["error"], d["error"]
+    checked = snapsync("-p", str(policy), "check", env=state)
+    assert checked.returncode == 1 and "--allow-restore" in checked.stdout, checked.stdout
+    restored = snapsync("-p", str(policy), "restore", "app", "--from", "nas", "--to", str(btrfs_root / "r"), env=state)
+    assert restored.returncode == 1 and "--allow-restore" in restored.stderr and len(restored.stderr.strip().splitlines()) == 1
+    assert list(scratch_parent.iterdir()) == []
+
+    sshd.authorize(sshd.forced(target_root, "receive", "--append-only", "--allow-restore"))
+    (d,) = run_json("-p", str(policy), "drill", "--scratch", str(scratch_parent), env=state)["drills"]
+    assert d["ok"] and d["restored_bytes"] > 300_000, d
+    assert {c["check"]: c["detail"] for c in d["checks"]}[f"files {app}"].endswith("files identical to the source snapshot")
+    checked = snapsync("-p", str(policy), "check", env=state)
+    assert checked.returncode == 0, checked.stdout
+    (btrfs_root / "r").mkdir()
+    run_json("-p", str(policy), "restore", "app", "--from", "nas", "--to", str(btrfs_root / "r"), env=state)
+    assert (copies_dir(btrfs_root / "r", "app", app) / d["snapshot"] / "blob.bin").read_bytes() == (app / "blob.bin").read_bytes()
+    time.sleep(1.05)
+    (app / "config.txt").write_text("v2\n")
+    run_json("-p", str(policy), "run", env=state)  # the same line still receives
+
+    sshd.authorize(sshd.forced(target_root, "send"))  # or a send-role line on the same root
+    (d,) = run_json("-p", str(policy), "drill", "--scratch", str(scratch_parent), env=state)["drills"]
+    assert d["ok"], d
+    assert not [m for m in Path("/proc/mounts").read_text().splitlines() if "snapsync-drill" in m]
+    assert list(scratch_parent.iterdir()) == []

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from snapsync import __version__
 from snapsync.clock import ManualClock
 from snapsync.plan.naming import parse_snapshot_name
 from snapsync.policy.loader import load_policy
@@ -54,6 +55,8 @@ def test_metrics_after_good_and_failed_runs(btrfs_root: Path, target_root: Path,
     (group,) = first["groups"]
     (usb,) = group["targets"]
     m = Metrics(textfile(tmp_path))
+    assert m.policy == "p"  # the policy file's stem labels every series (Metrics checks that each has it)
+    assert m.one("snapsync_info", version=__version__, host="src") == 1
     assert m.one("snapsync_last_run_success", command="run") == 1
     last_ok = m.one("snapsync_last_success_timestamp_seconds", command="run")
     assert before - 1 <= last_ok <= after
@@ -146,6 +149,44 @@ def test_the_textfile_goes_where_the_policy_says_and_a_failure_to_write_it_fails
     proc = snapsync("-p", str(policy), "snapshot", "--json")
     assert proc.returncode == 0 and json.loads(proc.stdout)["groups"][0]["snapshot"]
     assert "warning: could not write metrics:" in proc.stderr and "a-file" in proc.stderr
+
+
+def test_two_policy_files_of_one_name_writing_beside_each_other_are_told(btrfs_root: Path, tmp_path: Path) -> None:
+    """Their series would carry the same policy label, and node_exporter would drop one of each pair."""
+    textfiles = tmp_path / "textfiles"
+    policies = {}
+    for name in ("one", "two", "other"):
+        (tmp_path / name).mkdir()
+        data = make_subvolume(btrfs_root / name, "v1\n")
+        stem = "other" if name == "other" else "policy"
+        policy = write_policy(tmp_path / name / f"{stem}.toml", [data], {})
+        policy.write_text(policy.read_text().replace("targets = []\n", "") + f'[monitoring]\ntextfile = "{textfiles / name}.prom"\n')
+        policies[name] = policy
+    first = snapsync("-p", str(policies["one"]), "snapshot", check=True)
+    assert "warning" not in first.stderr
+    second = snapsync("-p", str(policies["two"]), "snapshot", check=True)  # the backup itself succeeds
+    (line,) = second.stderr.splitlines()
+    assert line == (f"snapsync: warning: metrics: {textfiles / 'one.prom'} also holds series of a policy named 'policy' and "
+                    "node_exporter drops the series both files have; rename one of the policy files"), line
+    assert snapsync("-p", str(policies["other"]), "snapshot", check=True).stderr == ""
+    assert [Metrics(textfiles / f"{n}.prom").policy for n in ("one", "two", "other")] == ["policy", "policy", "other"]
+
+
+def test_two_policies_sharing_one_textfile_are_told(btrfs_root: Path, tmp_path: Path) -> None:
+    """Both left out ``[monitoring] textfile``: the second would silently replace the first's series."""
+    policies = []
+    for name in ("databases", "web"):
+        data = make_subvolume(btrfs_root / name, "v1\n")
+        policy = write_policy(tmp_path / f"{name}.toml", [data], {}, group=name)
+        policy.write_text(policy.read_text().replace("targets = []\n", ""))
+        policies.append(policy)
+    assert snapsync("-p", str(policies[0]), "snapshot", check=True).stderr == ""
+    second = snapsync("-p", str(policies[1]), "snapshot", check=True)  # the backup itself succeeds
+    (line,) = second.stderr.splitlines()
+    assert line == (f"snapsync: warning: metrics: {textfile(tmp_path)} was written by the policy 'databases' too; two "
+                    "policies sharing a textfile hide each other's series: give each its own [monitoring] textfile"), line
+    assert Metrics(textfile(tmp_path)).policy == "web"
+    assert snapsync("-p", str(policies[1]), "snapshot", check=True).stderr == ""  # its own file again: quiet
 
 
 def old_history(policy: Path, hours: float, replicate: bool = True) -> None:

@@ -219,6 +219,7 @@ def test_a_rollback_that_died_between_its_renames_is_finished_by_running_it_agai
 
     finished = run_json("-p", str(policy), "rollback", "app", first)
     assert any("finishing the interrupted rollback" in n for n in finished["notes"])
+    assert finished["safety_held_on"] == [str(app), str(db)] and finished["safety_snapshot"]
     assert (app / "data.txt").read_text() == "app v1\n" and (db / "data.txt").read_text() == "db v1\n"
     assert [p for p in app.parent.iterdir() if p.name.startswith("db.pre-rollback.")]
     again = run_json("-p", str(policy), "rollback", "app", first, "--dry-run")

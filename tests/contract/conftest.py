@@ -149,6 +149,9 @@ class ReceiverEnv:
     plant_foreign: Callable[[str, str], None]
     """Put something that did not arrive by receive under a copy's name at ``<place>/<rel>``."""
     foreign_present: Callable[[str, str], bool]
+    refuse_delete: Callable[[str, str], Callable[[], None]]
+    """Make the copy ``name`` at ``<place>/<rel>`` one the filesystem will not destroy, even with
+    ``allow_writable``, as a person or another program on the target can; returns what undoes it."""
     tmp: Path
 
     def receiver(self, **options: Any) -> Receiver:
@@ -233,8 +236,17 @@ def _btrfs_receiving(request: pytest.FixtureRequest, source: BackendEnv) -> Iter
     def foreign_present(rel: str, name: str) -> bool:
         return (place / rel / name).is_dir() and bool(btrfsutil.is_subvolume(place / rel / name))
 
+    def refuse_delete(rel: str, name: str) -> Callable[[], None]:
+        """Changed on the target (writable, a file written) with a subvolume made inside it: the
+        receiver refuses the first, the kernel the second (a subvolume with children, ENOTEMPTY)."""
+        copy = place / rel / name
+        btrfsutil.set_subvolume_read_only(copy, False)
+        (copy / "changed-on-the-target").write_text("user data")
+        btrfsutil.create_subvolume(copy / "nested")
+        return lambda: btrfsutil.delete_subvolume(copy / "nested")
+
     yield ReceiverEnv(
-        source, str(place), str(place / "does-not-exist"), leftovers, plant_foreign, foreign_present,
+        source, str(place), str(place / "does-not-exist"), leftovers, plant_foreign, foreign_present, refuse_delete,
         request.getfixturevalue("tmp_path"),
     )
 
@@ -256,10 +268,20 @@ def _zfs_receiving(request: pytest.FixtureRequest, source: BackendEnv) -> Iterat
     def foreign_present(rel: str, name: str) -> bool:
         return subprocess.run(["zfs", "list", "-H", f"{place}/{rel}/{name}"], capture_output=True).returncode == 0
 
+    def refuse_delete(rel: str, name: str) -> Callable[[], None]:
+        """A user hold, as ``zfs hold`` by an administrator (or a pulling host's session) makes it."""
+        full = f"{place}/{rel}@{name}"
+        _zfs("hold", "kept-by-hand", full)
+
+        def undo() -> None:
+            _zfs("release", "kept-by-hand", full)
+
+        return undo
+
     try:
         yield ReceiverEnv(
             source, place, f"{pool}/contract-missing-{uuid.uuid4().hex[:8]}", leftovers, plant_foreign, foreign_present,
-            request.getfixturevalue("tmp_path"),
+            refuse_delete, request.getfixturevalue("tmp_path"),
         )
     finally:
         subprocess.run(["zfs", "destroy", "-r", place], capture_output=True)

@@ -12,6 +12,7 @@ import pytest
 
 from snapsync.backends import receiver_for
 from snapsync.backends.base import SnapshotInfo
+from snapsync.backends.receiver import PartialDelete
 from snapsync.errors import BackendError, DatasetMissing
 from snapsync.protocol import Refused
 
@@ -141,6 +142,25 @@ def test_delete_destroys_only_the_named_copies_and_nothing_that_did_not_arrive_b
     assert receiving.foreign_present(REL, C)
     assert receiver.delete(REL, [A, "never-existed"]) == [A]
     assert identities(receiving) == [(B, b.guid)] and receiving.foreign_present(REL, C)
+
+
+@pytest.mark.parametrize("allow_writable", [False, True], ids=["prune", "rollback"])
+def test_one_refused_copy_keeps_no_other_and_the_answer_names_what_went(receiving: ReceiverEnv, allow_writable: bool) -> None:
+    receiver = receiving.receiver()
+    _, (a, b, c) = chain(receiving, A, B, C)
+    received(receiving, [a, b, c])
+    undo = receiving.refuse_delete(REL, B)
+    with pytest.raises(PartialDelete) as refused:
+        receiver.delete(REL, [A, B, C], allow_writable=allow_writable)
+    assert refused.value.deleted == [A, C]
+    error = str(refused.value)
+    assert B in error and A not in error and C not in error and "\n" not in error
+    assert [copy.name for copy in receiver.copies(REL)] == [B]
+    with pytest.raises(PartialDelete) as again:  # nothing more can go, and the answer says so
+        receiver.delete(REL, [A, B, C], allow_writable=allow_writable)
+    assert again.value.deleted == [] and B in str(again.value)
+    undo()
+    assert receiver.delete(REL, [A, B, C], allow_writable=True) == [B] and receiver.copies(REL) == []
 
 
 def test_an_append_only_receiver_never_destroys_a_complete_copy(receiving: ReceiverEnv) -> None:

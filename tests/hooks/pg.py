@@ -10,12 +10,16 @@ import os
 import pwd
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import btrfsutil
+import pytest
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -154,3 +158,35 @@ def check_restored(snapshot: Path, scratch: Path, port: int, committed_before: i
     finally:
         btrfsutil.delete_subvolume(clone)
         shutil.rmtree(scratch / f"sock-{port}", ignore_errors=True)
+
+
+@contextmanager
+def pg_cluster(size: str = "1G") -> Iterator[tuple[Path, Server]]:
+    """A running server whose data directory is ``<subvolume>/data``, the subvolume on a fresh loop btrfs
+    (``<mnt>/persist/postgresql``) in a directory the postgres user can traverse."""
+    from snapsync.backends.scratch import scratch_btrfs
+    from tests.conftest import _require_btrfs
+    from tests.sshd import free_port
+
+    reason = pg_unavailable()
+    if reason:
+        if os.environ.get("SNAPSYNC_REQUIRE_BTRFS") == "1":  # CI: a missing tier is a failure
+            pytest.fail(f"PostgreSQL tier required but unavailable: {reason}")
+        pytest.skip(reason)
+    _require_btrfs()
+    base = Path(tempfile.mkdtemp(prefix="snapsync-pg-", dir="/var/tmp"))  # postgres must traverse it
+    base.chmod(0o755)
+    try:
+        with scratch_btrfs(size, parent=str(base), label="snapsync-pg") as mnt:
+            for d in (mnt.parent, mnt):
+                d.chmod(0o755)
+            (mnt / "persist").mkdir()
+            subvolume = mnt / "persist" / "postgresql"
+            btrfsutil.create_subvolume(subvolume)
+            server = init_server(subvolume, free_port())
+            try:
+                yield subvolume, server
+            finally:
+                server.stop()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

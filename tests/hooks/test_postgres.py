@@ -4,51 +4,26 @@ and holds every transaction that committed before the snapshot was taken."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import btrfsutil
 import pytest
 
 from snapsync.backends.btrfs import BtrfsBackend
 from snapsync.clock import ManualClock
 from snapsync.policy.loader import parse_policy
 from snapsync.ops.runner import Runner
-from snapsync.backends.scratch import scratch_btrfs
-from tests.hooks.pg import Server, Writer, check_restored, init_server, pg_unavailable
+from tests.hooks.pg import Server, Writer, check_restored, pg_cluster
 from tests.sshd import free_port
 
 START = datetime(2026, 11, 26, tzinfo=UTC)
 
 
 @pytest.fixture
-def pg(tmp_path: Path) -> Iterator[tuple[Path, Server]]:
-    reason = pg_unavailable()
-    if reason:
-        if os.environ.get("SNAPSYNC_REQUIRE_BTRFS") == "1":  # CI: a missing tier is a failure
-            pytest.fail(f"PostgreSQL tier required but unavailable: {reason}")
-        pytest.skip(reason)
-    from tests.conftest import _require_btrfs
-
-    _require_btrfs()
-    base = Path(tempfile.mkdtemp(prefix="snapsync-pg-", dir="/var/tmp"))  # postgres must traverse it
-    base.chmod(0o755)
-    with scratch_btrfs("1G", parent=str(base), label="snapsync-pg") as mnt:
-        for d in (mnt.parent, mnt):
-            d.chmod(0o755)
-        (mnt / "persist").mkdir()
-        subvolume = mnt / "persist" / "postgresql"
-        btrfsutil.create_subvolume(subvolume)
-        server = init_server(subvolume, free_port())
-        try:
-            yield subvolume, server
-        finally:
-            server.stop()
-    shutil.rmtree(base, ignore_errors=True)
+def pg() -> Iterator[tuple[Path, Server]]:
+    with pg_cluster() as cluster:
+        yield cluster
 
 
 def runner_for(subvolume: Path, server: Server, mode: str) -> Runner:

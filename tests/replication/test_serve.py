@@ -531,6 +531,13 @@ def authorize(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*SNAPSYNC, "authorize", *args], capture_output=True, text=True, timeout=TIMEOUT)
 
 
+def test_authorize_allow_restore(client_key: Path) -> None:
+    line = authorize("--role", "receive", "--root", "/srv/x", "--append-only", "--allow-restore", f"{client_key}.pub").stdout
+    assert line.startswith('command="snapsync serve --root /srv/x --role receive --append-only --allow-restore",restrict ')
+    refused = authorize("--role", "send", "--root", "/srv/x", "--allow-restore", f"{client_key}.pub")
+    assert refused.returncode == 2 and "--allow-restore is an option of the receive role" in refused.stderr
+
+
 def test_authorize_prints_one_forced_command_line(client_key: Path) -> None:
     key = Path(f"{client_key}.pub").read_text().strip()
     proc = authorize("--role", "receive", "--root", "/srv/x", f"{client_key}.pub")

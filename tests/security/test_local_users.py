@@ -173,7 +173,7 @@ def test_metrics_refuse_a_shared_textfile_directory(tmp_path: Path) -> None:
         as_nobody("ln", "-s", str(target), str(textfiles / f".snapsync.prom.{n}.tmp"))
     as_nobody("ln", "-s", str(target), str(textfiles / "snapsync.prom"))
     with pytest.raises(UnsafePath, match="writable by group or others"):
-        write_textfile(textfiles / "snapsync.prom", {}, __import__("datetime").datetime.now(__import__("datetime").UTC), "h")
+        write_textfile(textfiles / "snapsync.prom", {}, __import__("datetime").datetime.now(__import__("datetime").UTC), "h", policy="p")
     assert digest(target) == before
 
 
@@ -185,7 +185,7 @@ def test_metrics_replace_a_symlink_instead_of_writing_through_it(tmp_path: Path)
     target = victim(tmp_path)
     before = digest(target)
     os.symlink(target, textfiles / "snapsync.prom")
-    write_textfile(textfiles / "snapsync.prom", {}, datetime.now(UTC), "h")
+    write_textfile(textfiles / "snapsync.prom", {}, datetime.now(UTC), "h", policy="p")
     assert digest(target) == before
     assert not (textfiles / "snapsync.prom").is_symlink()
     assert oct((textfiles / "snapsync.prom").stat().st_mode & 0o777) == oct(0o644)
@@ -216,7 +216,7 @@ def test_metrics_stay_readable_by_node_exporter_under_a_strict_umask(tmp_path: P
 
     old = os.umask(0o077)
     try:
-        write_textfile(tmp_path / "state" / "metrics" / "snapsync.prom", {}, datetime.now(UTC), "h")
+        write_textfile(tmp_path / "state" / "metrics" / "snapsync.prom", {}, datetime.now(UTC), "h", policy="p")
     finally:
         os.umask(old)
     (tmp_path / "state").chmod(0o755)

@@ -38,7 +38,7 @@ def test_a_failed_run_keeps_the_last_success_and_counts_the_failure(tmp_path: Pa
     state = observe_run(state, "run", [failed], later, later + timedelta(hours=2), PREFIXES)
     json.dumps(state)  # it is stored as JSON
     path = tmp_path / "snapsync.prom"
-    write_textfile(path, state, later + timedelta(hours=2), "host1")
+    write_textfile(path, state, later + timedelta(hours=2), "host1", policy="db")
     m = Metrics(path)
     assert m.one("snapsync_info", version=__version__, host="host1") == 1
     assert m.one("snapsync_last_run_success", command="run") == 0
@@ -60,7 +60,7 @@ def test_dry_runs_change_nothing_and_drills_are_remembered(tmp_path: Path) -> No
     bad = DrillReport("db", "nas", T0, "s", 3.0, 0, [], error="chunk damaged")
     state = observe_drills(observe_drills({}, [ok], T0), [bad], T0 + timedelta(days=1))
     path = tmp_path / "d.prom"
-    write_textfile(path, state, T0 + timedelta(days=1), "h")
+    write_textfile(path, state, T0 + timedelta(days=1), "h", policy="db")
     m = Metrics(path)
     assert m.one("snapsync_drill_ok", group="db", target="nas") == 0
     assert m.one("snapsync_drill_last_success_timestamp_seconds", group="db", target="nas") == T0.timestamp()

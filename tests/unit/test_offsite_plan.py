@@ -40,6 +40,16 @@ def test_an_empty_store_gets_the_newest_snapshot_as_a_full_upload() -> None:
     assert plan.base is None
 
 
+def test_a_snapshot_dated_after_now_is_neither_uploaded_nor_a_base() -> None:
+    now = T0 + timedelta(hours=3)
+    plan = plan_uploads([snap(0), snap(1), snap(900)], [stored(0, None)], [], 5, now)
+    assert [(u.name, u.parent) for u in plan.uploads] == [("s0001", "s0000")] and plan.base == "s0000"
+    assert any("s0900" in n and "after this host's clock" in n for n in plan.notes)
+    # Uploaded while the clock was ahead: the chain goes on from the newest real upload.
+    plan = plan_uploads([snap(0), snap(1), snap(2), snap(900)], [stored(0, None), stored(1, 0), stored(900, 1)], [], 5, now)
+    assert [(u.name, u.parent) for u in plan.uploads] == [("s0002", "s0001")] and plan.base == "s0001"
+
+
 def test_newer_snapshots_follow_incrementally_until_a_new_chain_is_due_by_count() -> None:
     plan = plan_uploads([snap(h) for h in range(8)], [stored(0, None), stored(1, 0)], [], 3)
     assert plan.base == "s0001"

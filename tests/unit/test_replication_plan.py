@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from snapsync.plan.replication import (
     DeletePartial,
     Diverged,
+    DropFutureCopy,
     NoCommonBase,
     ReplicationPlan,
     Resume,
@@ -56,6 +57,8 @@ def show(plan: ReplicationPlan) -> list[str]:
         match step:
             case DeletePartial(name):
                 out.append(f"del {name}")
+            case DropFutureCopy(name):
+                out.append(f"drop {name}")
             case Resume(token):
                 out.append(f"resume {token}")
             case SendFull(snap):
@@ -197,3 +200,28 @@ def test_simulation_never_loses_history_or_resends_full(data: st.DataObject, boo
             assert all(s.guid in held for s in source if s.kind == "snapshot" and s not in older)
             assert plan_replication(source, target).steps == ()
     assert fulls <= 1
+
+
+def test_a_snapshot_dated_after_now_is_never_sent_nor_a_base() -> None:
+    # c is the 3rd snapshot (at(2)); the clock reads at(1): c was taken while the clock was wrong.
+    p = plan("a:1 b:2 c:3", "a:1", now=at(1))
+    assert show(p) == ["inc a>b"] and p.base == "a" and p.future == ("c",)
+    # Already sent while the clock was ahead: its copy goes (the source keeps it), the base is b again.
+    p = plan("a:1 b:2 c:3 d:4", "a:1 b:2 c:3", now=at(1))
+    assert show(p) == ["drop c"] and p.base == "b" and p.conflict is None and p.future == ("c", "d")
+    # A real snapshot taken after the clock was fixed sorts before the future one, and is sent.
+    future_first = [*src("a:1 b:2"), SnapshotId("n", at(1) + timedelta(minutes=30), "9"), SnapshotId("f", at(9), "3")]
+    p = plan_replication(future_first, tgt("a:1 b:2 f:3"), now=at(2))
+    assert show(p) == ["drop f", "inc b>n"] and p.future == ("f",)
+    # Without a clock nothing is in the future (the old behaviour, for callers that plan offline).
+    assert show(plan("a:1 b:2 c:3", "a:1")) == ["inc a>b", "inc b>c"]
+
+
+def test_copies_the_source_sent_and_lost_are_history_not_a_divergence() -> None:
+    # c was the held base and was deleted by hand on the source; the target still has it.
+    assert plan("a:1 b:2 d:4", "a:1 b:2 c:3").conflict is not None
+    p = plan("a:1 b:2 d:4", "a:1 b:2 c:3", sent_before=["c"])
+    assert show(p) == ["inc b>d"] and p.base == "b" and p.conflict is None
+    # Copies after the lost one are still a divergence: the source never sent them.
+    p = plan("a:1 b:2 d:4", "a:1 b:2 c:3 x:7", sent_before=["c"])
+    assert isinstance(p.conflict, Diverged) and p.conflict.target_only == ("x",)

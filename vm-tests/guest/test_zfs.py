@@ -291,3 +291,37 @@ def test_diverged_target_is_refused_or_rolled_back_by_policy(space: str, on_dive
         assert target.ok, target.errors
         assert target.rolled_back and [(s.base, s.name) for s in target.sent] == [(base, report.snapshot)]
         assert copies == [f"{copy}@{base}", f"{copy}@{report.snapshot}"]
+
+
+def test_a_removed_targets_bookmark_goes_once_hold_expiry_has_passed(space: str) -> None:
+    src, site, base = replicated_once(space, retention="keep_last = 1")
+    without_target = site.text.replace('targets = ["usb"]', "targets = []")
+    fill(src, 2)
+    report = site.step(replicate=False, prune=True, text=without_target)
+    assert any("target:usb" in r for r in report.released)
+    assert base in {s.name for s in ZfsBackend().list_snapshots(src) if s.kind == "bookmark"}
+
+    site.clock.advance(timedelta(days=31))
+    report = site.step(replicate=False, prune=True, text=without_target)
+    assert report.ok, report.errors
+    assert any(f"bookmark #{base}" in r and "needs it" in r for r in report.released), report.released
+    assert [s for s in ZfsBackend().list_snapshots(src) if s.kind == "bookmark"] == []
+
+
+def test_a_snapshot_sent_while_the_clock_was_ahead_does_not_stop_the_chain(space: str) -> None:
+    src, site, s1 = replicated_once(space)
+    site.clock.advance(timedelta(days=365))
+    fill(src, 2)
+    ahead = site.step()
+    assert ahead.targets[0].ok and ahead.snapshot
+    future = ahead.snapshot
+    site.clock = ManualClock(START + timedelta(minutes=5))  # the clock is fixed
+    fill(src, 3)
+    report = site.step()
+    target = report.targets[0]
+    assert target.ok, target.errors
+    assert [(s.name, s.base) for s in target.sent] == [(report.snapshot, s1)]
+    copies = [s.name for s in ZfsBackend().list_snapshots(site.copy(src)) if s.kind == "snapshot"]
+    assert copies == [s1, report.snapshot] and future not in copies
+    held = {s.name: s.holds for s in ZfsBackend().list_snapshots(src) if s.holds}
+    assert held == {report.snapshot: ("target:usb",)}, held

@@ -100,8 +100,8 @@ def test_the_shipped_units_run_sandboxed_under_systemd(systemd_host: str) -> Non
 
     textfile = Path("/var/lib/snapsync/metrics/snapsync.prom")
     m = metrics(textfile)
-    assert m[("snapsync_last_run_success", frozenset({("command", "run")}))] == 1
-    assert m[("snapsync_sent_snapshots_total", frozenset({("group", "app"), ("target", "usb")}))] == 1
+    assert m[("snapsync_last_run_success", frozenset({("command", "run"), ("policy", "policy")}))] == 1
+    assert m[("snapsync_sent_snapshots_total", frozenset({("group", "app"), ("target", "usb"), ("policy", "policy")}))] == 1
     # node_exporter runs as its own user: it must be able to read the file through the state directory
     assert sh("runuser", "-u", "nobody", "--", "cat", str(textfile)).stdout == textfile.read_text()
 
@@ -112,7 +112,7 @@ def test_the_shipped_units_run_sandboxed_under_systemd(systemd_host: str) -> Non
     assert result == "success", journal
     assert "app from usb: ok" in journal
     m = metrics(textfile)
-    assert m[("snapsync_drill_ok", frozenset({("group", "app"), ("target", "usb")}))] == 1
+    assert m[("snapsync_drill_ok", frozenset({("group", "app"), ("target", "usb"), ("policy", "policy")}))] == 1
 
     sh("systemctl", "enable", "--now", "snapsync.timer", "snapsync-drill.timer", "snapsync-check.timer")
     timers = sh("systemctl", "list-timers", "--all", "--no-pager").stdout
@@ -160,7 +160,7 @@ def test_the_shipped_units_snapshot_replicate_and_drill_btrfs_with_setuid_files(
 def module_permissions() -> list[str]:
     """The permissions deploy/nixos/module.nix delegates to a receiving account (not append-only)."""
     text = (DEPLOY / "nixos" / "module.nix").read_text()
-    match = re.search(r'zfsPermissions = \[([^\]]*)\]\s*\+\+ lib\.optionals \(!rcv\.appendOnly\) \[([^\]]*)\]', text)
+    match = re.search(r'zfsPermissions = \[([^\]]*)\]\s*\+\+ (?:lib\.)?optionals \(!rcv\.appendOnly\) \[([^\]]*)\]', text)
     assert match, "module.nix: zfsPermissions not found"
     return re.findall(r'"([a-z]+)"', match.group(1) + match.group(2))
 

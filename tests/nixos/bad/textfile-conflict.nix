@@ -1,0 +1,2 @@
+# error: services.snapsync.policy.monitoring.textfile (/srv/metrics/snapsync.prom) must be in services.snapsync.prometheus.textfileDir (/var/lib/node-exporter)
+{ services.snapsync = { enable = true; policy.groups.forge = { backend = "btrfs"; datasets = [ "/persist/system/var/lib/forgejo" ]; }; policy.monitoring.textfile = "/srv/metrics/snapsync.prom"; prometheus.textfileDir = "/var/lib/node-exporter"; }; }
