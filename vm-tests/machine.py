@@ -89,7 +89,7 @@ class Machine:
                                      stderr=open(self.workdir / f"{self.name}.qemu.log", "wb"), start_new_session=True)
         while True:
             text = self.console.read_text(errors="replace") if self.console.exists() else ""
-            ready = [line for line in text.splitlines() if line.startswith("READY zfs=")]
+            ready = [line for line in text.splitlines() if "READY zfs=" in line]
             if ready:
                 self.zfs_version = ready[0].split("=", 1)[1].strip()
                 break

@@ -228,6 +228,15 @@ class StorageBackend(Protocol):
         """
         ...
 
+    def undo_rollback(self, dataset: str, name: str, aside: str, kept: str, *, dry_run: bool = False) -> list[str]:
+        """Put ``dataset`` back as it was before an interrupted rollback to ``name`` (``rollback --abort``).
+
+        The state moved ``aside`` returns to its place; a rolled-back state that was already live is
+        kept as ``kept``, never destroyed. Returns what was (or, with ``dry_run``, would be) done.
+        MUST be safe to repeat after a crash at any point.
+        """
+        ...
+
     def destroy(self, dataset: str, names: Sequence[str]) -> None:
         """Destroy the named snapshots of ``dataset``.
 

@@ -399,11 +399,8 @@ def _swap_all(group: Group, backend: StorageBackend, snapshot: str, report: Roll
 
 
 def _undoer(backend: StorageBackend) -> Callable[..., list[str]]:
-    """The backend's ``undo_rollback(dataset, name, aside, kept, *, dry_run)``, which ``--abort`` needs."""
-    undo: Callable[..., list[str]] | None = getattr(backend, "undo_rollback", None)
-    if undo is None:
-        raise UsageError(f"the {backend.kind} backend cannot undo a rollback; finish it instead")
-    return undo
+    """The backend's ``undo_rollback``, which ``--abort`` needs."""
+    return backend.undo_rollback
 
 
 def _undo_all(

@@ -302,4 +302,7 @@ def test_an_interrupted_zfs_rollback_of_two_datasets_with_a_target_is_aborted_an
     for ds in (app, db):
         assert (Path(prop(ds, "mountpoint")) / "state.txt").read_text() == "state 2\n"
         assert prop(ds, "mountpoint") == group.mountpoints[ds] and group.held_at(ds, safety) == [f"{ds}.pre-rollback.{safety}"]
+    old = group.run("check", "--local", "--no-ping", expect=2)  # the newer snapshots went aside: the newest is second
+    assert "newest snapshot" in old and "rollback" not in old, old
+    group.run("snapshot")
     assert group.run("check", "--local", "--no-ping").startswith("SNAPSYNC OK")
