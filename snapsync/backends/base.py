@@ -228,6 +228,18 @@ class StorageBackend(Protocol):
         """
         ...
 
+    def check_rollback(self, dataset: str, name: str, aside: str) -> None:
+        """Raise what ``rollback(dataset, name, aside)`` would refuse (nested datasets, a dataset that
+        cannot be renamed, an occupied ``aside``), changing nothing: a group is checked whole before
+        its first dataset is touched."""
+        ...
+
+    def delete_aside(self, dataset: str, aside: str) -> None:
+        """Delete the state a finished rollback of ``dataset`` moved to ``aside`` (with, on ZFS, the
+        snapshots that went with it), once the user is sure. MUST refuse anything that is not such a
+        state beside ``dataset``, and a state with a held snapshot; the caller checks it is unused."""
+        ...
+
     def undo_rollback(self, dataset: str, name: str, aside: str, kept: str, *, dry_run: bool = False) -> list[str]:
         """Put ``dataset`` back as it was before an interrupted rollback to ``name`` (``rollback --abort``).
 

@@ -20,7 +20,7 @@ import btrfsutil
 
 from snapsync.backends import FILESYSTEMS
 from snapsync.backends.base import Adoption, Capabilities, Scratch, SnapshotInfo
-from snapsync.backends.usage import Holder, holders
+from snapsync.backends.usage import Holder, holders, mounts
 from snapsync.errors import BackendError, DatasetMissing
 from snapsync.host.safefs import fd_path, private_dir, read_file, write_atomic
 
@@ -356,12 +356,9 @@ class BtrfsBackend:
             if self._copy_of(at(here), snapshot):  # swapped before a crash: nothing is left to do
                 return
             raise BackendError(f"{path.parent / aside} already exists; not moving {path} over it")
-        nested = [str(p) for p, _ in btrfsutil.SubvolumeIterator(at(here), top=0)] if btrfsutil.is_subvolume(at(here)) else []
-        if nested:
-            raise BackendError(
-                f"{path} contains subvolumes ({', '.join(nested[:3])}); a rollback would move them aside too: "
-                f"roll back subvolumes without nested ones (list those in the group instead)"
-            )
+        refusal = self._refusal(path, at(here))
+        if refusal:
+            raise BackendError(refusal)
         if os.path.lexists(at(fresh)):
             btrfsutil.delete_subvolume(at(fresh))  # a writable snapshot of ours, from an attempt that died
         btrfsutil.create_snapshot(snapshot, at(fresh), read_only=False)
@@ -369,6 +366,64 @@ class BtrfsBackend:
         os.rename(here, aside, src_dir_fd=parent, dst_dir_fd=parent)
         self._rollback_step(f"moved aside {here}")
         os.rename(fresh, here, src_dir_fd=parent, dst_dir_fd=parent)
+
+    @staticmethod
+    def _refusal(path: Path, live: str) -> str | None:
+        """Why the subvolume at ``live`` (reached as ``path``) cannot be swapped by renames, if it cannot."""
+        if any(m.point == os.path.realpath(path) for m in mounts()):  # not ismount: every subvolume has a device of its own
+            return (
+                f"{path} is a mount point of its own (a subvolume mounted by subvol=): it cannot be renamed aside; "
+                f"roll back subvolumes inside it, or mount the filesystem's top level and name the dataset there"
+            )
+        nested = [str(p) for p, _ in btrfsutil.SubvolumeIterator(live, top=0)] if btrfsutil.is_subvolume(live) else []
+        if nested:
+            return (
+                f"{path} contains subvolumes ({', '.join(nested[:3])}); a rollback would move them aside too: "
+                f"roll back subvolumes without nested ones (list those in the group instead)"
+            )
+        return None
+
+    def check_rollback(self, dataset: str, name: str, aside: str) -> None:
+        """Everything ``rollback`` would refuse, checked without changing anything."""
+        _check_name(name)
+        path = Path(dataset)
+        if Path(aside).parent != path.parent:
+            raise BackendError(f"{aside}: must be beside {dataset}")
+        with self._rollback_dir(path, name, "rollback to") as (parent, home):
+            snapshot = fd_path(home, name)
+            if not os.path.isdir(snapshot) or not btrfsutil.is_subvolume(snapshot):
+                raise BackendError(f"{path}: no snapshot {name} in {self.snapshot_path(dataset)}")
+            here = fd_path(parent, path.name)
+            if not os.path.lexists(here):
+                raise DatasetMissing(f"{path}: does not exist")
+            if os.path.lexists(fd_path(parent, Path(aside).name)):
+                raise BackendError(f"{aside} already exists; not moving {path} over it")
+            refusal = self._refusal(path, here)
+            if refusal:
+                raise BackendError(refusal)
+
+    def delete_aside(self, dataset: str, aside: str) -> None:
+        """A writable subvolume beside the dataset, with no subvolume inside it, deleted; anything else refused."""
+        path, target = Path(dataset), Path(aside)
+        if target.parent != path.parent or not target.name.startswith(f"{path.name}.pre-rollback."):
+            raise BackendError(f"{aside}: not a state a rollback of {dataset} moved aside")
+        try:
+            parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise BackendError(f"{path.parent}: cannot be opened: {e.strerror or e}") from e
+        try:
+            here = fd_path(parent, target.name)
+            if os.path.islink(here) or not os.path.isdir(here) or not btrfsutil.is_subvolume(here):
+                raise BackendError(f"{aside}: not a subvolume; not deleting it")
+            if btrfsutil.subvolume_info(here).flags & _READ_ONLY:
+                raise BackendError(f"{aside}: a read-only snapshot, not a state moved aside; not deleting it")
+            if any(True for _ in btrfsutil.SubvolumeIterator(here, top=0)):
+                raise BackendError(f"{aside}: contains subvolumes; delete them first")
+            btrfsutil.delete_subvolume(here)
+        except btrfsutil.BtrfsUtilError as e:
+            raise BackendError(f"{aside}: cannot be deleted: {e.strerror or e}") from e
+        finally:
+            os.close(parent)
 
     def undo_rollback(self, dataset: str, name: str, aside: str, kept: str, *, dry_run: bool = False) -> list[str]:
         """Put ``dataset`` back as it was before an interrupted ``rollback(dataset, name, aside)``;

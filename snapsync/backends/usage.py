@@ -26,6 +26,8 @@ class Mount:
     point: str
     source: str
     fstype: str
+    options: str = ""
+    """The per-mount options (``rw,nosuid,relatime``), not the filesystem's."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ def mounts(mountinfo: str = "/proc/self/mountinfo") -> list[Mount]:
         left, _, right = line.partition(" - ")
         fields, tail = left.split(), right.split()
         if len(fields) >= 5 and len(tail) >= 2:
-            out.append(Mount(_unescape(fields[3]), _unescape(fields[4]), tail[1], tail[0]))
+            out.append(Mount(_unescape(fields[3]), _unescape(fields[4]), tail[1], tail[0], fields[5] if len(fields) > 5 else ""))
     return out
 
 

@@ -257,18 +257,7 @@ class ZfsBackend:
                 self._settle(dataset, aside)
                 return
             raise BackendError(f"{aside} already exists; not renaming {dataset} over it")
-        children = zfs("list", "-H", "-o", "name", "-r", "-d", "1", dataset).stdout.split()[1:]
-        if children:
-            raise BackendError(
-                f"{dataset} has child datasets ({', '.join(children[:3])}); a rollback would move them aside too: "
-                f"roll back datasets without children (list the children in the group instead)"
-            )
-        mountpoint, mounted = zfs("get", "-H", "-o", "value", "mountpoint,mounted", dataset).stdout.split()
-        if mountpoint == "legacy" and mounted == "yes":
-            raise BackendError(
-                f"{dataset} is mounted with mountpoint=legacy (outside ZFS's control): unmount it, run the "
-                f"rollback again, and mount it again afterwards"
-            )
+        self._refuse_swap(dataset)
         if self.exists(fresh):
             if self._origin(dataset) == f"{fresh}@{name}":
                 self._swap_in(fresh, dataset, aside)  # promoted before a crash: only the swap is left
@@ -281,6 +270,54 @@ class ZfsBackend:
         zfs("promote", fresh)
         self._rollback_step(f"promoted {leaf}")
         self._swap_in(fresh, dataset, aside)
+
+    @staticmethod
+    def _refuse_swap(dataset: str) -> None:
+        """What makes ``dataset`` impossible to swap by renames: children (they would move aside too),
+        a legacy mount (outside ZFS's control)."""
+        children = zfs("list", "-H", "-o", "name", "-r", "-d", "1", dataset).stdout.split()[1:]
+        if children:
+            raise BackendError(
+                f"{dataset} has child datasets ({', '.join(children[:3])}); a rollback would move them aside too: "
+                f"roll back datasets without children (list the children in the group instead)"
+            )
+        mountpoint, mounted = zfs("get", "-H", "-o", "value", "mountpoint,mounted", dataset).stdout.split()
+        if mountpoint == "legacy" and mounted == "yes":
+            raise BackendError(
+                f"{dataset} is mounted with mountpoint=legacy (outside ZFS's control): unmount it, run the "
+                f"rollback again, and mount it again afterwards"
+            )
+
+    def check_rollback(self, dataset: str, name: str, aside: str) -> None:
+        """Everything ``rollback`` would refuse, checked without changing anything."""
+        check_snapshot_name(name)
+        parent = dataset.rpartition("/")[0]
+        if not parent:
+            raise BackendError(f"{dataset}: a pool's root dataset cannot be swapped; roll back a child dataset")
+        if aside.rpartition("/")[0] != parent:
+            raise BackendError(f"{aside}: must be beside {dataset}")
+        if not self.exists(dataset):
+            raise DatasetMissing(f"{dataset}: does not exist")
+        fresh = f"{parent}/{dataset.rpartition('/')[2]}.rollback-new"
+        promoted = self.exists(fresh) and self._origin(dataset) == f"{fresh}@{name}"  # a stopped attempt's clone owns it now
+        if not promoted and not self.exists(f"{dataset}@{name}"):
+            raise BackendError(f"{dataset}: no snapshot {name}")
+        if self.exists(aside):
+            raise BackendError(f"{aside} already exists; not renaming {dataset} over it")
+        self._refuse_swap(dataset)
+
+    def delete_aside(self, dataset: str, aside: str) -> None:
+        """The old dataset, with the newer snapshots that went aside with it, destroyed; refused when
+        it is not a rollback's aside of ``dataset`` or still holds a held snapshot (ZFS refuses those)."""
+        parent, _, leaf = dataset.rpartition("/")
+        if aside.rpartition("/")[0] != parent or not aside.rpartition("/")[2].startswith(f"{leaf}.pre-rollback."):
+            raise BackendError(f"{aside}: not a state a rollback of {dataset} moved aside")
+        held = [s.name for s in self.list_snapshots(aside) if s.kind == "snapshot" and s.holds]
+        if held:
+            raise BackendError(f"{aside}: {', '.join(held)} still held; release them first")
+        result = zfs("destroy", "-r", aside, check=False)
+        if result.returncode != 0:
+            raise BackendError(f"{aside}: cannot be destroyed: {result.stderr.strip()}")
 
     @staticmethod
     def _rollback_step(step: str) -> None:

@@ -728,7 +728,7 @@ def rollback(
     snapshot: Annotated[
         str | None, typer.Argument(help="The snapshot to return to (see `snapsync list GROUP`); not needed with --abort.")
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Roll back (or abort) even while processes or mounts use the data.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Roll back (or abort) even while processes use the data (they keep their old files; bind mounts are re-pointed either way).")] = False,
     abort: Annotated[
         bool, typer.Option("--abort", help="Undo an interrupted rollback: every dataset back as it was, the safety snapshot kept.")
     ] = False,
@@ -739,7 +739,8 @@ def rollback(
     """Return every dataset of GROUP to SNAPSHOT, together, destroying nothing.
 
     Takes a held safety snapshot of the current state first and moves the current state aside;
-    refuses while the data is in use (naming the processes and units to stop) unless --force.
+    re-points the bind mounts of the data (impermanence) at the rolled-back state; refuses while
+    processes use the data (naming the units to stop) unless --force, and a mount inside it always.
     Run it again to finish one that was interrupted, or pass --abort to undo that one instead.
     """
     from contextlib import nullcontext
@@ -774,38 +775,61 @@ def rollback(
         return EXIT_OK
     if as_json:
         print(json.dumps(report.to_json()))
-        return EXIT_OK
+        return report.blocked_exit
     out.print(f"{'would roll' if dry_run else 'rolled'} {group} back to {snapshot}:", markup=False)
     for step in report.steps:
         out.print(f"  - {step}", markup=False)
+    for what in report.rebound:
+        out.print(f"  re-pointed: {what}", markup=False)
     for note in report.notes:
         out.print(f"  note: {note}", markup=False)
+    for why in report.blocked:
+        err.print(f"snapsync: a rollback now would be refused: {why}", markup=False, soft_wrap=True)
     if not dry_run:
         safety = (
             f" and as safety snapshot {report.safety} (held on {', '.join(report.safety_on)}); when satisfied: "
-            f"snapsync release {group} {report.safety}" if report.safety_on else "; no safety snapshot is held"
+            f"snapsync release {group} {report.safety} --delete-aside" if report.safety_on else "; no safety snapshot is held"
         )
         out.print(f"the previous state is kept beside each dataset ({', '.join(report.aside.values())}){safety}", markup=False)
-    return EXIT_OK
+    return report.blocked_exit
 
 
 @app.command()
 def release(
     group: Annotated[str, typer.Argument(help="The group.")],
     snapshot: Annotated[str, typer.Argument(help="The safety snapshot a rollback took.")],
+    delete_aside: Annotated[
+        bool, typer.Option("--delete-aside", help="Also delete the states that rollback moved aside (refused while anything uses them).")
+    ] = False,
+    as_json: JsonOpt = False,
 ) -> int:
-    """Release a rollback's safety snapshot, so retention may prune it like any other."""
+    """Release a rollback's safety snapshot, so retention may prune it like any other.
+
+    With --delete-aside, the states the rollback moved aside (DATASET.pre-rollback.SNAPSHOT) are
+    deleted too, after checking that no process and no mount (a bind mount left on one) uses them.
+    """
     from snapsync.host.lock import policy_lock
     from snapsync.ops.runner import select_groups
     from snapsync.plan.holds import safety_tag
+    from snapsync.recovery.rollback import delete_asides
     from snapsync.recovery.rollback import release as run_release
 
     policy = _load()
     (chosen,) = select_groups(policy, [group])
     backend = _runner(policy).backend(chosen)
+    deleted: list[str] = []
     with policy_lock(policy.source, 60.0):
+        if delete_aside:
+            delete_asides(backend, chosen.datasets, snapshot, dry_run=True)  # refused, while in use, before the release
         released = run_release(backend, chosen.datasets, snapshot)
+        if delete_aside:
+            deleted = delete_asides(backend, chosen.datasets, snapshot)
+    if as_json:
+        print(json.dumps({"group": group, "safety_snapshot": snapshot, "released_on": released, "deleted_asides": deleted}))
+        return EXIT_OK
     out.print(f"released {safety_tag(snapshot)} on {len(released)} dataset(s) of {group}", markup=False)
+    for aside in deleted:
+        out.print(f"deleted {aside}", markup=False)
     return EXIT_OK
 
 

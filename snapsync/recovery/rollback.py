@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from snapsync.backends.base import SnapshotInfo, StorageBackend
+from snapsync.backends.binds import Bind, binds_of, namespace_refusal, rebind
 from snapsync.backends.usage import Holder
 from snapsync.errors import SnapsyncError, UsageError
 from snapsync.host.state import read_json, state_dir, write_json
@@ -78,12 +80,21 @@ class RollbackReport:
     """The datasets whose safety snapshot was seen there and held when the run ended: all a report may claim."""
     kept: dict[str, str] = field(default_factory=dict)
     """States an interrupted ``--abort`` moved away (they were in place, and may have been used)."""
+    binds: dict[str, list[Bind]] = field(default_factory=dict)
+    """Per dataset, the bind mounts of it elsewhere, re-pointed at the rolled-back state."""
+    blocked: list[str] = field(default_factory=list)
+    """Why a real run would refuse now (a dry run shows the plan anyway)."""
+    rebound: list[str] = field(default_factory=list)
+    """The bind mounts this run re-pointed."""
+    blocked_exit: int = 0
+    """The exit code a real run would refuse with now (0: none); a dry run exits with it after its plan."""
 
     def to_json(self) -> dict[str, object]:
         return {
-            "group": self.group, "snapshot": self.snapshot, "dry_run": self.dry_run, "ok": True,
+            "group": self.group, "snapshot": self.snapshot, "dry_run": self.dry_run, "ok": not self.blocked,
             "safety_snapshot": self.safety if self.safety_on or self.dry_run else "", "safety_held_on": self.safety_on,
-            "steps": self.steps,
+            "steps": self.steps, "blocked": self.blocked, "rebound": self.rebound,
+            "binds": {ds: [b.to_json() for b in bs] for ds, bs in self.binds.items() if bs},
             "aside": self.aside, "kept": self.kept, "notes": self.notes, "in_use": [h.to_json() for h in self.holders],
         }
 
@@ -100,12 +111,13 @@ class AbortReport:
     steps: list[str] = field(default_factory=list)
     kept: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    rebound: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, object]:
         return {
             "group": self.group, "snapshot": self.snapshot, "aborted": not self.dry_run, "dry_run": self.dry_run,
             "ok": True, "safety_snapshot": self.safety if self.safety_on else "", "safety_held_on": self.safety_on,
-            "steps": self.steps, "kept": self.kept, "notes": self.notes,
+            "steps": self.steps, "kept": self.kept, "notes": self.notes, "rebound": self.rebound,
         }
 
 
@@ -210,10 +222,7 @@ def rollback(
         safety = snapshot_name(group.prefix, now)
     report = RollbackReport(group.name, snapshot, dry_run, safety)
     report.holders = backend.in_use(group.datasets)
-    if report.holders and not force:
-        raise _busy(group.name, report.holders)
-    if report.holders:
-        report.notes.append("in use, rolled back anyway (--force): " + "; ".join(h.describe() for h in report.holders))
+    report.binds = {ds: _binds(backend, ds) for ds in group.datasets}
     report.steps.append(
         f"take safety snapshot {safety} of {', '.join(group.datasets)}, held as {safety_tag(safety)} "
         f"until `snapsync release {group.name} {safety}`"
@@ -222,14 +231,28 @@ def rollback(
         report.aside[ds] = aside_name(ds, safety)
         report.steps.append(f"move {ds} aside to {report.aside[ds]}")
         report.steps.append(f"put {snapshot}'s state in place at {ds} ({backend.capabilities.rollback_copy})")
+        report.steps += [f"re-point bind mount {b.point} at {b.shows(ds)} (it would show the state moved aside)" for b in report.binds[ds]]
     report.notes += _target_notes(group, backend, listings, snapshot)
+    refusals = _refusals(group, backend, snapshot, report.aside, report.holders, report.binds, force)
+    report.blocked = [str(e) for e in refusals]
+    report.blocked_exit = refusals[0].exit_code if refusals else 0
     if dry_run:
         return report
+    if refusals:
+        raise _joined(refusals)
+    if any(h.kind == "process" for h in report.holders):
+        report.notes.append(
+            "in use, rolled back anyway (--force): " + "; ".join(h.describe() for h in report.holders if h.kind == "process")
+            + " (their open files and directories stay in the state moved aside: restart them)"
+        )
     held = {
         ds: tags for ds, snaps in listings.items()
         if (tags := _tags_holding(snaps.values(), is_target_tag))
     }
-    plan = {"snapshot": snapshot, "safety": safety, "aside": report.aside, "phase": PLANNED, "holds": held}
+    plan = {
+        "snapshot": snapshot, "safety": safety, "aside": report.aside, "phase": PLANNED, "holds": held,
+        "binds": {ds: [b.to_json() for b in bs] for ds, bs in report.binds.items()},
+    }
     write_json(_plan_path(group.name), plan)
     _record(group.datasets, safety, taken=True)
     reached("journal written")
@@ -241,7 +264,72 @@ def rollback(
     report.safety_on = list(group.datasets)
     _set_phase(group.name, plan, HELD)
     reached("safety verified")
-    return _swap_all(group, backend, snapshot, report)
+    return _swap_all(group, backend, snapshot, report, force)
+
+
+def _binds(backend: StorageBackend, ds: str) -> list[Bind]:
+    root = backend.files_root(ds)
+    return binds_of(root) if root is not None and backend.exists(ds) else []
+
+
+def _journaled_binds(plan: dict[str, Any]) -> dict[str, list[Bind]]:
+    """The binds the journal recorded before anything changed (none in a journal from before binds were)."""
+    found = plan.get("binds") or {}
+    return {str(ds): [Bind.from_json(b) for b in bs] for ds, bs in found.items() if isinstance(bs, list)}
+
+
+def _refusals(
+    group: Group, backend: StorageBackend, snapshot: str, aside: dict[str, str], holders: list[Holder],
+    binds: dict[str, list[Bind]], force: bool, check: Sequence[str] | None = None,
+) -> list[SnapsyncError]:
+    """Every reason not to start now, each the error a real run raises (a dry run lists them): all
+    found before the first change, so a group is never left half rolled back by a refusal.
+
+    A bind mount of the data is no reason: it is re-pointed. A mount inside the data is, always
+    (it would stay on the state moved aside, --force or not); processes are, unless ``force``.
+    ``check``: the datasets the backend checks (those not swapped yet, when finishing).
+    """
+    points = {b.point for bs in binds.values() for b in bs}
+    errors: list[SnapsyncError] = []
+    inside = [h for h in holders if h.kind == "mount" and h.path not in points]
+    if inside:
+        q = " ".join(shlex.quote(h.path) for h in reversed(inside))
+        errors.append(Busy(
+            f"group {group.name}: {'; '.join(h.describe() for h in inside)}; a rollback would leave it on the state "
+            f"moved aside (--force does not change this): first `umount {q}`, then roll back, then mount it again"
+        ))
+    processes = [h for h in holders if h.kind == "process"]
+    if processes and not force:
+        errors.append(_busy(group.name, processes))
+    for ds in group.datasets if check is None else check:
+        try:
+            backend.check_rollback(ds, snapshot, aside[ds])
+        except SnapsyncError as e:
+            errors.append(e)
+    elsewhere = namespace_refusal(sorted(points))
+    if elsewhere is not None:
+        errors.append(elsewhere)
+    return errors
+
+
+def _joined(errors: list[SnapsyncError]) -> SnapsyncError:
+    if len(errors) == 1:
+        return errors[0]
+    joined = type(errors[0])("; ".join(str(e) for e in errors) + "; nothing was changed")
+    joined.exit_code = errors[0].exit_code
+    return joined
+
+
+def _repoint(ds: str, binds: list[Bind], root: str | None, force: bool, done: list[str]) -> None:
+    """Every bind mount of ``ds`` shows its state now (after a swap, or after an undo)."""
+    if not binds:
+        return
+    if root is None:
+        raise SnapsyncError(f"{ds}: is not mounted, so its bind mounts ({', '.join(b.point for b in binds)}) cannot be re-pointed; mount it and run the command again")
+    for bind in binds:
+        what = rebind(bind, root, lazy=force, step=reached)
+        if what:
+            done.append(what)
 
 
 def _set_phase(group: str, plan: dict[str, Any], phase: str) -> None:
@@ -295,17 +383,19 @@ def _resume(
     if dry_run:
         return report
     if plan.get("aborting"):
-        _undo_all(group, backend, snapshot, plan, force, report.kept)
+        _undo_all(group, backend, snapshot, plan, force, report.kept, rebound=report.rebound)
         report.notes.append("an interrupted --abort had begun: every dataset was put back as it was first, then rolled back")
         plan.pop("aborting")
     untouched = [ds for ds in group.datasets if backend.exists(ds) and not backend.exists(report.aside[ds])]
     report.holders = backend.in_use(untouched) if untouched else []
-    if report.holders and not force:
-        raise _busy(group.name, report.holders)
+    report.binds = _journaled_binds(plan)
+    refusals = _refusals(group, backend, snapshot, report.aside, report.holders, report.binds, force, check=untouched)
+    if refusals:
+        raise _joined(refusals)
     report.safety_on = _secure_safety(group, backend, plan, report.notes)
     _set_phase(group.name, plan, HELD)
     reached("safety verified")
-    return _swap_all(group, backend, snapshot, report)
+    return _swap_all(group, backend, snapshot, report, force)
 
 
 def _safety_at(backend: StorageBackend, ds: str, aside: str, safety: str) -> dict[str, bool]:
@@ -365,7 +455,7 @@ def _secure_safety(group: Group, backend: StorageBackend, plan: dict[str, Any], 
     return [ds for ds in group.datasets if ds in held_on]
 
 
-def _swap_all(group: Group, backend: StorageBackend, snapshot: str, report: RollbackReport) -> RollbackReport:
+def _swap_all(group: Group, backend: StorageBackend, snapshot: str, report: RollbackReport, force: bool) -> RollbackReport:
     """Swap every dataset in turn; one already swapped is only checked (and finished, where the backend
     had steps left after the swap, such as mounting), so a rerun after a stop at any step converges."""
     done: list[str] = []
@@ -373,6 +463,7 @@ def _swap_all(group: Group, backend: StorageBackend, snapshot: str, report: Roll
         aside = report.aside[ds]
         try:
             backend.rollback(ds, snapshot, aside)
+            _repoint(ds, report.binds.get(ds, []), backend.files_root(ds), force, report.rebound)
         except SnapsyncError as e:
             kept = ", ".join(report.safety_on) or "no dataset"
             failed = SnapsyncError(
@@ -405,7 +496,7 @@ def _undoer(backend: StorageBackend) -> Callable[..., list[str]]:
 
 def _undo_all(
     group: Group, backend: StorageBackend, snapshot: str, plan: dict[str, Any], force: bool, kept: dict[str, str],
-    *, dry_run: bool = False,
+    *, dry_run: bool = False, rebound: list[str] | None = None,
 ) -> list[str]:
     """Put every dataset back as it was before the rollback; returns what was (or would be) done.
 
@@ -415,6 +506,7 @@ def _undo_all(
     ``--abort`` (or the rollback) again continues from there.
     """
     undo = _undoer(backend)
+    rebound = [] if rebound is None else rebound
     safety, aside = str(plan["safety"]), dict(plan["aside"])
     steps: list[str] = []
     for ds in group.datasets:
@@ -424,10 +516,13 @@ def _undo_all(
             raise UsageError(
                 f"cannot undo the interrupted rollback of group {group.name} safely: {e}; nothing was changed"
             ) from e
+    binds = _journaled_binds(plan)
+    steps += [f"re-point bind mount {b.point} at {b.shows(ds)}" for ds in group.datasets for b in binds.get(ds, [])]
     live = [ds for ds in group.datasets if backend.exists(ds) and backend.exists(aside[ds])]
     found = backend.in_use(live) if live else []
-    if found and not force:
-        raise _busy(group.name, found)
+    refusals = _refusals(group, backend, snapshot, aside, found, binds, force, check=())
+    if refusals:
+        raise _joined(refusals)
     if dry_run:
         return steps
     plan["aborting"] = True
@@ -437,6 +532,7 @@ def _undo_all(
     for ds in group.datasets:
         try:
             undo(ds, snapshot, aside[ds], kept_name(ds, safety))
+            _repoint(ds, binds.get(ds, []), backend.files_root(ds), force, rebound)
             if backend.capabilities.rollback_sets_newer_aside:
                 _restore_holds(backend, ds, dict(recorded.get(ds) or {}))
         except SnapsyncError as e:
@@ -485,7 +581,7 @@ def abort(
             f"every dataset's place aside: it cannot be undone safely; look at the datasets, then move the journal away"
         )
     report = AbortReport(group.name, target, dry_run, safety)
-    report.steps = _undo_all(group, backend, target, plan, force, report.kept, dry_run=dry_run)
+    report.steps = _undo_all(group, backend, target, plan, force, report.kept, dry_run=dry_run, rebound=report.rebound)
     if dry_run:
         return report
     tag = safety_tag(safety)
@@ -587,3 +683,25 @@ def release(backend: StorageBackend, datasets: Sequence[str], safety: str) -> li
     except (OSError, SnapsyncError):
         pass  # the record only names asides for the list above, which checks every name it has anyway
     return [ds for ds, places in holding.items() if places]
+
+
+def delete_asides(backend: StorageBackend, datasets: Sequence[str], safety: str, *, dry_run: bool = False) -> list[str]:
+    """``release --delete-aside``: delete the states the rollback that took ``safety`` moved aside;
+    returns them. Every one is checked unused first (no process, no mount still showing it: a bind
+    mount left on it would be a service writing there), and all are refused with nothing deleted if
+    any is in use."""
+    asides = [(ds, aside_name(ds, safety)) for ds in datasets]
+    found = [(ds, a) for ds, a in asides if backend.exists(a)]
+    if not found:
+        return []
+    users = backend.in_use([a for _, a in found])
+    if users:
+        raise Busy(
+            f"not deleting {', '.join(a for _, a in found)}: still in use: {'; '.join(h.describe() for h in users[:8])}; "
+            f"a service may be writing there: stop it, re-point or unmount what shows it, then run this again"
+        )
+    if not dry_run:
+        for ds, aside in found:
+            backend.delete_aside(ds, aside)
+            reached(f"deleted aside {_leaf(ds)}")
+    return [a for _, a in found]

@@ -120,9 +120,7 @@ def test_rollback_is_refused_while_a_process_uses_the_data_even_through_a_bind_m
     alias.mkdir()
     subprocess.run(["mount", "--bind", str(db), str(alias)], check=True)
     try:
-        refused = snapsync("-p", str(policy), "rollback", "app", first, "--json")
-        assert refused.returncode == 2 and f"{alias} is a mount point (a mount of the data" in refused.stdout
-        # a bind mount alone blocks: after a rollback it would still show (and take writes into) the old state
+        # a bind mount alone does not block: it is re-pointed (tests/btrfs/test_rollback_binds.py); a process using it does
         other = sleeper(alias)
         refused = snapsync("-p", str(policy), "rollback", "app", first, "--json")
         assert refused.returncode == 2 and f"pid {other.pid}" in refused.stdout and str(alias) in refused.stdout
@@ -232,3 +230,4 @@ def test_a_subvolume_with_nested_subvolumes_is_not_rolled_back(site: tuple[Path,
     make_subvolume(app / "nested", "inner\n")
     proc = snapsync("-p", str(policy), "rollback", "app", first)
     assert proc.returncode == 1 and "contains subvolumes" in proc.stderr and (app / "nested" / "data.txt").exists()
+    assert not [p for p in app.parent.iterdir() if ".pre-rollback." in p.name]

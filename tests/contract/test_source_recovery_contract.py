@@ -149,3 +149,83 @@ def test_release_removes_the_safety_hold_wherever_the_rollback_left_it(env: Back
         assert not [s for s in env.backend.list_snapshots(place) if tag in s.holds]
     env.backend.destroy(keeper, [SAFETY])
     assert SAFETY not in {s.name for s in env.backend.list_snapshots(keeper) if s.kind == "snapshot"}
+
+
+def test_check_rollback_refuses_what_rollback_would_and_changes_nothing(env: BackendEnv) -> None:
+    """A group is checked whole before its first dataset is touched: the check must see every refusal."""
+    ds = env.new_dataset("d")
+    env.write(ds, "f", "old")
+    env.backend.snapshot_group([ds], NAME)
+    aside = aside_name(ds, SAFETY)
+    env.backend.check_rollback(ds, NAME, aside)
+    with pytest.raises(BackendError, match="no snapshot"):
+        env.backend.check_rollback(ds, "snapsync_2020-01-01T00:00:00Z", aside)
+    inner = env.new_dataset("d/inner")
+    with pytest.raises(BackendError) as refused:
+        env.backend.check_rollback(ds, NAME, aside)
+    assert inner in str(refused.value) or "inner" in str(refused.value)
+    with pytest.raises(BackendError):
+        env.backend.rollback(ds, NAME, aside)
+    assert env.backend.exists(ds) and not env.backend.exists(aside)
+    assert (_root(env, ds) / "f").read_text() == "old"
+
+
+def test_delete_aside_deletes_only_a_rollbacks_aside(env: BackendEnv) -> None:
+    ds = env.new_dataset("d")
+    other = env.new_dataset("d.pre-rollbackish")
+    env.write(ds, "f", "old")
+    env.backend.snapshot_group([ds], NAME)
+    env.write(ds, "f", "new")
+    aside = aside_name(ds, SAFETY)
+    for wrong in (other, env.new_dataset("e")):
+        with pytest.raises(BackendError, match="not a state a rollback"):
+            env.backend.delete_aside(ds, wrong)
+        assert env.backend.exists(wrong)
+    env.backend.rollback(ds, NAME, aside)
+    env.backend.delete_aside(ds, aside)
+    assert not env.backend.exists(aside)
+    assert (_root(env, ds) / "f").read_text() == "old"
+    assert NAME in {s.name for s in env.backend.list_snapshots(ds)}
+
+
+def test_a_bind_mount_of_a_dataset_follows_every_rollback(env: BackendEnv, tmp_path: Path) -> None:
+    """Impermanence's bind mounts, on either filesystem: re-pointed with the swap, and again with the next."""
+    from datetime import UTC, datetime
+
+    from snapsync.policy.loader import load_policy
+    from snapsync.recovery.rollback import rollback
+
+    ds = env.new_dataset("svc")
+    root = _root(env, ds)
+    (root / "data").mkdir()
+    (root / "data" / "f").write_text("old")
+    env.backend.snapshot_group([ds], NAME)
+    (root / "data" / "f").write_text("new")
+    point = tmp_path / "var-lib-svc"
+    point.mkdir()
+    subprocess.run(["mount", "--bind", str(root / "data"), str(point)], check=True)
+    policy = tmp_path / "p.toml"
+    policy.write_text(f'version = 1\nhost = "src"\n[groups.g]\nbackend = "{env.backend.kind}"\ndatasets = ["{ds}"]\n')
+
+    def shows_live() -> bool:
+        live = _root(env, ds) / "data"
+        return (live.stat().st_dev, live.stat().st_ino) == (point.stat().st_dev, point.stat().st_ino)
+
+    safeties: list[str] = []
+    try:
+        group = load_policy(str(policy)).groups["g"]
+        report = rollback(group, env.backend, NAME, datetime(2026, 11, 26, 13, tzinfo=UTC))
+        safeties.append(report.safety)
+        assert (point / "f").read_text() == "old" and report.rebound and shows_live()
+        (point / "f").write_text("after")
+        assert (_root(env, ds) / "data" / "f").read_text() == "after"  # the live dataset took the write, no aside
+        env.backend.snapshot_group([ds], "snapsync_2026-11-26T15:00:00Z")
+        (point / "f").write_text("newer")
+        again = rollback(group, env.backend, "snapsync_2026-11-26T15:00:00Z", datetime(2026, 11, 26, 16, tzinfo=UTC))
+        safeties.append(again.safety)
+        assert (point / "f").read_text() == "after" and again.rebound and shows_live()
+    finally:
+        for safety in safeties:  # held snapshots would outlive the test's datasets
+            release(env.backend, [ds], safety)
+        while any(line.split()[4] == str(point) for line in Path("/proc/self/mountinfo").read_text().splitlines()):
+            subprocess.run(["umount", "--lazy", str(point)], check=True)

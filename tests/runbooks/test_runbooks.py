@@ -142,11 +142,18 @@ def test_service_data_lost(btrfs_root: Path, nas: Nas, tmp_path: Path) -> None:
     (pg / "data.txt").write_text("garbage\n")
     run_json("-p", str(policy), "run")
     scratch = btrfs_root / "scratch"  # single files come back through a receive: a btrfs place
-
-    nas.follow("service-data-lost.md")
-    out = run_book("service-data-lost.md", {"SNAPSYNC_POLICY": str(policy), "SNAPSHOT": good, "SCRATCH": str(scratch)})
+    service = tmp_path / "var" / "lib" / "forgejo"  # impermanence: the service sees a bind mount of /persist
+    service.mkdir(parents=True)
+    subprocess.run(["mount", "--bind", str(forgejo), str(service)], check=True)
+    try:
+        nas.follow("service-data-lost.md")
+        out = run_book("service-data-lost.md", {"SNAPSYNC_POLICY": str(policy), "SNAPSHOT": good, "SCRATCH": str(scratch)})
+        assert (service / "data.txt").read_text() == "repos v1\n" and service.stat().st_dev == forgejo.stat().st_dev
+    finally:
+        subprocess.run(["umount", "--lazy", str(service)], check=True)
     assert (forgejo / "data.txt").read_text() == "repos v1\n" and (pg / "data.txt").read_text() == "tables v1\n"
-    assert "previous state kept as snapsync_" in out
+    assert "previous state kept as snapsync_" in out and "no mount shows an old state" in out
+    assert not [p for p in forgejo.parent.iterdir() if ".pre-rollback." in p.name]  # deleted by the runbook's release
     listed = run_json("-p", str(policy), "list", "--local")["groups"][0]["datasets"]
     assert not [h for d in listed for s in d["snapshots"] for h in s["holds"] if h.startswith("safety:")]  # released
     assert list((scratch / "restore" / "forge").rglob(good))
