@@ -186,6 +186,7 @@ def test_two_policies_sharing_one_textfile_are_told(btrfs_root: Path, tmp_path: 
     assert line == (f"snapsync: warning: metrics: {textfile(tmp_path)} was written by the policy 'databases' too; two "
                     "policies sharing a textfile hide each other's series: give each its own [monitoring] textfile"), line
     assert Metrics(textfile(tmp_path)).policy == "web"
+    time.sleep(1.05)  # snapshot names carry the second
     assert snapsync("-p", str(policies[1]), "snapshot", check=True).stderr == ""  # its own file again: quiet
 
 
