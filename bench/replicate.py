@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO))
 
 import btrfsutil  # noqa: E402
 
-from snapsync.backends.scratch import _bytes, scratch_btrfs, signals_raise  # noqa: E402
+from snapsync.backends.scratch import _bytes, scratch_btrfs  # noqa: E402
 from tests.sshd import Sshd, free_port, keygen, sshd_unavailable  # noqa: E402
 
 GOAL_RATIO = 0.95
@@ -76,6 +76,21 @@ atexit.register(_hwm)
 runpy.run_module('snapsync', run_name='__main__', alter_sys=True)
 """
 """Runs the snapsync CLI and writes the process's own peak RSS (kB) at exit, children excluded."""
+
+
+@contextmanager
+def signals_raise() -> Iterator[None]:
+    """SIGTERM and SIGHUP as KeyboardInterrupt, so every scratch filesystem is cleaned up."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def say(text: str) -> None:
@@ -485,9 +500,14 @@ def main() -> None:
     parser.add_argument("--tmp", default="/var/tmp", help="where the scratch filesystems' image files go")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     parser.add_argument("--zfs", action="store_true", help="run the ZFS comparison inside a vm-tests guest instead")
+    parser.add_argument("--catch-up", type=int, default=None, metavar="N",
+                        help="instead: N small pending snapshots to one local target, against a raw chain into one receive")
     args = parser.parse_args()
     if args.zfs:
         zfs_in_guest(args)
+        return
+    if args.catch_up:
+        catch_up(args.catch_up, args.rounds or 3, args.tmp, args.json)
         return
     if args.quick:
         args.size = "96M"
@@ -522,6 +542,88 @@ def main() -> None:
         print(json.dumps(report, indent=1))
     else:
         print_table(report)
+
+
+GOAL_CATCH_UP = 0.9
+
+
+def catch_up(n: int, rounds: int, tmp: str, as_json: bool) -> None:
+    """A host back after N hours offline: N small snapshots (64 KiB changed each) pending for a
+    target that holds the one before them. Raw: ``btrfs send -p`` of each from the one before, one
+    after the other into one ``btrfs receive``. snapsync: ``replicate --no-prune``. Each round gets
+    two fresh targets seeded (untimed) with the base; the same N snapshots go to every target."""
+    from datetime import UTC, datetime, timedelta
+
+    from snapsync.backends.btrfs import BtrfsBackend
+    from snapsync.plan.naming import snapshot_name
+
+    load = os.getloadavg()[0]
+    env = {**os.environ, "PYTHONPATH": os.environ.get("SNAPSYNC_BENCH_REPO", str(REPO))}  # another checkout: before/after
+    with signals_raise(), ExitStack() as stack:
+        work = Path(tempfile.mkdtemp(prefix="snapsync-bench-catchup-", dir=tmp))
+        stack.callback(shutil.rmtree, work, ignore_errors=True)
+        env["SNAPSYNC_STATE_DIR"], env["SNAPSYNC_LOCK_DIR"] = str(work / "state"), str(work / "locks")
+        src = stack.enter_context(scratch_btrfs("1G", parent=str(work), label="bench-src"))
+        data = src / "data"
+        btrfsutil.create_subvolume(data)
+        for i in range(64):
+            (data / f"seed{i}.bin").write_bytes(os.urandom(128 << 10))
+        backend, when = BtrfsBackend(), datetime(2026, 1, 1, tzinfo=UTC)
+        names = [snapshot_name("snapsync", when)]
+        backend.snapshot_group([str(data)], names[0])
+        home = backend.snapshot_path(str(data))
+        targets = []
+        for r in range(rounds):
+            pair = {}
+            for who in ("raw", "snapsync"):
+                mnt = stack.enter_context(scratch_btrfs("512M", parent=str(work), label=f"bench-dst-{who}-{r}"))
+                (mnt / "backups").mkdir()
+                pair[who] = mnt
+            policy = work / f"policy-{r}.toml"
+            policy.write_text(
+                'version = 1\n[defaults.retention]\nkeep_last = 1000\n[groups.bench]\nbackend = "btrfs"\n'
+                f'datasets = [{json.dumps(str(data))}]\ntargets = ["usb"]\n[targets.usb]\ntype = "local"\n'
+                f'path = "{pair["snapsync"] / "backups"}"\n'
+            )
+            run([sys.executable, "-m", "snapsync", "-p", str(policy), "replicate", "--no-prune"], env=env)
+            run(sh(f"btrfs send -q {shlex.quote(str(home / names[0]))} | btrfs receive -q {shlex.quote(str(pair['raw'] / 'backups'))}"))
+            targets.append((pair, policy))
+        rng = random.Random(3)
+        for i in range(n):
+            (data / f"seed{rng.randrange(64)}.bin").write_bytes(os.urandom(64 << 10))
+            when += timedelta(hours=1)
+            names.append(snapshot_name("snapsync", when))
+            backend.snapshot_group([str(data)], names[-1])
+        chain = " ".join(shlex.quote(str(home / x)) for x in names)
+        raw_script = 'p=$1; shift; for s do btrfs send -q -p "$p" "$s" || exit; p=$s; done'
+        times: dict[str, list[float]] = {"raw": [], "snapsync": []}
+        stream = int(run(sh(f"sh -c {shlex.quote(raw_script)} sh {chain} | wc -c")).stdout)
+        for r, (pair, policy) in enumerate(targets):
+            for who in (("raw", "snapsync") if r % 2 == 0 else ("snapsync", "raw")):
+                settle(False)
+                t = time.perf_counter()
+                if who == "raw":
+                    run(sh(f"sh -c {shlex.quote(raw_script)} sh {chain} | btrfs receive -q {shlex.quote(str(pair['raw'] / 'backups'))}"))
+                else:
+                    out = run([sys.executable, "-m", "snapsync", "-p", str(policy), "replicate", "--no-prune", "--json"], env=env).stdout
+                    assert len(json.loads(out)["groups"][0]["targets"][0]["sent"]) == n, out[-2000:]
+                fs_sync(pair[who])
+                times[who].append(time.perf_counter() - t)
+            say(f"round {r + 1}: raw {times['raw'][-1]:.2f}s, snapsync {times['snapsync'][-1]:.2f}s")
+        med = {k: statistics.median(v) for k, v in times.items()}
+        ratio = med["raw"] / med["snapsync"]
+        result = {
+            "catch_up": n, "rounds": rounds, "stream_bytes": stream, "load_before": round(load, 2),
+            "load_after": round(os.getloadavg()[0], 2), "seconds": {k: [round(x, 3) for x in v] for k, v in times.items()},
+            "median": {k: round(v, 3) for k, v in med.items()}, "ratio": round(ratio, 2), "goal": GOAL_CATCH_UP,
+            "verdict": "PASS" if ratio >= GOAL_CATCH_UP else "MISS",
+        }
+    if as_json:
+        print(json.dumps(result))
+        return
+    print(f"catch-up of {n} snapshots ({stream / MB:.1f} MB of streams), local target, {rounds} rounds, load {result['load_before']} -> {result['load_after']}")
+    print(f"raw chain into one receive {med['raw']:.2f}s   snapsync replicate {med['snapsync']:.2f}s   "
+          f"throughput ratio {ratio:.2f}x (goal >= {GOAL_CATCH_UP}x): {result['verdict']}")
 
 
 def zfs_in_guest(args: argparse.Namespace) -> None:

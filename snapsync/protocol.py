@@ -1,7 +1,8 @@
 """The wire protocol between snapsync and ``snapsync serve``: one JSON request line per session.
 
 A session is one process on the far side (an ssh forced command, or a local subprocess). The client
-writes a single request line; for ``receive`` the send stream follows on the same stdin. The server
+writes a single request line; for ``receive`` the send stream follows on the same stdin (with
+``then``, a chain: the streams of several snapshots, each built on the one before). The server
 answers with a single JSON line on stdout, except ``send``, which answers with a header line and then
 the stream itself. The server's exit status says whether the session succeeded (0), failed (1) or
 was refused (2), so ssh passes the outcome through even when stdout carries a stream.
@@ -24,6 +25,8 @@ MAX_REQUEST = 64 * 1024
 """Bytes in one request line, newline included; longer requests are refused unread."""
 
 MAX_NAMES = 4096
+MAX_CHAIN = 512
+"""Snapshots in one chained receive: a week of hourly ones is 168; the request stays below MAX_REQUEST."""
 
 Role = Literal["receive", "send"]
 OPS: dict[Role, frozenset[str]] = {
@@ -194,14 +197,34 @@ def _compress(args: dict[str, Any]) -> str:
     return str(compress)
 
 
+def check_then(value: object, first: str) -> list[dict[str, str]]:
+    """A chained receive's further snapshots (``{"name", "guid"}``), in stream order: distinct names,
+    none the first."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_CHAIN:
+        raise Refused(f"then must be a list of at most {MAX_CHAIN} snapshots")
+    out = []
+    for entry in value:
+        if not isinstance(entry, dict) or set(entry) != {"name", "guid"}:
+            raise Refused("each of then must be an object with exactly name and guid")
+        out.append({"name": check_name(entry["name"]), "guid": check_guid(entry["guid"])})
+    names = [first, *(e["name"] for e in out)]
+    if len(set(names)) != len(names):
+        raise Refused("a chained receive names a snapshot twice")
+    return out
+
+
 def _v_receive(args: dict[str, Any]) -> dict[str, Any]:
-    _only(args, {"path", "name", "guid", "compress", "force"})
+    _only(args, {"path", "name", "guid", "compress", "force", "then"})
+    name = check_name(args.get("name"))
     return {
         "path": check_path(args.get("path")),
-        "name": check_name(args.get("name")),
+        "name": name,
         "guid": check_guid(args.get("guid")),
         "compress": _compress(args),
         "force": _flag(args, "force"),
+        "then": check_then(args.get("then"), name),
     }
 
 

@@ -97,7 +97,7 @@ def _zfs_receiver(root: str, append_only: bool = False, stall: float | None = No
 
 FILESYSTEMS: dict[str, Filesystem] = {
     "btrfs": Filesystem(
-        Capabilities(atomic_group_snapshot=False, holds=False, bookmarks=False, resumable_receive=False),
+        Capabilities(atomic_group_snapshot=False, holds=False, bookmarks=False, resumable_receive=False, chained_send=True),
         _btrfs_source, _btrfs_place_source, _btrfs_receiver, lambda place: place.startswith("/"),
         "into a directory on btrfs (an absolute path)",
         PolicyForm("path", "subvolumes", snapshot_dir=True, stream_modes=False, atomic_unit=None),

@@ -34,6 +34,10 @@ class Capabilities:
     rollback_copy: str = "writable snapshot"
     """What a rollback puts in the dataset's place, as its plan names it: a writable snapshot of the
     snapshot (btrfs), a promoted clone of it (ZFS: ``"clone, promoted"``)."""
+    chained_send: bool = False
+    """Several snapshots of a dataset go in one stream, each built on the one before, into one
+    receive (btrfs: consecutive ``btrfs send -p`` streams, which one ``btrfs receive`` takes in
+    turn): a catch-up of N snapshots costs one session, not N."""
     rollback_sets_newer_aside: bool = False
     """A rollback leaves the snapshots newer than the one it returns to, its safety snapshot among
     them, with the old state it moves aside (ZFS: the promoted clone takes only the older ones); a
@@ -195,6 +199,11 @@ class StorageBackend(Protocol):
 
     def send_argv(self, dataset: str, name: str, base: str | None) -> list[str]:
         """The command that writes snapshot ``name`` as a stream to stdout, incremental from ``base``."""
+        ...
+
+    def chain_argv(self, dataset: str, names: Sequence[str], base: str) -> list[str]:
+        """One command writing the streams of ``names`` in turn, each incremental from the one before
+        (the first from ``base``), to stdout; only where ``capabilities.chained_send``."""
         ...
 
     def resume_argv(self, token: str) -> list[str]:

@@ -11,7 +11,6 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -113,8 +112,11 @@ class BtrfsBackend:
                 "set snapshot_dir to a directory on the same filesystem"
             ) from e
 
-    def _info(self, dataset: str, name: str, info: btrfsutil.SubvolumeInfo, path: Path | str) -> SnapshotInfo:
+    def _info(
+        self, dataset: str, name: str, info: btrfsutil.SubvolumeInfo, path: Path | str, holds: tuple[str, ...] = ()
+    ) -> SnapshotInfo:
         return SnapshotInfo(
+            holds=holds,
             dataset=dataset,
             name=name,
             created=datetime.fromtimestamp(info.otime, UTC),
@@ -158,7 +160,7 @@ class BtrfsBackend:
             for name in names:
                 held.setdefault(name, []).append(tag)
         snaps = [
-            replace(self._info(dataset, rel, info, base + rel), holds=tuple(sorted(held.get(rel, ()))))
+            self._info(dataset, rel, info, base + rel, tuple(sorted(held.get(rel, ()))))
             for rel, info in self._children(directory)
         ]
         snaps.sort(key=lambda s: (s.created, s.name))
@@ -219,6 +221,18 @@ class BtrfsBackend:
             _check_name(base)
             argv += ["-p", str(directory / base)]
         return argv + [str(directory / name)]
+
+    CHAIN: ClassVar[str] = 'p=$1; shift; for s do btrfs send -q -p "$p" "$s" || exit; p=$s; done'
+    """Each snapshot's stream from the one before, in turn; names are arguments, never script."""
+
+    def chain_argv(self, dataset: str, names: Sequence[str], base: str) -> list[str]:
+        """``btrfs send -p`` per snapshot, one after the other into one pipe: one ``btrfs receive``
+        takes the streams in turn. (``btrfs send -p B S1 S2`` would build every one on B, and ``-c``
+        lets btrfs pick the parent: explicit parents keep each stream what the receiver checks.)"""
+        for name in (base, *names):
+            _check_name(name)
+        directory = self.snapshot_path(dataset)
+        return ["sh", "-c", self.CHAIN, "sh", *(str(directory / n) for n in (base, *names))]
 
     def _annotation_name(self, name: str, key: str) -> str:
         _check_name(name)

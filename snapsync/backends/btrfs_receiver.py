@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +33,7 @@ import btrfsutil
 
 from snapsync.backends.base import Capabilities, StorageBackend
 from snapsync.backends.btrfs import BtrfsBackend, CopiesBackend
-from snapsync.backends.receiver import Copy, PartialDelete
+from snapsync.backends.receiver import Copy, PartialDelete, PartialReceive
 from snapsync.errors import BackendError, CommandFailed, UnsafePath
 from snapsync.host.lock import file_lock
 from snapsync.protocol import Refused, check_name, check_path
@@ -253,22 +253,30 @@ class BtrfsReceiver:
         return removed
 
     def receive(
-        self, rel: str, name: str, guid: str, stdin: int, compress: str = "none", force: bool = False
+        self, rel: str, name: str, guid: str, stdin: int, compress: str = "none", force: bool = False,
+        then: Sequence[tuple[str, str]] = (),
     ) -> dict[str, object]:
-        """Receive one stream from ``stdin`` (an fd) as ``name``; it must carry the identity ``guid``.
+        """Receive the stream from ``stdin`` (an fd) as ``name``; it must carry the identity ``guid``.
+        With ``then``, the streams of those snapshots follow, each built on the one before, into the
+        same ``btrfs receive``: each is checked and moved into place (its marker removed) on its own,
+        in order, so a cut keeps the ones that arrived whole (:class:`PartialReceive`).
 
         Returns what happened, including partial copies of earlier attempts that were removed first.
         ``force`` (roll the target back) needs nothing here: btrfs receives into a new subvolume, and
         the planner deletes the diverged copies before.
         """
-        check_name(name)
+        chain = [(check_name(name), guid), *((check_name(n), g) for n, g in then)]
+        names = [n for n, _ in chain]
         self.check_root()
         directory = self.directory(rel)
+        committed: list[str] = []
         with self._locked(directory):
             removed = self._discard(directory)
-            if os.path.lexists(directory / name):
-                raise BackendError(f"{rel}/{name} already exists on the target")
-            _mark(directory, name)
+            for n in names:
+                if os.path.lexists(directory / n):
+                    raise BackendError(f"{rel}/{n} already exists on the target")
+            for n in names:
+                _mark(directory, n)
             procs: list[Proc] = []
             try:
                 with private_dir(directory, own=1) as home:
@@ -281,11 +289,12 @@ class BtrfsReceiver:
                             procs.append(Proc.start(["zstd", "-d", "-q", "-c"], stdin=stdin, stdout=-1, label="zstd -d (target)"))
                             assert procs[0].popen.stdout is not None
                             feed = procs[0].popen.stdout.fileno()
-                        argv = self._receive_argv(directory / STAGING / name)
+                        argv = self._receive_argv(directory / STAGING / name, chained=bool(then))
                         procs.append(Proc.start(argv, stdin=feed, stdout=subprocess.DEVNULL, label="btrfs receive"))
                         if compress == "zstd":
                             assert procs[0].popen.stdout is not None
                             procs[0].popen.stdout.close()
+                        stopped: CommandFailed | None = None
                         try:
                             finish(procs, stall=self.stall)
                         except CommandFailed as e:
@@ -295,32 +304,44 @@ class BtrfsReceiver:
                                     "(btrfs found a copy of it outside this root first: keep each source's copies in one root "
                                     "per filesystem); refused"
                                 ) from e
-                            raise
-                        self._verify(directory, staging, name, guid)
-                        self._move_into_place(home, staging, name, guid)
+                            if not then:
+                                raise
+                            stopped = e
+                        self._check_staged(staging, names, partial_ok=stopped is not None)
+                        for n, g in chain:
+                            try:
+                                self._verify(directory, staging, n, g)
+                            except BackendError as e:
+                                if not committed:
+                                    raise stopped or e from None
+                                raise PartialReceive(f"{stopped or e}; received {', '.join(committed)} before it", committed) from e
+                            self._move_into_place(home, staging, n, g)
+                            _unmark(directory, n)
+                            committed.append(n)
                     finally:
                         os.close(staging)
                 _clear_staging(directory, [name])
-                _unmark(directory, name)
             except BaseException:
                 try:
-                    self._discard(directory, [name])
+                    _clear_staging(directory, [name])  # a chain's staging is named after its first, kept or not
+                    self._discard(directory, [n for n in names if n not in committed])
                 except Exception:
                     pass  # the receive's own error matters more; the next receive cleans up
                 raise
             finally:
                 for p in procs:
                     p.close()
-        return {"name": name, "path": f"{rel}/{name}", "removed_partials": removed}
+        last = committed[-1]
+        return {"name": last, "path": f"{rel}/{last}", "removed_partials": removed, "received": committed}
 
-    def _receive_argv(self, staging: Path) -> list[str]:
+    def _receive_argv(self, staging: Path, chained: bool = False) -> list[str]:
         """``btrfs receive`` chrooted into ``staging``, in a private mount namespace where the
         filesystem is mounted ``nodev,nosuid``: a stream may create device nodes (a backup of /dev
         holds them) but never open one, so it cannot write to a disk of this host through a node
         it made. When the root is a subvolume of its own, that subvolume is the mount btrfs resolves
         parents and clone sources against, so a stream can build on nothing outside the root (btrfs
         finds both through the filesystem-wide UUID tree, which no chroot confines)."""
-        receive = ["btrfs", "receive", "-e", "-C", str(staging)]
+        receive = ["btrfs", "receive", *([] if chained else ["-e"]), "-C", str(staging)]  # -e stops at a stream's end
         isolated = self.isolated()
         script = 'mount -o remount,bind,nodev,nosuid -- "$1" && shift && exec "$@"'
         if isolated:
@@ -336,13 +357,22 @@ class BtrfsReceiver:
         except btrfsutil.BtrfsUtilError:
             return False
 
-    def _verify(self, directory: Path, staging: int, name: str, guid: str) -> None:
-        """The staging directory holds exactly the one read-only subvolume asked for, carrying
-        ``guid``, made from nothing or from one of this dataset's own copies."""
+    @staticmethod
+    def _check_staged(staging: int, names: list[str], partial_ok: bool) -> None:
+        """The staging directory holds nothing but subvolumes asked for: all of them, or (a stream
+        that stopped) at least one. Anything else refuses the whole stream before a copy is kept."""
         found = sorted(os.listdir(fd_path(staging)))  # a new open: btrfs lists only entries older than the fd
+        wanted = set(names)
+        if not found or not set(found) <= wanted or (not partial_ok and len(found) != len(wanted)):
+            what = " and ".join(names) if len(names) < 3 else f"{names[0]} .. {names[-1]} ({len(names)})"
+            raise BackendError(f"btrfs receive created {', '.join(found) or 'nothing'}, not the subvolume {what}; refusing the stream")
+
+    def _verify(self, directory: Path, staging: int, name: str, guid: str) -> None:
+        """Staged ``name`` is one read-only subvolume carrying ``guid``, made from nothing or from one
+        of this dataset's own copies."""
         path = fd_path(staging, name)
-        if found != [name] or not stat.S_ISDIR(os.lstat(path).st_mode) or not btrfsutil.is_subvolume(path):
-            raise BackendError(f"btrfs receive created {', '.join(found) or 'nothing'}, not the subvolume {name}; refusing the stream")
+        if not os.path.lexists(path) or not stat.S_ISDIR(os.lstat(path).st_mode) or not btrfsutil.is_subvolume(path):
+            raise BackendError(f"btrfs receive did not create the subvolume {name}; refusing the stream")
         info = btrfsutil.subvolume_info(path)
         copy = _copy(name, info, partial=True)
         if not copy.read_only or copy.received_uuid != guid:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from snapsync.errors import BackendError
@@ -68,6 +69,16 @@ class PartialDelete(BackendError):
         self.deleted = deleted
 
 
+class PartialReceive(BackendError):
+    """A chained receive that stopped part way (a cut stream, a refused snapshot): ``received`` are the
+    copies that arrived complete and were checked before it stopped, so the sender can hold the newest
+    of them as its base (``serve`` sends them back beside the error)."""
+
+    def __init__(self, message: str, received: list[str]) -> None:
+        super().__init__(message)
+        self.received = received
+
+
 class Receiver(Protocol):
     """Copies below one place.
 
@@ -101,9 +112,17 @@ class Receiver(Protocol):
         """``listing(rel)``'s copies."""
         ...
 
-    def receive(self, rel: str, name: str, guid: str, stdin: int, compress: str = "none", force: bool = False) -> dict[str, object]:
+    def receive(
+        self, rel: str, name: str, guid: str, stdin: int, compress: str = "none", force: bool = False,
+        then: Sequence[tuple[str, str]] = (),
+    ) -> dict[str, object]:
         """Receive the stream on descriptor ``stdin`` (``compress``: ``none`` or ``zstd``) as ``rel``'s
-        copy ``name``; answers ``{"name", "path", "removed_partials"}``.
+        copy ``name``; answers ``{"name", "path", "removed_partials", "received"}``.
+
+        ``then`` (only with ``capabilities.chained_send``; refused otherwise): further ``(name, guid)``
+        whose streams follow in the same input, each built on the one before. Each is checked and
+        committed on its own as it would be alone, in order; if the input stops or one is refused,
+        those committed stay and :class:`PartialReceive` names them. ``name`` and ``path`` are the last's.
 
         MUST keep the copy only if the stream is of a snapshot named ``name`` carrying ``guid``, full
         or built on one of ``rel``'s own copies (never on anything else of this host; a full stream

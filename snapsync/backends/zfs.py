@@ -601,6 +601,9 @@ class ZfsBackend:
             argv += ["-i", f"{dataset}#{base[1:]}" if bookmark else f"{dataset}@{base}"]
         return argv + [f"{dataset}@{name}"]
 
+    def chain_argv(self, dataset: str, names: Sequence[str], base: str) -> list[str]:
+        raise BackendError("ZFS sends one snapshot per stream here (capabilities.chained_send is off)")
+
     def resume_argv(self, token: str) -> list[str]:
         """Continue an interrupted send from the receiver's ``receive_resume_token``."""
         return ["zfs", "send", "-t", token]

@@ -467,8 +467,12 @@ class ZfsReceiver:
                     p.popen.stdout.close()
                 p.close()
 
-    def receive(self, rel: str, name: str, guid: str, stdin: int, compress: str = "none", force: bool = False) -> dict[str, object]:
-        """Receive one stream as ``name``; it must arrive with the source's ``guid``.
+    def receive(
+        self, rel: str, name: str, guid: str, stdin: int, compress: str = "none", force: bool = False,
+        then: Sequence[tuple[str, str]] = (),
+    ) -> dict[str, object]:
+        """Receive one stream as ``name``; it must arrive with the source's ``guid``. No chains
+        (``capabilities.chained_send`` is off): ``then`` is refused before the stream is read.
 
         Refused before anything lands unless the stream is a single snapshot ``name`` with ``guid``,
         full when the copy does not exist yet, else incremental from one of its snapshots. After the
@@ -477,6 +481,8 @@ class ZfsReceiver:
         """
         check_name(name)
         check_snapshot_name(name)
+        if then:
+            raise Refused("this ZFS target receives one snapshot per stream; send the others one by one")
         self._check_force(force)  # before the stream is read
         dataset = self.dataset(rel)
         before = self._tree(dataset)
@@ -516,7 +522,7 @@ class ZfsReceiver:
             self._after_failure(dataset, before, created)
             raise
         self._verify(dataset, before, before_props, created, name, guid)
-        return {"name": name, "path": f"{rel}/{name}", "removed_partials": []}
+        return {"name": name, "path": f"{rel}/{name}", "removed_partials": [], "received": [name]}
 
     def resume(self, rel: str, stdin: int, compress: str = "none") -> dict[str, object]:
         """Finish an interrupted receive from a stream the source produced with ``zfs send -t``."""

@@ -935,12 +935,6 @@ def _stopped() -> NoReturn:
 
 def main(argv: list[str] | None = None) -> NoReturn:
     args = sys.argv[1:] if argv is None else argv
-    if args[:1] == ["serve"]:
-        from snapsync.replication.serve import main as serve_main
-
-        code = serve_main(args[1:])
-        if code >= 0:
-            sys.exit(code)
     _stop_like_sigint()
     as_json = "--json" in args
     options = Options()

@@ -20,7 +20,7 @@ from snapsync.policy.durations import format_duration
 from snapsync.errors import SnapsyncError
 from snapsync.plan.groups import GroupListing
 from snapsync.host.state import read_json, state_dir
-from snapsync.recovery.rollback import unfinished, unfinished_text
+from snapsync.recovery.pending import unfinished, unfinished_text
 
 if TYPE_CHECKING:
     from snapsync.policy.loader import Group, Policy

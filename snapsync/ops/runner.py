@@ -492,7 +492,7 @@ class Runner:
         except SnapsyncError as e:
             text = str(e)
             if isinstance(e, DatasetMissing):
-                from snapsync.recovery.rollback import unfinished, unfinished_text
+                from snapsync.recovery.pending import unfinished, unfinished_text
 
                 if (target := unfinished(report.group)) is not None:
                     text += f" ({unfinished_text(report.group, target)})"

@@ -35,6 +35,7 @@ from snapsync.backends.binds import Bind, binds_of, namespace_refusal, rebind
 from snapsync.backends.usage import Holder
 from snapsync.errors import SnapsyncError, UsageError
 from snapsync.host.state import read_json, state_dir, write_json
+from snapsync.recovery.pending import journal_path
 from snapsync.plan.holds import is_safety_tag, is_target_tag, safety_tag, tag_subject, target_tag
 from snapsync.plan.naming import parse_snapshot_name, snapshot_name
 from snapsync.policy.loader import Group
@@ -139,27 +140,7 @@ def _stop_hint(found: list[Holder]) -> str:
 
 
 def _plan_path(group: str) -> Path:
-    return state_dir() / "rollback" / f"{group}.json"
-
-
-def unfinished(group: str) -> str | None:
-    """The snapshot an interrupted rollback of ``group`` was returning to; None when none is unfinished.
-
-    Until it is finished a dataset of the group may be missing (moved aside, not yet replaced):
-    whatever fails for that reason says so and how to finish (``check``, ``snapshot``, ``run``).
-    """
-    try:
-        pending = read_json(_plan_path(group))
-    except SnapsyncError:
-        return None
-    return str(pending["snapshot"]) if pending and pending.get("snapshot") else None
-
-
-def unfinished_text(group: str, snapshot: str) -> str:
-    return (
-        f"an interrupted rollback of group {group} to {snapshot} is unfinished; run `snapsync rollback {group} {snapshot}` "
-        f"to finish it (or `snapsync rollback {group} --abort` to undo it)"
-    )
+    return journal_path(group)
 
 
 def _taken_path() -> Path:

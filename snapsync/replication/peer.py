@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from snapsync.backends.base import SnapshotInfo
-from snapsync.backends.receiver import Copy, PartialDelete
+from snapsync.backends.receiver import Copy, PartialDelete, PartialReceive
 from snapsync.errors import BackendError, CommandFailed, RemoteRefused, TransientError, printable
 from snapsync.protocol import RESTORE_OPTION, encode_request
 from snapsync.host.streams import Meter, Proc, cut_off, finish, pump
@@ -93,6 +93,9 @@ class Peer:
             deleted = response.get("deleted")
             if op == "delete" and isinstance(deleted, list) and all(isinstance(n, str) for n in deleted):
                 return PartialDelete(message, deleted)  # it went on past a refusal: these did go
+            received = response.get("received")
+            if op == "receive" and isinstance(received, list) and received and all(isinstance(n, str) for n in received):
+                return PartialReceive(message, received)  # a chain that stopped: these arrived whole
             return BackendError(message)
         tail = " | ".join(stderr.strip().splitlines()[-3:]) or "(no output)"
         if self.transport.transient(returncode, stderr):
@@ -208,11 +211,16 @@ class Peer:
         self.call("hold", path=path, tag=tag, names=list(names))
 
     def receive(
-        self, path: str, name: str, guid: str, compress: str, senders: Sequence[Proc], meter: Meter, force: bool = False
+        self, path: str, name: str, guid: str, compress: str, senders: Sequence[Proc], meter: Meter, force: bool = False,
+        then: Sequence[tuple[str, str]] = (),
     ) -> dict[str, Any]:
+        """One snapshot's stream into a receive session; with ``then``, a chain: the streams of those
+        snapshots follow, each built on the one before (:class:`PartialReceive` if it stops part way)."""
         args: dict[str, Any] = {"path": path, "name": name, "guid": guid, "compress": compress}
         if force:
             args["force"] = True
+        if then:
+            args["then"] = [{"name": n, "guid": g} for n, g in then]
         return self._stream("receive", args, senders, meter)
 
     def resume(self, path: str, compress: str, senders: Sequence[Proc], meter: Meter) -> dict[str, Any]:

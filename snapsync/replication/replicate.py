@@ -25,7 +25,7 @@ from tenacity import Retrying
 
 from snapsync.backends.base import SnapshotInfo, StorageBackend
 from snapsync.policy.durations import format_duration
-from snapsync.errors import BackendError, SnapsyncError, TransientError
+from snapsync.errors import BackendError, RemoteRefused, SnapsyncError, TransientError
 from snapsync.plan.naming import parse_snapshot_name
 from snapsync.replication.peer import Peer
 from snapsync.plan.groups import group_snapshots
@@ -45,7 +45,7 @@ from snapsync.plan.replication import (
 from snapsync.plan.retention import PrunePlan, RetentionRules, plan_prune
 from snapsync.plan.snapshots import SnapshotId, our_snapshots
 from snapsync.retry import retrying
-from snapsync.backends.receiver import Copy, PartialDelete
+from snapsync.backends.receiver import Copy, PartialDelete, PartialReceive
 from snapsync.host.streams import Meter, Proc
 
 log = logging.getLogger("snapsync")
@@ -65,6 +65,11 @@ class SnapshotSource(Protocol):
         ``base`` is a snapshot name or ``#name`` for a ZFS bookmark; with a ZFS resume ``token`` the
         stream continues an interrupted send instead (``name`` and ``base`` are then unused).
         """
+        ...
+
+    def start_chain(self, dataset: str, names: Sequence[str], base: str, compress: str) -> list[Proc] | None:
+        """A pipeline writing the streams of ``names`` in turn, each built on the one before (the first
+        on ``base``), for one chained receive; None where this source sends one snapshot per stream."""
         ...
 
     def hold(self, dataset: str, tag: str, names: Sequence[str]) -> None: ...
@@ -91,6 +96,14 @@ class LocalSource:
         else:
             assert name is not None
             argv = self.backend.send_argv(dataset, name, base)
+        return self._pipeline(argv, compress)
+
+    def start_chain(self, dataset: str, names: Sequence[str], base: str, compress: str) -> list[Proc] | None:
+        if not self.backend.capabilities.chained_send or base.startswith("#"):
+            return None
+        return self._pipeline(self.backend.chain_argv(dataset, names, base), compress)
+
+    def _pipeline(self, argv: list[str], compress: str) -> list[Proc]:
         send = Proc.start(argv, stdout=-1, label=f"{self.backend.kind} send")
         if compress != "zstd":
             return [send]
@@ -130,6 +143,9 @@ class RemoteSource:
     def start_send(self, dataset: str, name: str | None, base: str | None, compress: str, token: str | None = None) -> list[Proc]:
         proc, _ = self.peer.open_send(dataset, name, base, compress, token)
         return [proc]
+
+    def start_chain(self, dataset: str, names: Sequence[str], base: str, compress: str) -> list[Proc] | None:
+        return None  # a send session hands out one snapshot
 
     def hold(self, dataset: str, tag: str, names: Sequence[str]) -> None:
         self.peer.hold(dataset, tag, names)
@@ -283,6 +299,16 @@ def ours(prefix: str, name: str) -> datetime | None:
     return parse_snapshot_name(prefix, name)
 
 
+def _chain(steps: Sequence[Step]) -> list[SendIncremental]:
+    """The incrementals at the head of ``steps`` that each build on the one before: one chain."""
+    chain: list[SendIncremental] = []
+    for step in steps:
+        if not isinstance(step, SendIncremental) or (chain and step.base.name != chain[-1].snapshot.name):
+            break
+        chain.append(step)
+    return chain
+
+
 def _send_base(step: SendFull | SendIncremental) -> str | None:
     """The base as a send names it: a snapshot, or ``#name`` for a ZFS bookmark."""
     if isinstance(step, SendFull):
@@ -349,6 +375,10 @@ class Replication:
         self.progress = progress
         self._have: dict[str, dict[str, SnapshotId]] = {}
         """Complete copies on the target per dataset path, by name, kept current as steps succeed."""
+        self._unsure: set[str] = set()
+        """Dataset paths a chain was sent to: a retry lists them again, whatever the failure said."""
+        self._no_chain = False
+        """One snapshot per stream for the rest of this run: the source or the target has no chains."""
         self._rewound: set[str] = set()
         """Dataset paths whose newest copy was just dropped (dated after the clock): the next receive
         there rolls the live dataset back to the base first (a ZFS target still holds that state)."""
@@ -428,7 +458,7 @@ class Replication:
         dry_run: bool,
     ) -> str | None:
         """Bring one dataset up to date; returns the name of the newest common snapshot afterwards."""
-        if report.sent or report.removed_partials:  # a retry: the first attempt changed the target
+        if report.sent or report.removed_partials or link.path in self._unsure:  # a retry: the first attempt changed the target
             copies, token = self._listing(link)
         source = our_snapshots(self.prefix, snaps)
         lost = self.source.lost(link.ref, self.hold_tag)
@@ -457,8 +487,16 @@ class Replication:
                     self._have[link.path].pop(step.name, None)
             return plan.base
         common = plan.base
-        for step in plan.steps:
-            common = self._execute(link, step, report) or common
+        steps = list(plan.steps)
+        while steps:
+            chain = _chain(steps)
+            if len(chain) > 1 and not self._no_chain:
+                sent = self._send_chain(link, chain, report)
+                if sent is not None:
+                    common = sent
+                    del steps[: len(chain)]
+                    continue
+            common = self._execute(link, steps.pop(0), report) or common
         if common is not None and common == plan.base:
             self.source.hold(link.ref, self.hold_tag, [common])
         return common
@@ -531,6 +569,79 @@ class Replication:
                  meter.bytes, meter.seconds, extra={
                      "event": "sent", "group": self.group, "target": self.target, "dataset": link.ref, "snapshot": snap.name,
                      "base": base, "bytes": meter.bytes, "seconds": round(meter.seconds, 3), "direction": self.direction})
+
+    def _send_chain(self, link: DatasetLink, chain: list[SendIncremental], report: TargetReport) -> str | None:
+        """Consecutive incrementals in one stream and one receive session; returns the newest sent, or
+        None where the source or the target takes one snapshot per stream (then each goes alone).
+
+        A chain that stops part way keeps what arrived whole: those are recorded and held like single
+        sends, then the error goes on (a retry lists the target again and sends the rest)."""
+        base = _send_base(chain[0])
+        assert base is not None
+        names = [s.snapshot.name for s in chain]
+        senders = self.source.start_chain(link.ref, names, base, self.settings.compress)
+        if senders is None:
+            self._no_chain = True
+            return None
+        tick = None
+        if self.progress is not None:
+            short = f"{self.target}: {os.path.basename(link.ref.rstrip('/')) or '/'} {len(chain)} snapshots"
+            sizes = [self.source.estimate(link.ref, s.snapshot.name, s.base.name) for s in chain]
+            tick = self.progress(short, None if None in sizes else sum(s or 0 for s in sizes))
+        meter = Meter(tick=tick, rate_limit=self.settings.rate_limit)
+        first, rest = chain[0].snapshot, [(s.snapshot.name, s.snapshot.guid) for s in chain[1:]]
+        force = self.settings.on_diverged == "rollback" or link.path in self._rewound
+        self._unsure.add(link.path)
+        try:
+            response = self.sink.receive(link.path, first.name, first.guid, self.settings.compress, senders, meter, force, then=rest)
+        except PartialReceive as e:
+            self._chained(link, chain, e.received, meter, report)
+            raise
+        except RemoteRefused as e:
+            if "then" not in str(e):
+                raise
+            self._no_chain = True  # a target whose serve predates chains: one snapshot per stream
+            return None
+        except SnapsyncError:
+            self._chained(link, chain, self._arrived(link, chain), meter, report)
+            raise
+        self._rewound.discard(link.path)
+        if tick is not None:
+            tick(meter.bytes)
+        report.removed_partials += [f"{link.ref}: {n}" for n in response.get("removed_partials") or []]
+        return self._chained(link, chain, names, meter, report)
+
+    def _arrived(self, link: DatasetLink, chain: list[SendIncremental]) -> list[str]:
+        """After a chain failed without saying what arrived (the sender died, the connection dropped):
+        the target's complete copies of it, by identity, if the target can still be asked."""
+        try:
+            have = self._complete(self._listing(link)[0])
+        except SnapsyncError:
+            return []
+        return [s.snapshot.name for s in chain if s.snapshot.name in have and have[s.snapshot.name].guid == s.snapshot.guid]
+
+    def _chained(self, link: DatasetLink, chain: list[SendIncremental], received: Sequence[str], meter: Meter, report: TargetReport) -> str | None:
+        """Record the snapshots of a chain that arrived (the stream's bytes and time shared among them)
+        and hold the newest: what a single send does for each."""
+        arrived = [s for s in chain if s.snapshot.name in set(received)]
+        have = self._have[link.path]
+        for i, step in enumerate(arrived):
+            share, extra = divmod(meter.bytes, len(arrived))
+            report.sent.append(Sent(
+                link.ref, step.snapshot.name, step.base.name, share + (extra if i == len(arrived) - 1 else 0),
+                meter.seconds / len(arrived),
+            ))
+            have[step.snapshot.name] = step.snapshot
+        if not arrived:
+            return None
+        newest = arrived[-1].snapshot.name
+        self.source.hold(link.ref, self.hold_tag, [newest])
+        log.info("%s -> %s: %s %s..%s sent in one stream (%d snapshots, %d bytes, %.1fs)", self.group, self.target, link.ref,
+                 arrived[0].snapshot.name, newest, len(arrived), meter.bytes, meter.seconds, extra={
+                     "event": "sent", "group": self.group, "target": self.target, "dataset": link.ref, "snapshot": newest,
+                     "chain": [s.snapshot.name for s in arrived], "base": arrived[0].base.name, "bytes": meter.bytes,
+                     "seconds": round(meter.seconds, 3), "direction": self.direction})
+        return newest
 
     def _resume(self, link: DatasetLink, token: str, report: TargetReport) -> None:
         """Finish a ZFS receive that was interrupted, from the byte where it stopped.

@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 from snapsync.backends import receiver_for, source_for_place
 from snapsync.backends.base import StorageBackend
-from snapsync.backends.receiver import PartialDelete
+from snapsync.backends.receiver import PartialDelete, PartialReceive
 from snapsync.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, BackendError, SnapsyncError, UsageError
 from snapsync.host.streams import Proc, finish
 from snapsync.plan.holds import is_pull_tag
@@ -93,7 +93,9 @@ class Server:
             return _refuse(e, **about)
         except SnapsyncError as e:
             print(f"snapsync serve: {e}", file=sys.stderr)
-            done = {"deleted": e.deleted} if isinstance(e, PartialDelete) else {}  # it went on past a refusal
+            done: dict[str, Any] = {"deleted": e.deleted} if isinstance(e, PartialDelete) else {}  # it went on past a refusal
+            if isinstance(e, PartialReceive):
+                done = {"received": e.received}  # these arrived whole before it stopped
             _say(encode_response(False, error=str(e), kind=_kind(e), **about, **done))
             return EXIT_PARTIAL
         except OSError as e:
@@ -138,8 +140,12 @@ class Server:
             snapshots[p] = [s.to_json() for s in backend.list_snapshots(dataset)]
         return {"role": self.role, "restore": self.readable, "paths": snapshots}
 
-    def op_receive(self, fd: int, path: str, name: str, guid: str, compress: str, force: bool) -> dict[str, Any]:
-        return self.receiver.receive(path, name, guid, fd, compress, force)
+    def op_receive(
+        self, fd: int, path: str, name: str, guid: str, compress: str, force: bool, then: list[dict[str, str]],
+    ) -> dict[str, Any]:
+        if then and not self.receiver.capabilities.chained_send:
+            raise Refused(f"this {self.receiver.kind} target receives one snapshot per stream; send the others one by one")
+        return self.receiver.receive(path, name, guid, fd, compress, force, [(e["name"], e["guid"]) for e in then])
 
     def op_resume(self, fd: int, path: str, compress: str) -> dict[str, Any]:
         return self.receiver.resume(path, fd, compress)

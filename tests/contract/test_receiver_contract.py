@@ -4,6 +4,7 @@ streams of real snapshots, made by the source backend of the same filesystem."""
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Callable
 from datetime import UTC
 from typing import TYPE_CHECKING
@@ -12,7 +13,7 @@ import pytest
 
 from snapsync.backends import receiver_for
 from snapsync.backends.base import SnapshotInfo
-from snapsync.backends.receiver import PartialDelete
+from snapsync.backends.receiver import PartialDelete, PartialReceive
 from snapsync.errors import BackendError, DatasetMissing
 from snapsync.protocol import Refused
 
@@ -210,3 +211,84 @@ def test_a_path_that_leaves_the_place_is_refused(receiving: ReceiverEnv, rel: st
         for call in calls:
             with pytest.raises(Refused):
                 call()
+
+
+D = "snapsync_2026-11-26T15:00:00Z"
+
+
+def _chain_stream(env: ReceiverEnv, ds: str, names: list[str], base: str, cut: float | None = None) -> int:
+    """The source's one-command chain of ``names`` from ``base`` (cut to that share of its bytes)."""
+    path = env.tmp / "chain.stream"
+    with path.open("wb") as out:
+        subprocess.run(env.source.backend.chain_argv(ds, names, base), stdout=out, check=True)
+    if cut is not None:
+        data = path.read_bytes()
+        path.write_bytes(data[: int(len(data) * cut)])
+    return os.open(path, os.O_RDONLY)
+
+
+def test_a_chain_arrives_in_one_receive_each_copy_built_on_the_one_before(receiving: ReceiverEnv) -> None:
+    receiver = receiving.receiver()
+    ds, (a, b, c, d) = chain(receiving, A, B, C, D)
+    received(receiving, [a])
+    if not receiver.capabilities.chained_send:
+        with receiving.stream(ds, B, A) as fd, pytest.raises(Refused):
+            receiver.receive(REL, B, b.guid, fd, then=[(C, c.guid)])
+        assert identities(receiving) == [(A, a.guid)] and receiving.leftovers(REL) == []
+        return
+    fd = _chain_stream(receiving, ds, [B, C, D], A)
+    try:
+        answer = receiver.receive(REL, B, b.guid, fd, then=[(C, c.guid), (D, d.guid)])
+    finally:
+        os.close(fd)
+    assert answer["received"] == [B, C, D] and answer["name"] == D
+    assert identities(receiving) == [(A, a.guid), (B, b.guid), (C, c.guid), (D, d.guid)]
+    assert receiving.leftovers(REL) == []
+
+
+@pytest.mark.parametrize("fault", ["a wrong identity in the middle", "a cut stream"])
+def test_a_chain_that_stops_keeps_the_copies_before_and_names_them(receiving: ReceiverEnv, fault: str) -> None:
+    receiver = receiving.receiver()
+    if not receiver.capabilities.chained_send:
+        pytest.skip("one snapshot per stream on this filesystem (the refusal is tested above)")
+    ds, (a, b, c, d) = chain(receiving, A, B, C, D, size=2 << 20)
+    received(receiving, [a])
+    then = [(C, b.guid if fault.startswith("a wrong") else c.guid), (D, d.guid)]
+    fd = _chain_stream(receiving, ds, [B, C, D], A, cut=0.5 if fault == "a cut stream" else None)
+    try:
+        with pytest.raises(PartialReceive) as stopped:
+            receiver.receive(REL, B, b.guid, fd, then=then)
+    finally:
+        os.close(fd)
+    assert stopped.value.received == [B]
+    assert identities(receiving) == [(A, a.guid), (B, b.guid)]
+    assert receiving.leftovers(REL) == []  # no staging, no marker: C and D were never copies
+    with receiving.stream(ds, C, B) as fd2:  # and the next run goes on from B
+        receiver.receive(REL, C, c.guid, fd2)
+    assert identities(receiving)[-1] == (C, c.guid)
+
+
+def test_a_chain_that_names_a_snapshot_twice_or_too_many_is_refused_unread() -> None:
+    from snapsync.protocol import MAX_CHAIN, encode_request, parse_request
+
+    for then in ([{"name": A, "guid": "ab"}], [{"name": B, "guid": "ab"}, {"name": B, "guid": "cd"}],
+                 [{"name": f"snapsync_x{i}", "guid": "ab"} for i in range(MAX_CHAIN + 1)], [{"name": B}]):
+        with pytest.raises(Refused):
+            parse_request(encode_request("receive", path=REL, name=A, guid="ab", then=then), "receive")
+
+
+def test_a_chain_stream_carrying_a_snapshot_not_asked_for_keeps_nothing(receiving: ReceiverEnv) -> None:
+    """A hostile sender slipping one more subvolume into a chain: the whole stream is refused."""
+    receiver = receiving.receiver()
+    if not receiver.capabilities.chained_send:
+        pytest.skip("one snapshot per stream on this filesystem")
+    ds, (a, b, c, _) = chain(receiving, A, B, C, D)
+    received(receiving, [a])
+    fd = _chain_stream(receiving, ds, [B, C, D], A)
+    try:
+        with pytest.raises(BackendError, match="refusing the stream") as refused:
+            receiver.receive(REL, B, b.guid, fd, then=[(C, c.guid)])
+    finally:
+        os.close(fd)
+    assert not isinstance(refused.value, PartialReceive)
+    assert identities(receiving) == [(A, a.guid)] and receiving.leftovers(REL) == []

@@ -90,21 +90,26 @@ def world(btrfs_root: Path, target_root: Path, sshd: Sshd, tmp_path: Path) -> Wo
     return w
 
 
-def _stream_size(w: World, base: str, name: str) -> int:
-    d = w.backend.snapshot_path(str(w.data))
-    send = subprocess.run(
-        f"btrfs send -q -p {d / base} {d / name} | wc -c", shell=True, capture_output=True, text=True, check=True
-    )
-    return int(send.stdout)
+def _stream_size(w: World, base: str, names: list[str]) -> int:
+    """Bytes of what one replicate sends: one stream, or the chain of several in one receive."""
+    send = subprocess.Popen(w.backend.chain_argv(str(w.data), names, base), stdout=subprocess.PIPE)
+    assert send.stdout is not None
+    size = sum(len(block) for block in iter(lambda: send.stdout.read(1 << 20), b""))  # type: ignore[union-attr]
+    assert send.wait() == 0
+    return size
 
 
-def test_stream_cut_at_random_offsets(world: World) -> None:
-    rng = random.Random(1)
+@pytest.mark.parametrize("per_trial", [1, 3], ids=["one snapshot", "a chain of three"])
+def test_stream_cut_at_random_offsets(world: World, per_trial: int) -> None:
+    """With several pending snapshots a cut may fall in any of the chain's streams: the copies that
+    arrived whole before it are kept, byte-identical, and the next run sends only the rest."""
+    rng = random.Random(1 if per_trial == 1 else 11)
     outcomes = []
     for trial in range(TRIALS):
         base = max(world.digests)
-        name = world.snapshot(rng, 6_000_000)
-        size = _stream_size(world, base, name)
+        names = [world.snapshot(rng, 6_000_000 // per_trial) for _ in range(per_trial)]
+        name = names[-1]
+        size = _stream_size(world, base, names)
         cut = rng.randrange(0, size + 200)  # sometimes inside the request line, sometimes not at all
         world.sshd.authorize(world.sshd.forced(world.target, wrapper=f"sh -c 'head -c {cut} | {{}}'"))
         proc = snapsync("-p", str(world.policy), "replicate", "--no-prune", "--json",
@@ -113,10 +118,13 @@ def test_stream_cut_at_random_offsets(world: World) -> None:
         if cut < size:
             assert proc.returncode == 1, (trial, cut, size, proc.stdout, proc.stderr)
             assert "Traceback" not in proc.stderr
-            assert name not in [
+            complete = [
                 n for n in copies(world.target, "app", world.data)
                 if not (copies_dir(world.target, "app", world.data) / ".receiving" / n).exists()
             ]
+            assert name not in complete
+            for kept in set(complete) & set(names):  # what a chain kept before the cut is whole
+                assert tree_digest(copies_dir(world.target, "app", world.data) / kept) == world.digests[kept]
         world.converge()
     assert any(rc != 0 for _, _, rc in outcomes)
 
@@ -157,15 +165,17 @@ VICTIMS = {
     "btrfs send": "btrfs send -q",
     "ssh": "ssh -o UserKnownHostsFile",
     "server": "snapsync serve --root",
-    "btrfs receive": "btrfs receive -e",
+    "btrfs receive": "btrfs receive",
 }
 
 
-def test_sigkill_at_random_moments(world: World) -> None:
-    rng = random.Random(2)
+@pytest.mark.parametrize("per_trial", [1, 3], ids=["one snapshot", "a chain of three"])
+def test_sigkill_at_random_moments(world: World, per_trial: int) -> None:
+    rng = random.Random(2 if per_trial == 1 else 12)
     killed: list[str] = []
     for trial in range(TRIALS):
-        world.snapshot(rng, 9_000_000)
+        for _ in range(per_trial):
+            world.snapshot(rng, 9_000_000 // per_trial)
         victim = rng.choice(sorted(VICTIMS))
         proc = subprocess.Popen(
             [sys.executable, "-m", "snapsync", "-p", str(world.policy), "replicate", "--no-prune", "--json"],

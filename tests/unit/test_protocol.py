@@ -50,17 +50,22 @@ VALID: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     (
         "receive",
         {"op": "receive", "path": "app/persist/app", "name": NAME, "guid": GUID},
-        {"path": "app/persist/app", "name": NAME, "guid": GUID, "compress": "none", "force": False},
+        {"path": "app/persist/app", "name": NAME, "guid": GUID, "compress": "none", "force": False, "then": []},
     ),
     (
         "receive",
         {"op": "receive", "path": "g/d", "name": NAME, "guid": "ab", "compress": "zstd"},
-        {"path": "g/d", "name": NAME, "guid": "ab", "compress": "zstd", "force": False},
+        {"path": "g/d", "name": NAME, "guid": "ab", "compress": "zstd", "force": False, "then": []},
     ),
     (
         "receive",
         {"op": "receive", "path": "g/d", "name": NAME, "guid": "1234567890", "force": True},
-        {"path": "g/d", "name": NAME, "guid": "1234567890", "compress": "none", "force": True},
+        {"path": "g/d", "name": NAME, "guid": "1234567890", "compress": "none", "force": True, "then": []},
+    ),
+    (
+        "receive",
+        {"op": "receive", "path": "g/d", "name": NAME, "guid": "ab", "then": [{"name": "snapsync_2026-11-27T00:00:00Z", "guid": "cd"}]},
+        {"path": "g/d", "name": NAME, "guid": "ab", "compress": "none", "force": False, "then": [{"name": "snapsync_2026-11-27T00:00:00Z", "guid": "cd"}]},
     ),
     ("receive", {"op": "resume", "path": "g/d"}, {"path": "g/d", "compress": "none"}),
     (

@@ -16,7 +16,8 @@ import pytest
 
 from snapsync.backends.zfs import ZfsBackend
 from snapsync.errors import UsageError
-from snapsync.recovery.rollback import rollback, unfinished
+from snapsync.recovery.pending import unfinished
+from snapsync.recovery.rollback import rollback
 
 from test_zfs import POOL, Site, digest, fill, prop, space, zfs  # noqa: F401  (space: the fixture)
 
