@@ -163,7 +163,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     load = os.getloadavg()[0]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "SNAPSYNC_STATE_DIR": "", "SNAPSYNC_LOCK_DIR": ""}
+    env = {**os.environ, "PYTHONPATH": os.environ.get("SNAPSYNC_BENCH_REPO", str(REPO)), "SNAPSYNC_STATE_DIR": "", "SNAPSYNC_LOCK_DIR": ""}
     with ExitStack() as stack:
         work = Path(tempfile.mkdtemp(prefix="snapsync-bench-run-", dir=args.tmp))
         stack.callback(shutil.rmtree, work, ignore_errors=True)

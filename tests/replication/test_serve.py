@@ -330,7 +330,7 @@ def test_receive_then_delete_a_received_copy(target_root: Path, tmp_path: Path) 
     stream, guid = _stream(target_root.parent, tmp_path)
     answer = serve(target_root, request("receive", path="g/ds", name=NAME, guid=guid) + stream)
     assert answer.returncode == 0, answer.stderr
-    assert answer.json == {"v": 1, "ok": True, "name": NAME, "path": f"g/ds/{NAME}", "removed_partials": []}
+    assert answer.json == {"v": 1, "ok": True, "name": NAME, "path": f"g/ds/{NAME}", "removed_partials": [], "received": [NAME]}
     [copy] = serve(target_root, request("list", paths=["g/ds"])).json["paths"]["g/ds"]
     assert copy["name"] == NAME and copy["received_uuid"] == guid and copy["read_only"] and not copy["partial"]
 
