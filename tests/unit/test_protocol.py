@@ -554,3 +554,13 @@ def test_distinct_keys_for_lookalike_components(a: list[str], b: list[str]) -> N
 def test_dataset_key_of_long_valid_paths_passes_check_path(dataset: str) -> None:
     assert all(len(p.encode()) <= 255 for p in dataset.split("/"))  # a path Linux accepts
     check_path(dataset_key(dataset))
+
+
+def test_a_chain_that_names_a_snapshot_twice_or_too_many_is_refused_unread() -> None:
+    from snapsync.protocol import MAX_CHAIN
+
+    other = "app_2026-03-01T13:00:00Z"
+    for then in ([{"name": NAME, "guid": "ab"}], [{"name": other, "guid": "ab"}, {"name": other, "guid": "cd"}],
+                 [{"name": f"app_x{i}", "guid": "ab"} for i in range(MAX_CHAIN + 1)], [{"name": other}], "not a list"):
+        with pytest.raises(Refused):
+            parse_request(encode_request("receive", path="g/d", name=NAME, guid="ab", then=then), "receive")
