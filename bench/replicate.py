@@ -562,6 +562,7 @@ def catch_up(n: int, rounds: int, tmp: str, as_json: bool) -> None:
     with signals_raise(), ExitStack() as stack:
         work = Path(tempfile.mkdtemp(prefix="snapsync-bench-catchup-", dir=tmp))
         stack.callback(shutil.rmtree, work, ignore_errors=True)
+        os.chdir(work)  # `python -m` puts the working directory first on the path: no checkout here shadows PYTHONPATH
         env["SNAPSYNC_STATE_DIR"], env["SNAPSYNC_LOCK_DIR"] = str(work / "state"), str(work / "locks")
         src = stack.enter_context(scratch_btrfs("1G", parent=str(work), label="bench-src"))
         data = src / "data"

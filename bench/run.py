@@ -167,6 +167,7 @@ def main() -> None:
     with ExitStack() as stack:
         work = Path(tempfile.mkdtemp(prefix="snapsync-bench-run-", dir=args.tmp))
         stack.callback(shutil.rmtree, work, ignore_errors=True)
+        os.chdir(work)  # `python -m` puts the working directory first on the path: no checkout here shadows PYTHONPATH
         env["SNAPSYNC_STATE_DIR"], env["SNAPSYNC_LOCK_DIR"] = str(work / "state"), str(work / "locks")
         host = Host(work, stack)
         snapsync = [sys.executable, "-m", "snapsync", "-p", str(host.policy), "run", "--json"]
