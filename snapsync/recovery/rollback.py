@@ -253,10 +253,16 @@ def _binds(backend: StorageBackend, ds: str) -> list[Bind]:
     return binds_of(root) if root is not None and backend.exists(ds) else []
 
 
-def _journaled_binds(plan: dict[str, Any]) -> dict[str, list[Bind]]:
+def _journaled_binds(group: str, plan: dict[str, Any]) -> dict[str, list[Bind]]:
     """The binds the journal recorded before anything changed (none in a journal from before binds were)."""
     found = plan.get("binds") or {}
-    return {str(ds): [Bind.from_json(b) for b in bs] for ds, bs in found.items() if isinstance(bs, list)}
+    try:
+        return {str(ds): [Bind.from_json(b) for b in bs] for ds, bs in found.items() if isinstance(bs, list)}
+    except (KeyError, TypeError, AttributeError) as e:
+        raise UsageError(
+            f"the journal of the interrupted rollback ({_plan_path(group)}) has a bind mount entry "
+            f"that is not one snapsync wrote ({e!r}): look at the mounts, then fix or move the journal away"
+        ) from e
 
 
 def _refusals(
@@ -369,7 +375,7 @@ def _resume(
         plan.pop("aborting")
     untouched = [ds for ds in group.datasets if backend.exists(ds) and not backend.exists(report.aside[ds])]
     report.holders = backend.in_use(untouched) if untouched else []
-    report.binds = _journaled_binds(plan)
+    report.binds = _journaled_binds(group.name, plan)
     refusals = _refusals(group, backend, snapshot, report.aside, report.holders, report.binds, force, check=untouched)
     if refusals:
         raise _joined(refusals)
@@ -497,7 +503,7 @@ def _undo_all(
             raise UsageError(
                 f"cannot undo the interrupted rollback of group {group.name} safely: {e}; nothing was changed"
             ) from e
-    binds = _journaled_binds(plan)
+    binds = _journaled_binds(group.name, plan)
     steps += [f"re-point bind mount {b.point} at {b.shows(ds)}" for ds in group.datasets for b in binds.get(ds, [])]
     live = [ds for ds in group.datasets if backend.exists(ds) and backend.exists(aside[ds])]
     found = backend.in_use(live) if live else []

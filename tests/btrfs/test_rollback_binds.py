@@ -208,3 +208,16 @@ def test_killed_at_each_bind_step_both_ways_out_leave_no_service_on_an_aside(hos
     assert host.shows_live()
     assert {"ro", "nosuid"} <= host.flags(host.service_db)
     assert not (Path(os.environ["SNAPSYNC_STATE_DIR"]) / "rollback" / "app.json").exists()
+
+
+def test_a_hand_edited_bind_entry_in_the_journal_is_one_line_and_changes_nothing(host: Host) -> None:
+    killed = host.cli("rollback", "app", host.first, kill_at="safety verified")
+    assert killed.returncode == -9
+    path = Path(os.environ["SNAPSYNC_STATE_DIR"]) / "rollback" / "app.json"
+    plan = json.loads(path.read_text())
+    plan["binds"][str(host.app)] = [{"sub": ""}]
+    path.write_text(json.dumps(plan))
+    refused = host.cli("rollback", "app", host.first)
+    line = refused.stderr.strip()
+    assert refused.returncode == 2 and "\n" not in line and "bind mount entry" in line, refused.stderr
+    assert host.seen() == ("app v2\n", "db v2\n") and host.shows_live()
