@@ -37,7 +37,7 @@ from snapsync.backends.receiver import Copy, PartialDelete, PartialReceive
 from snapsync.errors import BackendError, CommandFailed, UnsafePath
 from snapsync.host.lock import file_lock
 from snapsync.protocol import Refused, check_name, check_path
-from snapsync.host.safefs import create_empty, fd_path, private_dir, remove
+from snapsync.host.safefs import create_empty, fd_path, private_dir, remove, sync_dir
 from snapsync.host.streams import Proc, finish
 
 MARKERS = ".receiving"
@@ -72,9 +72,13 @@ def _markers(directory: Path) -> set[str]:
         return set()
 
 
-def _mark(directory: Path, name: str) -> None:
+def _mark(directory: Path, names: Sequence[str]) -> None:
+    """Markers for every copy a receive may create, durable before it starts: one directory sync
+    for a whole chain (an empty file has no data of its own to sync)."""
     with private_dir(directory / MARKERS, own=1, create=True) as fd:
-        create_empty(fd, name)
+        for name in names:
+            create_empty(fd, name, sync=False)
+        sync_dir(fd)
 
 
 def _unmark(directory: Path, name: str) -> None:
@@ -156,13 +160,20 @@ def _delete(path: Path) -> None:
         raise BackendError(f"{path}: delete failed: {e.strerror or e}") from e
 
 
-def _holds_same_data(directory: Path, parent_uuid: bytes) -> bool:
-    """Whether the subvolume a received copy was snapshotted from is one of this dataset's copies,
-    or a subvolume elsewhere on the filesystem carrying the same identity as one of them (btrfs
-    picks any subvolume with the parent's received_uuid: a restore next to an earlier one, say).
-    Anything else would let a stream read another root's data."""
-    own = {i.uuid for _, i in _subvolumes(directory)} | {i.received_uuid for _, i in _subvolumes(directory)}
+def _identities(directory: Path) -> set[bytes]:
+    """The uuids and received uuids of the dataset's copies: what a received copy may be made from."""
+    own: set[bytes] = set()
+    for _, info in _subvolumes(directory):
+        own |= {info.uuid, info.received_uuid}
     own.discard(_NO_UUID)
+    return own
+
+
+def _holds_same_data(directory: Path, parent_uuid: bytes, own: set[bytes]) -> bool:
+    """Whether the subvolume a received copy was snapshotted from is one of this dataset's copies
+    (``own``: :func:`_identities`), or a subvolume elsewhere on the filesystem carrying the same
+    identity as one of them (btrfs picks any subvolume with the parent's received_uuid: a restore
+    next to an earlier one, say). Anything else would let a stream read another root's data."""
     if parent_uuid in own:
         return True
     mount = Path(os.path.abspath(directory))
@@ -275,8 +286,7 @@ class BtrfsReceiver:
             for n in names:
                 if os.path.lexists(directory / n):
                     raise BackendError(f"{rel}/{n} already exists on the target")
-            for n in names:
-                _mark(directory, n)
+            _mark(directory, names)
             procs: list[Proc] = []
             try:
                 with private_dir(directory, own=1) as home:
@@ -308,14 +318,15 @@ class BtrfsReceiver:
                                 raise
                             stopped = e
                         self._check_staged(staging, names, partial_ok=stopped is not None)
+                        own = _identities(directory)  # once: each copy of a chain adds its own below
                         for n, g in chain:
                             try:
-                                self._verify(directory, staging, n, g)
+                                self._verify(directory, staging, n, g, own)
                             except BackendError as e:
                                 if not committed:
                                     raise stopped or e from None
                                 raise PartialReceive(f"{stopped or e}; received {', '.join(committed)} before it", committed) from e
-                            self._move_into_place(home, staging, n, g)
+                            own |= self._move_into_place(home, staging, n, g)
                             _unmark(directory, n)
                             committed.append(n)
                     finally:
@@ -367,7 +378,7 @@ class BtrfsReceiver:
             what = " and ".join(names) if len(names) < 3 else f"{names[0]} .. {names[-1]} ({len(names)})"
             raise BackendError(f"btrfs receive created {', '.join(found) or 'nothing'}, not the subvolume {what}; refusing the stream")
 
-    def _verify(self, directory: Path, staging: int, name: str, guid: str) -> None:
+    def _verify(self, directory: Path, staging: int, name: str, guid: str, own: set[bytes]) -> None:
         """Staged ``name`` is one read-only subvolume carrying ``guid``, made from nothing or from one
         of this dataset's own copies."""
         path = fd_path(staging, name)
@@ -380,13 +391,14 @@ class BtrfsReceiver:
                 f"received {name} is incomplete (read_only={copy.read_only}, received_uuid={copy.received_uuid}, "
                 f"expected {guid}); discarded"
             )
-        if info.parent_uuid != _NO_UUID and not _holds_same_data(directory, info.parent_uuid):
+        if info.parent_uuid != _NO_UUID and not _holds_same_data(directory, info.parent_uuid, own):
             raise BackendError(
                 f"received {name} was made from subvolume {info.parent_uuid.hex()}, which is not a copy in {directory}; "
                 "a stream may only build on this dataset's own copies: refused"
             )
 
-    def _move_into_place(self, home: int, staging: int, name: str, guid: str) -> None:
+    def _move_into_place(self, home: int, staging: int, name: str, guid: str) -> set[bytes]:
+        """Returns the placed copy's identities, which the next copy of a chain may be made from."""
         staged = fd_path(staging, name)
         btrfsutil.set_subvolume_read_only(staged, False)
         os.rename(name, name, src_dir_fd=staging, dst_dir_fd=home)
@@ -396,6 +408,7 @@ class BtrfsReceiver:
         if not copy.read_only or copy.received_uuid != guid:
             raise BackendError(f"{name}: lost its identity while moved into place (received_uuid={copy.received_uuid}); discarded")
         os.fsync(home)
+        return {bytes.fromhex(copy.uuid), bytes.fromhex(guid)}
 
     def resume(self, rel: str, stdin: int, compress: str = "none") -> dict[str, object]:
         raise Refused("resumable receive is a ZFS feature; this btrfs target has nothing to resume")

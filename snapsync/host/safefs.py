@@ -156,8 +156,10 @@ def write_atomic(dirfd: int, name: str, data: bytes, mode: int = 0o600) -> None:
     sync_dir(dirfd)
 
 
-def create_empty(dirfd: int, name: str, mode: int = 0o600) -> None:
-    """A new empty file (a marker); one that is already there must be a regular file of ours."""
+def create_empty(dirfd: int, name: str, mode: int = 0o600, sync: bool = True) -> None:
+    """A new empty file (a marker); one that is already there must be a regular file of ours.
+
+    ``sync=False`` leaves the directory's fsync to the caller, who makes several and syncs once."""
     try:
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dirfd)
     except FileExistsError:
@@ -167,10 +169,12 @@ def create_empty(dirfd: int, name: str, mode: int = 0o600) -> None:
         check_private(st, name, "file")
         return
     try:
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
-    sync_dir(dirfd)
+    if sync:
+        sync_dir(dirfd)
 
 
 def remove(dirfd: int, name: str) -> bool:
