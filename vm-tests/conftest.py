@@ -116,7 +116,7 @@ def guest_pytest(machine: Machine, args: str, env: dict[str, str] | None = None)
     """Run pytest inside the guest on the project tree; fail here with its output if it fails."""
     environment = {"SNAPSYNC_IN_GUEST": "1", "SNAPSYNC_ZFS_POOL": POOL, **(env or {})}
     result = machine.run(
-        f"cd {GUEST_REPO} && {GUEST_VENV}/bin/python -m pytest -p no:cacheprovider -q -rs {args}",
+        f"cd {GUEST_REPO} && {GUEST_VENV}/bin/python -m pytest -p no:cacheprovider -q -rs --durations=12 {args}",
         env=environment, timeout=3600,
     )
     if result.returncode != 0:

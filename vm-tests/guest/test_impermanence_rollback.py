@@ -45,9 +45,10 @@ class Host:
         self.mount = f"var-lib-svc{tag}.mount"
         self.service = f"svc{tag}.service"
         (UNITS / self.mount).write_text(f"[Mount]\nWhat={self.data}\nWhere={self.where}\nType=none\nOptions=bind,nosuid\n")
+        # the heartbeat is renamed into place: a stop between truncating and writing it must not empty it
         (UNITS / self.service).write_text(
             f"[Unit]\nRequiresMountsFor={self.where}\n[Service]\n"
-            f"ExecStart=/bin/sh -c 'cd {self.where} && while :; do date +%%s.%%N > heartbeat; sleep 0.2; done'\n"
+            f"ExecStart=/bin/sh -c 'cd {self.where} && while :; do date +%%s.%%N > heartbeat.new && mv heartbeat.new heartbeat; sleep 0.2; done'\n"
         )
         sh("systemctl", "daemon-reload")
         sh("systemctl", "start", self.mount, self.service)
