@@ -33,7 +33,7 @@ ZFS_CANNOT = ("cannot hold a writable object in its snapshot namespace", "is not
 
 
 @pytest.fixture(scope="module")
-def contract_in_beta(beta: Machine, request: pytest.FixtureRequest) -> Iterator[Future[str] | None]:
+def contract_in_beta(guests: tuple[Machine, Machine], request: pytest.FixtureRequest) -> Iterator[Future[str] | None]:
     """The contract suite, started in the second guest while the first runs the ZFS-specific suite:
     under emulation each suite keeps about one host core busy, and the second guest idles otherwise.
     None when the contract test is not selected (``-k zfs_specific``)."""
@@ -42,7 +42,7 @@ def contract_in_beta(beta: Machine, request: pytest.FixtureRequest) -> Iterator[
         return
     select = os.environ.get("SNAPSYNC_GUEST_SELECT", "")
     with ThreadPoolExecutor(max_workers=1) as pool:
-        yield pool.submit(guest_pytest, beta, f"tests/contract {select}".strip(), {"SNAPSYNC_CONTRACT_BACKENDS": "zfs,zfs-cli"})
+        yield pool.submit(guest_pytest, guests[1], f"tests/contract {select}".strip(), {"SNAPSYNC_CONTRACT_BACKENDS": "zfs,zfs-cli"})
 
 
 def test_zfs_specific_suite(alpha: Machine, contract_in_beta: Future[str] | None) -> None:
