@@ -7,10 +7,7 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 
-import pytest
 from conftest import REPO, guest_pytest
 from machine import Machine
 
@@ -32,34 +29,21 @@ def _passed(output: str) -> int:
 ZFS_CANNOT = ("cannot hold a writable object in its snapshot namespace", "is not a valid dataset name on this filesystem")
 
 
-@pytest.fixture(scope="module")
-def contract_in_beta(guests: tuple[Machine, Machine], request: pytest.FixtureRequest) -> Iterator[Future[str] | None]:
-    """The contract suite, started in the second guest while the first runs the ZFS-specific suite:
-    under emulation each suite keeps about one host core busy, and the second guest idles otherwise.
-    None when the contract test is not selected (``-k zfs_specific``)."""
-    if not any(item.name.startswith("test_contract_suite") for item in request.session.items):
-        yield None
-        return
+def test_contract_suite_against_zfs_with_libzfs_core_and_cli_only(alpha: Machine) -> None:
     select = os.environ.get("SNAPSYNC_GUEST_SELECT", "")
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        yield pool.submit(guest_pytest, guests[1], f"tests/contract {select}".strip(), {"SNAPSYNC_CONTRACT_BACKENDS": "zfs,zfs-cli"})
-
-
-def test_zfs_specific_suite(alpha: Machine, contract_in_beta: Future[str] | None) -> None:
-    """``SNAPSYNC_GUEST_SELECT`` (e.g. ``-k bookmark``) narrows it while working on one guest test."""
-    out = guest_pytest(alpha, f"vm-tests/guest {os.environ.get('SNAPSYNC_GUEST_SELECT', '')}".strip())
+    out = guest_pytest(alpha, f"tests/contract {select}".strip(), {"SNAPSYNC_CONTRACT_BACKENDS": "zfs,zfs-cli"})
     print(out[-5000:])
-    assert _passed(out) > 0 and " failed" not in out, out[-1500:]
-
-
-def test_contract_suite_against_zfs_with_libzfs_core_and_cli_only(contract_in_beta: Future[str] | None) -> None:
-    assert contract_in_beta is not None
-    out = contract_in_beta.result()
-    print(out[-5000:])
-    if os.environ.get("SNAPSYNC_GUEST_SELECT"):  # a narrowed run: the count below is for the whole suite
+    if select:  # a narrowed run: the count below is for the whole suite
         return
     skipped = [line for line in out.splitlines() if line.startswith("SKIPPED")]
     assert all(any(reason in line for reason in ZFS_CANNOT) for line in skipped), skipped
     per_backend = _collected_here("tests/contract")
     skipped_count = int(m.group(1)) if (m := re.search(r"(\d+) skipped", out)) else 0
     assert _passed(out) + skipped_count == 2 * per_backend, f"expected {per_backend} tests per backend:\n{out[-1500:]}"
+
+
+def test_zfs_specific_suite(alpha: Machine) -> None:
+    """``SNAPSYNC_GUEST_SELECT`` (e.g. ``-k bookmark``) narrows it while working on one guest test."""
+    out = guest_pytest(alpha, f"vm-tests/guest {os.environ.get('SNAPSYNC_GUEST_SELECT', '')}".strip())
+    print(out[-5000:])
+    assert _passed(out) > 0 and " failed" not in out, out[-1500:]
