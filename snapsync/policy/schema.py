@@ -105,8 +105,9 @@ def _zones() -> frozenset[str]:
 
 def _zone(name: str) -> str:
     """Loading the one zone named is ~0.1 ms; listing them all (for the error's suggestions) is ~30 ms
-    a run."""
-    if name and name not in ("localtime", "posixrules"):
+    a run. Names the listing leaves out (the tz database's ``posix/`` and ``right/`` copies, its
+    ``localtime`` and ``posixrules`` files) are decided by the listing, as before."""
+    if name and name not in ("localtime", "posixrules") and name.split("/", 1)[0] not in ("posix", "right"):
         try:
             ZoneInfo(name)
             return name
