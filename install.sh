@@ -37,5 +37,8 @@ python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test]'
+# An editable install writes no bytecode, and where PYTHONDONTWRITEBYTECODE is set no import does either:
+# every snapsync process would compile its modules again (about 0.1 s a command, 40 ms a serve session).
+.venv/bin/python -m compileall -q snapsync >/dev/null
 ln -sf "$PWD/.venv/bin/snapsync" /usr/local/bin/snapsync
 echo "install.sh: installed $(.venv/bin/snapsync --version) -> /usr/local/bin/snapsync"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.bytecode import compile_checkout  # noqa: E402
 import btrfsutil  # noqa: E402
 
 from snapsync.backends.scratch import scratch_btrfs  # noqa: E402
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--snapshots", type=int, default=10_000)
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
+    compile_checkout(Path(__file__).resolve().parent.parent)
 
     with scratch_btrfs("2G", label="snapsync-bench") as mnt:
         dataset = mnt / "persist" / "data"

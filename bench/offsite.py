@@ -36,6 +36,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.bytecode import compile_checkout  # noqa: E402
 from bench.replicate import HWM_WRAPPER  # noqa: E402
 from snapsync.backends.scratch import scratch_btrfs  # noqa: E402
 from snapsync.policy.units import parse_size  # noqa: E402
@@ -70,6 +71,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    compile_checkout(REPO)
 
     import boto3
     from boto3.s3.transfer import TransferConfig

@@ -49,6 +49,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.bytecode import compile_checkout  # noqa: E402
 import btrfsutil  # noqa: E402
 
 from snapsync.backends.scratch import _bytes, scratch_btrfs  # noqa: E402
@@ -503,6 +504,8 @@ def main() -> None:
     parser.add_argument("--catch-up", type=int, default=None, metavar="N",
                         help="instead: N small pending snapshots to one local target, against a raw chain into one receive")
     args = parser.parse_args()
+    for checkout in {REPO, Path(os.environ.get("SNAPSYNC_BENCH_REPO", REPO))}:
+        compile_checkout(checkout)
     if args.zfs:
         zfs_in_guest(args)
         return

@@ -32,6 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.bytecode import compile_checkout  # noqa: E402
 from snapsync.backends.scratch import scratch_btrfs  # noqa: E402
 from snapsync.policy.units import parse_size  # noqa: E402
 from snapsync.offsite.sealing import create_key_file  # noqa: E402
@@ -54,6 +55,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    compile_checkout(REPO)
     fs = f"{(args.size * (6 + 5 * args.rounds)) // (1 << 20) + 2048}M"  # sparse: source, copies, stream, 4 restores a round
     snapsync = [sys.executable, "-m", "snapsync"]
     results: dict[str, list[float]] = {"peer": [], "peer_raw": [], "offsite": [], "offsite_raw": []}

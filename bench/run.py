@@ -38,6 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.bytecode import compile_checkout  # noqa: E402
 import btrfsutil  # noqa: E402
 
 from snapsync.backends.scratch import scratch_btrfs  # noqa: E402
@@ -162,6 +163,7 @@ def main() -> None:
     parser.add_argument("--tmp", default="/var/tmp")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    compile_checkout(Path(os.environ.get("SNAPSYNC_BENCH_REPO", REPO)))
     load = os.getloadavg()[0]
     env = {**os.environ, "PYTHONPATH": os.environ.get("SNAPSYNC_BENCH_REPO", str(REPO)), "SNAPSYNC_STATE_DIR": "", "SNAPSYNC_LOCK_DIR": ""}
     with ExitStack() as stack:

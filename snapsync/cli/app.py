@@ -3,9 +3,11 @@
 Exit codes: 0 ok, 1 partial failure (some group failed; the others were done), 2 bad input or
 usage (nothing was done), 3 another run holds the policy's lock, 128 + N stopped by signal N
 (SIGINT 130, SIGTERM 143, SIGHUP 129), after the same cleanup for all three.
-"""
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: typer reads every command's annotations at each
+start, and as strings each would be compiled and evaluated again (about 5% of a short command).
+Names imported only for type checking are quoted.
+"""
 
 import json
 import logging
@@ -101,13 +103,13 @@ def _main(
     setup(log_format, logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
 
 
-def _load(path: str | None = None, check_programs: bool = True) -> Policy:
+def _load(path: str | None = None, check_programs: bool = True) -> "Policy":
     from snapsync.policy.loader import load_policy
 
     return load_policy(path or State.policy_path, check_programs)
 
 
-def _runner(policy: Policy, progress: ProgressFactory | None = None) -> Runner:
+def _runner(policy: "Policy", progress: "ProgressFactory | None" = None) -> "Runner":
     from snapsync.clock import SystemClock
     from snapsync.ops.runner import Runner
 
@@ -115,7 +117,7 @@ def _runner(policy: Policy, progress: ProgressFactory | None = None) -> Runner:
 
 
 @contextmanager
-def _progress(as_json: bool) -> Iterator[ProgressFactory | None]:
+def _progress(as_json: bool) -> "Iterator[ProgressFactory | None]":
     """Progress bars on a terminal; nothing under cron, systemd or --json."""
     if as_json or not err.is_terminal:
         yield None
@@ -126,7 +128,7 @@ def _progress(as_json: bool) -> Iterator[ProgressFactory | None]:
         yield factory
 
 
-def _finish(reports: list[GroupReport], as_json: bool, explain: bool = False) -> int:
+def _finish(reports: "list[GroupReport]", as_json: bool, explain: bool = False) -> int:
     from snapsync.cli.render import render_reports
 
     if as_json:
@@ -164,7 +166,7 @@ def _act(
     selected = select_groups(policy, groups or []) if policy.groups or groups else []
     pulls = select_targets(policy, targets or []) if replicate and not groups else []
 
-    def go() -> list[GroupReport]:
+    def go() -> "list[GroupReport]":
         with _progress(as_json) as progress:
             return _runner(policy, progress).run(
                 selected, take=take, only_due=only_due, prune=prune, dry_run=dry_run,
@@ -334,7 +336,7 @@ def list_(
 
 
 def _list_group(
-    runner: Runner, group: Group, holdings: TargetHoldings | None, as_json: bool
+    runner: "Runner", group: "Group", holdings: "TargetHoldings | None", as_json: bool
 ) -> tuple[dict[str, object], bool]:
     """One group of `list`: its JSON entry, and whether it is all well; rendered as it goes unless ``as_json``."""
     from snapsync.cli.render import render_listing, render_target_state
@@ -357,7 +359,7 @@ def _list_group(
         cast(list[str], entry["errors"]).append(f"cannot tell why holds are kept: {e}")
     now = runner.clock.now()
 
-    def why(ds: str, snap: SnapshotInfo) -> list[str]:
+    def why(ds: str, snap: "SnapshotInfo") -> list[str]:
         when = parse_snapshot_name(group.prefix, snap.name)
         future = ["dated after the clock: never sent, pruning waits (see `snapsync check`)"] if when and when > now else []
         return future + (reviews[ds].why(snap) if ds in reviews else [])
@@ -384,7 +386,7 @@ def _list_group(
     return entry, all(t.ok for t in targets)
 
 
-def _list_end(listed: list[tuple[dict[str, object], bool]], pulls: list[TargetReport], as_json: bool) -> int:
+def _list_end(listed: list[tuple[dict[str, object], bool]], pulls: "list[TargetReport]", as_json: bool) -> int:
     """The pulls (after every group), or the whole listing as JSON; the exit status of `list`."""
     from snapsync.cli.render import render_target_state
 
@@ -492,7 +494,7 @@ def policy_check(
     return EXIT_OK
 
 
-def _offsite_target(policy: Policy, name: str) -> DirTarget | S3Target:
+def _offsite_target(policy: "Policy", name: str) -> "DirTarget | S3Target":
     from snapsync.errors import UsageError
     from snapsync.policy.schema import DirTarget, S3Target  # noqa: F811
 

@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
+import re
 import socket
 import stat
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
-
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.registry import Collector
 
 from snapsync import __version__
 from snapsync.plan.naming import parse_snapshot_name
@@ -184,18 +182,73 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
 }
 
 
-def families(state: State, now: datetime, host: str, limits: Limits | None = None, *, policy: str) -> list[Metric]:
+@dataclass(frozen=True)
+class Sample:
+    name: str
+    labels: dict[str, str]
+    value: float
+
+
+@dataclass
+class Family:
+    """One metric family as the text format shows it (a counter's samples end in ``_total``)."""
+
+    name: str
+    kind: str
+    doc: str
+    labels: tuple[str, ...]
+    samples: list[Sample] = field(default_factory=list)
+
+    def add(self, values: Sequence[str], value: float) -> None:
+        name = f"{self.name}_total" if self.kind == "counter" else self.name
+        self.samples.append(Sample(name, dict(zip(self.labels, values, strict=True)), value))
+
+
+def _go_float(value: float) -> str:
+    """A value as Prometheus (Go) prints it: exponents from 10^7 on, as prometheus_client does."""
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if math.isnan(value):
+        return "NaN"
+    s = repr(value)
+    dot = s.find(".")
+    if value > 0 and dot > 6:
+        return f"{s[0]}.{s[1:dot]}{s[dot + 1:]}".rstrip("0.") + f"e+{dot - 1:02d}"
+    return s
+
+
+def _label_value(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def exposition(fams: Iterable[Family]) -> bytes:
+    """The Prometheus text format (version 0.0.4) that node_exporter's textfile collector reads.
+
+    Written here rather than with prometheus_client: importing that package loads its HTTP server,
+    WSGI and process collectors, about a sixth of a short command's start-up. The tests hold this
+    byte for byte to prometheus_client's ``generate_latest`` and read it back with its parser."""
+    out: list[str] = []
+    for f in fams:
+        shown = f"{f.name}_total" if f.kind == "counter" else f.name
+        doc = f.doc.replace("\\", "\\\\").replace("\n", "\\n")
+        out += [f"# HELP {shown} {doc}\n", f"# TYPE {shown} {f.kind}\n"]
+        for s in f.samples:
+            labels = ",".join(f'{k}="{_label_value(v)}"' for k, v in sorted(s.labels.items()))
+            out.append(f"{s.name}{{{labels}}} {_go_float(s.value)}\n" if labels else f"{s.name} {_go_float(s.value)}\n")
+    return "".join(out).encode()
+
+
+def families(state: State, now: datetime, host: str, limits: Limits | None = None, *, policy: str) -> list[Family]:
     """Every metric family the textfile holds, from the remembered state at ``now``; ``policy`` labels each series."""
-    fams: dict[str, Metric] = {}
+    fams: dict[str, Family] = {}
 
     def emit(name: str, labels: Sequence[str], value: float | None) -> None:
         if value is None:
             return
         if name not in fams:
             kind, names, doc = METRICS[name]
-            family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
-            fams[name] = family(name, doc, labels=("policy", *names))
-        fams[name].add_metric([policy, *labels], float(value))  # type: ignore[attr-defined]
+            fams[name] = Family(name, kind, doc, ("policy", *names))
+        fams[name].add([policy, *labels], float(value))
 
     emit("snapsync_info", [__version__, host], 1)
     emit("snapsync_textfile_written_timestamp_seconds", [], now.timestamp())
@@ -251,14 +304,6 @@ def families(state: State, now: datetime, host: str, limits: Limits | None = Non
     return list(fams.values())
 
 
-class _Families(Collector):
-    def __init__(self, metrics: list[Metric]) -> None:
-        self.metrics = metrics
-
-    def collect(self) -> Iterator[Metric]:
-        return iter(self.metrics)
-
-
 def state_path(policy: Policy) -> Path:
     """One state per textfile: two policies on a host, each with its own textfile, keep apart."""
     tag = hashlib.sha256(str(textfile_path(policy)).encode()).hexdigest()[:12]
@@ -296,9 +341,7 @@ def write_textfile(
     """Atomically: a temporary file beside it (not ``*.prom``, so the collector never reads it half
     written), renamed over. Mode 0644 whatever the umask: node_exporter runs as another user. The
     directory must be root's alone (see :mod:`snapsync.host.safefs`): a shared one is refused."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Families(families(state, now, host, limits, policy=policy)))
-    data = generate_latest(registry)
+    data = exposition(families(state, now, host, limits, policy=policy))
     with private_dir(path.parent, own=1, create=True, mode=0o755) as dirfd:
         write_atomic(dirfd, path.name, data, mode=0o644)
 
@@ -371,14 +414,20 @@ def _head(path: Path) -> bytes:
         os.close(fd)
 
 
+_LABEL = re.compile(r'([a-zA-Z_]\w*)="((?:[^"\\]|\\.)*)"')
+_INFO = re.compile(r'snapsync_info\{((?:[a-zA-Z_]\w*="(?:[^"\\]|\\.)*",?)*)\} \S+$')
+
+
 def _policy_of(head: bytes) -> str | None:
-    """The ``policy`` label of the ``snapsync_info`` sample in the start of a textfile, if there is one."""
-    for line in head.decode(errors="replace").splitlines():
+    """The ``policy`` label of the ``snapsync_info`` sample in the start of a textfile, if there is one: the
+    line as :func:`exposition` writes it (another program's file, or a line cut short, has none)."""
+    for line in head.decode(errors="replace").split("\n"):
         if line.startswith("snapsync_info{"):
-            try:
-                return next(s.labels.get("policy") for f in text_string_to_metric_families(line + "\n") for s in f.samples)
-            except (ValueError, StopIteration):  # another program's file, or a line cut short
+            whole = _INFO.match(line)
+            if whole is None:
                 return None
+            labels = {k: re.sub(r"\\(.)", lambda m: "\n" if m[1] == "n" else m[1], v) for k, v in _LABEL.findall(whole[1])}
+            return labels.get("policy")
     return None
 
 

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from snapsync import __version__
 from snapsync.recovery.drill import DrillReport
 from snapsync.ops.hooks import Check, HookReport
 from snapsync.host.logs import JsonFormatter, TextFormatter
-from snapsync.ops.metrics import observe_drills, observe_run, write_textfile
+from snapsync.ops.metrics import METRICS, Family, _policy_of, exposition, observe_drills, observe_run, write_textfile
 from snapsync.replication.replicate import Sent, TargetReport
 from snapsync.ops.runner import GroupReport
 from tests.promtext import Metrics
@@ -122,3 +129,60 @@ def test_the_newest_snapshot_follows_a_prune_plan_back_after_one_was_deleted_by_
     assert observe_run(state, "prune", [pruned], T0, T0, PREFIXES)["groups"]["db"]["newest_snapshot"] == T0.timestamp()
     replicated = GroupReport("db", targets=[TargetReport("db", "nas", newest_source=older)])
     assert observe_run(state, "replicate", [replicated], T0, T0, PREFIXES)["groups"]["db"]["newest_snapshot"] == (T0 + timedelta(hours=2)).timestamp()
+
+
+label_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12) | st.sampled_from(['a"b', "a\\b", "a\nb", "\\n", '\\"'])
+values = st.floats(allow_nan=False) | st.sampled_from([0.0, -0.0, 1.0, 1e7, 9999999.0, 1796529128.25, 1e-9, float("inf"), float("-inf")]) | st.integers(-(10**12), 10**12).map(float)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(sorted(METRICS)), st.lists(st.tuples(label_text, label_text, label_text, label_text, values), max_size=4)),
+                max_size=6, unique_by=lambda t: t[0]))
+def test_the_textfile_is_byte_for_byte_what_prometheus_client_writes(chosen: list[tuple[str, list[tuple[str, str, str, str, float]]]]) -> None:
+    """The hand-written exposition against the library's own: same help, type lines, label order, escaping, floats."""
+    ours, theirs = [], []
+    for name, rows in chosen:
+        kind, labels, doc = METRICS[name]
+        names = ("policy", *labels)
+        mine = Family(name, kind, doc, names)
+        lib = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(name, doc, labels=names)
+        for row in rows:
+            values_, value = list(row[: len(names)]), row[4]
+            mine.add(values_, value)
+            lib.add_metric(values_, value)
+        ours.append(mine)
+        theirs.append(lib)
+
+    class Collected(Collector):
+        def collect(self) -> Iterator[Metric]:
+            return iter(theirs)
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collected())
+    assert exposition(ours) == generate_latest(registry)
+
+
+def test_the_textfile_reads_back_with_prometheus_clients_parser(tmp_path: Path) -> None:
+    state = observe_run({}, "run", [good(T0)], T0, T0 + timedelta(seconds=3), PREFIXES)
+    path = tmp_path / "m.prom"
+    write_textfile(path, state, T0 + timedelta(minutes=1), 'h"o\\st\n', policy="p\\q")
+    m = Metrics(path)
+    assert m.policy == "p\\q"
+    assert m.one("snapsync_info", version=__version__, host='h"o\\st\n') == 1
+    assert m.one("snapsync_sent_bytes_total", group="db", target="nas") == 1000
+    assert m.one("snapsync_textfile_written_timestamp_seconds") == (T0 + timedelta(minutes=1)).timestamp()
+
+
+@settings(max_examples=200, deadline=None)
+@given(label_text, label_text)
+def test_the_policy_of_a_textfile_is_read_back_from_its_info_line(policy: str, host: str) -> None:
+    info = Family("snapsync_info", "gauge", "doc", ("policy", "version", "host"))
+    info.add([policy, __version__, host], 1)
+    text = exposition([info])
+    assert _policy_of(text) == policy
+    assert _policy_of(text.rstrip(b"\n")[:-4]) is None  # a line cut short names no policy
+
+
+def test_a_hostile_info_line_is_read_in_linear_time() -> None:
+    for hostile in ('snapsync_info{a="' + '\\"' * 20000, 'snapsync_info{' + 'a="",' * 10000 + 'b', 'snapsync_info{' + 'a' * 60000):
+        assert _policy_of(hostile.encode()) is None
