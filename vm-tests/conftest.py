@@ -112,18 +112,19 @@ def beta(guests: tuple[Machine, Machine]) -> Machine:
     return guests[1]
 
 
-def guest_pytest(machine: Machine, args: str, env: dict[str, str] | None = None) -> str:
-    """Run pytest inside the guest on the project tree; fail here with its output if it fails."""
+def guest_pytest(machine: Machine, args: str, env: dict[str, str] | None = None, allow_empty: bool = False) -> str:
+    """Run pytest inside the guest on the project tree; fail here with its output if it fails
+    (``allow_empty``: a selection that matches nothing there is not a failure)."""
     environment = {"SNAPSYNC_IN_GUEST": "1", "SNAPSYNC_ZFS_POOL": POOL, **(env or {})}
     result = machine.run(
         f"cd {GUEST_REPO} && {GUEST_VENV}/bin/python -m pytest -p no:cacheprovider -q -rs --durations=12 {args}",
         env=environment, timeout=3600,
     )
-    if result.returncode != 0:
+    if result.returncode != 0 and not (allow_empty and result.returncode == 5):
         pytest.fail(f"pytest in guest {machine.name} failed ({result.returncode}):\n{result.stdout[-8000:]}\n{result.stderr[-2000:]}")
     summary = os.environ.get("SNAPSYNC_VM_SUMMARY")
     if summary:  # vm-tests/run prints what ran inside the guests, not only the host-side count
         last = [line for line in result.stdout.splitlines() if " in " in line and ("passed" in line or "failed" in line)]
         with open(summary, "a") as f:
-            f.write(f"  in guest: pytest {args}: {last[-1].strip('= ') if last else '?'}\n")
+            f.write(f"  in guest {machine.name}: pytest {args}: {last[-1].strip('= ') if last else '?'}\n")
     return result.stdout
