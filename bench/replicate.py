@@ -57,6 +57,8 @@ from tests.sshd import Sshd, free_port, keygen, sshd_unavailable  # noqa: E402
 
 GOAL_RATIO = 0.95
 GOAL_RSS_MB = 150.0
+GOAL_NOOP_LOCAL = 0.15
+GOAL_NOOP_SSH = 1.5
 MB = 1_000_000
 MIB = 1 << 20
 SMALL_FILE = 64 << 10
@@ -352,7 +354,10 @@ def raw_pipe(b: Bench, mnt: Path, over_ssh: bool, sizes: dict[str, int]) -> dict
     full, _ = timed(b, mnt, sh(f"btrfs send -q {q1} | {recv}"))
     incr, _ = timed(b, mnt, sh(f"btrfs send -q -p {q1} {q2} | {recv}"))
     assert received_ok(root / b.s2.name, b.s2), f"raw pipe: {root / b.s2.name} is not a complete copy of S2"
-    return {"full": Timing(full, sizes["full"]), "incremental": Timing(incr, sizes["incremental"])}
+    # The floor of a run with nothing to send: reach the target (ssh: `ssh host true`) and list it once.
+    reach = f"{shlex.join(b.ssh_argv())} true; " if over_ssh else ""
+    noop, _ = timed(b, mnt, sh(f"{reach}btrfs subvolume list {shlex.quote(str(root))} >/dev/null"))
+    return {"full": Timing(full, sizes["full"]), "incremental": Timing(incr, sizes["incremental"]), "noop": Timing(noop, 0)}
 
 
 def snapsync_replicate(b: Bench, mnt: Path, over_ssh: bool, sizes: dict[str, int]) -> dict[str, Timing]:
@@ -548,6 +553,7 @@ def main() -> None:
 
 
 GOAL_CATCH_UP = 0.9
+GOAL_CATCH_UP_ZFS = 0.8
 
 
 def catch_up(n: int, rounds: int, tmp: str, as_json: bool) -> None:
@@ -650,8 +656,9 @@ def zfs_in_guest(args: argparse.Namespace) -> None:
             say("booting the guest and installing snapsync ...")
             machine.boot()
             _install(machine, build_wheels(work / "wheels"))
-            say(f"running bench/replicate_zfs.py --size {size_mib} --rounds {rounds} in the guest ...")
-            result = machine.run(f"cd /root/snapsync && /opt/snapsync/bin/python bench/replicate_zfs.py --size {size_mib} --rounds {rounds}",
+            extra = f" --catch-up {args.catch_up}" if args.catch_up else ""
+            say(f"running bench/replicate_zfs.py --size {size_mib} --rounds {rounds}{extra} in the guest ...")
+            result = machine.run(f"cd /root/snapsync && /opt/snapsync/bin/python bench/replicate_zfs.py --size {size_mib} --rounds {rounds}{extra}",
                                  timeout=3600).check()
         finally:
             machine.stop()
@@ -659,6 +666,13 @@ def zfs_in_guest(args: argparse.Namespace) -> None:
     report["guest"] = {"zfs": machine.zfs_version, "boot_seconds": round(machine.boot_seconds, 1)}
     if args.json:
         print(json.dumps(report, indent=1))
+        return
+    if args.catch_up:
+        med = report["median"]
+        print(f"ZFS in a QEMU TCG guest (OpenZFS {machine.zfs_version}): catch-up of {args.catch_up} snapshots "
+              f"({report['stream_bytes'] / MB:.1f} MB of streams), {rounds} round(s)")
+        print(f"raw zfs send -I into one receive {med['raw']:.2f}s   snapsync replicate {med['snapsync']:.2f}s   "
+              f"ratio {report['ratio']:.2f}x (goal >= {GOAL_CATCH_UP_ZFS}x): {'PASS' if report['ratio'] >= GOAL_CATCH_UP_ZFS else 'MISS'}")
         return
     med, ratio, stream = report["median"], report["ratio"], report["stream_bytes"]
     print(f"ZFS in a QEMU TCG guest (OpenZFS {machine.zfs_version}), {size_mib} MiB random data, {rounds} round(s), medians:")
@@ -714,11 +728,22 @@ def summarize(b: Bench, args: argparse.Namespace, rounds: int, sizes: dict[str, 
     rss = max(r["client_rss_mb"] for r in rows if "client_rss_mb" in r)
     noop = {name: round(statistics.median(res["noop"].seconds for res in results[name]), 3)
             for name in results if results[name] and "noop" in results[name][0]}
+    noop_goals = []
+    for name, baseline, *_ in contestants:
+        if baseline is None or name not in noop or baseline not in noop:
+            continue
+        if "ssh" in name:  # the goal: <= 1.5x one `ssh host true` plus one listing of the target
+            ratio = noop[name] / noop[baseline]
+            noop_goals.append({"contestant": name, "seconds": noop[name], "floor_seconds": noop[baseline],
+                               "goal": f"<= {GOAL_NOOP_SSH}x ssh true + listing", "value": f"{ratio:.2f}x", "pass": ratio <= GOAL_NOOP_SSH})
+        else:
+            noop_goals.append({"contestant": name, "seconds": noop[name], "floor_seconds": noop[baseline],
+                               "goal": f"<= {GOAL_NOOP_LOCAL} s", "value": f"{noop[name]:.2f} s", "pass": noop[name] <= GOAL_NOOP_LOCAL})
     return {
         "dataset": b.recipe.describe(), "dataset_bytes": b.recipe.total, "rounds": rounds,
         "cache": "cold (dropped before each run)" if b.cold else "warm", "cpus": os.cpu_count(),
         "stream_bytes": sizes, "send_only_mb_per_s": {k: round(sizes[k] / v / MB, 1) for k, v in send_only.items()},
-        "rows": rows, "noop_seconds": noop, "goal_ratio": GOAL_RATIO, "goal_rss_mb": GOAL_RSS_MB,
+        "rows": rows, "noop_seconds": noop, "noop_goals": noop_goals, "goal_ratio": GOAL_RATIO, "goal_rss_mb": GOAL_RSS_MB,
         "peak_client_rss_mb": rss, "rss_pass": rss < GOAL_RSS_MB, "notes": b.notes,
         "snapsync_revision": revision(), "loadavg_start": b.load_start, "loadavg_end": os.getloadavg()[0], "startup_seconds": round(startup_seconds(), 3),
     }
@@ -762,8 +787,11 @@ def print_table(rep: dict[str, Any]) -> None:
         for r in own
     ))
     print("fixed cost: replicate with nothing to send " + ", ".join(
-        f"{name.split()[1]} {sec:.2f}s" for name, sec in rep["noop_seconds"].items()
+        f"{name.split()[1]} {sec:.2f}s" for name, sec in rep["noop_seconds"].items() if name.startswith("snapsync")
     ) + f"; `snapsync --version` start-up {rep['startup_seconds']:.2f}s")
+    for g in rep["noop_goals"]:
+        print(f"goal {g['contestant']} with nothing to send {g['goal']}: {g['seconds']:.2f} s (floor {g['floor_seconds']:.2f} s), "
+              f"{g['value']} {'PASS' if g['pass'] else 'MISS'}")
     for note in rep["notes"]:
         print(f"note: {note}")
 

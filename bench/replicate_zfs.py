@@ -14,6 +14,9 @@ run (Python start-up, listings, holds and bookmarks, each ``zfs`` command costin
 measured separately as a ``replicate`` with nothing to send, so the table shows the whole-run
 ratio, the ratio with that fixed cost taken out, and the ratio of the raw pipe to snapsync's own
 stream seconds (from ``zfs send`` start to the receiving session's answer).
+
+``--catch-up N``: instead, N small snapshots pending (a host that was away), per round, against
+``zfs send -c -I`` of the same N into one ``zfs receive``. Both destinations get the base untimed first.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def change(directory: Path, size: int) -> None:
 
 def policy(path: Path, source: str, target_root: str) -> None:
     path.write_text("\n".join([
-        "version = 1", 'host = "bench"', "[defaults]", 'interval = "1d"', "[defaults.retention]", "keep_last = 100",
+        "version = 1", 'host = "bench"', "[defaults]", 'interval = "1d"', "[defaults.retention]", "keep_last = 10000",
         "[groups.bench]", 'backend = "zfs"', f'datasets = ["{source}"]', 'targets = ["dst"]',
         "[targets.dst]", 'type = "local"', f'path = "{target_root}"',
     ]) + "\n")
@@ -77,7 +80,11 @@ def main() -> None:
     parser.add_argument("--pool", default="tank")
     parser.add_argument("--size", type=int, default=48, help="MiB of random data (default 48)")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--catch-up", type=int, default=None, metavar="N")
     args = parser.parse_args()
+    if args.catch_up:
+        catch_up(args.pool, args.catch_up, args.rounds)
+        return
     size = args.size << 20
     base = f"{args.pool}/bench"
     src = f"{base}/src"
@@ -132,6 +139,50 @@ def main() -> None:
             "stream_only": round(raw / max(medians["snapsync"][f"stream_{kind}"], 1e-6), 3),
         }
     print(json.dumps(report))
+
+
+def catch_up(pool: str, n: int, rounds: int) -> None:
+    """N pending snapshots per round: raw ``send -I`` into one receive, against one snapsync replicate."""
+    base = f"{pool}/bench"
+    src, raw_dst, ours_dst = f"{base}/src", f"{base}/raw", f"{base}/snapsync"
+    subprocess.run(["zfs", "destroy", "-r", base], capture_output=True)
+    sh(f"zfs create -p {src}")
+    sh(f"zfs create -o canmount=off {raw_dst}")
+    sh(f"zfs create -o canmount=off {ours_dst}")
+    mount = Path(sh(f"zfs get -H -o value mountpoint {src}").strip())
+    fill(mount, 4 << 20)
+    taken = 0
+
+    def snapshot() -> str:
+        nonlocal taken
+        name = time.strftime("snapsync_%Y-%m-%dT%H:%M:%SZ", time.gmtime(1_767_225_600 + 3600 * taken))
+        (mount / f"change-{taken}.txt").write_text(f"{taken}\n" * 1000)
+        sh(f"zfs snapshot {src}@{name}")
+        taken += 1
+        return name
+
+    first = snapshot()
+    sh(f"zfs send -c {src}@{first} | zfs receive -s -u -o canmount=noauto {raw_dst}/copy")
+    pol = Path("/root/bench-zfs-catch-up.toml")
+    policy(pol, src, ours_dst)
+    snapsync_run(pol)
+    last, times, streams = first, {"raw": [], "snapsync": []}, []
+    for r in range(rounds):
+        names = [snapshot() for _ in range(n)]
+        streams.append(int(sh(f"zfs send -c -I {src}@{last} {src}@{names[-1]} | wc -c")))
+        for who in (["raw", "snapsync"] if r % 2 == 0 else ["snapsync", "raw"]):
+            if who == "raw":
+                times["raw"].append(timed(f"zfs send -c -I {src}@{last} {src}@{names[-1]} | zfs receive -s -u {raw_dst}/copy"))
+            else:
+                seconds, _, sent = snapsync_run(pol)
+                assert sent > 0
+                times["snapsync"].append(seconds)
+        last = names[-1]
+    med = {k: statistics.median(v) for k, v in times.items()}
+    sh(f"for s in $(zfs list -H -o name -t snapshot {src}); do zfs release snapsync:target:dst $s 2>/dev/null; done; "
+       f"zfs destroy -r {base}")
+    print(json.dumps({"catch_up": n, "rounds": times, "median": med, "stream_bytes": statistics.median(streams),
+                      "ratio": round(med["raw"] / med["snapsync"], 3)}))
 
 
 if __name__ == "__main__":
