@@ -11,13 +11,14 @@ Names imported only for type checking are quoted.
 
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal, NoReturn, cast
+from typing import IO, TYPE_CHECKING, Annotated, Any, Literal, NoReturn, cast
 
 import typer
 from rich.console import Console
@@ -50,8 +51,20 @@ app = typer.Typer(
 policy_app = typer.Typer(help="Validate and show policy files.", no_args_is_help=True)
 app.add_typer(policy_app, name="policy")
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+PIPE_WIDTH = 10_000
+"""Columns for output that is not a terminal: a pipe or a file gets whole lines and whole table
+cells (rich would wrap text mid-phrase and cut cells short at 80 columns)."""
+
+
+def _width(stream: IO[str]) -> int | None:
+    try:
+        return None if stream.isatty() else PIPE_WIDTH
+    except (AttributeError, ValueError):  # a closed or unusual stream: rich's default
+        return None
+
+
+out = Console(highlight=False, width=_width(sys.stdout))
+err = Console(stderr=True, highlight=False, soft_wrap=True, width=_width(sys.stderr))
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", "-n", help="Show what would be done; change nothing.")]
@@ -63,6 +76,7 @@ LockTimeoutOpt = Annotated[
 
 class State:
     policy_path: str = DEFAULT_POLICY
+    quiet: bool = False
 
 
 @dataclass
@@ -87,6 +101,9 @@ def _main(
         typer.Option("--policy", "-p", envvar="SNAPSYNC_POLICY", help="Policy file.", show_envvar=True),
     ] = DEFAULT_POLICY,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every step to stderr.")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print only problems: groups and targets that failed or warn (for cron mail).")
+    ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of internal errors.")] = False,
     log_format: Annotated[
         Literal["text", "json"],
@@ -99,6 +116,7 @@ def _main(
     from snapsync.host.logs import setup
 
     State.policy_path = policy
+    State.quiet = quiet
     ctx.ensure_object(Options).debug = debug
     setup(log_format, logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
 
@@ -134,7 +152,8 @@ def _finish(reports: "list[GroupReport]", as_json: bool, explain: bool = False) 
     if as_json:
         print(json.dumps({"groups": [r.to_json() for r in reports]}))
     else:
-        render_reports(out, reports, explain=explain)
+        shown = [r for r in reports if not r.ok or r.warnings] if State.quiet else reports
+        render_reports(out, shown, explain=explain)
     return EXIT_OK if all(r.ok for r in reports) else EXIT_PARTIAL
 
 
@@ -935,7 +954,53 @@ def _stopped() -> NoReturn:
     sys.exit(128 + signum)
 
 
+class _Stdout:
+    """Standard output that a reader who stopped reading cannot break: ``snapsync list | head`` ends
+    quietly with the command's own status, and a ``run`` whose output nobody reads any more still
+    finishes its work (post hooks above all). From the first EPIPE on, output goes to /dev/null."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+        self.gone = False
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                return self.stream.write(text)
+            except BrokenPipeError:
+                self._reader_gone()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self._reader_gone()
+
+    def _reader_gone(self) -> None:
+        self.gone = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self.stream.fileno())  # what the stream still holds drains there at exit
+        finally:
+            os.close(devnull)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
+    stdout = sys.stdout
+    sys.stdout = cast(IO[str], _Stdout(stdout))
+    try:
+        _run(argv)
+    finally:
+        sys.stdout.flush()
+        sys.stdout = stdout
+
+
+def _run(argv: list[str] | None) -> NoReturn:
     args = sys.argv[1:] if argv is None else argv
     _stop_like_sigint()
     as_json = "--json" in args

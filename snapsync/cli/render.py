@@ -156,15 +156,16 @@ def render_reports(console: Console, reports: Sequence[GroupReport], *, explain:
         if r.hooks:
             parts.append("hooks " + ", ".join(_hook(h) for h in r.hooks))
         elif r.not_due is not None:
-            parts.append(f"not due (newest {r.not_due})")
+            when = f"; next due {r.next_due.strftime('%Y-%m-%d %H:%M:%SZ')}" if r.next_due else ""
+            parts.append(f"not due (newest {r.not_due}{when})")
         if r.plan is not None:
             planned = len(r.plan.removed)
             done = planned if r.dry_run else len(r.deleted)
             parts.append(f"keep {len(r.plan.kept)}, {would}{delete} {done}" + (f" of {planned}" if done != planned else ""))
             if r.plan.future:
                 parts.append(f"{len(r.plan.future)} dated in the future (kept)")
-        status = "[green]ok[/]" if r.ok else "[red]FAILED[/]"
-        console.print(f"[bold]{r.group}[/]: {status}: " + "; ".join(parts))
+        status = "[red]FAILED[/]" if r.errors else "[green]ok[/]"  # a target's failure is on its own line
+        console.print(f"[bold]{r.group}[/]: {status}" + (": " + "; ".join(parts) if parts else ""))
         for err in r.errors:
             console.print(f"  [red]error:[/] {err}", highlight=False)
         for warning in r.warnings:
@@ -189,7 +190,8 @@ def render_listing(
 ) -> None:
     """Every snapshot and bookmark, ours and foreign, with who holds it and why it is kept."""
     for dataset, snaps in listing.items():
-        table = Table(title=f"{group} ({backend}) {dataset}", title_justify="left", show_edge=False, pad_edge=False)
+        console.print(f"{group} ({backend}) {dataset}", markup=False, highlight=False, soft_wrap=True)  # a title would wrap to the table
+        table = Table(show_edge=False, pad_edge=False)
         table.add_column("snapshot", no_wrap=True)
         table.add_column("created (fs)", no_wrap=True)
         for col in ("ro", "id", "ours", "held by"):

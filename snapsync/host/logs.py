@@ -51,6 +51,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+LIBRARIES = ("boto3", "botocore", "s3transfer", "urllib3")
+"""Loggers whose info lines ("Found credentials in shared credentials file", once per client) are
+their library's chatter, not snapsync's steps: shown with ``--debug`` only, warnings always."""
+
+
 def setup(fmt: LogFormat, level: int) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
@@ -59,6 +64,8 @@ def setup(fmt: LogFormat, level: int) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    for name in LIBRARIES:
+        logging.getLogger(name).setLevel(logging.WARNING if level > logging.DEBUG else logging.DEBUG)
 
 
 def log_reports(command: str, reports: list[GroupReport]) -> None:

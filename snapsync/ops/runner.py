@@ -20,7 +20,7 @@ from snapsync.clock import Clock
 from snapsync.errors import BackendError, DatasetMissing, SnapsyncError, UsageError
 from snapsync.ops.hooks import HookReport, Hooks, Moment
 from snapsync.plan.naming import parse_snapshot_name, snapshot_name
-from snapsync.plan.groups import GroupListing, is_due, merge_listing, plan_group_prune
+from snapsync.plan.groups import GroupListing, is_due, merge_listing, next_due, plan_group_prune
 from snapsync.plan.holds import (
     Held,
     Leftovers,
@@ -54,6 +54,7 @@ class GroupReport:
     dry_run: bool = False
     snapshot: str | None = None
     not_due: str | None = None
+    next_due: datetime | None = None
     plan: PrunePlan | None = None
     deleted: list[str] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
@@ -76,6 +77,7 @@ class GroupReport:
             "dry_run": self.dry_run,
             "snapshot": self.snapshot,
             "not_due": self.not_due,
+            "next_due": self.next_due.strftime("%Y-%m-%dT%H:%M:%SZ") if self.next_due else None,
             "deleted": self.deleted,
             "plan": self.plan.to_json() if self.plan is not None else None,
             "released_holds": self.released,
@@ -180,6 +182,7 @@ class Runner:
             newest = self.listing(group).newest_before(now)
             if not is_due(newest.created if newest else None, group.interval, now):
                 report.not_due = newest.name if newest else None
+                report.next_due = next_due(newest.created, group.interval) if newest else None
                 return
         if report.dry_run:
             for dataset in group.datasets:  # what snapshot_group checks first: the dry run fails where the run would

@@ -79,6 +79,13 @@ def is_due(newest: datetime | None, interval: timedelta, now: datetime) -> bool:
     return (now - epoch).total_seconds() // step > (newest - epoch).total_seconds() // step
 
 
+def next_due(newest: datetime, interval: timedelta) -> datetime:
+    """The first moment :func:`is_due` says yes after ``newest``: the start of the next slot."""
+    step = interval.total_seconds()
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    return epoch + timedelta(seconds=((newest - epoch).total_seconds() // step + 1) * step)
+
+
 def plan_group_prune(
     listing: GroupListing,
     rules: RetentionRules,

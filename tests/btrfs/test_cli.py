@@ -98,6 +98,11 @@ def test_run_takes_due_snapshots_once(setup: tuple[Path, Path]) -> None:
     second = json.loads(snapsync("-p", str(policy), "run", "--json").stdout)
     assert all(g["snapshot"] for g in first["groups"])
     assert all(g["snapshot"] is None and g["not_due"] for g in second["groups"])
+    assert all(g["next_due"] > g["not_due"].split("_", 1)[1] for g in second["groups"])  # the next slot, after the newest
+    third = snapsync("-p", str(policy), "run")
+    assert third.returncode == 0 and third.stdout.count("next due ") == 2, third.stdout
+    quiet = snapsync("-p", str(policy), "--quiet", "run")
+    assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""  # nothing wrong: nothing for cron to mail
 
 
 def test_missing_dataset_is_one_line_and_exit_2(tmp_path: Path, btrfs_root: Path) -> None:
@@ -218,3 +223,40 @@ def test_hooks_from_a_world_writable_policy_are_refused(tmp_path: Path) -> None:
     policy.chmod(0o666)
     proc = snapsync("-p", str(policy), "run")
     assert proc.returncode == 2 and "world-writable" in proc.stderr and "chmod go-w" in proc.stderr
+
+
+def test_piped_output_is_whole_and_a_reader_that_stops_early_ends_nothing(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    """In a pipe no line is wrapped and no cell cut short; `| head` leaves the command's status 0 and
+    stderr empty; a run whose reader is gone still does all its work."""
+    policy, root = setup
+    long_dataset = root / "persist" / ("a-dataset-with-a-name-long-enough-to-pass-eighty-columns-" * 2).rstrip("-")
+    make_subvolume(long_dataset, "long")
+    policy.write_text(policy.read_text() + f"[groups.long]\nbackend = \"btrfs\"\ndatasets = [{json.dumps(str(long_dataset))}]\n")
+    assert snapsync("-p", str(policy), "snapshot").returncode == 0
+
+    listed = snapsync("-p", str(policy), "list")
+    assert listed.returncode == 0, listed.stderr
+    assert str(long_dataset) in listed.stdout  # not wrapped at 80 columns
+    assert "…" not in listed.stdout  # no cell cut short
+
+    for args in (["list"], ["list", "--json"]):
+        piped = subprocess.run(f"{sys.executable} -m snapsync -p {policy} {' '.join(args)} | head -c 1 >/dev/null; "
+                               "echo ${PIPESTATUS[0]}", shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=120)
+        assert piped.stdout.strip() == "0" and piped.stderr == "", (args, piped.stdout, piped.stderr)
+
+    marker = tmp_path / "post-ran"
+    hook = f'[[groups.long.hooks]]\ntype = "command"\npre = ["/bin/sh", "-c", "sleep 0.5"]\npost = ["/bin/touch", "{marker}"]\n'
+    policy.write_text(policy.read_text() + hook)
+    before = len(list((root / "persist" / ".snapsync").rglob("snapsync_*")))
+    closed = subprocess.run(f"{sys.executable} -m snapsync -p {policy} snapshot | true; echo ${{PIPESTATUS[0]}}",
+                            shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=120)
+    assert closed.stdout.strip() == "0" and closed.stderr == "", closed.stdout + closed.stderr
+    assert marker.exists()
+    assert len(list((root / "persist" / ".snapsync").rglob("snapsync_*"))) > before
+
+
+def test_a_group_line_has_no_empty_status_text(setup: tuple[Path, Path]) -> None:
+    policy, _ = setup
+    done = snapsync("-p", str(policy), "replicate")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout and not any(line.rstrip().endswith("ok:") for line in done.stdout.splitlines()), done.stdout

@@ -5,10 +5,12 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from snapsync.backends.base import SnapshotInfo
 from snapsync.plan.naming import parse_snapshot_name, snapshot_name
-from snapsync.plan.groups import is_due, merge_listing
+from snapsync.plan.groups import is_due, merge_listing, next_due
 
 T = datetime(2026, 11, 26, 12, 0, 3, tzinfo=UTC)
 
@@ -86,3 +88,12 @@ def test_a_snapshot_dated_in_the_future_does_not_block_new_ones() -> None:
     listing = merge_listing("snapsync", {"a": [_snap("a", future)]})
     newest = listing.newest_before(T)
     assert newest is None and is_due(None, timedelta(hours=1), T)
+
+
+@given(st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)),
+       st.sampled_from([timedelta(minutes=15), timedelta(hours=1), timedelta(hours=6), timedelta(days=1), timedelta(days=7)]))
+def test_next_due_is_the_first_moment_a_run_takes_a_snapshot(newest: datetime, interval: timedelta) -> None:
+    due = next_due(newest, interval)
+    assert newest < due <= newest + interval
+    assert is_due(newest, interval, due)
+    assert not is_due(newest, interval, due - timedelta(microseconds=1))
