@@ -9,9 +9,11 @@ start, and as strings each would be compiled and evaluated again (about 5% of a 
 Names imported only for type checking are quoted.
 """
 
+import inspect
 import json
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Iterator
@@ -990,7 +992,21 @@ class _Stdout:
         return getattr(self.stream, name)
 
 
+def _reflow(doc: str) -> str:
+    """A docstring's paragraphs as single lines: the terminal wraps them, not the source's line breaks."""
+    paragraphs = re.split(r"\n\s*\n", inspect.cleandoc(doc))
+    return "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)
+
+
+def _reflow_help() -> None:
+    for typer_app in (app, policy_app):
+        for info in typer_app.registered_commands:
+            if info.callback is not None and info.callback.__doc__:
+                info.callback.__doc__ = _reflow(info.callback.__doc__)
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
+    _reflow_help()
     stdout = sys.stdout
     sys.stdout = cast(IO[str], _Stdout(stdout))
     try:

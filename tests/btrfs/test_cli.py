@@ -260,3 +260,17 @@ def test_a_group_line_has_no_empty_status_text(setup: tuple[Path, Path]) -> None
     done = snapsync("-p", str(policy), "replicate")
     assert done.returncode == 0, done.stderr
     assert done.stdout and not any(line.rstrip().endswith("ok:") for line in done.stdout.splitlines()), done.stdout
+
+
+def test_help_texts_are_reflowed_not_broken_where_the_source_breaks() -> None:
+    """The terminal wraps help text; a docstring's own line breaks do not show ("every manifest is / authenticated")."""
+    from snapsync.cli.app import _reflow, app, policy_app
+
+    for typer_app in (app, policy_app):
+        for info in typer_app.registered_commands:
+            doc = info.callback.__doc__ if info.callback else None
+            if doc:
+                assert all("\n" not in p for p in _reflow(doc).split("\n\n")), info.name
+    wide = subprocess.run([sys.executable, "-m", "snapsync", "restore", "--help"], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "300"}, timeout=60)
+    assert "every manifest is authenticated and every chunk object checked" in wide.stdout, wide.stdout
