@@ -162,6 +162,8 @@ class Runner:
         self.progress = progress
         self._make_backend = backends
         self._backends: dict[str, StorageBackend] = {}
+        self._unreachable: dict[str, str] = {}
+        """ssh and local targets that could not be reached this run, after every retry: other groups skip them."""
 
     def backend(self, group: Group) -> StorageBackend:
         if group.name not in self._backends:
@@ -429,9 +431,18 @@ class Runner:
                 offsite = self.offsite(group, name)
                 report.targets.append(_timed(lambda: offsite.run(dry_run=report.dry_run, prune=prune)))
                 continue
+            if name in self._unreachable:
+                down = TargetReport(group.name, name, dry_run=report.dry_run)
+                down.errors.append(f"target unreachable earlier in this run, not tried again: {self._unreachable[name]}")
+                down.unreachable = self._unreachable[name]
+                report.targets.append(down)
+                continue
             replication = self.replication(group, name)
             assert replication is not None
-            report.targets.append(_timed(lambda: replication.run(dry_run=report.dry_run, prune=prune)))
+            done = _timed(lambda: replication.run(dry_run=report.dry_run, prune=prune))
+            if done.unreachable is not None:
+                self._unreachable[name] = done.unreachable
+            report.targets.append(done)
 
     def target_holdings(self, groups: Iterable[Group], *, pulls: Sequence[str] = ()) -> dict[str, TargetHoldings]:
         """What every target of each group holds, and what each pull fetched here, by group or pull name.

@@ -211,6 +211,8 @@ class TargetReport:
     seconds: float = 0.0
     reached: bool = False
     """The target answered (its listing came back), whatever went wrong afterwards."""
+    unreachable: str | None = None
+    """Why the target could not be reached, after every retry: the rest of the run does not try it again."""
 
     @property
     def ok(self) -> bool:
@@ -400,6 +402,8 @@ class Replication:
         try:
             listing, tokens = self._retrying()(self.sink.listing, [link.path for link in self.links])
         except SnapsyncError as e:
+            if isinstance(e, TransientError):
+                report.unreachable = str(e)
             report.errors.append(f"target unreachable: {e}" if isinstance(e, TransientError) else str(e))
             self._lag(report, sources, {})
             return report

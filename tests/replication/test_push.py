@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -111,3 +112,23 @@ def test_policy_check_warns_about_an_unplugged_local_target(btrfs_root: Path, tm
     proc = snapsync("policy", "check", str(policy))
     assert proc.returncode == 0
     assert "warning: targets.usb.path: target root /mnt/not-plugged-in does not exist" in proc.stderr
+
+
+def test_a_target_found_down_is_not_tried_again_by_the_next_group(
+    btrfs_root: Path, target_root: Path, sshd: Sshd, tmp_path: Path
+) -> None:
+    """Two groups, one dead host: the first group retries it, the second is told at once (not 2 x the retries)."""
+    app = make_subvolume(btrfs_root / "persist" / "app", "v1")
+    db = make_subvolume(btrfs_root / "persist" / "db", "v1")
+    policy = write_policy(tmp_path / "p.toml", [app], {"nas": sshd.target_table(target_root)})
+    policy.write_text(policy.read_text() + f'[groups.db]\nbackend = "btrfs"\ndatasets = ["{db}"]\ntargets = ["nas"]\n')
+    snapsync("-p", str(policy), "snapshot", check=True)
+    sshd.stop()
+    env = {"SNAPSYNC_RETRY_ATTEMPTS": "3", "SNAPSYNC_RETRY_WAIT": "0.05"}
+    done = snapsync("-p", str(policy), "-v", "replicate", "--json", env=env)
+    assert done.returncode == 1, done.stderr
+    reports = {g["group"]: g["targets"][0] for g in json.loads(done.stdout)["groups"]}
+    first, second = (reports[g] for g in ("app", "db"))
+    assert not first["ok"] and "Connection refused" in " ".join(first["errors"])
+    assert not second["ok"] and "unreachable earlier in this run, not tried again" in " ".join(second["errors"])
+    assert done.stderr.count("retrying (attempt 2 of 3)") == 1  # the first group's retries only
