@@ -12,11 +12,13 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
-    TransferSpeedColumn,
 )
+from rich.text import Text
 from rich.table import Table
 
 from snapsync.backends.base import SnapshotInfo
@@ -96,6 +98,14 @@ def _notes_and_errors(console: Console, t: TargetReport) -> None:
         console.print(f"     [red]error:[/] {e}", highlight=False)
 
 
+class _Speed(ProgressColumn):
+    """The transfer rate in the units of every other figure snapsync prints (MiB/s, not rich's MB/s)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("?" if speed is None else f"{_size(int(speed))}/s", style="progress.data.speed")
+
+
 @contextmanager
 def send_progress(console: Console) -> Iterator[ProgressFactory]:
     """Progress bars for sends, on a terminal only; the factory hands out one callback per send."""
@@ -103,7 +113,7 @@ def send_progress(console: Console) -> Iterator[ProgressFactory]:
         TextColumn("{task.description}"),
         BarColumn(),
         DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
+        _Speed(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
