@@ -26,13 +26,12 @@ def test_alerting_rules_pass_promtool_and_their_unit_tests() -> None:
     assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
 
 
-def test_every_metric_the_rules_use_is_one_snapsync_writes() -> None:
+def _written() -> dict[str, set[str]]:
+    """Every series name snapsync writes, with its labels, from a state that has every kind of entry."""
     from datetime import UTC, datetime
 
     from snapsync.ops.metrics import families
 
-    rules = (DEPLOY / "prometheus" / "snapsync.rules.yml").read_text()
-    used = set(re.findall(r"\b(snapsync_[a-z_]+)", rules))
     everything = {
         "commands": {"run": {"last_run": 1.0, "ok": False, "duration": 1.0, "last_success": 1.0, "failures": 1}},
         "groups": {"g": {"ok": True, "last_success": 1.0, "newest_snapshot": 1.0, "kept": 1, "deleted_total": 0,
@@ -41,10 +40,50 @@ def test_every_metric_the_rules_use_is_one_snapsync_writes() -> None:
                             "sent_bytes_total": 1, "sent_total": 1, "last_success": 1.0, "newest_copy": 1.0, "lag": 0.0, "kept": 1}},
         "drills": {"g/t": {"group": "g", "target": "t", "ok": True, "last_run": 1.0, "duration": 1.0, "restored_bytes": 1, "last_success": 1.0}},
     }
-    written = set()
+    written: dict[str, set[str]] = {}
     for family in families(everything, datetime.now(UTC), "h", {("g", ""): (1.0, 2.0), ("g", "t"): (1.0, 2.0)}, policy="p"):
-        written |= {s.name for s in family.samples}
-    assert used - written == set()
+        for sample in family.samples:
+            written.setdefault(sample.name, set()).update(sample.labels)
+    return written
+
+
+def test_every_metric_the_rules_use_is_one_snapsync_writes() -> None:
+    rules = (DEPLOY / "prometheus" / "snapsync.rules.yml").read_text()
+    used = set(re.findall(r"\b(snapsync_[a-z_]+)", rules))
+    assert used - set(_written()) == set()
+
+
+SCRAPE_LABELS = {"instance", "job"}
+"""Labels Prometheus adds to every series it scrapes from node_exporter."""
+
+
+def test_the_grafana_dashboard_asks_only_for_series_and_labels_snapsync_writes() -> None:
+    import json
+
+    dashboard = json.loads((DEPLOY / "grafana" / "snapsync.json").read_text())
+    written = _written()
+    queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    queries += [v["definition"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
+    assert len(queries) >= 12 and {p["type"] for p in dashboard["panels"]} >= {"timeseries", "table"}
+    for query in queries:
+        names = re.findall(r"\b(snapsync_[a-z_]+)", query)
+        assert names and set(names) <= set(written), query
+        for name, selector in re.findall(r"\b(snapsync_[a-z_]+)\{([^}]*)\}", query):
+            asked = set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", selector))
+            assert asked <= written[name] | SCRAPE_LABELS, (query, asked - written[name])
+        available = set().union(*(written[n] for n in names)) | SCRAPE_LABELS
+        for group in re.findall(r"\bby \(([^)]*)\)", query):
+            assert {g.strip() for g in group.split(",")} <= available, query
+        legend_labels = set()
+        for panel in dashboard["panels"]:
+            for target in panel["targets"]:
+                if target["expr"] == query:
+                    legend_labels |= set(re.findall(r"\{\{(\w+)\}\}", target.get("legendFormat", "")))
+        assert legend_labels <= available, (query, legend_labels - available)
+        counters = [n for n in names if n.endswith("_total")]
+        assert all(re.search(rf"(rate|increase)\({n}\b", query) for n in counters), f"a counter read raw: {query}"
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids)) and all({"x", "y", "w", "h"} <= set(p["gridPos"]) for p in dashboard["panels"])
 
 
 def installed_units(tmp_path: Path) -> list[Path]:
