@@ -46,7 +46,7 @@ app = typer.Typer(
     help="Consistency-group snapshots of btrfs subvolumes and ZFS datasets, with GFS retention.",
     epilog=EPILOG,
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
@@ -70,7 +70,46 @@ err = Console(stderr=True, highlight=False, soft_wrap=True, width=_width(sys.std
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", "-n", help="Show what would be done; change nothing.")]
-GroupsArg = Annotated[list[str] | None, typer.Argument(help="Groups to act on (default: all groups).", show_default=False)]
+def _completion_policy(ctx: typer.Context) -> "Policy | None":
+    """The policy a command line names, for completing its words; nothing at all when it cannot be read."""
+    from snapsync.policy.loader import load_policy
+
+    root = ctx.find_root()
+    path = root.params.get("policy") or os.environ.get("SNAPSYNC_POLICY") or DEFAULT_POLICY
+    try:
+        return load_policy(path, on_this_host=False)
+    except Exception:  # noqa: BLE001 (a shell is asking: an error would land in the middle of the user's line)
+        return None
+
+
+def _complete_groups(ctx: typer.Context, incomplete: str) -> list[str]:
+    policy = _completion_policy(ctx)
+    return [g for g in policy.groups if g.startswith(incomplete)] if policy else []
+
+
+def _complete_targets(ctx: typer.Context, incomplete: str) -> list[str]:
+    policy = _completion_policy(ctx)
+    return [t for t in policy.targets if t.startswith(incomplete)] if policy else []
+
+
+def _complete_snapshots(ctx: typer.Context, incomplete: str) -> list[str]:
+    """Snapshot names of the group already on the line (this host's snapshots: root only on btrfs)."""
+    policy = _completion_policy(ctx)
+    group = policy.groups.get(str(ctx.params.get("group"))) if policy else None
+    if policy is None or group is None:
+        return []
+    try:
+        listing = _runner(policy).raw_listing(group)
+    except Exception:  # noqa: BLE001 (as above)
+        return []
+    names = sorted({s.name for snaps in listing.values() for s in snaps if s.kind == "snapshot"}, reverse=True)
+    return [n for n in names if n.startswith(incomplete)]
+
+
+GroupsArg = Annotated[
+    list[str] | None,
+    typer.Argument(help="Groups to act on (default: all groups).", show_default=False, autocompletion=_complete_groups),
+]
 LockTimeoutOpt = Annotated[
     float, typer.Option("--lock-timeout", help="Seconds to wait for another run to finish before exiting 3.")
 ]
@@ -260,9 +299,13 @@ def run(
 @app.command()
 def replicate(
     targets: Annotated[
-        list[str] | None, typer.Argument(help="Targets to replicate to (default: every target of each group).", show_default=False)
+        list[str] | None,
+        typer.Argument(help="Targets to replicate to (default: every target of each group).", show_default=False,
+                       autocompletion=_complete_targets),
     ] = None,
-    group: Annotated[list[str] | None, typer.Option("--group", "-g", help="Only these groups (repeatable).")] = None,
+    group: Annotated[
+        list[str] | None, typer.Option("--group", "-g", help="Only these groups (repeatable).", autocompletion=_complete_groups)
+    ] = None,
     no_prune: Annotated[bool, typer.Option("--no-prune", help="Do not apply the targets' retention afterwards.")] = False,
     dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
@@ -537,8 +580,13 @@ KeyFileOpt = Annotated[
 
 @app.command()
 def restore(
-    what: Annotated[str, typer.Argument(metavar="GROUP[@SNAPSHOT]", help="The group, and a snapshot (default: the newest complete one).")],
-    source: Annotated[str, typer.Option("--from", help="The target to restore from: offsite (dir, s3) or another host (ssh, local).")],
+    what: Annotated[
+        str,
+        typer.Argument(metavar="GROUP[@SNAPSHOT]", help="The group, and a snapshot (default: the newest complete one).", autocompletion=_complete_groups),
+    ],
+    source: Annotated[
+        str, typer.Option("--from", help="The target to restore from: offsite (dir, s3) or another host (ssh, local).", autocompletion=_complete_targets)
+    ],
     to: Annotated[str | None, typer.Option("--to", help="Where copies land: a directory on btrfs, or a ZFS dataset (pool/restore).")] = None,
     in_place: Annotated[
         bool, typer.Option("--in-place", help="Restore each dataset where the policy has it (bare-metal recovery); they must not exist.")
@@ -656,7 +704,7 @@ def restore_db(
 
 @app.command()
 def verify(
-    target_name: Annotated[str, typer.Argument(metavar="TARGET", help="The offsite target (dir or s3).")],
+    target_name: Annotated[str, typer.Argument(metavar="TARGET", help="The offsite target (dir or s3).", autocompletion=_complete_targets)],
     group: Annotated[list[str] | None, typer.Option("--group", "-g", help="Only these groups (repeatable).")] = None,
     sample: Annotated[int | None, typer.Option("--sample", min=0, help="Read only N random chunks (default: all).")] = None,
     key_file: KeyFileOpt = None,
@@ -702,7 +750,10 @@ def keygen(
 @app.command()
 def drill(
     groups: GroupsArg = None,
-    target: Annotated[list[str] | None, typer.Option("--target", "-t", help="Only these targets (repeatable; default: every target of each group).")] = None,
+    target: Annotated[
+        list[str] | None,
+        typer.Option("--target", "-t", help="Only these targets (repeatable; default: every target of each group).", autocompletion=_complete_targets),
+    ] = None,
     scratch: Annotated[str | None, typer.Option("--scratch", help="Directory for the throwaway filesystem (default /var/tmp; sparse).")] = None,
     as_json: JsonOpt = False,
     lock_timeout: LockTimeoutOpt = 60.0,
@@ -747,9 +798,10 @@ def drill(
 
 @app.command()
 def rollback(
-    group: Annotated[str, typer.Argument(help="The group to roll back.")],
+    group: Annotated[str, typer.Argument(help="The group to roll back.", autocompletion=_complete_groups)],
     snapshot: Annotated[
-        str | None, typer.Argument(help="The snapshot to return to (see `snapsync list GROUP`); not needed with --abort.")
+        str | None,
+        typer.Argument(help="The snapshot to return to (see `snapsync list GROUP`); not needed with --abort.", autocompletion=_complete_snapshots),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Roll back (or abort) even while processes use the data (they keep their old files; bind mounts are re-pointed either way).")] = False,
     abort: Annotated[
@@ -819,8 +871,8 @@ def rollback(
 
 @app.command()
 def release(
-    group: Annotated[str, typer.Argument(help="The group.")],
-    snapshot: Annotated[str, typer.Argument(help="The safety snapshot a rollback took.")],
+    group: Annotated[str, typer.Argument(help="The group.", autocompletion=_complete_groups)],
+    snapshot: Annotated[str, typer.Argument(help="The safety snapshot a rollback took.", autocompletion=_complete_snapshots)],
     delete_aside: Annotated[
         bool, typer.Option("--delete-aside", help="Also delete the states that rollback moved aside (refused while anything uses them).")
     ] = False,

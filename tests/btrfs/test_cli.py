@@ -274,3 +274,27 @@ def test_help_texts_are_reflowed_not_broken_where_the_source_breaks() -> None:
     wide = subprocess.run([sys.executable, "-m", "snapsync", "restore", "--help"], capture_output=True, text=True,
                           env={**os.environ, "COLUMNS": "300"}, timeout=60)
     assert "every manifest is authenticated and every chunk object checked" in wide.stdout, wide.stdout
+
+
+def _complete(policy: Path, line: str) -> list[str]:
+    """What bash completion offers for the last word of ``line`` (as the script --show-completion prints asks)."""
+    words = ["snapsync", "-p", str(policy), *line.split()] + ([""] if line.endswith(" ") else [])
+    done = subprocess.run([sys.executable, "-m", "snapsync"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "_SNAPSYNC_COMPLETE": "complete_bash", "COMP_WORDS": " ".join(words),
+                               "COMP_CWORD": str(len(words) - 1)})
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    return done.stdout.split()
+
+
+def test_shell_completion_offers_the_policys_groups_targets_and_snapshots(setup: tuple[Path, Path]) -> None:
+    policy, _ = setup
+    policy.write_text(policy.read_text() + '[targets.usb]\ntype = "local"\npath = "/mnt/usb"\n'
+                      '[targets.nas]\ntype = "local"\npath = "/mnt/nas"\n')
+    taken = json.loads(snapsync("-p", str(policy), "snapshot", "--json", "db").stdout)["groups"][0]["snapshot"]
+    assert sorted(_complete(policy, "list ")) == ["db", "web"]
+    assert _complete(policy, "prune w") == ["web"]
+    assert sorted(_complete(policy, "replicate ")) == ["nas", "usb"]
+    assert _complete(policy, "rollback db ") == [taken]
+    assert _complete(policy.with_name("absent.toml"), "list ") == []  # no policy: nothing offered, nothing printed
+    shown = snapsync("--show-completion", env={"SHELL": "/bin/bash"})
+    assert shown.returncode == 0 and "_SNAPSYNC_COMPLETE" in shown.stdout
