@@ -297,6 +297,30 @@ def run(
 
 
 @app.command()
+def versions(
+    path: Annotated[str, typer.Argument(help="A file or directory inside one of the policy's datasets.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Every distinct version of PATH in this host's snapshots, newest first, beside the live one.
+
+    Each line says where the version can be read (the path inside the snapshot), its size and
+    modification time; a run of snapshots holding the same version (type, size and modification
+    time) shows once, with how many more hold it.
+    """
+    from snapsync.ops.versions import find_versions
+
+    policy = _load(check_programs=False)
+    found = find_versions(policy, _runner(policy), path)
+    if as_json:
+        print(json.dumps({"group": found.group, "dataset": found.dataset, "path": found.relative,
+                          "versions": [v.to_json() for v in found.versions]}))
+        return
+    from snapsync.cli.render import render_versions
+
+    render_versions(out, found)
+
+
+@app.command()
 def replicate(
     targets: Annotated[
         list[str] | None,

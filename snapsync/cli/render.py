@@ -28,6 +28,7 @@ from snapsync.policy.durations import format_duration
 from snapsync.replication.replicate import ProgressFactory, TargetReport
 from snapsync.plan.retention import PrunePlan
 from snapsync.ops.runner import GroupReport
+from snapsync.ops.versions import Found
 
 
 def _size(n: int) -> str:
@@ -221,3 +222,17 @@ def render_listing(
         if not snaps:
             table.add_row("(no snapshots)", "", "", "", "", "", "")
         console.print(table)
+
+
+def render_versions(console: Console, found: Found) -> None:
+    console.print(f"{found.group}: {found.dataset}: {found.relative}", markup=False, highlight=False, soft_wrap=True)
+    if not found.versions:
+        console.print("  in no snapshot of this host, and not there now", highlight=False)
+        return
+    table = Table(show_edge=False, pad_edge=False)
+    for col in ("snapshot", "modified", "size", "kind", "same in", "read it at"):
+        table.add_column(col, no_wrap=col != "read it at")
+    for v in found.versions:
+        table.add_row(v.snapshot, v.mtime.strftime("%Y-%m-%d %H:%M:%SZ"), _size(v.size), v.kind,
+                      f"{len(v.also_in)} more" if v.also_in else "", escape(v.path))
+    console.print(table)
