@@ -609,9 +609,17 @@ def restore(
         typer.Argument(metavar="GROUP[@SNAPSHOT]", help="The group, and a snapshot (default: the newest complete one).", autocompletion=_complete_groups),
     ],
     source: Annotated[
-        str, typer.Option("--from", help="The target to restore from: offsite (dir, s3) or another host (ssh, local).", autocompletion=_complete_targets)
-    ],
+        str | None,
+        typer.Option("--from", help="The target to restore from: offsite (dir, s3) or another host (ssh, local).", autocompletion=_complete_targets),
+    ] = None,
     to: Annotated[str | None, typer.Option("--to", help="Where copies land: a directory on btrfs, or a ZFS dataset (pool/restore).")] = None,
+    path: Annotated[
+        str | None,
+        typer.Option("--path", help="Only this file or directory, named as it lives now, from a snapshot on this host, into the --to directory."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="With --path: rename what is in the way aside (kept), instead of refusing.")
+    ] = False,
     in_place: Annotated[
         bool, typer.Option("--in-place", help="Restore each dataset where the policy has it (bare-metal recovery); they must not exist.")
     ] = False,
@@ -625,7 +633,8 @@ def restore(
     dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
 ) -> int:
-    """Bring a group back from a target: into TO/GROUP/DATASET/SNAPSHOT, or --in-place.
+    """Bring a group back from a target: into TO/GROUP/DATASET/SNAPSHOT, or --in-place. With --path, one
+    file or directory from a snapshot on this host instead, copied into TO with its metadata.
 
     From offsite, the chain (full, then each incremental) is replayed; every manifest is
     authenticated and every chunk object checked before anything is written, and every segment
@@ -638,6 +647,10 @@ def restore(
     from snapsync.recovery.restore import InPlace, restore_from
     from snapsync.ops.runner import select_groups
 
+    if path is not None:
+        return _restore_path(what, source, to, path, overwrite, in_place, dry_run, as_json)
+    if source is None:
+        raise UsageError("restore needs --from TARGET (a group from a target), or --path PATH (one path from a snapshot here)")
     if (to is None) == (not in_place):
         raise UsageError("restore needs exactly one of --to PATH|DATASET and --in-place")
     policy = _load()
@@ -665,6 +678,35 @@ def restore(
         )
     for problem in report.problems:
         err.print(f"[yellow]warning:[/] elsewhere in the archive: {escape(problem)}")
+    return EXIT_OK
+
+
+def _restore_path(
+    what: str, source: str | None, to: str | None, path: str, overwrite: bool, in_place: bool, dry_run: bool, as_json: bool
+) -> int:
+    from snapsync.clock import SystemClock
+    from snapsync.errors import UsageError
+    from snapsync.recovery.path_restore import restore_path
+
+    if source is not None or in_place:
+        raise UsageError("--path restores from a snapshot on this host into --to: without --from or --in-place "
+                         "(from a target, restore the group with --to and take the path from there)")
+    if to is None:
+        raise UsageError("--path needs --to DIRECTORY")
+    from snapsync.host.lock import policy_lock
+
+    policy = _load(check_programs=False)
+    group, _, snapshot = what.partition("@")
+    with policy_lock(policy.source, 60.0):  # no prune takes the snapshot away meanwhile
+        done = restore_path(policy, _runner(policy), group, snapshot or None, path, to, SystemClock().now(),
+                            overwrite=overwrite, dry_run=dry_run)
+    if as_json:
+        print(json.dumps(done.to_json()))
+        return EXIT_OK
+    verb = "would restore" if dry_run else "restored"
+    out.print(f"{verb} {done.source} ({done.group}@{done.snapshot}) to {done.to}", markup=False)
+    if done.aside:
+        out.print(f"  what was at {done.to} {'would be' if dry_run else 'is'} kept at {done.aside}", markup=False)
     return EXIT_OK
 
 

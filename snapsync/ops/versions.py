@@ -78,7 +78,7 @@ def _kind(mode: int) -> str:
     return "directory" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "symlink" if stat.S_ISLNK(mode) else "other"
 
 
-def _lookup(root: Path, relative: PurePosixPath) -> os.stat_result | None:
+def lookup(root: Path, relative: PurePosixPath) -> os.stat_result | None:
     """``relative`` inside ``root``, each directory on the way a real directory of it (no symlink followed)."""
     at = root
     for part in relative.parts[:-1]:
@@ -120,13 +120,13 @@ def find_versions(policy: Policy, runner: Runner, path: str) -> Found:
     backend = runner.backend(group)
     seen: list[Version] = []
     root = backend.files_root(dataset)
-    live = _lookup(Path(root), relative) if root is not None else None
+    live = lookup(Path(root), relative) if root is not None else None
     if live is not None:
         seen.append(_version(LIVE, None, str(Path(root or "") / relative), live))
     snapshots = [s for s in backend.list_snapshots(dataset) if s.kind == "snapshot"]
     for snap in sorted(snapshots, key=lambda s: (s.created, s.name), reverse=True):
         files = backend.snapshot_files(dataset, snap.name)
-        st = _lookup(files, relative) if files is not None else None
+        st = lookup(files, relative) if files is not None else None
         if st is not None:
             seen.append(_version(snap.name, snap.created, str(files / relative) if files else "", st))
     return Found(group.name, dataset, relative.as_posix(), distinct(seen))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -78,3 +80,62 @@ def test_a_symlink_in_a_snapshot_is_not_followed_out_of_it(tmp_path: Path, btrfs
     (data / "conf" / "key").write_text("mine\n")
     versions = json.loads(snapsync("-p", str(policy), "versions", str(data / "conf" / "key"), "--json").stdout)["versions"]
     assert [v["snapshot"] for v in versions] == ["(live)"]  # the snapshot's conf is a symlink: no version there
+
+
+def _meta(root: Path) -> dict[str, tuple[object, ...]]:
+    """Everything a restore must keep, per path below ``root``: type, mode, owner, size, mtime, inode links
+    within the tree (as groups of names), xattrs (ACLs among them), and the data."""
+    out: dict[str, tuple[object, ...]] = {}
+    inodes: dict[int, list[str]] = {}
+    for path in sorted([root, *root.rglob("*")]):
+        st = os.lstat(path)
+        rel = path.relative_to(root).as_posix()
+        inodes.setdefault(st.st_ino, []).append(rel)
+        xattrs = {n: os.getxattr(path, n, follow_symlinks=False) for n in sorted(os.listxattr(path, follow_symlinks=False))}
+        data = path.read_bytes() if path.is_file() and not path.is_symlink() else os.readlink(path) if path.is_symlink() else b""
+        out[rel] = (st.st_mode, st.st_uid, st.st_gid, st.st_size if not path.is_dir() else 0, st.st_mtime_ns, tuple(xattrs.items()), data)
+    out["(hard links)"] = tuple(sorted(tuple(v) for v in inodes.values() if len(v) > 1))
+    return out
+
+
+def test_one_directory_comes_back_from_a_snapshot_with_all_its_metadata(tmp_path: Path, btrfs_root: Path) -> None:
+    for leaf in ("web data", "pg", "wal"):
+        make_subvolume(btrfs_root / "persist" / leaf, leaf)
+    policy = _write_policy(tmp_path, btrfs_root)
+    data = btrfs_root / "persist" / "web data"
+    site = data / "site"
+    (site / "sub").mkdir(parents=True)
+    (site / "a.txt").write_text("alpha\n")
+    os.link(site / "a.txt", site / "sub" / "a-again.txt")
+    (site / "b.bin").write_bytes(os.urandom(200_000))
+    (site / "link").symlink_to("a.txt")
+    os.chown(site / "b.bin", 1234, 5678)
+    os.chmod(site / "b.bin", 0o640)
+    os.setxattr(site / "a.txt", "user.note", b"kept")
+    subprocess.run(["setfacl", "-m", "u:4321:rw", str(site / "b.bin")], check=True)
+    os.utime(site / "sub", (1_700_000_000, 1_700_000_000))
+    before = _meta(site)
+    taken = _take(policy)
+    shutil.rmtree(site)  # lost
+    out = tmp_path / "out"
+    out.mkdir()
+
+    done = snapsync("-p", str(policy), "restore", f"web@{taken}", "--path", str(site), "--to", str(out), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["snapshot"] == taken
+    assert _meta(out / "site") == before
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no hidden leftover
+
+    again = snapsync("-p", str(policy), "restore", "web", "--path", str(site), "--to", str(out))
+    assert again.returncode == 2 and "exists; nothing restored" in again.stderr and _meta(out / "site") == before
+    (out / "site" / "a.txt").write_text("changed since\n")
+    over = snapsync("-p", str(policy), "restore", "web", "--path", str(site / "a.txt"), "--to", str(out / "site"), "--overwrite", "--json")
+    assert over.returncode == 0, over.stderr
+    kept = Path(json.loads(over.stdout)["kept_aside"])
+    assert kept.read_text() == "changed since\n" and (out / "site" / "a.txt").read_text() == "alpha\n"
+
+    for args, word in ((["--from", "nas"], "without --from"), ([], "--to")):
+        refused = snapsync("-p", str(policy), "restore", "web", "--path", str(site), *args)
+        assert refused.returncode == 2 and word in refused.stderr, refused.stderr
+    wrong = snapsync("-p", str(policy), "restore", "db", "--path", str(site), "--to", str(out))
+    assert wrong.returncode == 2 and "in group web" in wrong.stderr

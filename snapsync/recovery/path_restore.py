@@ -1,0 +1,115 @@
+"""Restore one file or directory from a snapshot on this host, not a whole group.
+
+The path is named as it lives now (``/persist/forgejo/repos/x.git``); the group's dataset that holds
+it and the snapshot (default: the newest that holds the path) give the source, read through the
+backend's ``snapshot_files`` without following a symlink out of the snapshot. ``cp -a
+--reflink=auto`` copies it (shared blocks where the filesystem can, with modes, owners, timestamps,
+xattrs, ACLs and hard links) into a hidden name in the destination directory, which one rename then
+makes visible: a cut leaves a hidden leftover, never a half copy under the real name. An existing
+file or directory of that name is refused, or with ``overwrite`` renamed aside and kept.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
+
+from snapsync.errors import BackendError, UsageError
+from snapsync.ops.versions import locate, lookup
+
+if TYPE_CHECKING:
+    from snapsync.ops.runner import Runner
+    from snapsync.policy.loader import Policy
+
+
+@dataclass(frozen=True)
+class PathRestore:
+    group: str
+    dataset: str
+    snapshot: str
+    source: str
+    to: str
+    aside: str | None
+    dry_run: bool
+
+    def to_json(self) -> dict[str, object]:
+        return {"group": self.group, "dataset": self.dataset, "snapshot": self.snapshot, "source": self.source,
+                "to": self.to, "kept_aside": self.aside, "dry_run": self.dry_run}
+
+
+def restore_path(
+    policy: Policy, runner: Runner, group_name: str, snapshot: str | None, path: str, to: str, now: datetime,
+    *, overwrite: bool = False, dry_run: bool = False,
+) -> PathRestore:
+    group, dataset, relative = locate(policy, runner, path)
+    if group.name != group_name:
+        raise UsageError(f"{path}: in group {group.name}'s dataset {dataset}, not in group {group_name}")
+    if not relative.parts:
+        raise UsageError(f"{path}: the whole dataset; restore the group (restore {group_name} --from ... --to/--in-place) instead")
+    backend = runner.backend(group)
+    names = sorted((s for s in backend.list_snapshots(dataset) if s.kind == "snapshot"), key=lambda s: (s.created, s.name), reverse=True)
+    chosen: tuple[str, Path] | None = None
+    for snap in names:
+        if snapshot is not None and snap.name != snapshot:
+            continue
+        files = backend.snapshot_files(dataset, snap.name)
+        if files is not None and lookup(files, relative) is not None:
+            chosen = (snap.name, files)
+            break
+        if snapshot is not None:
+            raise UsageError(f"{path}: not in snapshot {snapshot} of {dataset}")
+    if chosen is None:
+        raise UsageError(f"{path}: " + (f"no snapshot {snapshot} of {dataset}" if snapshot else f"in no snapshot of {dataset}"))
+    name, files = chosen
+    source = files / relative
+    destination = _destination(Path(to), relative)
+    aside = None
+    if os.path.lexists(destination):
+        if not overwrite:
+            raise UsageError(f"{destination} exists; nothing restored (--overwrite renames it aside and keeps it)")
+        aside = destination.with_name(f"{destination.name}.before-restore-{now.strftime('%Y%m%dT%H%M%SZ')}")
+        if os.path.lexists(aside):
+            raise UsageError(f"{aside} exists too; nothing restored")
+    if not dry_run:
+        _copy(source, destination, aside)
+    return PathRestore(group.name, dataset, name, str(source), str(destination), str(aside) if aside else None, dry_run)
+
+
+def _destination(to: Path, relative: PurePosixPath) -> Path:
+    if not to.is_dir():
+        raise UsageError(f"--to {to}: not a directory")
+    return to / relative.name
+
+
+def _copy(source: Path, destination: Path, aside: Path | None) -> None:
+    hidden = destination.with_name(f".{destination.name}.snapsync-restore-{os.getpid()}")
+    if os.path.lexists(hidden):
+        _remove(hidden)  # a leftover of a cut restore by a process of this pid: hidden, never the real name
+    done = subprocess.run(["cp", "-a", "--reflink=auto", "--", str(source), str(hidden)], capture_output=True, text=True)
+    if done.returncode != 0:
+        _remove(hidden)
+        raise BackendError(f"cp -a {source} {hidden}: {done.stderr.strip() or f'exit {done.returncode}'}")
+    synced = subprocess.run(["sync", "-f", str(hidden)], capture_output=True, text=True)  # the data, before the name shows it
+    if synced.returncode != 0:
+        _remove(hidden)
+        raise BackendError(f"sync -f {hidden}: {synced.stderr.strip() or f'exit {synced.returncode}'}")
+    if aside is not None:
+        os.rename(destination, aside)
+    os.rename(hidden, destination)
+    fd = os.open(destination.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
