@@ -297,6 +297,36 @@ def run(
 
 
 @app.command()
+def diff(
+    group: Annotated[str, typer.Argument(help="The group.", autocompletion=_complete_groups)],
+    old: Annotated[str, typer.Argument(help="The snapshot to compare from.", autocompletion=_complete_snapshots)],
+    new: Annotated[
+        str | None, typer.Argument(help="The snapshot to compare to (default: the data as it is now).", autocompletion=_complete_snapshots)
+    ] = None,
+    as_json: JsonOpt = False,
+) -> int:
+    """What changed in each dataset of GROUP from snapshot OLD to snapshot NEW, or to now: paths added,
+    removed, modified (content, size, time, mode or owner) and renamed (the same file under another name)."""
+    from snapsync.ops.diff import diff_group
+
+    policy = _load(check_programs=False)
+    changes = diff_group(policy, _runner(policy), group, old, new)
+    if as_json:
+        print(json.dumps({"group": group, "from": old, "to": new or "now",
+                          "datasets": [{"dataset": ds, **c.to_json()} for ds, c in changes.items()]}))
+    else:
+        for ds, c in changes.items():
+            out.print(f"{group}: {ds}: {old} -> {new or 'now'}: " + (
+                f"{len(c.added)} added, {len(c.removed)} removed, {len(c.modified)} modified, {len(c.renamed)} renamed"
+                if c else "no change"), markup=False, highlight=False, soft_wrap=True)
+            lines = [(p, "+") for p in c.added] + [(p, "-") for p in c.removed] + [(p, "M") for p in c.modified]
+            lines += [(f"{a} -> {b}", "R") for a, b in c.renamed]
+            for text, mark in sorted(lines):
+                out.print(f"  {mark} {text}", markup=False, highlight=False, soft_wrap=True)
+    return EXIT_OK
+
+
+@app.command()
 def versions(
     path: Annotated[str, typer.Argument(help="A file or directory inside one of the policy's datasets.")],
     as_json: JsonOpt = False,
