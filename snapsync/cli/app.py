@@ -635,9 +635,12 @@ KeyFileOpt = Annotated[
 @app.command()
 def restore(
     what: Annotated[
-        str,
+        str | None,
         typer.Argument(metavar="GROUP[@SNAPSHOT]", help="The group, and a snapshot (default: the newest complete one).", autocompletion=_complete_groups),
-    ],
+    ] = None,
+    every_group: Annotated[
+        bool, typer.Option("--all", help="With --in-place: every group of the policy that replicates to --from, one after the other (rebuild a host).")
+    ] = False,
     source: Annotated[
         str | None,
         typer.Option("--from", help="The target to restore from: offsite (dir, s3) or another host (ssh, local).", autocompletion=_complete_targets),
@@ -677,6 +680,12 @@ def restore(
     from snapsync.recovery.restore import InPlace, restore_from
     from snapsync.ops.runner import select_groups
 
+    if every_group:
+        if what is not None or path is not None or not in_place or source is None:
+            raise UsageError("--all restores every group --in-place --from one target: no GROUP, no --path, no --to")
+        return _restore_all(source, key_file, verify_first, accept_rollback, dry_run, as_json)
+    if what is None:
+        raise UsageError("restore needs a GROUP (or --all with --in-place)")
     if path is not None:
         return _restore_path(what, source, to, path, overwrite, in_place, dry_run, as_json)
     if source is None:
@@ -709,6 +718,40 @@ def restore(
     for problem in report.problems:
         err.print(f"[yellow]warning:[/] elsewhere in the archive: {escape(problem)}")
     return EXIT_OK
+
+
+def _restore_all(source: str, key_file: str | None, verify_first: bool, accept_rollback: bool, dry_run: bool, as_json: bool) -> int:
+    """Every group that replicates to ``source``, in place, in policy order; one that fails does not stop the others."""
+    from snapsync.host.lock import policy_lock
+    from snapsync.recovery.restore import InPlace, restore_from
+
+    policy = _load()
+    runner = _runner(policy)
+    results: list[dict[str, object]] = []
+    with policy_lock(policy.source, 60.0), _progress(as_json) as progress:
+        for group in policy.groups.values():
+            if source not in group.targets:
+                results.append({"group": group.name, "ok": True, "skipped": f"does not replicate to {source}"})
+                continue
+            try:
+                report = restore_from(policy, source, group.name, InPlace(group, runner.backend(group)), None, dry_run,
+                                      progress, key_file, verify_first, accept_rollback)
+            except SnapsyncError as e:
+                results.append({"group": group.name, "ok": False, "error": str(e)})
+                continue
+            results.append({"group": group.name, "ok": True, **report.to_json()})
+    if as_json:
+        print(json.dumps({"groups": results}))
+    else:
+        verb = "would restore" if dry_run else "restored"
+        for r in results:
+            if r.get("skipped"):
+                out.print(f"{r['group']}: skipped: {r['skipped']}", markup=False)
+            elif not r["ok"]:
+                out.print(f"{r['group']}: FAILED: {r['error']}", markup=False)
+            else:
+                out.print(f"{r['group']}: {verb} {r['snapshot']} from {source} in place", markup=False)
+    return EXIT_OK if all(r["ok"] for r in results) else EXIT_PARTIAL
 
 
 def _restore_path(
