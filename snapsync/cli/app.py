@@ -858,8 +858,8 @@ def verify(
 
     policy = _load()
     target = _offsite_target(policy, target_name)
-    with policy_lock(policy.source, 60.0):  # a prune meanwhile would make chunks vanish mid-check
-        report = run_verify(open_archive(target, key_file), target_name, group or None, sample)
+    with policy_lock(policy.source, 60.0), _progress(as_json) as progress:  # a prune meanwhile would make chunks vanish mid-check
+        report = run_verify(open_archive(target, key_file), target_name, group or None, sample, progress=progress)
     if as_json:
         print(json.dumps(report.to_json()))
     else:

@@ -34,6 +34,7 @@ from snapsync.host.streams import Meter, finish, pump, reaped, widen
 
 if TYPE_CHECKING:
     from snapsync.backends.receiver import Receiver
+    from snapsync.replication.replicate import ProgressFactory
 
 
 _GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -494,7 +495,7 @@ class VerifyReport:
 
 def verify(
     archive: Archive, target: str, groups: list[str] | None = None, sample: int | None = None,
-    rng: random.Random | None = None,
+    rng: random.Random | None = None, progress: ProgressFactory | None = None,
 ) -> VerifyReport:
     """Authenticate every manifest, check every chain and object size, the head against the manifests and
     this host's record of its uploads; read all chunks or a sample. Nothing is deleted or repaired."""
@@ -522,12 +523,18 @@ def verify(
     unique = [(m.chunk_key(i), (m, i)) for m, i in every]
     report.chunks = len(unique)
     chosen = unique if sample is None else (rng or random.Random()).sample(unique, min(sample, len(unique)))
+    tick = progress(f"{target}: verify {len(chosen)} chunks", sum(m.chunks[i].size for _, (m, i) in chosen)) if progress else None
+    checked = 0
     for key, (m, i) in chosen:
+        checked += m.chunks[i].size
         try:
             replay_chunk(archive.store, archive.key, m, i, archive.name(key), None)
         except IntegrityError as e:
             report.problems.append(str(e))
             continue
+        finally:
+            if tick is not None:
+                tick(checked)
         report.chunks_read += 1
         report.bytes_read += m.chunks[i].size
     for warning in report.warnings:

@@ -180,3 +180,31 @@ def test_a_full_share_is_a_one_line_error_and_local_pruning_still_runs(btrfs_roo
         assert not list(full.rglob("manifest.json")) and not list(full.rglob(".part-*"))
     finally:
         subprocess.run(["umount", str(full)], check=True)
+
+
+def _tty(argv: list[str]) -> str:
+    """What a terminal shows of a command: run under script(1), which gives it a pseudo-terminal."""
+    import shlex
+    import subprocess
+    import sys
+
+    line = shlex.join([sys.executable, "-m", "snapsync", *argv])
+    done = subprocess.run(["script", "-qefc", line, "/dev/null"], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "COLUMNS": "120", "TERM": "xterm"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_a_terminal_sees_progress_and_a_pipe_sees_whole_lines_only(nas_site: tuple[Path, Path, Path]) -> None:
+    policy, app, _ = nas_site
+    (app / "big.bin").write_bytes(__import__("os").urandom(6 << 20))
+    p = ["--policy", str(policy)]
+    run_json(*p, "run")
+    on_tty = _tty([*p, "verify", "nas"])
+    assert "nas: verify" in on_tty and "MiB" in on_tty  # the progress bar, in the units of everything else
+    assert "\x1b[" in on_tty  # drawn, then cleared
+    piped = snapsync(*p, "verify", "nas")
+    assert piped.returncode == 0 and "nas: verify" not in piped.stdout + piped.stderr and "\x1b[" not in piped.stdout + piped.stderr
+    assert all(len(line) < 200 for line in piped.stdout.splitlines())
+    listed = _tty([*p, "list"])
+    assert "app" in listed and "nas" in listed
