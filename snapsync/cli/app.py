@@ -187,14 +187,14 @@ def _progress(as_json: bool) -> "Iterator[ProgressFactory | None]":
         yield factory
 
 
-def _finish(reports: "list[GroupReport]", as_json: bool, explain: bool = False) -> int:
+def _finish(reports: "list[GroupReport]", as_json: bool, explain: bool = False, timeline: bool = False) -> int:
     from snapsync.cli.render import render_reports
 
     if as_json:
         print(json.dumps({"groups": [r.to_json() for r in reports]}))
     else:
         shown = [r for r in reports if not r.ok or r.warnings] if State.quiet else reports
-        render_reports(out, shown, explain=explain)
+        render_reports(out, shown, explain=explain, timeline=timeline)
     return EXIT_OK if all(r.ok for r in reports) else EXIT_PARTIAL
 
 
@@ -213,6 +213,7 @@ def _act(
     targets: list[str] | None = None,
     prune_targets: bool = True,
     drop_future: bool = False,
+    timeline: bool = False,
 ) -> int:
     """Load, select, run under the policy's lock (a dry run changes nothing, so it takes none), record
     metrics, render."""
@@ -246,7 +247,7 @@ def _act(
                 raise
             record_run(policy, command_name, reports, started, SystemClock().now())
         log_reports(command_name, reports)
-    return _finish(reports, as_json, explain=explain)
+    return _finish(reports, as_json, explain=explain, timeline=timeline)
 
 
 @app.command()
@@ -265,6 +266,9 @@ def prune(
     groups: GroupsArg = None,
     dry_run: DryRunOpt = False,
     explain: Annotated[bool, typer.Option("--explain", help="Show every snapshot and each rule that kept it.")] = False,
+    timeline: Annotated[
+        bool, typer.Option("--timeline", help="Show what each rule keeps on a calendar line, oldest snapshot to now.")
+    ] = False,
     future: Annotated[bool, typer.Option(
         "--future", help="Also delete the snapshots dated after the clock (taken while it was wrong); fix the clock first."
     )] = False,
@@ -278,7 +282,7 @@ def prune(
     """
     return _act(
         "prune", groups, take=False, only_due=False, prune=True, dry_run=dry_run, as_json=as_json,
-        lock_timeout=lock_timeout, explain=explain, drop_future=future,
+        lock_timeout=lock_timeout, explain=explain, drop_future=future, timeline=timeline,
     )
 
 

@@ -26,7 +26,7 @@ from snapsync.ops.hooks import HookReport
 from snapsync.plan.naming import parse_snapshot_name
 from snapsync.policy.durations import format_duration
 from snapsync.replication.replicate import ProgressFactory, TargetReport
-from snapsync.plan.retention import PrunePlan
+from snapsync.plan.retention import Decision, PrunePlan
 from snapsync.ops.runner import GroupReport
 from snapsync.ops.versions import Found
 
@@ -157,7 +157,7 @@ def _hook(h: HookReport) -> str:
     return f"{h.kind} {h.status} ({h.seconds:.2f}s{paused})"
 
 
-def render_reports(console: Console, reports: Sequence[GroupReport], *, explain: bool = False) -> None:
+def render_reports(console: Console, reports: Sequence[GroupReport], *, explain: bool = False, timeline: bool = False) -> None:
     for r in reports:
         would = "would " if r.dry_run else ""
         delete = "delete" if r.dry_run else "deleted"
@@ -185,6 +185,8 @@ def render_reports(console: Console, reports: Sequence[GroupReport], *, explain:
             render_target(console, t)
         for line in r.released:
             console.print(f"  released stale hold {line}", highlight=False)
+        if r.plan is not None and timeline:
+            render_timeline(console, f"  {r.group}", r.plan)
         if r.plan is not None and (explain or r.plan.removed):
             left = frozenset() if r.dry_run else frozenset(d.name for d in r.plan.removed) - set(r.deleted)
             if explain:
@@ -236,3 +238,42 @@ def render_versions(console: Console, found: Found) -> None:
         table.add_row(v.snapshot, v.mtime.strftime("%Y-%m-%d %H:%M:%SZ"), _size(v.size), v.kind,
                       f"{len(v.also_in)} more" if v.also_in else "", escape(v.path))
     console.print(table)
+
+
+TIMELINE_RULES = ("newest", "keep_last", "keep_within", "hourly", "daily", "weekly", "monthly", "yearly")
+
+
+def timeline_rows(plan: PrunePlan, width: int = 60) -> list[tuple[str, str]]:
+    """The plan on one calendar line per rule, oldest snapshot at the left and now at the right: ``●`` where
+    the rule keeps a snapshot, ``×`` on the last line where one goes; ``held`` is every other reason (holds,
+    a replication base, a rollback's safety snapshot). Snapshots dated after now are left out."""
+    shown = [d for d in plan.decisions if "future" not in d.reasons]
+    if not shown:
+        return []
+    start, end = shown[0].created, max(plan.now, shown[-1].created)
+    span = (end - start).total_seconds() or 1.0
+
+    def column(d: Decision) -> int:
+        return min(width - 1, int((d.created - start).total_seconds() / span * (width - 1)))
+
+    rows: dict[str, list[str]] = {}
+    for d in shown:
+        if not d.keep:
+            rows.setdefault("deleted", ["·"] * width)[column(d)] = "×"
+            continue
+        for reason in d.reasons:
+            rule = reason.split(" ", 1)[0]
+            rows.setdefault(rule if rule in TIMELINE_RULES else "held", ["·"] * width)[column(d)] = "●"
+    order = [*TIMELINE_RULES, "held", "deleted"]
+    return [(rule, "".join(rows[rule])) for rule in order if rule in rows]
+
+
+def render_timeline(console: Console, title: str, plan: PrunePlan, width: int = 60) -> None:
+    rows = timeline_rows(plan, width)
+    if not rows:
+        return
+    shown = [d for d in plan.decisions if "future" not in d.reasons]
+    left, right = shown[0].created.strftime("%Y-%m-%d %H:%M"), max(plan.now, shown[-1].created).strftime("%Y-%m-%d %H:%M")
+    console.print(f"{title}: what each rule keeps, {left} to {right} (UTC)", markup=False, highlight=False, soft_wrap=True)
+    for rule, line in rows:
+        console.print(f"  {rule:>11} {line}", markup=False, highlight=False, soft_wrap=True)

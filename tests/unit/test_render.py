@@ -25,3 +25,29 @@ def test_progress_and_reports_speak_binary_units() -> None:
     rates = re.findall(r"\d[\d.]* ?([kKMG]i?B)/s", text)
     assert rates and all(u.endswith("iB") for u in rates), rates
     assert "3.0 MiB at 3.0 MiB/s" in text
+
+
+def test_the_timeline_puts_each_rules_keepers_on_its_own_line() -> None:
+    from dataclasses import dataclass
+    from datetime import UTC, datetime, timedelta
+
+    from snapsync.cli.render import timeline_rows
+    from snapsync.plan.retention import RetentionRules, plan_prune
+
+    @dataclass(frozen=True)
+    class Snap:
+        name: str
+        created: datetime
+
+    now = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+    snaps = [Snap(f"s{i:02d}", now - timedelta(days=59 - i)) for i in range(60)]  # one a day for 60 days, the last today
+    plan = plan_prune(snaps, RetentionRules(keep_last=2, daily=5, weekly=3), now, pinned={"s10": ["target:nas"]})
+    rows = dict(timeline_rows(plan, width=60))
+    assert list(rows) == ["newest", "keep_last", "daily", "weekly", "held", "deleted"]
+    assert all(len(line) == 60 for line in rows.values())
+    assert rows["newest"] == "·" * 59 + "●"
+    assert rows["daily"].count("●") == 5 and rows["daily"].endswith("●" * 5)
+    assert rows["weekly"].count("●") == 3
+    assert rows["held"].index("●") == 10
+    assert rows["deleted"].count("×") == len(plan.removed) and rows["deleted"][0] == "×"
+    assert timeline_rows(plan_prune([], RetentionRules(keep_last=1), now)) == []
