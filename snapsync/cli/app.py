@@ -652,7 +652,7 @@ def restore(
     to: Annotated[str | None, typer.Option("--to", help="Where copies land: a directory on btrfs, or a ZFS dataset (pool/restore).")] = None,
     path: Annotated[
         str | None,
-        typer.Option("--path", help="Only this file or directory, named as it lives now, from a snapshot on this host, into the --to directory."),
+        typer.Option("--path", help="Only this file or directory, named as it lives now, into the --to directory: from a snapshot here, or --from a target."),
     ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="With --path: rename what is in the way aside (kept), instead of refusing.")
@@ -671,7 +671,8 @@ def restore(
     as_json: JsonOpt = False,
 ) -> int:
     """Bring a group back from a target: into TO/GROUP/DATASET/SNAPSHOT, or --in-place. With --path, one
-    file or directory from a snapshot on this host instead, copied into TO with its metadata.
+    file or directory instead, copied into TO with its metadata: from a snapshot on this host, or with
+    --from out of the group restored into a throwaway place that is removed afterwards.
 
     From offsite, the chain (full, then each incremental) is replayed; every manifest is
     authenticated and every chunk object checked before anything is written, and every segment
@@ -691,7 +692,7 @@ def restore(
     if what is None:
         raise UsageError("restore needs a GROUP (or --all with --in-place)")
     if path is not None:
-        return _restore_path(what, source, to, path, overwrite, in_place, dry_run, as_json)
+        return _restore_path(what, source, to, path, overwrite, in_place, dry_run, as_json, key_file)
     if source is None:
         raise UsageError("restore needs --from TARGET (a group from a target), or --path PATH (one path from a snapshot here)")
     if (to is None) == (not in_place):
@@ -759,24 +760,31 @@ def _restore_all(source: str, key_file: str | None, verify_first: bool, accept_r
 
 
 def _restore_path(
-    what: str, source: str | None, to: str | None, path: str, overwrite: bool, in_place: bool, dry_run: bool, as_json: bool
+    what: str, source: str | None, to: str | None, path: str, overwrite: bool, in_place: bool, dry_run: bool, as_json: bool,
+    key_file: str | None,
 ) -> int:
     from snapsync.clock import SystemClock
     from snapsync.errors import UsageError
     from snapsync.recovery.path_restore import restore_path
 
-    if source is not None or in_place:
-        raise UsageError("--path restores from a snapshot on this host into --to: without --from or --in-place "
-                         "(from a target, restore the group with --to and take the path from there)")
+    if in_place:
+        raise UsageError("--path restores into the --to directory, not --in-place")
     if to is None:
         raise UsageError("--path needs --to DIRECTORY")
+    if source is not None and dry_run:
+        raise UsageError("--path --from has no dry run: it restores the group into a throwaway place first")
     from snapsync.host.lock import policy_lock
+    from snapsync.recovery.path_restore import restore_path_from
 
     policy = _load(check_programs=False)
     group, _, snapshot = what.partition("@")
-    with policy_lock(policy.source, 60.0):  # no prune takes the snapshot away meanwhile
-        done = restore_path(policy, _runner(policy), group, snapshot or None, path, to, SystemClock().now(),
-                            overwrite=overwrite, dry_run=dry_run)
+    with policy_lock(policy.source, 60.0), _progress(as_json) as progress:  # no prune takes the snapshot away meanwhile
+        if source is None:
+            done = restore_path(policy, _runner(policy), group, snapshot or None, path, to, SystemClock().now(),
+                                overwrite=overwrite, dry_run=dry_run)
+        else:
+            done = restore_path_from(policy, _runner(policy), source, group, snapshot or None, path, to, SystemClock().now(),
+                                     overwrite=overwrite, key_file=key_file, progress=progress)
     if as_json:
         print(json.dumps(done.to_json()))
         return EXIT_OK

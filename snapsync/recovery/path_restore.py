@@ -1,4 +1,4 @@
-"""Restore one file or directory from a snapshot on this host, not a whole group.
+"""Restore one file or directory, not a whole group: from a snapshot on this host, or from a target.
 
 The path is named as it lives now (``/persist/forgejo/repos/x.git``); the group's dataset that holds
 it and the snapshot (default: the newest that holds the path) give the source, read through the
@@ -25,6 +25,7 @@ from snapsync.ops.versions import locate, lookup
 if TYPE_CHECKING:
     from snapsync.ops.runner import Runner
     from snapsync.policy.loader import Policy
+    from snapsync.replication.replicate import ProgressFactory
 
 
 @dataclass(frozen=True)
@@ -68,16 +69,50 @@ def restore_path(
     name, files = chosen
     source = files / relative
     destination = _destination(Path(to), relative)
-    aside = None
-    if os.path.lexists(destination):
-        if not overwrite:
-            raise UsageError(f"{destination} exists; nothing restored (--overwrite renames it aside and keeps it)")
-        aside = destination.with_name(f"{destination.name}.before-restore-{now.strftime('%Y%m%dT%H%M%SZ')}")
-        if os.path.lexists(aside):
-            raise UsageError(f"{aside} exists too; nothing restored")
+    aside = _aside(destination, now, overwrite)
     if not dry_run:
         _copy(source, destination, aside)
     return PathRestore(group.name, dataset, name, str(source), str(destination), str(aside) if aside else None, dry_run)
+
+
+def restore_path_from(
+    policy: Policy, runner: Runner, source: str, group_name: str, snapshot: str | None, path: str, to: str, now: datetime,
+    *, overwrite: bool = False, key_file: str | None = None, scratch_parent: str | None = None,
+    progress: ProgressFactory | None = None,
+) -> PathRestore:
+    """The same from a target (another host, or offsite): the group's snapshot is restored into the
+    backend's throwaway place (as a drill does), the path copied out of a writable copy of it, and the
+    place removed, whatever happens."""
+    from snapsync.protocol import dataset_key
+    from snapsync.recovery.restore import restore_from
+
+    group, dataset, relative = locate(policy, runner, path)
+    if group.name != group_name:
+        raise UsageError(f"{path}: in group {group.name}'s dataset {dataset}, not in group {group_name}")
+    if not relative.parts:
+        raise UsageError(f"{path}: the whole dataset; restore the group (restore {group_name} --from {source} --to/--in-place) instead")
+    destination = _destination(Path(to), relative)
+    aside = _aside(destination, now, overwrite)
+    backend = runner.backend(group)
+    with backend.scratch(f"snapsync-restore-{group.name}", group.datasets, scratch_parent) as scratch:
+        restored = restore_from(policy, source, group.name, scratch.place, snapshot, progress=progress, key_file=key_file)
+        files = scratch.writable(f"{group.name}/{dataset_key(dataset)}", restored.snapshot)
+        if lookup(files, relative) is None:
+            raise UsageError(f"{path}: not in {group.name}@{restored.snapshot} on {source}")
+        _copy(files / relative, destination, aside)
+    return PathRestore(group.name, dataset, restored.snapshot, f"{source}:{group.name}@{restored.snapshot}:{relative}",
+                       str(destination), str(aside) if aside else None, False)
+
+
+def _aside(destination: Path, now: datetime, overwrite: bool) -> Path | None:
+    if not os.path.lexists(destination):
+        return None
+    if not overwrite:
+        raise UsageError(f"{destination} exists; nothing restored (--overwrite renames it aside and keeps it)")
+    aside = destination.with_name(f"{destination.name}.before-restore-{now.strftime('%Y%m%dT%H%M%SZ')}")
+    if os.path.lexists(aside):
+        raise UsageError(f"{aside} exists too; nothing restored")
+    return aside
 
 
 def _destination(to: Path, relative: PurePosixPath) -> Path:

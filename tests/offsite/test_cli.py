@@ -208,3 +208,33 @@ def test_a_terminal_sees_progress_and_a_pipe_sees_whole_lines_only(nas_site: tup
     assert all(len(line) < 200 for line in piped.stdout.splitlines())
     listed = _tty([*p, "list"])
     assert "app" in listed and "nas" in listed
+
+
+def test_one_path_comes_back_from_offsite_and_from_another_host(nas_site: tuple[Path, Path, Path], target_root: Path, tmp_path: Path) -> None:
+    """Through a throwaway place: the group restored there, the path copied out with its metadata, the place gone."""
+    import os
+    import subprocess
+
+    policy, app, _ = nas_site
+    policy.write_text(policy.read_text().replace('targets = ["nas"]', 'targets = ["nas", "usb"]')
+                      + f'[targets.usb]\ntype = "local"\npath = "{target_root}"\n')
+    (app / "etc").mkdir()
+    (app / "etc" / "app.ini").write_text("[server]\nport = 3000\n")
+    os.chown(app / "etc" / "app.ini", 1000, 1000)
+    os.setxattr(app / "etc" / "app.ini", "user.origin", b"backup")
+    p = ["--policy", str(policy)]
+    run_json(*p, "run")
+    want = tree_digest(app / "etc")
+    (app / "etc" / "app.ini").write_text("broken by hand\n")
+
+    mounts_before = subprocess.run(["findmnt", "-rn", "-o", "TARGET"], capture_output=True, text=True).stdout
+    for source in ("nas", "usb"):
+        out = tmp_path / f"from-{source}"
+        out.mkdir()
+        done = run_json(*p, "restore", "app", "--from", source, "--path", str(app / "etc"), "--to", str(out), "--json")
+        assert done["source"].startswith(f"{source}:app@")
+        assert tree_digest(out / "etc") == want
+        assert os.getxattr(out / "etc" / "app.ini", "user.origin") == b"backup" and (out / "etc" / "app.ini").stat().st_uid == 1000
+    assert subprocess.run(["findmnt", "-rn", "-o", "TARGET"], capture_output=True, text=True).stdout == mounts_before  # the throwaway place is gone
+    refused = snapsync(*p, "restore", "app", "--from", "nas", "--path", str(app / "etc"), "--to", str(tmp_path / "from-nas"))
+    assert refused.returncode == 2 and "exists; nothing restored" in refused.stderr
