@@ -59,6 +59,17 @@ class Scratch:
 
 
 @dataclass(frozen=True)
+class SnapshotSizes:
+    """Bytes per snapshot, in the terms of the filesystem that counts them (see :meth:`StorageBackend.snapshot_sizes`)."""
+
+    sizes: dict[str, dict[str, int]]
+    """Snapshot name -> figure -> bytes: ZFS ``used``, ``written``, ``referenced``; btrfs ``exclusive``,
+    ``shared``, ``referenced`` (from its quota groups)."""
+    note: str | None = None
+    """Why there are none, or why they may be off, and what to do about it."""
+
+
+@dataclass(frozen=True)
 class Adoption:
     """A plain directory on its way to being a dataset of its own (``snapsync adopt``): what is
     there now, and what is left to do, in order (see :meth:`StorageBackend.adoption`)."""
@@ -289,6 +300,11 @@ class StorageBackend(Protocol):
     def files_root(self, dataset: str) -> str | None:
         """The directory where ``dataset``'s live files are seen, which paths in the policy (a hook's
         databases) are written against; None when the dataset has no such directory."""
+        ...
+
+    def snapshot_sizes(self, dataset: str) -> SnapshotSizes:
+        """What each of ``dataset``'s snapshots costs: on ZFS always; on btrfs only where quotas (or
+        simple quotas) are on, and the note says how to turn them on otherwise."""
         ...
 
     def snapshot_files(self, dataset: str, name: str) -> Path | None:

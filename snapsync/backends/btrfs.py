@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, ClassVar
 import btrfsutil
 
 from snapsync.backends import FILESYSTEMS
-from snapsync.backends.base import Adoption, Capabilities, Scratch, SnapshotInfo
+from snapsync.backends.base import Adoption, Capabilities, Scratch, SnapshotInfo, SnapshotSizes
 from snapsync.backends.usage import Holder, holders, mounts
 from snapsync.errors import BackendError, DatasetMissing
 from snapsync.host.safefs import fd_path, private_dir, read_file, write_atomic
@@ -165,6 +166,28 @@ class BtrfsBackend:
         ]
         snaps.sort(key=lambda s: (s.created, s.name))
         return snaps
+
+    def snapshot_sizes(self, dataset: str) -> SnapshotSizes:
+        """From the quota groups (``btrfs qgroup show --raw``): each snapshot's level-0 qgroup, whose
+        exclusive bytes are what deleting it alone would free."""
+        directory = self.snapshot_path(dataset)
+        ids = {rel: info.id for rel, info in self._children(directory)} if directory.is_dir() else {}
+        done = subprocess.run(["btrfs", "qgroup", "show", "--raw", "--", str(directory if directory.is_dir() else dataset)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            if "not enabled" in done.stderr or "quotas not enabled" in done.stderr.lower():
+                return SnapshotSizes({}, f"btrfs quotas are off on {dataset}'s filesystem, so snapshot sizes are unknown: "
+                                         f"`btrfs quota enable --simple MOUNTPOINT` (kernel 6.7+) or `btrfs quota enable MOUNTPOINT`")
+            raise BackendError(f"{dataset}: btrfs qgroup show: {done.stderr.strip() or f'exit {done.returncode}'}")
+        groups: dict[int, tuple[int, int]] = {}
+        for line in done.stdout.splitlines():
+            fields = line.split()
+            if len(fields) >= 3 and fields[0].startswith("0/") and fields[1].isdigit() and fields[2].isdigit():
+                groups[int(fields[0][2:])] = (int(fields[1]), int(fields[2]))
+        sizes = {rel: {"exclusive": groups[i][1], "shared": groups[i][0] - groups[i][1], "referenced": groups[i][0]}
+                 for rel, i in ids.items() if i in groups}
+        stale = "inconsistent" in done.stderr.lower() or "rescan" in done.stderr.lower()
+        return SnapshotSizes(sizes, "btrfs reports its quota numbers as inconsistent: `btrfs quota rescan -w MOUNTPOINT`" if stale else None)
 
     def _read_holds(self, home: int, directory: Path) -> dict[str, list[str]]:
         try:

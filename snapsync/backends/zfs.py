@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from snapsync.backends import FILESYSTEMS
-from snapsync.backends.base import Adoption, Capabilities, Scratch, SnapshotInfo
+from snapsync.backends.base import Adoption, Capabilities, Scratch, SnapshotInfo, SnapshotSizes
 from snapsync.backends.usage import Holder, holders, mounts
 from snapsync.errors import BackendError, CommandFailed, DatasetMissing, UsageError
 
@@ -152,6 +152,19 @@ class ZfsBackend:
         infos = [replace(s, holds=tuple(sorted(holds[s.location]))) if s.location in holds else s for s in infos]
         infos.sort(key=lambda s: (s.created, s.name, s.kind))
         return infos
+
+    def snapshot_sizes(self, dataset: str) -> SnapshotSizes:
+        result = zfs("list", "-H", "-p", "-t", "snapshot", "-o", "name,used,written,referenced", "-d", "1", dataset, check=False)
+        if result.returncode != 0:
+            if _missing(result.stderr):
+                return SnapshotSizes({})
+            raise BackendError(f"{dataset}: cannot read snapshot sizes: {result.stderr.strip()}")
+        sizes: dict[str, dict[str, int]] = {}
+        for line in result.stdout.splitlines():
+            fields = line.split("\t")
+            if len(fields) == 4 and "@" in fields[0] and all(f.isdigit() for f in fields[1:]):
+                sizes[fields[0].split("@", 1)[1]] = dict(zip(("used", "written", "referenced"), map(int, fields[1:]), strict=True))
+        return SnapshotSizes(sizes)
 
     def _holds(self, snapshots: Sequence[str]) -> dict[str, list[str]]:
         """Hold tags per full snapshot name, ours without their prefix, foreign ones marked."""

@@ -30,7 +30,7 @@ from snapsync import __version__
 from snapsync.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, SnapsyncError
 
 if TYPE_CHECKING:
-    from snapsync.backends.base import SnapshotInfo
+    from snapsync.backends.base import SnapshotInfo, SnapshotSizes
     from snapsync.policy.loader import Group, Policy
     from snapsync.policy.schema import DirTarget, S3Target
     from snapsync.replication.replicate import ProgressFactory, TargetReport
@@ -442,6 +442,9 @@ def thaw(
 def list_(
     groups: GroupsArg = None,
     local: Annotated[bool, typer.Option("--local", help="Do not ask the targets what they have.")] = False,
+    sizes: Annotated[
+        bool, typer.Option("--sizes", help="What each snapshot costs: ZFS used/written/referenced; btrfs exclusive/shared (quotas on).")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> int:
     """List every snapshot of each group's datasets, ours and foreign; then what each target holds and its lag."""
@@ -452,13 +455,13 @@ def list_(
     selected = select_groups(policy, groups or []) if policy.groups or groups else []
     pull_names = [] if groups else list(policy.pulls)
     held = {} if local else runner.target_holdings(selected, pulls=pull_names)
-    listed = [_list_group(runner, group, held.get(group.name), as_json) for group in selected]
+    listed = [_list_group(runner, group, held.get(group.name), as_json, sizes) for group in selected]
     pulls = [t for name in pull_names if name in held for t in held[name].targets]
     return _list_end(listed, pulls, as_json)
 
 
 def _list_group(
-    runner: "Runner", group: "Group", holdings: "TargetHoldings | None", as_json: bool
+    runner: "Runner", group: "Group", holdings: "TargetHoldings | None", as_json: bool, sizes: bool = False
 ) -> tuple[dict[str, object], bool]:
     """One group of `list`: its JSON entry, and whether it is all well; rendered as it goes unless ``as_json``."""
     from snapsync.cli.render import render_listing, render_target_state
@@ -486,19 +489,26 @@ def _list_group(
         future = ["dated after the clock: never sent, pruning waits (see `snapsync check`)"] if when and when > now else []
         return future + (reviews[ds].why(snap) if ds in reviews else [])
 
+    costs: "dict[str, SnapshotSizes]" = {}
+    if sizes:
+        try:
+            costs = {ds: runner.backend(group).snapshot_sizes(ds) for ds in listing}
+        except SnapsyncError as e:
+            cast(list[str], entry["errors"]).append(f"cannot tell snapshot sizes: {e}")
     entry["datasets"] = [
         {
             "dataset": ds,
             "snapshots": [
                 {**s.to_json(), "ours": parse_snapshot_name(group.prefix, s.name) is not None, "why": why(ds, s)}
+                | ({"sizes": costs[ds].sizes.get(s.name)} if ds in costs else {})
                 for s in snaps
             ],
             "lost_holds": reviews[ds].lost if ds in reviews else {},
-        }
+        } | ({"sizes_note": costs[ds].note} if ds in costs else {})
         for ds, snaps in listing.items()
     ]
     if not as_json:
-        render_listing(out, group.name, group.backend, listing, group.prefix, why)
+        render_listing(out, group.name, group.backend, listing, group.prefix, why, costs if sizes else None)
         for ds, review in reviews.items():
             for tag, names in review.lost.items():
                 out.print(f"  {ds}: hold {tag} was on {', '.join(names)}, deleted by hand; older snapshots kept "

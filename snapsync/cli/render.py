@@ -21,7 +21,7 @@ from rich.progress import (
 from rich.text import Text
 from rich.table import Table
 
-from snapsync.backends.base import SnapshotInfo
+from snapsync.backends.base import SnapshotInfo, SnapshotSizes
 from snapsync.ops.hooks import HookReport
 from snapsync.plan.naming import parse_snapshot_name
 from snapsync.policy.durations import format_duration
@@ -200,30 +200,38 @@ def render_reports(console: Console, reports: Sequence[GroupReport], *, explain:
 def render_listing(
     console: Console, group: str, backend: str, listing: dict[str, list[SnapshotInfo]], prefix: str,
     why: Callable[[str, SnapshotInfo], list[str]] = lambda _d, _s: [],
+    sizes: dict[str, SnapshotSizes] | None = None,
 ) -> None:
-    """Every snapshot and bookmark, ours and foreign, with who holds it and why it is kept."""
+    """Every snapshot and bookmark, ours and foreign, with who holds it and why it is kept (and with
+    ``sizes``, what each costs)."""
     for dataset, snaps in listing.items():
+        cost = sizes.get(dataset) if sizes is not None else None
+        figures = sorted({k for v in cost.sizes.values() for k in v}, key=SIZE_ORDER.index) if cost else []
         console.print(f"{group} ({backend}) {dataset}", markup=False, highlight=False, soft_wrap=True)  # a title would wrap to the table
         table = Table(show_edge=False, pad_edge=False)
         table.add_column("snapshot", no_wrap=True)
         table.add_column("created (fs)", no_wrap=True)
-        for col in ("ro", "id", "ours", "held by"):
-            table.add_column(col)
+        for col in ("ro", "id", "ours", *figures, "held by"):
+            table.add_column(col, justify="right" if col in figures else "left")
         table.add_column("why kept")
         for s in snaps:
             ours = parse_snapshot_name(prefix, s.name) is not None
+            counted = cost.sizes.get(s.name, {}) if cost else {}
             table.add_row(
                 f"#{s.name}" if s.kind == "bookmark" else s.name,
                 s.created.strftime("%Y-%m-%d %H:%M:%SZ"),
                 "yes" if s.read_only else "[red]no[/]",
                 s.guid[:8],
                 "yes" if ours else "[dim]foreign[/]",
+                *(_size(counted[f]) if f in counted else "" for f in figures),
                 ", ".join(s.holds),
                 escape("; ".join(why(dataset, s))),
             )
         if not snaps:
-            table.add_row("(no snapshots)", "", "", "", "", "", "")
+            table.add_row("(no snapshots)", *[""] * (6 + len(figures)))
         console.print(table)
+        if cost is not None and cost.note:
+            console.print(f"  {cost.note}", markup=False, highlight=False, soft_wrap=True)
 
 
 def render_versions(console: Console, found: Found) -> None:
@@ -239,6 +247,8 @@ def render_versions(console: Console, found: Found) -> None:
                       f"{len(v.also_in)} more" if v.also_in else "", escape(v.path))
     console.print(table)
 
+
+SIZE_ORDER = ("used", "written", "exclusive", "shared", "referenced")
 
 TIMELINE_RULES = ("newest", "keep_last", "keep_within", "hourly", "daily", "weekly", "monthly", "yearly")
 
