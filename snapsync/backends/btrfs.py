@@ -171,6 +171,8 @@ class BtrfsBackend:
         """From the quota groups (``btrfs qgroup show --raw``): each snapshot's level-0 qgroup, whose
         exclusive bytes are what deleting it alone would free."""
         directory = self.snapshot_path(dataset)
+        if not directory.is_dir() and not os.path.isdir(dataset):
+            return SnapshotSizes({})
         ids = {rel: info.id for rel, info in self._children(directory)} if directory.is_dir() else {}
         done = subprocess.run(["btrfs", "qgroup", "show", "--raw", "--", str(directory if directory.is_dir() else dataset)],
                               capture_output=True, text=True)

@@ -85,6 +85,19 @@ def test_snapshot_files_reads_a_file_as_the_snapshot_has_it(env: BackendEnv) -> 
     assert env.backend.snapshot_files(ds, "never-taken") is None
 
 
+def test_snapshot_sizes_count_every_snapshot_or_say_why_not(env: BackendEnv) -> None:
+    ds = env.new_dataset("d")
+    env.write(ds, "f", "x" * 100_000)
+    env.backend.snapshot_group([ds], NAME)
+    sizes = env.backend.snapshot_sizes(ds)
+    if sizes.note is None or sizes.sizes:  # counted (ZFS; btrfs with quotas on)
+        assert set(sizes.sizes) == {NAME}
+        assert all(isinstance(v, int) and v >= 0 for v in sizes.sizes[NAME].values()) and "referenced" in sizes.sizes[NAME]
+    else:  # not counted (btrfs without quotas): the note says how to have them
+        assert "enable" in sizes.note
+    assert env.backend.snapshot_sizes(env.missing_dataset).sizes == {}
+
+
 def test_scratch_gives_a_writable_copy_without_setuid_or_devices_and_leaves_nothing(env: BackendEnv, tmp_path: Path) -> None:
     ds = env.new_dataset("d")
     env.write(ds, "f", "restored")
