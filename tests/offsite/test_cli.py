@@ -199,7 +199,13 @@ def test_a_terminal_sees_progress_and_a_pipe_sees_whole_lines_only(nas_site: tup
     policy, app, _ = nas_site
     (app / "big.bin").write_bytes(__import__("os").urandom(6 << 20))
     p = ["--policy", str(policy)]
-    run_json(*p, "run")
+    ran = _tty([*p, "run"])
+    plain = __import__("re").sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", ran)
+    assert "\x1b[" in ran and "nas: app" in plain and "app: ok: took" in plain  # the upload's progress bar, then the report
+    (app / "more.bin").write_bytes(__import__("os").urandom(1 << 20))
+    time.sleep(1.1)
+    piped_run = snapsync(*p, "snapshot")
+    assert piped_run.returncode == 0 and "\x1b[" not in piped_run.stdout + piped_run.stderr
     on_tty = _tty([*p, "verify", "nas"])
     assert "nas: verify" in on_tty and "MiB" in on_tty  # the progress bar, in the units of everything else
     assert "\x1b[" in on_tty  # drawn, then cleared
