@@ -661,8 +661,9 @@ def restore(
     ] = None,
     to: Annotated[str | None, typer.Option("--to", help="Where copies land: a directory on btrfs, or a ZFS dataset (pool/restore).")] = None,
     path: Annotated[
-        str | None,
-        typer.Option("--path", help="Only this file or directory, named as it lives now, into the --to directory: from a snapshot here, or --from a target."),
+        list[str] | None,
+        typer.Option("--path", help="Only this file or directory, named as it lives now, into the --to directory: from a snapshot here, "
+                                    "or --from a target (repeatable, like restic's --include)."),
     ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="With --path: rename what is in the way aside (kept), instead of refusing.")
@@ -770,7 +771,7 @@ def _restore_all(source: str, key_file: str | None, verify_first: bool, accept_r
 
 
 def _restore_path(
-    what: str, source: str | None, to: str | None, path: str, overwrite: bool, in_place: bool, dry_run: bool, as_json: bool,
+    what: str, source: str | None, to: str | None, paths: list[str], overwrite: bool, in_place: bool, dry_run: bool, as_json: bool,
     key_file: str | None,
 ) -> int:
     from snapsync.clock import SystemClock
@@ -790,18 +791,19 @@ def _restore_path(
     group, _, snapshot = what.partition("@")
     with policy_lock(policy.source, 60.0), _progress(as_json) as progress:  # no prune takes the snapshot away meanwhile
         if source is None:
-            done = restore_path(policy, _runner(policy), group, snapshot or None, path, to, SystemClock().now(),
+            done = restore_path(policy, _runner(policy), group, snapshot or None, paths, to, SystemClock().now(),
                                 overwrite=overwrite, dry_run=dry_run)
         else:
-            done = restore_path_from(policy, _runner(policy), source, group, snapshot or None, path, to, SystemClock().now(),
+            done = restore_path_from(policy, _runner(policy), source, group, snapshot or None, paths, to, SystemClock().now(),
                                      overwrite=overwrite, key_file=key_file, progress=progress)
     if as_json:
-        print(json.dumps(done.to_json()))
+        print(json.dumps({"paths": [d.to_json() for d in done]}))
         return EXIT_OK
     verb = "would restore" if dry_run else "restored"
-    out.print(f"{verb} {done.source} ({done.group}@{done.snapshot}) to {done.to}", markup=False)
-    if done.aside:
-        out.print(f"  what was at {done.to} {'would be' if dry_run else 'is'} kept at {done.aside}", markup=False)
+    for d in done:
+        out.print(f"{verb} {d.source} ({d.group}@{d.snapshot}) to {d.to}", markup=False)
+        if d.aside:
+            out.print(f"  what was at {d.to} {'would be' if dry_run else 'is'} kept at {d.aside}", markup=False)
     return EXIT_OK
 
 

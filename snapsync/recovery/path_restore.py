@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path, PurePosixPath
@@ -24,7 +25,7 @@ from snapsync.ops.versions import locate, lookup
 
 if TYPE_CHECKING:
     from snapsync.ops.runner import Runner
-    from snapsync.policy.loader import Policy
+    from snapsync.policy.loader import Group, Policy
     from snapsync.replication.replicate import ProgressFactory
 
 
@@ -43,65 +44,94 @@ class PathRestore:
                 "to": self.to, "kept_aside": self.aside, "dry_run": self.dry_run}
 
 
+@dataclass(frozen=True)
+class _Wanted:
+    dataset: str
+    relative: PurePosixPath
+    destination: Path
+    aside: Path | None
+
+
+def _wanted(policy: Policy, runner: Runner, group_name: str, paths: Sequence[str], to: str, now: datetime, overwrite: bool,
+            whole: str) -> tuple[Group, list[_Wanted]]:
+    """Every path checked before anything is copied: in the group, not a whole dataset, a free place
+    (or one to set aside) in ``to``, no two paths landing on one name."""
+    if not paths:
+        raise UsageError("no --path given")
+    wanted: list[_Wanted] = []
+    group: Group | None = None
+    for path in paths:
+        group, dataset, relative = locate(policy, runner, path)
+        if group.name != group_name:
+            raise UsageError(f"{path}: in group {group.name}'s dataset {dataset}, not in group {group_name}")
+        if not relative.parts:
+            raise UsageError(f"{path}: the whole dataset; restore the group ({whole}) instead")
+        destination = _destination(Path(to), relative)
+        if any(w.destination == destination for w in wanted):
+            raise UsageError(f"{path}: another --path lands on {destination} too")
+        wanted.append(_Wanted(dataset, relative, destination, _aside(destination, now, overwrite)))
+    assert group is not None
+    return group, wanted
+
+
 def restore_path(
-    policy: Policy, runner: Runner, group_name: str, snapshot: str | None, path: str, to: str, now: datetime,
+    policy: Policy, runner: Runner, group_name: str, snapshot: str | None, paths: Sequence[str], to: str, now: datetime,
     *, overwrite: bool = False, dry_run: bool = False,
-) -> PathRestore:
-    group, dataset, relative = locate(policy, runner, path)
-    if group.name != group_name:
-        raise UsageError(f"{path}: in group {group.name}'s dataset {dataset}, not in group {group_name}")
-    if not relative.parts:
-        raise UsageError(f"{path}: the whole dataset; restore the group (restore {group_name} --from ... --to/--in-place) instead")
+) -> list[PathRestore]:
+    """Each path from the newest snapshot of its dataset that holds it (or from ``snapshot``)."""
+    group, wanted = _wanted(policy, runner, group_name, paths, to, now, overwrite, f"restore {group_name} --from ... --to/--in-place")
     backend = runner.backend(group)
-    names = sorted((s for s in backend.list_snapshots(dataset) if s.kind == "snapshot"), key=lambda s: (s.created, s.name), reverse=True)
-    chosen: tuple[str, Path] | None = None
-    for snap in names:
-        if snapshot is not None and snap.name != snapshot:
-            continue
-        files = backend.snapshot_files(dataset, snap.name)
-        if files is not None and lookup(files, relative) is not None:
-            chosen = (snap.name, files)
-            break
-        if snapshot is not None:
-            raise UsageError(f"{path}: not in snapshot {snapshot} of {dataset}")
-    if chosen is None:
-        raise UsageError(f"{path}: " + (f"no snapshot {snapshot} of {dataset}" if snapshot else f"in no snapshot of {dataset}"))
-    name, files = chosen
-    source = files / relative
-    destination = _destination(Path(to), relative)
-    aside = _aside(destination, now, overwrite)
-    if not dry_run:
-        _copy(source, destination, aside)
-    return PathRestore(group.name, dataset, name, str(source), str(destination), str(aside) if aside else None, dry_run)
+    planned: list[tuple[_Wanted, str, Path]] = []
+    for w in wanted:
+        names = sorted((s for s in backend.list_snapshots(w.dataset) if s.kind == "snapshot"), key=lambda s: (s.created, s.name), reverse=True)
+        chosen: tuple[str, Path] | None = None
+        for snap in names:
+            if snapshot is not None and snap.name != snapshot:
+                continue
+            files = backend.snapshot_files(w.dataset, snap.name)
+            if files is not None and lookup(files, w.relative) is not None:
+                chosen = (snap.name, files)
+                break
+            if snapshot is not None:
+                raise UsageError(f"{w.relative}: not in snapshot {snapshot} of {w.dataset}")
+        if chosen is None:
+            raise UsageError(f"{w.relative}: " + (f"no snapshot {snapshot} of {w.dataset}" if snapshot else f"in no snapshot of {w.dataset}"))
+        planned.append((w, chosen[0], chosen[1] / w.relative))
+    done = []
+    for w, name, source in planned:
+        if not dry_run:
+            _copy(source, w.destination, w.aside)
+        done.append(PathRestore(group.name, w.dataset, name, str(source), str(w.destination), str(w.aside) if w.aside else None, dry_run))
+    return done
 
 
 def restore_path_from(
-    policy: Policy, runner: Runner, source: str, group_name: str, snapshot: str | None, path: str, to: str, now: datetime,
-    *, overwrite: bool = False, key_file: str | None = None, scratch_parent: str | None = None,
+    policy: Policy, runner: Runner, source: str, group_name: str, snapshot: str | None, paths: Sequence[str], to: str,
+    now: datetime, *, overwrite: bool = False, key_file: str | None = None, scratch_parent: str | None = None,
     progress: ProgressFactory | None = None,
-) -> PathRestore:
-    """The same from a target (another host, or offsite): the group's snapshot is restored into the
-    backend's throwaway place (as a drill does), the path copied out of a writable copy of it, and the
+) -> list[PathRestore]:
+    """The same from a target (another host, or offsite): the group's snapshot is restored once into the
+    backend's throwaway place (as a drill does), the paths copied out of writable copies of it, and the
     place removed, whatever happens."""
     from snapsync.protocol import dataset_key
     from snapsync.recovery.restore import restore_from
 
-    group, dataset, relative = locate(policy, runner, path)
-    if group.name != group_name:
-        raise UsageError(f"{path}: in group {group.name}'s dataset {dataset}, not in group {group_name}")
-    if not relative.parts:
-        raise UsageError(f"{path}: the whole dataset; restore the group (restore {group_name} --from {source} --to/--in-place) instead")
-    destination = _destination(Path(to), relative)
-    aside = _aside(destination, now, overwrite)
+    group, wanted = _wanted(policy, runner, group_name, paths, to, now, overwrite, f"restore {group_name} --from {source} --to/--in-place")
     backend = runner.backend(group)
+    done = []
     with backend.scratch(f"snapsync-restore-{group.name}", group.datasets, scratch_parent) as scratch:
         restored = restore_from(policy, source, group.name, scratch.place, snapshot, progress=progress, key_file=key_file)
-        files = scratch.writable(f"{group.name}/{dataset_key(dataset)}", restored.snapshot)
-        if lookup(files, relative) is None:
-            raise UsageError(f"{path}: not in {group.name}@{restored.snapshot} on {source}")
-        _copy(files / relative, destination, aside)
-    return PathRestore(group.name, dataset, restored.snapshot, f"{source}:{group.name}@{restored.snapshot}:{relative}",
-                       str(destination), str(aside) if aside else None, False)
+        copies: dict[str, Path] = {}
+        for w in wanted:
+            if w.dataset not in copies:
+                copies[w.dataset] = scratch.writable(f"{group.name}/{dataset_key(w.dataset)}", restored.snapshot)
+            if lookup(copies[w.dataset], w.relative) is None:
+                raise UsageError(f"{w.relative}: not in {group.name}@{restored.snapshot} on {source}; nothing restored")
+        for w in wanted:
+            _copy(copies[w.dataset] / w.relative, w.destination, w.aside)
+            done.append(PathRestore(group.name, w.dataset, restored.snapshot, f"{source}:{group.name}@{restored.snapshot}:{w.relative}",
+                                    str(w.destination), str(w.aside) if w.aside else None, False))
+    return done
 
 
 def _aside(destination: Path, now: datetime, overwrite: bool) -> Path | None:

@@ -122,7 +122,7 @@ def test_one_directory_comes_back_from_a_snapshot_with_all_its_metadata(tmp_path
 
     done = snapsync("-p", str(policy), "restore", f"web@{taken}", "--path", str(site), "--to", str(out), "--json")
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["snapshot"] == taken
+    assert [d["snapshot"] for d in json.loads(done.stdout)["paths"]] == [taken]
     assert _meta(out / "site") == before
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no hidden leftover
 
@@ -131,11 +131,26 @@ def test_one_directory_comes_back_from_a_snapshot_with_all_its_metadata(tmp_path
     (out / "site" / "a.txt").write_text("changed since\n")
     over = snapsync("-p", str(policy), "restore", "web", "--path", str(site / "a.txt"), "--to", str(out / "site"), "--overwrite", "--json")
     assert over.returncode == 0, over.stderr
-    kept = Path(json.loads(over.stdout)["kept_aside"])
+    kept = Path(json.loads(over.stdout)["paths"][0]["kept_aside"])
     assert kept.read_text() == "changed since\n" and (out / "site" / "a.txt").read_text() == "alpha\n"
 
-    for args, word in ((["--from", "nas"], "without --from"), ([], "--to")):
+    for args, word in ((["--in-place"], "not --in-place"), ([], "--to")):
         refused = snapsync("-p", str(policy), "restore", "web", "--path", str(site), *args)
         assert refused.returncode == 2 and word in refused.stderr, refused.stderr
     wrong = snapsync("-p", str(policy), "restore", "db", "--path", str(site), "--to", str(out))
     assert wrong.returncode == 2 and "in group web" in wrong.stderr
+
+    (site.parent / "two.txt").write_text("two\n")
+    (site.parent / "three.txt").write_text("three\n")
+    both = _take(policy)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "three.txt").write_text("in the way\n")
+    blocked = snapsync("-p", str(policy), "restore", "web", "--path", str(site.parent / "two.txt"), "--path", str(site.parent / "three.txt"),
+                       "--to", str(fresh))
+    assert blocked.returncode == 2 and not (fresh / "two.txt").exists()  # every path checked before any is copied
+    (fresh / "three.txt").unlink()
+    many = snapsync("-p", str(policy), "restore", f"web@{both}", "--path", str(site.parent / "two.txt"), "--path",
+                    str(site.parent / "three.txt"), "--to", str(fresh), "--json")
+    assert many.returncode == 0, many.stderr
+    assert len(json.loads(many.stdout)["paths"]) == 2 and (fresh / "two.txt").read_text() == "two\n" and (fresh / "three.txt").read_text() == "three\n"

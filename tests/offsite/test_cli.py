@@ -238,7 +238,7 @@ def test_one_path_comes_back_from_offsite_and_from_another_host(nas_site: tuple[
         out = tmp_path / f"from-{source}"
         out.mkdir()
         done = run_json(*p, "restore", "app", "--from", source, "--path", str(app / "etc"), "--to", str(out))
-        assert done["source"].startswith(f"{source}:app@")
+        assert done["paths"][0]["source"].startswith(f"{source}:app@")
         assert tree_digest(out / "etc") == want
         assert os.getxattr(out / "etc" / "app.ini", "user.origin") == b"backup" and (out / "etc" / "app.ini").stat().st_uid == 1000
     assert subprocess.run(["findmnt", "-rn", "-o", "TARGET"], capture_output=True, text=True).stdout == mounts_before  # the throwaway place is gone

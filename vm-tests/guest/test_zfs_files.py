@@ -47,5 +47,5 @@ def test_sizes_versions_diff_and_one_path_back_on_zfs(space: str, tmp_path: Path
 
     out = tmp_path / "out"
     out.mkdir()
-    done = restore_path(runner.policy, runner, "app", first, str(root / "app.ini"), str(out), datetime.now(UTC))
+    (done,) = restore_path(runner.policy, runner, "app", first, [str(root / "app.ini")], str(out), datetime.now(UTC))
     assert done.snapshot == first and (out / "app.ini").read_text() == "port = 1\n"
