@@ -70,6 +70,8 @@ err = Console(stderr=True, highlight=False, soft_wrap=True, width=_width(sys.std
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", "-n", help="Show what would be done; change nothing.")]
+
+
 def _completion_policy(ctx: typer.Context) -> "Policy | None":
     """The policy a command line names, for completing its words; nothing at all when it cannot be read."""
     from snapsync.policy.loader import load_policy
@@ -319,14 +321,9 @@ def diff(
         print(json.dumps({"group": group, "from": old, "to": new or "now",
                           "datasets": [{"dataset": ds, **c.to_json()} for ds, c in changes.items()]}))
     else:
-        for ds, c in changes.items():
-            out.print(f"{group}: {ds}: {old} -> {new or 'now'}: " + (
-                f"{len(c.added)} added, {len(c.removed)} removed, {len(c.modified)} modified, {len(c.renamed)} renamed"
-                if c else "no change"), markup=False, highlight=False, soft_wrap=True)
-            lines = [(p, "+") for p in c.added] + [(p, "-") for p in c.removed] + [(p, "M") for p in c.modified]
-            lines += [(f"{a} -> {b}", "R") for a, b in c.renamed]
-            for text, mark in sorted(lines):
-                out.print(f"  {mark} {text}", markup=False, highlight=False, soft_wrap=True)
+        from snapsync.cli.render import render_diff
+
+        render_diff(out, group, old, new or "now", changes)
     return EXIT_OK
 
 

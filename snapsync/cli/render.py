@@ -28,6 +28,7 @@ from snapsync.policy.durations import format_duration
 from snapsync.replication.replicate import ProgressFactory, TargetReport
 from snapsync.plan.retention import Decision, PrunePlan
 from snapsync.ops.runner import GroupReport
+from snapsync.ops.diff import Changes
 from snapsync.ops.versions import Found
 
 
@@ -287,3 +288,14 @@ def render_timeline(console: Console, title: str, plan: PrunePlan, width: int = 
     console.print(f"{title}: what each rule keeps, {left} to {right} (UTC)", markup=False, highlight=False, soft_wrap=True)
     for rule, line in rows:
         console.print(f"  {rule:>11} {line}", markup=False, highlight=False, soft_wrap=True)
+
+
+def render_diff(console: Console, group: str, old: str, new: str, changes: dict[str, Changes]) -> None:
+    """Per dataset a count line, then one line per path: + - M R, by path."""
+    for dataset, c in changes.items():
+        counts = f"{len(c.added)} added, {len(c.removed)} removed, {len(c.modified)} modified, {len(c.renamed)} renamed"
+        console.print(f"{group}: {dataset}: {old} -> {new}: " + (counts if c else "no change"), markup=False, highlight=False, soft_wrap=True)
+        lines = [(p, "+") for p in c.added] + [(p, "-") for p in c.removed] + [(p, "M") for p in c.modified]
+        lines += [(f"{a} -> {b}", "R") for a, b in c.renamed]
+        for text, mark in sorted(lines):
+            console.print(f"  {mark} {text}", markup=False, highlight=False, soft_wrap=True)
