@@ -694,7 +694,7 @@ def restore(
     from snapsync.ops.runner import select_groups
 
     if every_group:
-        if what is not None or path is not None or not in_place or source is None:
+        if what is not None or path is not None or to is not None or not in_place or source is None:
             raise UsageError("--all restores every group --in-place --from one target: no GROUP, no --path, no --to")
         return _restore_all(source, key_file, verify_first, accept_rollback, dry_run, as_json)
     if what is None:
