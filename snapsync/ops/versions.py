@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
+from snapsync.backends.binds import binds_of
 from snapsync.errors import UsageError
 
 if TYPE_CHECKING:
@@ -95,24 +96,32 @@ def lookup(root: Path, relative: PurePosixPath) -> os.stat_result | None:
 
 
 def locate(policy: Policy, runner: Runner, path: str) -> tuple[Group, str, PurePosixPath]:
-    """The group and dataset whose live files hold ``path``, and the path relative to them."""
-    wanted = Path(os.path.abspath(path))
-    best: tuple[int, Group, str, PurePosixPath] | None = None
-    for group in policy.groups.values():
-        backend = runner.backend(group)
-        for dataset in group.datasets:
-            root = backend.files_root(dataset)
-            if root is None:
-                continue
-            try:
-                relative = wanted.relative_to(root)
-            except ValueError:
-                continue
-            if best is None or len(root) > best[0]:
-                best = (len(root), group, dataset, PurePosixPath(relative.as_posix()))
-    if best is None:
-        raise UsageError(f"{path}: not inside any dataset of the policy's groups")
-    return best[1], best[2], best[3]
+    """The group and dataset whose live files hold ``path``, and the path relative to them: as written,
+    through symlinks, or through a bind mount of the dataset (impermanence shows ``/persist/forgejo``
+    at ``/var/lib/forgejo``, and that is the path people know)."""
+    roots = [(group, dataset, root) for group in policy.groups.values()
+             for dataset in group.datasets if (root := runner.backend(group).files_root(dataset)) is not None]
+    for wanted in dict.fromkeys((os.path.abspath(path), os.path.realpath(path))):
+        best: tuple[int, Group, str, PurePosixPath] | None = None
+        for group, dataset, root in roots:
+            if _under(wanted, root) and (best is None or len(root) > best[0]):
+                best = (len(root), group, dataset, _rest(wanted, root))
+        if best is not None:
+            return best[1], best[2], best[3]
+    wanted = os.path.abspath(path)
+    for group, dataset, root in roots:
+        for bind in binds_of(root):
+            if _under(wanted, bind.point):
+                return group, dataset, PurePosixPath(bind.sub) / _rest(wanted, bind.point)
+    raise UsageError(f"{path}: not inside any dataset of the policy's groups (nor a bind mount of one)")
+
+
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def _rest(path: str, top: str) -> PurePosixPath:
+    return PurePosixPath(path[len(top.rstrip("/")):].lstrip("/"))
 
 
 def find_versions(policy: Policy, runner: Runner, path: str) -> Found:

@@ -154,3 +154,29 @@ def test_one_directory_comes_back_from_a_snapshot_with_all_its_metadata(tmp_path
                     str(site.parent / "three.txt"), "--to", str(fresh), "--json")
     assert many.returncode == 0, many.stderr
     assert len(json.loads(many.stdout)["paths"]) == 2 and (fresh / "two.txt").read_text() == "two\n" and (fresh / "three.txt").read_text() == "three\n"
+
+
+def test_a_path_is_found_through_a_bind_mount_as_impermanence_shows_it(tmp_path: Path, btrfs_root: Path) -> None:
+    """/var/lib/web is /persist/web data/state bind-mounted: versions and restore --path take either name."""
+    for leaf in ("web data", "pg", "wal"):
+        make_subvolume(btrfs_root / "persist" / leaf, leaf)
+    policy = _write_policy(tmp_path, btrfs_root)
+    state = btrfs_root / "persist" / "web data" / "state"
+    state.mkdir()
+    (state / "app.db").write_text("rows v1\n")
+    shown = tmp_path / "var-lib-web"
+    shown.mkdir()
+    subprocess.run(["mount", "--bind", str(state), str(shown)], check=True)
+    try:
+        taken = _take(policy)
+        (shown / "app.db").write_text("rows v2, after the snapshot\n")
+        found = json.loads(snapsync("-p", str(policy), "versions", str(shown / "app.db"), "--json").stdout)
+        assert found["group"] == "web" and found["path"] == "state/app.db"
+        assert [v["snapshot"] for v in found["versions"]] == ["(live)", taken]
+        out = tmp_path / "out"
+        out.mkdir()
+        done = snapsync("-p", str(policy), "restore", "web", "--path", str(shown / "app.db"), "--to", str(out))
+        assert done.returncode == 0, done.stderr
+        assert (out / "app.db").read_text() == "rows v1\n"
+    finally:
+        subprocess.run(["umount", str(shown)], check=True)
