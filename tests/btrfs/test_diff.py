@@ -8,9 +8,8 @@ import stat
 from pathlib import Path
 
 from snapsync.ops.diff import Entry, compare
-from tests.btrfs.test_cli import _write_policy, snapsync
-from tests.btrfs.test_versions import _take
-from tests.conftest import make_subvolume
+from tests.btrfs.test_cli import snapsync
+from tests.btrfs.test_versions import _take, three_datasets
 
 F, D = stat.S_IFREG | 0o644, stat.S_IFDIR | 0o755
 
@@ -33,10 +32,7 @@ def test_compare_tells_renames_from_removals_and_directory_times_from_changes() 
 
 
 def test_diff_between_snapshots_and_since_one(tmp_path: Path, btrfs_root: Path) -> None:
-    for leaf in ("web data", "pg", "wal"):
-        make_subvolume(btrfs_root / "persist" / leaf, leaf)
-    policy = _write_policy(tmp_path, btrfs_root)
-    data = btrfs_root / "persist" / "web data"
+    policy, data = three_datasets(tmp_path, btrfs_root)
     (data / "keep.txt").write_text("same\n")
     (data / "edit.txt").write_text("v1\n")
     (data / "old-name.txt").write_text("moves\n")

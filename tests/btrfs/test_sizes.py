@@ -7,16 +7,12 @@ import os
 import subprocess
 from pathlib import Path
 
-from tests.btrfs.test_cli import _write_policy, snapsync
-from tests.btrfs.test_versions import _take
-from tests.conftest import make_subvolume
+from tests.btrfs.test_cli import snapsync
+from tests.btrfs.test_versions import _take, three_datasets
 
 
 def test_snapshot_sizes_come_from_quota_groups_and_their_absence_is_explained(tmp_path: Path, btrfs_root: Path) -> None:
-    for leaf in ("web data", "pg", "wal"):
-        make_subvolume(btrfs_root / "persist" / leaf, leaf)
-    policy = _write_policy(tmp_path, btrfs_root)
-    data = btrfs_root / "persist" / "web data"
+    policy, data = three_datasets(tmp_path, btrfs_root)
     (data / "big.bin").write_bytes(os.urandom(2 << 20))
     first = _take(policy)
     (data / "big.bin").unlink()  # only the first snapshot holds it now

@@ -23,6 +23,13 @@ def test_runs_of_identical_versions_collapse_into_their_newest() -> None:
     assert distinct([]) == []
 
 
+def three_datasets(tmp_path: Path, btrfs_root: Path) -> tuple[Path, Path]:
+    """test_cli's three datasets and policy; returns the policy and group web's dataset."""
+    for leaf in ("web data", "pg", "wal"):
+        make_subvolume(btrfs_root / "persist" / leaf, leaf)
+    return _write_policy(tmp_path, btrfs_root), btrfs_root / "persist" / "web data"
+
+
 def _take(policy: Path) -> str:
     done = snapsync("-p", str(policy), "snapshot", "--json", "web")
     assert done.returncode == 0, done.stderr
@@ -31,10 +38,7 @@ def _take(policy: Path) -> str:
 
 
 def test_every_distinct_version_of_a_file_newest_first(tmp_path: Path, btrfs_root: Path) -> None:
-    for leaf in ("web data", "pg", "wal"):
-        make_subvolume(btrfs_root / "persist" / leaf, leaf)
-    policy = _write_policy(tmp_path, btrfs_root)
-    data = btrfs_root / "persist" / "web data"
+    policy, data = three_datasets(tmp_path, btrfs_root)
     target = data / "site" / "index.html"
     target.parent.mkdir()
     target.write_text("one\n")
@@ -66,10 +70,7 @@ def test_every_distinct_version_of_a_file_newest_first(tmp_path: Path, btrfs_roo
 
 
 def test_a_symlink_in_a_snapshot_is_not_followed_out_of_it(tmp_path: Path, btrfs_root: Path) -> None:
-    for leaf in ("web data", "pg", "wal"):
-        make_subvolume(btrfs_root / "persist" / leaf, leaf)
-    policy = _write_policy(tmp_path, btrfs_root)
-    data = btrfs_root / "persist" / "web data"
+    policy, data = three_datasets(tmp_path, btrfs_root)
     outside = tmp_path / "secret"
     outside.mkdir()
     (outside / "key").write_text("not yours\n")
@@ -99,10 +100,7 @@ def _meta(root: Path) -> dict[str, tuple[object, ...]]:
 
 
 def test_one_directory_comes_back_from_a_snapshot_with_all_its_metadata(tmp_path: Path, btrfs_root: Path) -> None:
-    for leaf in ("web data", "pg", "wal"):
-        make_subvolume(btrfs_root / "persist" / leaf, leaf)
-    policy = _write_policy(tmp_path, btrfs_root)
-    data = btrfs_root / "persist" / "web data"
+    policy, data = three_datasets(tmp_path, btrfs_root)
     site = data / "site"
     (site / "sub").mkdir(parents=True)
     (site / "a.txt").write_text("alpha\n")
@@ -158,10 +156,8 @@ def test_one_directory_comes_back_from_a_snapshot_with_all_its_metadata(tmp_path
 
 def test_a_path_is_found_through_a_bind_mount_as_impermanence_shows_it(tmp_path: Path, btrfs_root: Path) -> None:
     """/var/lib/web is /persist/web data/state bind-mounted: versions and restore --path take either name."""
-    for leaf in ("web data", "pg", "wal"):
-        make_subvolume(btrfs_root / "persist" / leaf, leaf)
-    policy = _write_policy(tmp_path, btrfs_root)
-    state = btrfs_root / "persist" / "web data" / "state"
+    policy, data = three_datasets(tmp_path, btrfs_root)
+    state = data / "state"
     state.mkdir()
     (state / "app.db").write_text("rows v1\n")
     shown = tmp_path / "var-lib-web"
