@@ -44,6 +44,8 @@ if TYPE_CHECKING:
     from snapsync.offsite.upload import Offsite
 
 log = logging.getLogger("snapsync")
+FREE_NAME_WAIT = 4
+"""Seconds a snapshot waits at most for a name of its own (see :meth:`Runner._free_name`)."""
 
 
 @dataclass
@@ -177,6 +179,22 @@ class Runner:
     def listing(self, group: Group) -> GroupListing:
         return merge_listing(group.prefix, self.raw_listing(group))
 
+    def _free_name(self, group: Group, now: datetime, name: str) -> str:
+        """``name``, or when a snapshot of the group already has it (one taken this very second: a run a
+        moment ago, or a rollback's safety snapshot, which takes the next free second), the name of a
+        later second, waited for: names carry the second, and a snapshot is never dated ahead of the clock.
+        A clock that does not move (the demo's, the tests') gets ``name`` back, and the backend refuses it."""
+        for _ in range(FREE_NAME_WAIT):
+            taken = {s.name for snaps in self.raw_listing(group).values() for s in snaps}
+            if name not in taken:
+                return name
+            time.sleep(1.0 - time.time() % 1.0 + 0.01)
+            later = self.clock.now()
+            if later <= now:
+                return name
+            now, name = later, snapshot_name(group.prefix, later)
+        return name
+
     def snapshot(self, group: Group, report: GroupReport, *, only_if_due: bool) -> None:
         now = self.clock.now()
         name = snapshot_name(group.prefix, now)
@@ -186,6 +204,7 @@ class Runner:
                 report.not_due = newest.name if newest else None
                 report.next_due = next_due(newest.created, group.interval) if newest else None
                 return
+        name = self._free_name(group, now, name)
         if report.dry_run:
             for dataset in group.datasets:  # what snapshot_group checks first: the dry run fails where the run would
                 self.backend(group).check_dataset(dataset)

@@ -164,3 +164,32 @@ def test_prune_refuses_while_the_clock_is_behind_a_snapshot(btrfs_root: Path) ->
     assert not report.ok and "dated after the clock" in report.errors[0]
     assert report.snapshot is None
     assert _on_disk(BtrfsBackend(), ds) == before
+
+
+def test_a_snapshot_in_a_second_that_already_has_one_waits_for_the_next(btrfs_root: Path) -> None:
+    """Names carry the second: a second `snapshot` in the same second (or after a rollback's safety snapshot
+    took the next free second) waits for a second of its own instead of failing; a stopped clock cannot wait."""
+    from snapsync.clock import SystemClock
+    from snapsync.ops.runner import GroupReport
+
+    data = make_subvolume(btrfs_root / "persist" / "app", "v1")
+    policy = _policy(btrfs_root, f'version = 1\n[groups.app]\nbackend = "btrfs"\ndatasets = ["{data}"]\n')
+    group = policy.groups["app"]
+    runner = Runner(policy, SystemClock())
+    taken = []
+    for _ in range(3):  # milliseconds apart: the same second
+        report = GroupReport("app")
+        runner.snapshot(group, report, only_if_due=False)
+        assert report.snapshot and not report.errors, report.to_json()
+        taken.append(report.snapshot)
+    assert len(set(taken)) == 3 and taken == sorted(taken)
+    assert all(parse_snapshot_name("snapsync", n) <= SystemClock().now() for n in taken)  # never dated ahead of the clock
+
+    stopped = Runner(policy, ManualClock(parse_snapshot_name("snapsync", taken[-1])))
+    report = GroupReport("app")
+    try:
+        stopped.snapshot(group, report, only_if_due=False)
+    except Exception as e:  # noqa: BLE001 (the backend's refusal, as before)
+        assert "already exists" in str(e)
+    else:
+        raise AssertionError("a clock that does not move took a second snapshot of the same name")
