@@ -165,7 +165,8 @@ class Runner:
         self._make_backend = backends
         self._backends: dict[str, StorageBackend] = {}
         self._unreachable: dict[str, str] = {}
-        """ssh and local targets that could not be reached this run, after every retry: other groups skip them."""
+        """ssh and local targets that could not be reached in this run (one ``run`` or ``target_holdings``),
+        after every retry: the run's other groups do not try them again."""
 
     def backend(self, group: Group) -> StorageBackend:
         if group.name not in self._backends:
@@ -450,15 +451,10 @@ class Runner:
                 offsite = self.offsite(group, name)
                 report.targets.append(_timed(lambda: offsite.run(dry_run=report.dry_run, prune=prune)))
                 continue
-            if name in self._unreachable:
-                down = TargetReport(group.name, name, dry_run=report.dry_run)
-                down.errors.append(f"target unreachable earlier in this run, not tried again: {self._unreachable[name]}")
-                down.unreachable = self._unreachable[name]
-                report.targets.append(down)
-                continue
             replication = self.replication(group, name)
             assert replication is not None
-            done = _timed(lambda: replication.run(dry_run=report.dry_run, prune=prune))
+            down = self._unreachable.get(name)
+            done = _timed(lambda: replication.run(dry_run=report.dry_run, prune=prune, down=down))
             if done.unreachable is not None:
                 self._unreachable[name] = done.unreachable
             report.targets.append(done)
@@ -469,6 +465,7 @@ class Runner:
         Both sides are listed and compared as replication would (lag, the steps a run would take), and
         nothing is changed: no snapshot, send, hold or prune, on either side.
         """
+        self._unreachable = {}
         found: dict[str, TargetHoldings] = {}
         for group in groups:
             report = GroupReport(group.name, dry_run=True)
@@ -498,6 +495,7 @@ class Runner:
 
         Pruning comes last, so it sees the holds replication just moved forward.
         """
+        self._unreachable = {}
         reports: list[tuple[Group, GroupReport]] = []
         for group in groups:
             report = GroupReport(group.name, dry_run=dry_run)

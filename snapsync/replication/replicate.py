@@ -388,16 +388,23 @@ class Replication:
     def _retrying(self) -> Retrying:
         return retrying(f"{self.group} -> {self.target}")
 
-    def run(self, *, dry_run: bool = False, prune: bool = True) -> TargetReport:
+    def run(self, *, dry_run: bool = False, prune: bool = True, down: str | None = None) -> TargetReport:
+        """``down``: why the target was found unreachable earlier in this run; it is not tried again,
+        and the report says so with the lag and the holds as a failed attempt would."""
         with self.source.connected(), self.sink.connected():
-            return self._run(dry_run, prune)
+            return self._run(dry_run, prune, down)
 
-    def _run(self, dry_run: bool, prune: bool) -> TargetReport:
+    def _run(self, dry_run: bool, prune: bool, down: str | None = None) -> TargetReport:
         report = TargetReport(self.group, self.target, self.direction, dry_run, max_lag=self.settings.max_lag)
         try:
             sources: dict[str, list[SnapshotInfo]] = self._retrying()(self.source.snapshots, [link.ref for link in self.links])
         except SnapsyncError as e:
             report.errors.append(f"cannot list the source: {e}")
+            return report
+        if down is not None:
+            report.unreachable = down
+            report.errors.append(f"target unreachable earlier in this run, not tried again: {down}")
+            self._lag(report, sources, {})
             return report
         try:
             listing, tokens = self._retrying()(self.sink.listing, [link.path for link in self.links])

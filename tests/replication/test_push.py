@@ -131,4 +131,5 @@ def test_a_target_found_down_is_not_tried_again_by_the_next_group(
     first, second = (reports[g] for g in ("app", "db"))
     assert not first["ok"] and "Connection refused" in " ".join(first["errors"])
     assert not second["ok"] and "unreachable earlier in this run, not tried again" in " ".join(second["errors"])
+    assert second["newest_source"] == first["newest_source"] is not None  # its lag is reported as a failed attempt's would be
     assert done.stderr.count("retrying (attempt 2 of 3)") == 1  # the first group's retries only
