@@ -24,7 +24,7 @@ KEPT_FLAGS = ("ro", "nosuid", "nodev", "noexec", "noatime")
 """Per-mount flags a bind can carry apart from its filesystem's: a read-only bind must stay read-only."""
 
 
-def _under(path: str, top: str) -> bool:
+def under(path: str, top: str) -> bool:
     return path == top or path.startswith(top.rstrip("/") + "/")
 
 
@@ -63,7 +63,7 @@ def _flags(point: str, table: list[Mount] | None = None) -> tuple[str, ...] | No
 def home_of(path: str, table: list[Mount]) -> tuple[Mount, str] | None:
     """The mount ``path`` is reached through, and ``path`` as a path inside that mount's filesystem."""
     real = os.path.realpath(path)
-    home = max((m for m in table if _under(real, m.point)), key=lambda m: len(m.point), default=None)
+    home = max((m for m in table if under(real, m.point)), key=lambda m: len(m.point), default=None)
     if home is None:
         return None
     rest = real[len(home.point.rstrip("/")):] if home.point != "/" else real
@@ -83,9 +83,9 @@ def binds_of(root: str, table: list[Mount] | None = None) -> list[Bind]:
     real = os.path.realpath(root)
     out = {}
     for m in table:
-        if (m.source, m.fstype) != (home.source, home.fstype) or _under(m.point, real):
+        if (m.source, m.fstype) != (home.source, home.fstype) or under(m.point, real):
             continue
-        if _under(m.root, inside):
+        if under(m.root, inside):
             sub = m.root[len(inside.rstrip("/")):].strip("/")
             out[m.point] = Bind(m.point, sub, m.source, m.fstype, _flags(m.point, table) or ())
     return sorted(out.values(), key=lambda b: (b.point.count("/"), b.point))

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-from snapsync.backends.binds import binds_of
+from snapsync.backends.binds import binds_of, under
 from snapsync.errors import UsageError
 
 if TYPE_CHECKING:
@@ -104,20 +104,16 @@ def locate(policy: Policy, runner: Runner, path: str) -> tuple[Group, str, PureP
     for wanted in dict.fromkeys((os.path.abspath(path), os.path.realpath(path))):
         best: tuple[int, Group, str, PurePosixPath] | None = None
         for group, dataset, root in roots:
-            if _under(wanted, root) and (best is None or len(root) > best[0]):
+            if under(wanted, root) and (best is None or len(root) > best[0]):
                 best = (len(root), group, dataset, _rest(wanted, root))
         if best is not None:
             return best[1], best[2], best[3]
     wanted = os.path.abspath(path)
     for group, dataset, root in roots:
         for bind in binds_of(root):
-            if _under(wanted, bind.point):
+            if under(wanted, bind.point):
                 return group, dataset, PurePosixPath(bind.sub) / _rest(wanted, bind.point)
     raise UsageError(f"{path}: not inside any dataset of the policy's groups (nor a bind mount of one)")
-
-
-def _under(path: str, top: str) -> bool:
-    return path == top or path.startswith(top.rstrip("/") + "/")
 
 
 def _rest(path: str, top: str) -> PurePosixPath:

@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from snapsync.errors import BackendError, UsageError
+from snapsync.host.safefs import sync_dir
 from snapsync.ops.versions import locate, lookup
 
 if TYPE_CHECKING:
@@ -168,7 +169,7 @@ def _copy(source: Path, destination: Path, aside: Path | None) -> None:
     os.rename(hidden, destination)
     fd = os.open(destination.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(fd)
+        sync_dir(fd)
     finally:
         os.close(fd)
 
