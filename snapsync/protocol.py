@@ -31,16 +31,18 @@ MAX_CHAIN = 512
 Role = Literal["receive", "send"]
 OPS: dict[Role, frozenset[str]] = {
     "receive": frozenset({"hello", "list", "receive", "resume", "delete"}),
-    "send": frozenset({"hello", "list", "send", "hold"}),
+    "send": frozenset({"hello", "list", "send", "hold", "stat"}),
 }
+READ_OPS = frozenset({"send", "stat"})
+"""What ``--allow-restore`` adds to the receive role: reading its copies back, nothing that changes them."""
 RESTORE_OPTION = "--allow-restore"
 """``serve`` option: a receive-role key may also have its own copies sent back (restores, drills)."""
 
 
 def allowed_ops(role: Role, restore: bool = False) -> frozenset[str]:
-    """What a server in ``role`` answers. Restoring adds ``send`` and nothing else: reading copies back
-    deletes or overwrites nothing, so the key can do no more harm to its backups than before."""
-    return OPS[role] | {"send"} if restore and role == "receive" else OPS[role]
+    """What a server in ``role`` answers. Restoring adds reading (``send``, ``stat``) and nothing else:
+    reading copies back deletes or overwrites nothing, so the key can do no more harm to its backups than before."""
+    return OPS[role] | READ_OPS if restore and role == "receive" else OPS[role]
 
 _COMPONENT = re.compile(r"[A-Za-z0-9_%][A-Za-z0-9._%+=@:-]{0,764}")
 _SNAPSHOT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,254}")
@@ -89,6 +91,28 @@ def check_path(value: object, what: str = "path") -> str:
                 f"{what} {value!r}: component {part!r} has characters outside [A-Za-z0-9._%+=@:-], "
                 "does not start with [A-Za-z0-9_%], or is longer than 765"
             )
+    return value
+
+
+MAX_FILE = 4096
+"""Characters in a file's path inside a snapshot (``stat``): Linux's PATH_MAX."""
+
+
+def check_file(value: object) -> str:
+    """A file's path inside a snapshot, as its owner named it: any bytes but ``/`` and NUL per component
+    (non-UTF-8 ones as Python's surrogate escapes), none of them empty, ``.`` or ``..``."""
+    if not isinstance(value, str) or not value or len(value) > MAX_FILE:
+        raise Refused(f"file must be a relative path of 1 to {MAX_FILE} characters")
+    if value.startswith("/") or "\x00" in value:
+        raise Refused("file must be a relative path without NUL")
+    for part in value.split("/"):
+        if part in ("", ".", ".."):
+            raise Refused("file has an empty, '.' or '..' component")
+        try:
+            if len(part.encode("utf-8", "surrogateescape")) > 255:
+                raise Refused("file has a component longer than 255 bytes")
+        except UnicodeEncodeError:
+            raise Refused("file is not a path this host can name") from None
     return value
 
 
@@ -164,7 +188,7 @@ def parse_request(line: bytes, role: Role, restore: bool = False) -> Request:
     op = data.get("op")
     ops = allowed_ops(role, restore)
     if not isinstance(op, str) or op not in ops:
-        hint = f"; this key reads its copies back only with serve {RESTORE_OPTION}" if op == "send" else ""
+        hint = f"; this key reads its copies back only with serve {RESTORE_OPTION}" if isinstance(op, str) and op in READ_OPS else ""
         raise Refused(f"operation {op!r} is not allowed for role {role!r} (allowed: {', '.join(sorted(ops))}){hint}")
     args = {k: v for k, v in data.items() if k not in ("v", "op")}
     validate = _VALIDATORS[str(op)]
@@ -256,7 +280,13 @@ def _v_hold(args: dict[str, Any]) -> dict[str, Any]:
     return {"path": check_path(args.get("path")), "tag": check_tag(args.get("tag")), "names": check_names(args.get("names"))}
 
 
+def _v_stat(args: dict[str, Any]) -> dict[str, Any]:
+    _only(args, {"path", "file"})
+    return {"path": check_path(args.get("path")), "file": check_file(args.get("file"))}
+
+
 _VALIDATORS = {
+    "stat": _v_stat,
     "hello": _v_hello,
     "list": _v_list,
     "receive": _v_receive,

@@ -330,21 +330,27 @@ def diff(
 @app.command()
 def versions(
     path: Annotated[str, typer.Argument(help="A file or directory inside one of the policy's datasets.")],
+    targets: Annotated[bool, typer.Option("--targets", help="Also the copies on the group's targets (ssh and local; read as a restore reads them).")] = False,
+    target: Annotated[
+        list[str] | None, typer.Option("--target", "-t", help="Only this target's copies (repeatable; implies --targets).",
+                                       autocompletion=_complete_targets)
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Every distinct version of PATH in this host's snapshots, newest first, beside the live one.
 
     Each line says where the version can be read (the path inside the snapshot), its size and
     modification time; a run of snapshots holding the same version (type, size and modification
-    time) shows once, with how many more hold it.
+    time) shows once, with how many more hold it. With --targets, the copies on other hosts too: a
+    version this host pruned long ago may still be there.
     """
     from snapsync.ops.versions import find_versions
 
     policy = _load(check_programs=False)
-    found = find_versions(policy, _runner(policy), path)
+    found = find_versions(policy, _runner(policy), path, target or (None if targets else ()))
     if as_json:
         print(json.dumps({"group": found.group, "dataset": found.dataset, "path": found.relative,
-                          "versions": [v.to_json() for v in found.versions]}))
+                          "versions": [v.to_json() for v in found.versions], "notes": found.notes}))
         return
     from snapsync.cli.render import render_versions
 

@@ -237,8 +237,10 @@ def render_listing(
 
 def render_versions(console: Console, found: Found) -> None:
     console.print(f"{found.group}: {found.dataset}: {found.relative}", markup=False, highlight=False, soft_wrap=True)
+    for note in found.notes:
+        console.print(f"  note: {note}", markup=False, highlight=False, soft_wrap=True)
     if not found.versions:
-        console.print("  in no snapshot of this host, and not there now", highlight=False)
+        console.print("  in no snapshot, and not there now", highlight=False)
         return
     table = Table(show_edge=False, pad_edge=False)
     for col in ("snapshot", "modified", "size", "kind", "same in", "read it at"):
@@ -247,6 +249,9 @@ def render_versions(console: Console, found: Found) -> None:
         table.add_row(v.snapshot, v.mtime.strftime("%Y-%m-%d %H:%M:%SZ"), _size(v.size), v.kind,
                       f"{len(v.also_in)} more" if v.also_in else "", escape(v.path))
     console.print(table)
+    if any(v.target for v in found.versions):
+        console.print(f"  a target's version comes back with: snapsync restore {found.group}@SNAPSHOT --from TARGET --path PATH --to DIR",
+                      markup=False, highlight=False, soft_wrap=True)
 
 
 SIZE_ORDER = ("used", "written", "exclusive", "shared", "referenced")

@@ -16,11 +16,36 @@ import secrets
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from snapsync.errors import UnsafePath
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def lookup(root: Path, relative: PurePosixPath) -> os.stat_result | None:
+    """``relative`` inside ``root`` without following a symlink on the way (each directory a real one of
+    ``root``, the last component not followed either): a snapshot, another user's tree, cannot point
+    the lookup elsewhere. None where it is not there."""
+    at = root
+    for part in relative.parts[:-1]:
+        at = at / part
+        try:
+            if not stat.S_ISDIR(os.lstat(at).st_mode):
+                return None
+        except OSError:
+            return None
+    try:
+        return os.lstat(at / relative.parts[-1]) if relative.parts else os.lstat(root)
+    except OSError:
+        return None
+
+
+KINDS = ("directory", "file", "symlink", "other")
+
+
+def kind_of(mode: int) -> str:
+    return "directory" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "symlink" if stat.S_ISLNK(mode) else "other"
 
 
 def check_private(st: os.stat_result, path: Path | str, what: str = "directory") -> None:

@@ -11,15 +11,16 @@ directory of the snapshot itself, never a symlink, so a snapshot cannot point th
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from snapsync.backends.binds import binds_of, under
-from snapsync.errors import UsageError
+from snapsync.errors import SnapsyncError, UsageError
+from snapsync.host.safefs import kind_of, lookup
+from snapsync.plan.naming import parse_snapshot_name
 
 if TYPE_CHECKING:
     from snapsync.ops.runner import Runner
@@ -39,10 +40,15 @@ class Version:
     mtime_ns: int
     also_in: tuple[str, ...] = ()
     """Older snapshots holding the same version, collapsed into this one."""
+    target: str | None = None
+    """The target whose copy holds it; None for this host."""
 
     @property
     def mtime(self) -> datetime:
-        return datetime.fromtimestamp(self.mtime_ns / 1e9, UTC)
+        try:
+            return datetime.fromtimestamp(self.mtime_ns / 1e9, UTC)
+        except (OverflowError, OSError, ValueError):  # set by hand beyond what a date can say
+            return datetime.max.replace(tzinfo=UTC) if self.mtime_ns > 0 else datetime.min.replace(tzinfo=UTC)
 
     def same(self, other: Version) -> bool:
         return (self.kind, self.size, self.mtime_ns) == (other.kind, other.size, other.mtime_ns)
@@ -51,7 +57,7 @@ class Version:
         return {
             "snapshot": self.snapshot, "taken": self.taken.strftime("%Y-%m-%dT%H:%M:%SZ") if self.taken else None,
             "path": self.path, "kind": self.kind, "size": self.size,
-            "mtime": self.mtime.isoformat(timespec="seconds").replace("+00:00", "Z"), "also_in": list(self.also_in),
+            "mtime": self.mtime.isoformat(timespec="seconds").replace("+00:00", "Z"), "also_in": list(self.also_in), "target": self.target,
         }
 
 
@@ -61,6 +67,8 @@ class Found:
     dataset: str
     relative: str
     versions: list[Version]
+    notes: list[str] = field(default_factory=list)
+    """Targets that could not be asked, or not read in place, and why."""
 
 
 def distinct(seen: Sequence[Version]) -> list[Version]:
@@ -69,30 +77,10 @@ def distinct(seen: Sequence[Version]) -> list[Version]:
     for version in seen:
         if out and out[-1].same(version):
             last = out[-1]
-            out[-1] = Version(last.snapshot, last.taken, last.path, last.kind, last.size, last.mtime_ns, (*last.also_in, version.snapshot))
+            out[-1] = replace(last, also_in=(*last.also_in, version.snapshot))
         else:
             out.append(version)
     return out
-
-
-def _kind(mode: int) -> str:
-    return "directory" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "symlink" if stat.S_ISLNK(mode) else "other"
-
-
-def lookup(root: Path, relative: PurePosixPath) -> os.stat_result | None:
-    """``relative`` inside ``root``, each directory on the way a real directory of it (no symlink followed)."""
-    at = root
-    for part in relative.parts[:-1]:
-        at = at / part
-        try:
-            if not stat.S_ISDIR(os.lstat(at).st_mode):
-                return None
-        except OSError:
-            return None
-    try:
-        return os.lstat(at / relative.parts[-1]) if relative.parts else os.lstat(root)
-    except OSError:
-        return None
 
 
 def locate(policy: Policy, runner: Runner, path: str) -> tuple[Group, str, PurePosixPath]:
@@ -120,8 +108,12 @@ def _rest(path: str, top: str) -> PurePosixPath:
     return PurePosixPath(path[len(top.rstrip("/")):].lstrip("/"))
 
 
-def find_versions(policy: Policy, runner: Runner, path: str) -> Found:
+def find_versions(policy: Policy, runner: Runner, path: str, targets: Sequence[str] | None = ()) -> Found:
+    """This host's versions, and those the copies on ``targets`` hold (None: every target of the
+    group), asked through ``serve``'s ``stat`` as a restore reads them; one list by the time each
+    snapshot was taken."""
     group, dataset, relative = locate(policy, runner, path)
+    targets = group.targets if targets is None else targets
     backend = runner.backend(group)
     seen: list[Version] = []
     root = backend.files_root(dataset)
@@ -133,9 +125,38 @@ def find_versions(policy: Policy, runner: Runner, path: str) -> Found:
         files = backend.snapshot_files(dataset, snap.name)
         st = lookup(files, relative) if files is not None else None
         if st is not None:
-            seen.append(_version(snap.name, snap.created, str(files / relative) if files else "", st))
-    return Found(group.name, dataset, relative.as_posix(), distinct(seen))
+            seen.append(_version(snap.name, parse_snapshot_name(group.prefix, snap.name) or snap.created, str(files / relative) if files else "", st))
+    notes: list[str] = []
+    for target in targets:
+        seen += _on_target(policy, group, dataset, relative, target, notes)
+    seen.sort(key=lambda v: (v.taken is None, v.taken or datetime.min.replace(tzinfo=UTC), v.target is None), reverse=True)
+    return Found(group.name, dataset, relative.as_posix(), distinct(seen), notes)
+
+
+def _on_target(policy: Policy, group: Group, dataset: str, relative: PurePosixPath, target: str, notes: list[str]) -> list[Version]:
+    """What ``target``'s copies of ``dataset`` hold at ``relative``; a target that cannot say is a note, not a failure."""
+    from snapsync.policy.schema import LocalTarget, SshTarget
+    from snapsync.protocol import dataset_key
+    from snapsync.replication.peer import Peer
+    from snapsync.replication.transport import transport_for
+
+    where = policy.targets.get(target)
+    if where is None:
+        raise UsageError(f"{policy.source}: no target {target!r} (targets: {', '.join(sorted(policy.targets)) or 'none'})")
+    if not isinstance(where, (SshTarget, LocalTarget)):
+        notes.append(f"{target}: an offsite archive keeps streams, not files; restore {group.name} --from {target} --path ... reads one")
+        return []
+    try:
+        seen, unreadable = Peer(transport_for(target, where), "send", restore=True).stat(f"{group.name}/{dataset_key(dataset)}", relative.as_posix())
+    except SnapsyncError as e:
+        notes.append(str(e))  # it names the target
+        return []
+    if unreadable:
+        notes.append(f"{target}: {unreadable} copies are not mounted there (ZFS keeps copies unmounted); "
+                     f"restore {group.name}@SNAPSHOT --from {target} --path ... reads them")
+    return [Version(f"{target}:{s.name}", taken, f"{target}:{group.name}@{s.name}", s.kind, s.size, s.mtime_ns, target=target)
+            for s in seen if (taken := parse_snapshot_name(group.prefix, s.name)) is not None]  # a copy's own time is when it arrived
 
 
 def _version(snapshot: str, taken: datetime | None, path: str, st: os.stat_result) -> Version:
-    return Version(snapshot, taken, path, _kind(st.st_mode), st.st_size, st.st_mtime_ns)
+    return Version(snapshot, taken, path, kind_of(st.st_mode), st.st_size, st.st_mtime_ns)

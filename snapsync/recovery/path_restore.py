@@ -21,8 +21,8 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from snapsync.errors import BackendError, UsageError
-from snapsync.host.safefs import sync_dir
-from snapsync.ops.versions import locate, lookup
+from snapsync.host.safefs import lookup, sync_dir
+from snapsync.ops.versions import locate
 
 if TYPE_CHECKING:
     from snapsync.ops.runner import Runner

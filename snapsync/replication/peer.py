@@ -16,12 +16,14 @@ import subprocess
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from snapsync.backends.base import SnapshotInfo
 from snapsync.backends.receiver import Copy, PartialDelete, PartialReceive
 from snapsync.errors import BackendError, CommandFailed, RemoteRefused, TransientError, printable
-from snapsync.protocol import RESTORE_OPTION, encode_request
+from snapsync.protocol import MAX_NAMES, RESTORE_OPTION, Refused, check_name, encode_request
+from snapsync.host.safefs import KINDS
 from snapsync.host.streams import Meter, Proc, cut_off, finish, pump
 from snapsync.replication.transport import Transport
 
@@ -60,6 +62,27 @@ def _parses(role: str, listed: dict[str, list[Any]]) -> bool:
     except (KeyError, TypeError, ValueError, AttributeError):
         return False
     return True
+
+
+@dataclass(frozen=True)
+class FileSeen:
+    """A file as one snapshot on the far side holds it (a ``stat`` answer's entry)."""
+
+    name: str
+    created: datetime
+    kind: str
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def from_json(cls, data: object) -> FileSeen:
+        if not isinstance(data, dict) or set(data) != {"name", "created", "kind", "size", "mtime_ns"}:
+            raise ValueError("not a version")
+        size, mtime = data["size"], data["mtime_ns"]
+        if type(size) is not int or type(mtime) is not int or size < 0 or abs(mtime) >= 1 << 63 or data["kind"] not in KINDS:
+            raise ValueError("not a version")
+        created = datetime.strptime(str(data["created"]), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        return cls(check_name(data["name"]), created, str(data["kind"]), size, mtime)
 
 
 class Peer:
@@ -197,6 +220,18 @@ class Peer:
             f"target {self.name} ({self.transport.describe()}): {op}: cannot read the answer: {what} "
             f"(not snapsync serve, or another version of it)"
         )
+
+    def stat(self, path: str, file: str) -> tuple[list[FileSeen], int]:
+        """``file`` in each readable snapshot or copy of ``path``, newest first, checked entry by entry
+        (the far side is not trusted to answer in shape); and how many it could not read in place."""
+        response = self.call("stat", path=path, file=file)
+        found, unreadable = response.get("found"), response.get("unreadable", 0)
+        if not isinstance(found, list) or len(found) > MAX_NAMES or type(unreadable) is not int or unreadable < 0:
+            raise self._unexpected("stat", "no list of versions")
+        try:
+            return [FileSeen.from_json(entry) for entry in found], unreadable
+        except (KeyError, TypeError, ValueError, Refused):
+            raise self._unexpected("stat", "a version that is not name, created, kind, size and mtime_ns") from None
 
     def delete(self, path: str, names: Sequence[str], *, allow_writable: bool = False, partial: bool = False) -> list[str]:
         """Delete copies; ``partial=True`` with no names abandons a ZFS resumable receive."""

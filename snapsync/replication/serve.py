@@ -3,9 +3,9 @@
 One session answers one request (see :mod:`snapsync.protocol`). The role fixed on the command line
 decides which operations exist at all, and ``--root`` confines every path: a key for the receive
 role can add copies below its root and prune them, nothing else (with ``--allow-restore`` it may also
-have those copies sent back: restores and drills); a key for the send role can read snapshots below
-its root. Both roles act through the root's receiver and source backend from
-:mod:`snapsync.backends`, never on the filesystem themselves. No shell is ever involved: sshd runs
+read those copies back: restores, drills, ``versions --targets``); a key for the send role can read
+snapshots below its root. Both roles act through the root's receiver and source backend from
+:mod:`snapsync.backends`, and change nothing on the filesystem themselves. No shell is ever involved: sshd runs
 the forced command, and the backends run their tools and ``zstd`` with argument lists.
 """
 
@@ -15,12 +15,14 @@ import os
 import select
 import sys
 import time
+from pathlib import PurePosixPath
 from typing import Any, NoReturn
 
 from snapsync.backends import receiver_for, source_for_place
 from snapsync.backends.base import StorageBackend
 from snapsync.backends.receiver import PartialDelete, PartialReceive
 from snapsync.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, BackendError, SnapsyncError, UsageError
+from snapsync.host.safefs import kind_of, lookup
 from snapsync.host.streams import Proc, finish
 from snapsync.plan.holds import is_pull_tag
 from snapsync.protocol import MAX_REQUEST, RESTORE_OPTION, VERSION, Refused, Role, encode_response, parse_request
@@ -205,6 +207,22 @@ class Server:
         if target != dataset:
             raise Refused(f"resume token names snapshot {name!r} of {target!r}, which is not a snapshot of {dataset!r}")
         return backend.resume_argv(token), name, guid
+
+    def op_stat(self, fd: int, path: str, file: str) -> dict[str, Any]:
+        """``file`` as each read-only snapshot (or copy) of ``path`` holds it, newest first: what
+        ``versions --targets`` shows. Read as ``send`` would hand it out, nothing followed out of a snapshot."""
+        dataset, backend = self._dataset(path)
+        relative = PurePosixPath(file)
+        found, unreadable = [], 0
+        snapshots = [s for s in backend.list_snapshots(dataset) if s.kind == "snapshot" and s.read_only]
+        for snap in sorted(snapshots, key=lambda s: (s.created, s.name), reverse=True):
+            files = backend.snapshot_files(dataset, snap.name)  # None for a copy kept unmounted (ZFS)
+            unreadable += files is None
+            st = lookup(files, relative) if files is not None else None
+            if st is not None:
+                found.append({"name": snap.name, "created": snap.created.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                              "kind": kind_of(st.st_mode), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+        return {"found": found, "unreadable": unreadable}
 
     def op_hold(self, fd: int, path: str, tag: str, names: list[str]) -> dict[str, Any]:
         if not is_pull_tag(tag):

@@ -176,3 +176,50 @@ def test_a_path_is_found_through_a_bind_mount_as_impermanence_shows_it(tmp_path:
         assert (out / "app.db").read_text() == "rows v1\n"
     finally:
         subprocess.run(["umount", str(shown)], check=True)
+
+
+def test_a_version_pruned_here_is_found_on_a_target_and_comes_back_from_it(tmp_path: Path, btrfs_root: Path, target_root: Path) -> None:
+    """--targets asks each target's copies (``serve``'s read-only stat); the version only the target still
+    holds is listed with where it is, and a path restore from that target gives it back byte for byte."""
+    import btrfsutil
+
+    for leaf in ("web data", "pg", "wal"):
+        make_subvolume(btrfs_root / "persist" / leaf, leaf)
+    policy = _write_policy(tmp_path, btrfs_root, f'[targets.usb]\ntype = "local"\npath = "{target_root}"\n')
+    policy.write_text(policy.read_text().replace('[groups.web]\n', '[groups.web]\ntargets = ["usb"]\n'))
+    data = btrfs_root / "persist" / "web data"
+    conf = data / "conf" / "app.ini"
+    conf.parent.mkdir()
+    conf.write_text("port = 3000\n")
+    os.setxattr(conf, "user.origin", b"first")
+    os.chown(conf, 1000, 1000)
+    want = _meta(conf.parent)
+    first = _take(policy)
+    conf.write_text("port = 3001, changed\n")
+    second = _take(policy)
+    assert snapsync("-p", str(policy), "replicate", "--no-prune").returncode == 0
+    listed = json.loads(snapsync("-p", str(policy), "versions", str(conf), "--json").stdout)["versions"]
+    btrfsutil.delete_subvolume(Path(next(v["path"] for v in listed if v["snapshot"] == first)).parent.parent)  # pruned here
+
+    here = json.loads(snapsync("-p", str(policy), "versions", str(conf), "--json").stdout)
+    assert [v["snapshot"] for v in here["versions"]] == ["(live)"]  # live is the second version; the first is gone here
+    found = snapsync("-p", str(policy), "versions", str(conf), "--targets", "--json")
+    assert found.returncode == 0, found.stderr
+    versions = json.loads(found.stdout)["versions"]
+    assert [(v["snapshot"], v["target"], v["also_in"]) for v in versions] == [
+        ("(live)", None, [second, f"usb:{second}"]), (f"usb:{first}", "usb", [])]
+    assert versions[1]["size"] == len("port = 3000\n") and versions[1]["path"] == f"usb:web@{first}"
+    text = snapsync("-p", str(policy), "versions", str(conf), "-t", "usb")
+    assert text.returncode == 0 and f"usb:{first}" in text.stdout and "--from TARGET" in text.stdout
+
+    out = tmp_path / "out"
+    out.mkdir()
+    done = snapsync("-p", str(policy), "restore", f"web@{first}", "--from", "usb", "--path", str(conf.parent), "--to", str(out))
+    assert done.returncode == 0, done.stderr
+    assert _meta(out / "conf") == want  # data, owner, mode, mtime and xattrs as they were in the first snapshot
+
+    unknown = snapsync("-p", str(policy), "versions", str(conf), "--target", "nas")
+    assert unknown.returncode == 2 and len(unknown.stderr.strip().splitlines()) == 1 and "no target 'nas'" in unknown.stderr
+    policy.write_text(policy.read_text().replace(f'path = "{target_root}"', f'path = "{target_root}-unplugged"'))  # a note, not a failure
+    gone = json.loads(snapsync("-p", str(policy), "versions", str(conf), "--targets", "--json").stdout)
+    assert [v["snapshot"] for v in gone["versions"]] == ["(live)"] and gone["notes"] and gone["notes"][0].startswith("target usb (")

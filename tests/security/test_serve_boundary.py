@@ -141,3 +141,34 @@ def test_a_stalled_stream_is_stopped_and_releases_the_lock(btrfs_root: Path, tar
     code, answer = serve(target_root, req("receive", path=KEY, name="S2", guid=guid, compress="none", force=False) + stream)
     assert answer["ok"] is True, answer
     assert not any((target_root / KEY / ".incoming").iterdir())
+
+
+def test_stat_reads_only_where_a_restore_could_and_follows_nothing_out(btrfs_root: Path, target_root: Path) -> None:
+    """``versions --targets`` asks the backup host for a file in each copy: only a key that may read the
+    copies back gets an answer, a symlink inside a copy leads nowhere, and no path leaves the copy."""
+    src = make_subvolume(btrfs_root / "src", "v")
+    (src / "etc").mkdir()
+    (src / "etc" / "app.ini").write_text("port = 3000\n")
+    (btrfs_root / "elsewhere").mkdir()
+    (btrfs_root / "elsewhere" / "secret").write_text("not in any copy\n")
+    os.symlink(btrfs_root / "elsewhere", src / "out")  # a link inside the copy, to outside it
+    btrfsutil.create_snapshot(src, btrfs_root / "S1", read_only=True)
+    receive_snapshot(target_root, KEY, btrfs_root / "S1")
+
+    code, answer = serve(target_root, req("stat", path=KEY, file="etc/app.ini"))
+    assert code == 2 and answer["ok"] is False and "--allow-restore" in answer["error"]  # a receive-only key reads nothing back
+    code, answer = serve(target_root, req("stat", path=KEY, file="etc/app.ini"), "--allow-restore")
+    assert code == 0 and answer["found"] == [
+        {"name": "S1", "created": answer["found"][0]["created"], "kind": "file", "size": 12,
+         "mtime_ns": (src / "etc" / "app.ini").stat().st_mtime_ns}]
+    _, answer = serve(target_root, req("stat", path=KEY, file="out/secret"), "--allow-restore")
+    assert answer["ok"] is True and answer["found"] == []  # the link is not followed
+    _, answer = serve(target_root, req("stat", path=KEY, file="out"), "--allow-restore")
+    assert [f["kind"] for f in answer["found"]] == ["symlink"]
+    for bad in ("../S1/etc/app.ini", "/etc/passwd", "etc/../../x", "etc//app.ini", "etc/\x00", "a" * 256, "x/" * 2100, 7, ""):
+        code, answer = serve(target_root, req("stat", path=KEY, file=bad), "--allow-restore")
+        assert code == 2 and answer["ok"] is False and "file" in answer["error"], bad
+    code, answer = serve(target_root, req("stat", path="../outside", file="etc/app.ini"), "--allow-restore")
+    assert code == 2 and answer["ok"] is False
+    code, answer = serve(target_root, req("stat", path=KEY, file="etc/app.ini", follow=True), "--allow-restore")
+    assert code == 2 and "unknown request field" in answer["error"]

@@ -19,6 +19,7 @@ from snapsync.protocol import (
     Refused,
     Request,
     Role,
+    check_file,
     check_path,
     dataset_key,
     encode_request,
@@ -105,6 +106,7 @@ VALID: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
         {"op": "hold", "path": "persist/app", "tag": "nas-1.example:pull", "names": [NAME]},
         {"path": "persist/app", "tag": "nas-1.example:pull", "names": [NAME]},
     ),
+    ("send", {"op": "stat", "path": "persist/app", "file": "etc/app ini/ünï\udcff"}, {"path": "persist/app", "file": "etc/app ini/ünï\udcff"}),
 ]
 
 
@@ -137,6 +139,7 @@ OTHER_ROLE: list[tuple[Role, dict[str, Any]]] = [
     ("receive", {"op": "send", "path": "g/d", "name": NAME}),
     ("receive", {"op": "hold", "path": "g/d", "tag": "t", "names": [NAME]}),
     ("send", {"op": "delete", "path": "g/d", "names": [NAME]}),
+    ("receive", {"op": "stat", "path": "g/d", "file": "etc/app.ini"}),
     ("send", {"op": "receive", "path": "g/d", "name": NAME, "guid": GUID}),
 ]
 
@@ -564,3 +567,39 @@ def test_a_chain_that_names_a_snapshot_twice_or_too_many_is_refused_unread() -> 
                  [{"name": f"app_x{i}", "guid": "ab"} for i in range(MAX_CHAIN + 1)], [{"name": other}], "not a list"):
         with pytest.raises(Refused):
             parse_request(encode_request("receive", path="g/d", name=NAME, guid="ab", then=then), "receive")
+
+
+@given(st.lists(st.text(st.characters(blacklist_characters="/\x00", blacklist_categories=("Cs",)), min_size=1, max_size=60)
+                .filter(lambda p: p not in (".", "..") and len(p.encode()) <= 255), min_size=1, max_size=8))
+def test_check_file_takes_every_name_a_file_can_have(parts: list[str]) -> None:
+    """A file inside a snapshot is named by its owner: anything but ``/`` and NUL, so a stat asks for it as is."""
+    assert check_file("/".join(parts)) == "/".join(parts)
+
+
+@pytest.mark.parametrize("file", ["", "/etc/passwd", "..", "a/../b", "a/./b", "a//b", "a/", "a/\x00b", "é" * 128, "a/" * 2049, 5, None,
+                                  "\ud800"])
+def test_check_file_refuses_what_could_leave_a_snapshot_or_name_nothing(file: Any) -> None:
+    with pytest.raises(Refused, match="file"):
+        check_file(file)
+
+
+def test_stat_is_read_back_and_served_only_where_send_is() -> None:
+    raw = line(op="stat", path="g/d", file="x")
+    assert parse_request(raw, "receive", restore=True) == Request("stat", {"path": "g/d", "file": "x"})
+    refused(raw, "receive", "--allow-restore")
+
+
+GOOD_SEEN = {"name": NAME, "created": "2026-03-01T12:00:00Z", "kind": "file", "size": 12, "mtime_ns": 1_700_000_000_000_000_000}
+
+
+@pytest.mark.parametrize("change", [
+    {"name": "../../etc"}, {"name": 5}, {"created": "yesterday"}, {"kind": "device"}, {"size": -1}, {"size": 1.5},
+    {"size": True}, {"mtime_ns": "0"}, {"mtime_ns": 10**30}, {"extra": 1},
+])
+def test_a_stat_answer_out_of_shape_is_not_taken(change: dict[str, Any]) -> None:
+    """What a backup host says a file was is checked field by field before it is shown (it may be hostile)."""
+    from snapsync.replication.peer import FileSeen
+
+    assert FileSeen.from_json(GOOD_SEEN).size == 12
+    with pytest.raises((ValueError, TypeError, Refused)):
+        FileSeen.from_json(GOOD_SEEN | change)
