@@ -30,8 +30,8 @@ MAX_CHAIN = 512
 
 Role = Literal["receive", "send"]
 OPS: dict[Role, frozenset[str]] = {
-    "receive": frozenset({"hello", "list", "receive", "resume", "delete"}),
-    "send": frozenset({"hello", "list", "send", "hold", "stat"}),
+    "receive": frozenset({"hello", "list", "sizes", "receive", "resume", "delete"}),
+    "send": frozenset({"hello", "list", "sizes", "send", "hold", "stat"}),
 }
 READ_OPS = frozenset({"send", "stat"})
 """What ``--allow-restore`` adds to the receive role: reading its copies back, nothing that changes them."""
@@ -214,6 +214,10 @@ def _v_list(args: dict[str, Any]) -> dict[str, Any]:
     return {"paths": [check_path(p) for p in paths]}
 
 
+def _v_sizes(args: dict[str, Any]) -> dict[str, Any]:
+    return _v_list(args)
+
+
 def _compress(args: dict[str, Any]) -> str:
     compress = args.get("compress", "none")
     if compress not in ("none", "zstd"):
@@ -287,6 +291,7 @@ def _v_stat(args: dict[str, Any]) -> dict[str, Any]:
 
 _VALIDATORS = {
     "stat": _v_stat,
+    "sizes": _v_sizes,
     "hello": _v_hello,
     "list": _v_list,
     "receive": _v_receive,

@@ -31,6 +31,7 @@ from snapsync.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, SnapsyncError
 
 if TYPE_CHECKING:
     from snapsync.backends.base import SnapshotInfo, SnapshotSizes
+    from snapsync.ops.held import Held
     from snapsync.policy.loader import Group, Policy
     from snapsync.policy.schema import DirTarget, S3Target
     from snapsync.replication.replicate import ProgressFactory, TargetReport
@@ -446,7 +447,7 @@ def list_(
     groups: GroupsArg = None,
     local: Annotated[bool, typer.Option("--local", help="Do not ask the targets what they have.")] = False,
     sizes: Annotated[
-        bool, typer.Option("--sizes", help="What each snapshot costs: ZFS used/written/referenced; btrfs exclusive/shared (quotas on).")
+        bool, typer.Option("--sizes", help="What each snapshot costs (ZFS used/written/referenced; btrfs exclusive/shared, quotas on), and what each target holds.")
     ] = False,
     as_json: JsonOpt = False,
 ) -> int:
@@ -467,7 +468,7 @@ def _list_group(
     runner: "Runner", group: "Group", holdings: "TargetHoldings | None", as_json: bool, sizes: bool = False
 ) -> tuple[dict[str, object], bool]:
     """One group of `list`: its JSON entry, and whether it is all well; rendered as it goes unless ``as_json``."""
-    from snapsync.cli.render import render_listing, render_target_state
+    from snapsync.cli.render import render_held, render_listing, render_target_state
     from snapsync.plan.naming import parse_snapshot_name
 
     targets = holdings.targets if holdings is not None else []
@@ -493,11 +494,17 @@ def _list_group(
         return future + (reviews[ds].why(snap) if ds in reviews else [])
 
     costs: "dict[str, SnapshotSizes]" = {}
+    held: "list[Held]" = []
     if sizes:
         try:
             costs = {ds: runner.backend(group).snapshot_sizes(ds) for ds in listing}
         except SnapsyncError as e:
             cast(list[str], entry["errors"]).append(f"cannot tell snapshot sizes: {e}")
+        if holdings is not None:
+            from snapsync.ops.held import held_on_targets
+
+            held = held_on_targets(runner.policy, group)
+            entry["held"] = [h.to_json() for h in held]
     entry["datasets"] = [
         {
             "dataset": ds,
@@ -518,6 +525,9 @@ def _list_group(
                           f"until it replicates again", highlight=False)
         for t in targets:
             render_target_state(out, t)
+            for h in held:
+                if h.target == t.target:
+                    render_held(out, h)
     return entry, all(t.ok for t in targets)
 
 

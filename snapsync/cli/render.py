@@ -29,6 +29,7 @@ from snapsync.replication.replicate import ProgressFactory, TargetReport
 from snapsync.plan.retention import Decision, PrunePlan
 from snapsync.ops.runner import GroupReport
 from snapsync.ops.diff import Changes
+from snapsync.ops.held import Held
 from snapsync.ops.versions import Found
 
 
@@ -233,6 +234,20 @@ def render_listing(
         console.print(table)
         if cost is not None and cost.note:
             console.print(f"  {cost.note}", markup=False, highlight=False, soft_wrap=True)
+
+
+def render_held(console: Console, held: Held) -> None:
+    """One line per dataset: what the target's copies of it take there."""
+    where = f"  {held.target}: {held.dataset}:"
+    if held.error:
+        console.print(f"{where} sizes unknown: {held.error}", markup=False, highlight=False, soft_wrap=True)
+        return
+    total = held.total
+    if total is None:
+        said = "sizes not counted there" if held.note or held.copies else "no copies"
+    else:
+        said = f"{len(held.copies)} copies hold {_size(total[0])}" + ("" if total[1] else " or more (blocks the copies share are not counted)")
+    console.print(f"{where} {said}" + (f"; {held.note}" if held.note else ""), markup=False, highlight=False, soft_wrap=True)
 
 
 def render_versions(console: Console, found: Found) -> None:

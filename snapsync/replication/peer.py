@@ -85,6 +85,15 @@ class FileSeen:
         return cls(check_name(data["name"]), created, str(data["kind"]), size, mtime)
 
 
+SIZE_FIGURES = frozenset({"used", "written", "exclusive", "shared", "referenced"})
+
+
+def _figures(value: object) -> dict[str, int]:
+    if not isinstance(value, dict) or set(value) - SIZE_FIGURES or not all(type(v) is int and 0 <= v < 1 << 63 for v in value.values()):
+        raise ValueError("not figures")
+    return {str(k): int(v) for k, v in value.items()}
+
+
 class Peer:
     def __init__(self, transport: Transport, role: str = "receive", *, restore: bool = False) -> None:
         """``role``: the one this side needs, as the far end's ``serve --role`` (for a local target,
@@ -220,6 +229,19 @@ class Peer:
             f"target {self.name} ({self.transport.describe()}): {op}: cannot read the answer: {what} "
             f"(not snapsync serve, or another version of it)"
         )
+
+    def sizes(self, paths: Sequence[str]) -> dict[str, tuple[dict[str, dict[str, int]], str | None]]:
+        """What each copy of ``paths`` costs on the far side (names checked, figures whole bytes), and
+        the far filesystem's note where it cannot count (btrfs quotas off there)."""
+        response = self.call("sizes", paths=list(paths))
+        sizes, notes = response.get("sizes"), response.get("notes", {})
+        try:
+            if not isinstance(sizes, dict) or not isinstance(notes, dict) or set(sizes) - set(paths) or set(notes) - set(paths):
+                raise ValueError
+            return {p: ({check_name(n): _figures(f) for n, f in sizes.get(p, {}).items()},
+                        printable(str(notes[p]), 300) if p in notes else None) for p in paths}
+        except (AttributeError, TypeError, ValueError, Refused):
+            raise self._unexpected("sizes", "no figures per copy") from None
 
     def stat(self, path: str, file: str) -> tuple[list[FileSeen], int]:
         """``file`` in each readable snapshot or copy of ``path``, newest first, checked entry by entry

@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 from snapsync.backends import receiver_for, source_for_place
 from snapsync.backends.base import StorageBackend
 from snapsync.backends.receiver import PartialDelete, PartialReceive
-from snapsync.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, BackendError, SnapsyncError, UsageError
+from snapsync.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, BackendError, DatasetMissing, SnapsyncError, UsageError
 from snapsync.host.safefs import kind_of, lookup
 from snapsync.host.streams import Proc, finish
 from snapsync.plan.holds import is_pull_tag
@@ -141,6 +141,23 @@ class Server:
             dataset, backend = self._dataset(p)
             snapshots[p] = [s.to_json() for s in backend.list_snapshots(dataset)]
         return {"role": self.role, "restore": self.readable, "paths": snapshots}
+
+    def op_sizes(self, fd: int, paths: list[str]) -> dict[str, Any]:
+        """What each copy (or snapshot) of ``paths`` costs, as the filesystem here counts it (``list
+        --sizes``): figures only, in either role, as ``list`` names the copies in either."""
+        sizes: dict[str, dict[str, dict[str, int]]] = {}
+        notes: dict[str, str] = {}
+        for p in paths:
+            try:
+                dataset, backend = self._dataset(p)
+            except DatasetMissing:
+                sizes[p] = {}
+                continue
+            counted = backend.snapshot_sizes(dataset)
+            sizes[p] = counted.sizes
+            if counted.note:
+                notes[p] = counted.note
+        return {"sizes": sizes, "notes": notes}
 
     def op_receive(
         self, fd: int, path: str, name: str, guid: str, compress: str, force: bool, then: list[dict[str, str]],

@@ -92,6 +92,9 @@ def test_send_role_never_follows_a_symlink_out_of_the_root(btrfs_root: Path, tmp
         req("hold", path="escape/db", tag="pull:h.p", names=["snapsync_2026-12-01T00:00:00Z"]),
         req("send", path="escape/db", name="snapsync_2026-12-01T00:00:00Z", compress="none"),
         req("list", paths=["escape/db"]),
+        req("sizes", paths=["escape/db"]),
+        req("stat", path="escape/db", file="data.txt"),
+        req("stat", path="persist/app", file="data.txt"),
     ):
         _, answer = serve(served, raw, role="send")
         assert answer["ok"] is False, (raw, answer)

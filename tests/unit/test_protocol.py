@@ -106,6 +106,8 @@ VALID: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
         {"op": "hold", "path": "persist/app", "tag": "nas-1.example:pull", "names": [NAME]},
         {"path": "persist/app", "tag": "nas-1.example:pull", "names": [NAME]},
     ),
+    ("receive", {"op": "sizes", "paths": ["g/d"]}, {"paths": ["g/d"]}),
+    ("send", {"op": "sizes", "paths": ["persist/app", "persist/db"]}, {"paths": ["persist/app", "persist/db"]}),
     ("send", {"op": "stat", "path": "persist/app", "file": "etc/app ini/ünï\udcff"}, {"path": "persist/app", "file": "etc/app ini/ünï\udcff"}),
 ]
 
