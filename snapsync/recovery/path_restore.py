@@ -5,7 +5,8 @@ it and the snapshot (default: the newest that holds the path) give the source, r
 backend's ``snapshot_files`` without following a symlink out of the snapshot. ``cp -a
 --reflink=auto`` copies it (shared blocks where the filesystem can, with modes, owners, timestamps,
 xattrs, ACLs and hard links) into a hidden name in the destination directory, which one rename then
-makes visible: a cut leaves a hidden leftover, never a half copy under the real name. An existing
+makes visible: a cut leaves a hidden leftover, never a half copy under the real name, and the next
+restore of that path removes it (once its process is gone). An existing
 file or directory of that name is refused, or with ``overwrite`` renamed aside and kept.
 """
 
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
     from snapsync.ops.runner import Runner
     from snapsync.policy.loader import Group, Policy
     from snapsync.replication.replicate import ProgressFactory
+
+
+HIDDEN = ".snapsync-restore-"
 
 
 @dataclass(frozen=True)
@@ -152,10 +156,31 @@ def _destination(to: Path, relative: PurePosixPath) -> Path:
     return to / relative.name
 
 
+def _leftovers(destination: Path) -> list[Path]:
+    """Hidden copies of ``destination`` that a restore killed mid-copy left (its process is gone)."""
+    prefix = f".{destination.name}{HIDDEN}"
+    out = []
+    for entry in os.scandir(destination.parent):
+        pid = entry.name[len(prefix):] if entry.name.startswith(prefix) else ""
+        if pid.isdigit() and pid.isascii() and (int(pid) == os.getpid() or not _alive(int(pid))):
+            out.append(Path(entry.path))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _copy(source: Path, destination: Path, aside: Path | None) -> None:
-    hidden = destination.with_name(f".{destination.name}.snapsync-restore-{os.getpid()}")
-    if os.path.lexists(hidden):
-        _remove(hidden)  # a leftover of a cut restore by a process of this pid: hidden, never the real name
+    for leftover in _leftovers(destination):
+        _remove(leftover)  # hidden, never the real name: what a killed restore of this path left
+    hidden = destination.with_name(f".{destination.name}{HIDDEN}{os.getpid()}")
     done = subprocess.run(["cp", "-a", "--reflink=auto", "--", str(source), str(hidden)], capture_output=True, text=True)
     if done.returncode != 0:
         _remove(hidden)

@@ -223,3 +223,30 @@ def test_a_version_pruned_here_is_found_on_a_target_and_comes_back_from_it(tmp_p
     policy.write_text(policy.read_text().replace(f'path = "{target_root}"', f'path = "{target_root}-unplugged"'))  # a note, not a failure
     gone = json.loads(snapsync("-p", str(policy), "versions", str(conf), "--targets", "--json").stdout)
     assert [v["snapshot"] for v in gone["versions"]] == ["(live)"] and gone["notes"] and gone["notes"][0].startswith("target usb (")
+
+
+def test_what_a_killed_restore_left_is_removed_by_the_next(tmp_path: Path, btrfs_root: Path) -> None:
+    """A restore killed mid-copy leaves only a hidden ``.NAME.snapsync-restore-PID``; the next restore of
+    that path removes it once that process is gone, and leaves one whose process still runs."""
+    policy, data = three_datasets(tmp_path, btrfs_root)
+    (data / "site").mkdir()
+    (data / "site" / "index.html").write_text("home\n")
+    _take(policy)
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.Popen(["sleep", "60"])
+    dead.kill()
+    dead.wait()
+    running = subprocess.Popen(["sleep", "60"])
+    try:
+        for pid in (dead.pid, running.pid):
+            (out / f".site.snapsync-restore-{pid}").mkdir()
+            (out / f".site.snapsync-restore-{pid}" / "half.html").write_text("ho")
+        (out / ".other.snapsync-restore-1").mkdir()  # another path's: not this restore's to judge
+        done = snapsync("-p", str(policy), "restore", "web", "--path", str(data / "site"), "--to", str(out))
+        assert done.returncode == 0, done.stderr
+        assert sorted(p.name for p in out.iterdir()) == sorted([".other.snapsync-restore-1", f".site.snapsync-restore-{running.pid}", "site"])
+        assert (out / "site" / "index.html").read_text() == "home\n"
+    finally:
+        running.kill()
+        running.wait()
