@@ -1,5 +1,6 @@
 """The everyday file questions on real OpenZFS: what each snapshot costs (zfs's own figures), every
-version of a file through ``.zfs/snapshot``, what changed between snapshots, one path restored."""
+version of a file through ``.zfs/snapshot``, what changed between snapshots, one path restored, and
+what the target's copies hold there."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 
 from snapsync.backends.zfs import ZfsBackend
 from snapsync.ops.diff import diff_group
+from snapsync.ops.held import held_on_targets
 from snapsync.ops.versions import find_versions
 from snapsync.recovery.path_restore import restore_path
 
@@ -49,3 +51,12 @@ def test_sizes_versions_diff_and_one_path_back_on_zfs(space: str, tmp_path: Path
     out.mkdir()
     (done,) = restore_path(runner.policy, runner, "app", first, [str(root / "app.ini")], str(out), datetime.now(UTC))
     assert done.snapshot == first and (out / "app.ini").read_text() == "port = 1\n"
+
+    assert site.step(take=False).targets[0].ok
+    (held,) = held_on_targets(runner.policy, runner.policy.groups["app"])
+    assert held.error is None and set(held.copies) == {first, second} and held.total is not None
+    total, exact = held.total
+    assert exact and 2 << 20 <= total <= int(prop(site.copy(src), "used")) + (1 << 20)  # written summed: each block once
+    there = find_versions(runner.policy, runner, str(root / "renamed.ini"), None)
+    assert [(v.snapshot, v.also_in) for v in there.versions] == [("(live)", (second,))]  # the target's copies stay unmounted:
+    assert any(n.startswith("usb: 2 copies are not mounted") for n in there.notes), there.notes  # not read in place, and said so
