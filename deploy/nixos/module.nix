@@ -93,6 +93,7 @@ let
     compress_level = key (types.ints.between 1 19) "offsite: zstd level.";
     key_file = key types.str "offsite: the key (snapsync keygen), a path on this host.";
     full_every = key (types.either duration types.ints.unsigned) "offsite: a new full chain after this long or this many incrementals.";
+    chains = key (types.enum [ "levelled" "linear" ]) "offsite: each upload from its period's base (levelled) or from the one before (linear).";
     chunk_size = key (types.either types.str types.ints.positive) "offsite: chunk size, like \"64M\".";
     endpoint_url = key types.str "s3: the endpoint.";
     bucket = key types.str "s3: the bucket.";

@@ -7,7 +7,8 @@ commits in an order that survives a crash at any instant:
 2. chunks are stored one by one, each followed by an authenticated ``progress.json``;
 3. only after the send exited 0 and the byte counts agree is ``manifest.json`` written, then
    ``progress.json`` deleted, then the group's ``head.json`` (and this host's record of it)
-   advanced to name it, then the hold moved forward to the new base.
+   advanced to name it, then the holds moved to the new bases (one per level, see
+   :func:`~snapsync.plan.offsite.plan_uploads`).
 
 Pruning deletes a snapshot's manifest first (it stops counting at that instant) and then its
 chunks, newest first, so the archive never holds a manifest whose parent is gone.
@@ -201,6 +202,8 @@ class Offsite:
             [m.partial() for m in state.partial.values()],
             self.target.full_every,
             self.now(),
+            (self.target.retention or self.group.retention).timezone,
+            self.target.chains == "levelled",
         )
         report.notes += [f"{ds}: {n}" for n in plan.notes]
         for name in plan.discard:
@@ -221,18 +224,20 @@ class Offsite:
         for name in list(state.debris):
             self._delete_snapshot(state, key, name)
             del state.debris[name]
-        if plan.base is not None and not plan.uploads:
-            self.backend.set_holds(ds, self.hold_tag, [plan.base])
+        if plan.bases and not plan.uploads:
+            self.backend.set_holds(ds, self.hold_tag, list(plan.bases))
         by_name = {s.name: s for s in source}
+        held = list(plan.bases)
         for up in plan.uploads:
             parent = by_name.get(up.parent) if up.parent else None
-            self.backend.set_holds(ds, self.hold_tag, [n for n in (up.parent, up.name) if n])
+            self.backend.set_holds(ds, self.hold_tag, list(dict.fromkeys([*held, *(n for n in (up.parent, up.name) if n)])))
             manifest = self._upload(ds, key, up, state, parent.guid if parent else None, report)
             state.stored[up.name] = manifest
             state.partial.pop(up.name, None)
             state.objects[up.name] = {MANIFEST: 0} | {CHUNK.format(i): c.size for i, c in enumerate(manifest.chunks)}
             self._write_head()
-            self.backend.set_holds(ds, self.hold_tag, [up.name])
+            held = list(up.bases)
+            self.backend.set_holds(ds, self.hold_tag, held)
             report.pending -= 1
 
     def _fresh(self, ds: str, key: str, up: Upload, parent_guid: str | None) -> Manifest:

@@ -16,11 +16,11 @@ No I/O and no clock: the caller lists the store (authenticated manifests) and th
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from snapsync.plan.groups import group_snapshots
-from snapsync.plan.retention import PrunePlan, RetentionRules, plan_prune
+from snapsync.plan.retention import PERIODS, PrunePlan, RetentionRules, boundary_level, plan_prune
 from snapsync.plan.snapshots import SnapshotId
 
 FullEvery = timedelta | int
@@ -56,6 +56,10 @@ class Upload:
     parent: str | None
     resume_from: int = 0
     """Chunks already stored by an interrupted upload of the same stream."""
+    level: int = 0
+    """0 for a full; else how long a period it starts (:func:`~snapsync.plan.retention.boundary_level`)."""
+    bases: tuple[str, ...] = ()
+    """What the source must keep once this upload is stored: the bases of the uploads to come."""
 
     @property
     def full(self) -> bool:
@@ -67,8 +71,8 @@ class UploadPlan:
     uploads: tuple[Upload, ...]
     discard: tuple[str, ...] = ()
     """Partial uploads that will not be continued; their objects are deleted."""
-    base: str | None = None
-    """The stored snapshot the first incremental starts from (held on the source)."""
+    bases: tuple[str, ...] = ()
+    """The stored snapshots the uploads to come may start from (held on the source)."""
     notes: tuple[str, ...] = ()
 
 
@@ -97,20 +101,65 @@ def new_chain_due(full_every: FullEvery, start: datetime, incrementals: int, cre
     return created - start >= full_every
 
 
+LEVELS = len(PERIODS)
+"""Levels of an incremental: 1 starts a month (or a year), 2 a week, 3 a day, 4 an hour, 5 is within one."""
+
+
+def level_between(earlier: datetime, later: datetime, timezone: str) -> int:
+    """The level of an upload made at ``later`` after one at ``earlier``. A year is not a level of its
+    own: its first upload is also a month's, and a base kept for a year would pin a year of changes
+    on the source (a btrfs snapshot, held)."""
+    return max(1, boundary_level(earlier, later, timezone) - 1)
+
+
+@dataclass
+class _Line:
+    """The uploads so far, oldest first, with their levels: where each next one starts from."""
+
+    entries: list[tuple[SnapshotId, int]] = field(default_factory=list)
+
+    def add(self, snap: SnapshotId, level: int) -> None:
+        self.entries.append((snap, level))
+
+    def base(self, level: int) -> SnapshotId | None:
+        """The newest upload of ``level`` or a longer period: it outlives the one about to be made."""
+        return next((s for s, lv in reversed(self.entries) if lv <= level), None)
+
+    def bases(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(b.name for level in range(1, LEVELS + 1) if (b := self.base(level)) is not None))
+
+    def since_full(self) -> tuple[datetime, int] | None:
+        for index in range(len(self.entries) - 1, -1, -1):
+            if self.entries[index][1] == 0:
+                return self.entries[index][0].created, len(self.entries) - 1 - index
+        return None
+
+
 def plan_uploads(
     source: Sequence[SnapshotId],
     stored: Sequence[Stored],
     partials: Sequence[PartialUpload],
     full_every: FullEvery,
     now: datetime | None = None,
+    timezone: str = "UTC",
+    levelled: bool = True,
 ) -> UploadPlan:
-    """What to upload for one dataset, oldest first.
+    """What to upload for one dataset, oldest first, and what each starts from.
 
     The first upload to an empty store is the newest source snapshot, as a full stream: offsite
     history starts when the target is added (uploading months of history as chains of fulls would
-    cost more than it is worth). After that every newer source snapshot is uploaded, incrementally
-    from the one before, unless a new chain is due. A stored snapshot is only a base if the source
-    still has it with the same identity; otherwise the next upload is full (nothing is deleted).
+    cost more than it is worth). After that every newer source snapshot is uploaded, and each is sent
+    from the newest upload that starts a period at least as long as its own (levelled chains, as
+    dump(8) levels were): the first upload of a month from the month before's, the first of a day
+    from the day before's, one within a day from the one before it. So retention, which keeps the
+    first snapshot of each period, can drop a day's later uploads without any kept one depending on
+    them, and a year costs one full plus what changed between the snapshots kept, not a full per
+    chain. A new full starts when ``full_every`` says so. A restore replays at most one stream per
+    level-1 period since the full and one per shorter period inside it (:func:`chain`). Not
+    ``levelled``, each upload starts from the one before (one chain per full, as before levels).
+
+    A stored snapshot is only a base if the source still has it with the same identity and its
+    chain is whole; otherwise the newest stored one that is, or else a full (nothing is deleted).
 
     Snapshots dated after ``now`` (a clock that was wrong) are neither uploaded nor a base, on
     either side: they would stop every real snapshot from being uploaded until that date.
@@ -124,43 +173,50 @@ def plan_uploads(
     by_name = {s.name: s for s in stored}
     ordered = sorted((s for s in stored if now is None or s.created <= now), key=lambda s: (s.created, s.name))
     src = sorted(source, key=lambda s: (s.created, s.name))
+    mine = {s.name: s for s in src}
+    line, usable = _Line(), _Line()
+    for index, s in enumerate(ordered):
+        level = 0 if s.parent is None or index == 0 else level_between(ordered[index - 1].created, s.created, timezone) if levelled else LEVELS
+        line.add(s, level)
+        if (m := mine.get(s.name)) is not None and m.guid == s.guid and chain(s.name, by_name) is not None:
+            usable.add(s, level)
     newest = ordered[-1] if ordered else None
-    prev: SnapshotId | None = None
-    start: datetime | None = None
-    count = 0
     if newest is None:
         candidates = src[-1:]
     else:
         candidates = [s for s in src if s.created > newest.created]
-        mine = next((s for s in src if s.name == newest.name), None)
-        links = chain(newest.name, by_name)
-        if mine is None:
-            notes.append(f"{newest.name} (newest stored) is gone from the source; the next upload starts a new chain")
-        elif mine.guid != newest.guid:
-            notes.append(f"{newest.name} on the source is not the snapshot stored under that name; starting a new chain")
-        elif links is None:
-            notes.append(f"the chain of {newest.name} is broken in the store; starting a new chain")
-        else:
-            prev, start, count = mine, links[0].created, len(links) - 1
+        if candidates and not usable.entries:
+            mine_newest = mine.get(newest.name)
+            if mine_newest is None:
+                notes.append(f"{newest.name} (newest stored) is gone from the source; the next upload starts a new chain")
+            elif mine_newest.guid != newest.guid:
+                notes.append(f"{newest.name} on the source is not the snapshot stored under that name; starting a new chain")
+            else:
+                notes.append(f"the chain of {newest.name} is broken in the store; starting a new chain")
         if not candidates and src and src[-1].created < newest.created:
             notes.append(f"the store has snapshots newer than the source's newest ({src[-1].name}); nothing to upload")
-    base = prev.name if prev is not None else None
     uploads: list[Upload] = []
+    before = usable.bases()
     for snap in candidates:
-        if prev is None or start is None or new_chain_due(full_every, start, count, snap.created):
-            parent, start, count = None, snap.created, 0
-        else:
-            parent, count = prev.name, count + 1
-        uploads.append(Upload(snap.name, snap.created, snap.guid, parent))
-        prev = snap
+        last = line.entries[-1][0] if line.entries else None
+        level = 0 if last is None else level_between(last.created, snap.created, timezone) if levelled else LEVELS
+        full = line.since_full()
+        base = usable.base(level) or usable.base(LEVELS) if level else None
+        if base is not None and base is not usable.base(level):
+            notes.append(f"{snap.name}: its level's base is not on the source any more; sent from {base.name}")
+        if base is None or full is None or new_chain_due(full_every, full[0], full[1], snap.created):
+            level, base = 0, None
+        line.add(snap, level)
+        usable.add(snap, level)
+        uploads.append(Upload(snap.name, snap.created, snap.guid, base.name if base else None, level=level, bases=usable.bases()))
     discard = []
     for p in partials:
         first = uploads[0] if uploads else None
         if first is not None and (p.name, p.guid, p.parent) == (first.name, first.guid, first.parent):
-            uploads[0] = Upload(first.name, first.created, first.guid, first.parent, resume_from=p.chunks)
+            uploads[0] = replace(first, resume_from=p.chunks)
         else:
             discard.append(p.name)
-    return UploadPlan(tuple(uploads), tuple(sorted(discard)), base, tuple(notes))
+    return UploadPlan(tuple(uploads), tuple(sorted(discard)), before, tuple(notes))
 
 
 @dataclass(frozen=True)

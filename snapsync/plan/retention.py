@@ -147,6 +147,24 @@ _BUCKETS: tuple[_Bucketing, ...] = (
 )
 
 
+PERIODS = ("yearly", "monthly", "weekly", "daily", "hourly")
+"""Calendar periods from the longest; a month and a week do not nest, and the month counts first."""
+
+
+def boundary_level(earlier: datetime, later: datetime, timezone: str = "UTC") -> int:
+    """1 + the index in :data:`PERIODS` of the longest period whose start lies between the two times
+    (1: a new year, ..., 5: a new hour), or ``len(PERIODS) + 1`` when they share an hour; in the
+    calendar :func:`plan_prune` keeps by, so the first snapshot of a period, the one GFS keeps, is
+    also the one that starts it."""
+    zone = _zone(timezone)
+    a, b = _utc(earlier, "earlier").astimezone(zone), _utc(later, "later").astimezone(zone)
+    keys = {rule: key for rule, key, _ in _BUCKETS}
+    for level, rule in enumerate(PERIODS, start=1):
+        if keys[rule](a) != keys[rule](b):
+            return level
+    return len(PERIODS) + 1
+
+
 def _representatives(locals_: Sequence[datetime], key: Callable[[datetime], _BucketKey], count: int) -> list[int]:
     """Index of the oldest snapshot in each of the ``count`` latest periods that have one.
 

@@ -587,7 +587,11 @@ class _OffsiteTarget(_Target):
 
     key_file: AbsolutePath = DEFAULT_KEY_FILE
     """This host's offsite key; back it up elsewhere, without it nothing uploaded can be restored."""
-    full_every: FullEvery = timedelta(days=30)
+    full_every: FullEvery = timedelta(days=365)
+    """A new full (a chain of its own) this often; between fulls each upload is an incremental."""
+    chains: Literal["levelled", "linear"] = "levelled"
+    """``levelled``: each upload starts from the newest upload of a period at least as long as its own,
+    so retention frees what it drops; ``linear``: from the one before (shorter restores, more storage)."""
     chunk_size: ChunkSize = 64 << 20
     compress: Literal["none", "zstd"] = "zstd"
     compress_level: Annotated[int, Strict()] = Field(default=3, ge=1, le=19)

@@ -321,3 +321,42 @@ def test_s3_target_is_parsed_with_credentials_outside_the_policy(tmp_path: Path)
     )
     target = policy.targets["b2"]
     assert isinstance(target, S3Target) and target.credentials_file == "/etc/snapsync/b2.credentials"
+
+
+def test_levelled_chains_free_what_retention_drops_and_every_kept_snapshot_restores(
+    btrfs_root: Path, target_root: Path, bucket: Bucket, key_file: Path, tmp_path: Path
+) -> None:
+    """45 days of daily runs under q.toml's offsite rules: a week's first upload is sent from the week
+    before's, a month's from the month before's, so the days of past weeks go while everything kept
+    still restores, each byte for byte as the source had it, from at most 1 + 1 + 5 + 6 streams."""
+    from snapsync.plan.offsite import chain
+
+    rng = random.Random(21)
+    app = make_subvolume(btrfs_root / "app")
+    (app / "base.bin").write_bytes(rng.randbytes(2 << 20))
+    rules = "keep_last = 1\nhourly = 0\ndaily = 7\nweekly = 4\nmonthly = 12\nyearly = 3"
+    policy = policy_for(tmp_path, [app], s3_table(bucket, key_file, chunk_size="1M") + f"\n[targets.off.retention]\n{rules}")
+    clock = ManualClock(datetime(2026, 4, 20, 3, tzinfo=UTC))  # a Monday, eleven days before May
+    runner = Runner(policy, clock)
+    archive = open_archive(policy.targets["off"])  # type: ignore[arg-type]
+    for day in range(45):
+        change(app, rng, day)
+        runner.run(policy.groups.values(), take=True, only_due=False, prune=True, replicate=True)
+        clock.advance(timedelta(days=1))
+    report = verify(archive, "off")
+    assert report.ok, report.problems
+    state = next(iter(archive.survey("app").datasets.values()))
+    stored = {n: m.stored() for n, m in state.stored.items()}
+    assert sum(1 for s in stored.values() if s.parent is None) == 1 and len(stored) <= 7 + 4 + 2 + 6
+    by_day = {n[len("snapsync_"):][:10]: n for n in stored}
+    assert stored[by_day["2026-05-01"]].parent == by_day["2026-04-20"]  # May's first, from April's (the full)
+    assert stored[by_day["2026-05-25"]].parent == by_day["2026-05-18"]  # a Monday, from the Monday before
+    assert "2026-05-26" not in by_day or stored[by_day["2026-05-26"]].parent == by_day["2026-05-25"]
+    for name in sorted(stored):
+        links = chain(name, stored)
+        assert links is not None and len(links) <= 1 + 1 + 5 + 6
+        place = target_root / name.replace(":", "-")
+        place.mkdir()
+        restored = restore(archive, "off", "app", str(place), snapshot=name)
+        assert [len(d.received) for d in restored.datasets] == [len(links)]
+        assert tree_digest(restored_path(place, app, name)) == tree_digest(snapshot_path(runner, policy, app, name))

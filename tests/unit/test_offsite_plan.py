@@ -37,22 +37,22 @@ def stored(hour: int, parent: int | None, guid: str | None = None) -> Stored:
 def test_an_empty_store_gets_the_newest_snapshot_as_a_full_upload() -> None:
     plan = plan_uploads([snap(0), snap(1), snap(2)], [], [], 5)
     assert [(u.name, u.parent) for u in plan.uploads] == [("s0002", None)]
-    assert plan.base is None
+    assert plan.bases == ()
 
 
 def test_a_snapshot_dated_after_now_is_neither_uploaded_nor_a_base() -> None:
     now = T0 + timedelta(hours=3)
     plan = plan_uploads([snap(0), snap(1), snap(900)], [stored(0, None)], [], 5, now)
-    assert [(u.name, u.parent) for u in plan.uploads] == [("s0001", "s0000")] and plan.base == "s0000"
+    assert [(u.name, u.parent) for u in plan.uploads] == [("s0001", "s0000")] and plan.bases == ("s0000",)
     assert any("s0900" in n and "after this host's clock" in n for n in plan.notes)
     # Uploaded while the clock was ahead: the chain goes on from the newest real upload.
     plan = plan_uploads([snap(0), snap(1), snap(2), snap(900)], [stored(0, None), stored(1, 0), stored(900, 1)], [], 5, now)
-    assert [(u.name, u.parent) for u in plan.uploads] == [("s0002", "s0001")] and plan.base == "s0001"
+    assert [(u.name, u.parent) for u in plan.uploads] == [("s0002", "s0001")] and plan.bases == ("s0000", "s0001")
 
 
 def test_newer_snapshots_follow_incrementally_until_a_new_chain_is_due_by_count() -> None:
     plan = plan_uploads([snap(h) for h in range(8)], [stored(0, None), stored(1, 0)], [], 3)
-    assert plan.base == "s0001"
+    assert plan.bases == ("s0000", "s0001")  # the full starts the month: the next month's first upload starts from it
     assert [(u.name, u.parent) for u in plan.uploads] == [
         ("s0002", "s0001"), ("s0003", "s0002"), ("s0004", None), ("s0005", "s0004"),
         ("s0006", "s0005"), ("s0007", "s0006"),
@@ -69,7 +69,7 @@ def test_a_new_chain_is_due_by_the_age_of_its_full_upload() -> None:
 def test_a_stored_snapshot_is_no_base_when_the_source_has_another_one_of_that_name() -> None:
     plan = plan_uploads([snap(0, guid="other"), snap(1)], [stored(0, None)], [], 10)
     assert [(u.name, u.parent) for u in plan.uploads] == [("s0001", None)]
-    assert plan.base is None and "not the snapshot stored" in plan.notes[0]
+    assert plan.bases == () and "not the snapshot stored" in plan.notes[0]
 
 
 def test_a_base_gone_from_the_source_starts_a_new_chain_without_deleting_anything() -> None:
@@ -185,3 +185,62 @@ def test_retention_in_the_store_never_orphans_an_incremental(
         wanted = plain_prune([GroupSnapshot(n, s.created, ()) for n, s in names.items()], rules, now).kept
         for ds, have in store.items():
             assert {d.name for d in wanted if d.name in before[ds]} <= have.keys()
+
+
+def test_each_upload_starts_from_the_newest_one_of_a_period_at_least_as_long() -> None:
+    """Levelled chains: a month's first upload from the month before's, a week's from the week before's,
+    a day's from the day before's, one within a day from the one before it."""
+    day = [SnapshotId(f"d{d:03d}", T0 + timedelta(days=d), f"g{d}") for d in range(40)]  # T0 is Sunday 2026-03-01
+    extra = SnapshotId("d008-noon", T0 + timedelta(days=8, hours=12), "gn")
+    source = sorted([*day, extra], key=lambda s: s.created)
+    store: dict[str, Stored] = {}
+    for upto in range(1, len(source) + 1):
+        plan = plan_uploads(source[:upto], list(store.values()), [], timedelta(days=365))
+        for up in plan.uploads:
+            parent = store.get(up.parent) if up.parent else None
+            store[up.name] = Stored(up.name, up.created, up.guid, up.parent, parent.guid if parent else None)
+    parents = {s.name: s.parent for s in store.values()}
+    assert parents["d000"] is None and parents["d001"] == "d000"  # Monday: a new week, from the full
+    assert parents["d002"] == "d001" and parents["d007"] == "d006" and parents["d008"] == "d001"  # Mondays chain; days follow
+    assert parents["d008-noon"] == "d008" and parents["d009"] == "d008"  # a day's later upload is no day's base
+    assert parents["d031"] == "d000"  # 2026-04-01: a new month, from March's first
+    assert max(len(chain(n, store) or []) for n in store) <= 1 + 1 + 5 + 6 + 1
+
+
+def _year(full_every: timedelta, days: int = 365) -> tuple[dict[str, Stored], int]:
+    """A year of daily snapshots uploaded each day and pruned with policies/q.toml's offsite rules; the
+    source keeps a week of its own plus what the offsite target holds. Returns the store and the
+    longest chain ever restored from."""
+    rules = RetentionRules(keep_last=1, daily=7, weekly=4, monthly=12, yearly=3, timezone="Europe/Berlin")
+    store: dict[str, Stored] = {}
+    source: list[SnapshotId] = []
+    longest = 0
+    for d in range(days):
+        source.append(SnapshotId(f"s{d:03d}", T0 + timedelta(days=d, hours=3), f"g{d}"))
+        plan = plan_uploads(source, list(store.values()), [], full_every, source[-1].created, "Europe/Berlin")
+        for up in plan.uploads:
+            parent = store.get(up.parent) if up.parent else None
+            store[up.name] = Stored(up.name, up.created, up.guid, up.parent, parent.guid if parent else None)
+        held = set(plan.uploads[-1].bases if plan.uploads else plan.bases)
+        source = [s for s in source if s.name in held or s.created > source[-1].created - timedelta(days=7)]
+        pruned = plan_store_prune({"d": list(store.values())}, rules, source[-1].created + timedelta(minutes=5))
+        for name in pruned.delete.get("d", ()):
+            del store[name]
+        assert all(chain(n, store) is not None for n in store)
+        longest = max(longest, *(len(chain(n, store) or []) for n in store))
+    return store, longest
+
+
+def test_a_year_holds_one_full_and_the_steps_between_what_retention_keeps() -> None:
+    """With a full a year, a year of daily uploads under GFS keeps one full, every kept snapshot restores
+    from at most 1 + 12 + 5 + 6 streams, and little is stored that retention does not ask for itself."""
+    store, longest = _year(timedelta(days=365))
+    fulls = [s for s in store.values() if s.parent is None]
+    assert len(fulls) == 1
+    assert longest <= 1 + 12 + 5 + 6
+    wanted = plain_prune([GroupSnapshot(n, s.created, ()) for n, s in store.items()],
+                         RetentionRules(keep_last=1, daily=7, weekly=4, monthly=12, yearly=3, timezone="Europe/Berlin"),
+                         max(s.created for s in store.values()) + timedelta(minutes=5)).kept
+    assert len(store) <= len(wanted) + 6  # pinned beyond the rules: at most a week's chain
+    old, _ = _year(timedelta(days=30))
+    assert len([s for s in old.values() if s.parent is None]) >= 12  # a full a month: what the issue measured

@@ -100,3 +100,37 @@ def test_drills_of_a_zfs_group_pass_from_offsite_and_a_local_target_and_clean_up
         assert checks[f"sqlite {mountpoint}/app.db"].detail == "integrity_check ok"
     leftovers = zfs("list", "-H", "-o", "name", "-r", POOL).split()
     assert not [d for d in leftovers if "snapsync-drill" in d]
+
+
+def test_levelled_uploads_skip_what_retention_drops_and_restore_on_zfs(space: str, tmp_path: Path) -> None:
+    """A day's first upload is sent from the day before's first (zfs send -i over the snapshots between),
+    the later ones of a day are pruned once the next day comes, and each kept one restores byte for byte."""
+    from datetime import timedelta
+
+    from snapsync.plan.offsite import chain
+
+    src, site, target = offsite_site(space, tmp_path)
+    site.text = site.text.replace("full_every = 10", 'full_every = "365d"') + "[targets.off.retention]\nkeep_last = 1\nhourly = 0\ndaily = 7\n"
+    names = []
+    for seed, gap in enumerate([timedelta(0), timedelta(hours=2), timedelta(hours=3), timedelta(hours=20), timedelta(hours=1)]):
+        site.clock.advance(gap)
+        fill(src, seed, size=600_000)
+        report = site.step(prune=True)
+        assert report.targets[0].ok, report.to_json()
+        names.append(report.snapshot)
+    archive = open_archive(target)
+    assert verify(archive, "off").ok
+    state = next(iter(archive.survey("app").datasets.values()))
+    stored = {n: m.stored() for n, m in state.stored.items()}
+    assert sorted(stored) == [names[0], names[3], names[4]]  # the first day's later uploads went
+    assert stored[names[3]].parent == names[0] and stored[names[4]].parent == names[3]
+    zfs("create", "-o", "canmount=off", f"{space}/restore")
+    copy = f"{space}/restore/app/" + "/".join(src.split("/"))
+    assert [s.name for s in chain(names[4], stored) or []] == [names[0], names[3], names[4]]
+    for name in (names[3], names[4]):
+        assert restore(archive, "off", "app", f"{space}/restore", snapshot=name).snapshot == name
+    listed = zfs("list", "-H", "-t", "snapshot", "-o", "name", "-d", "1", copy).split()
+    assert [n.split("@")[1] for n in listed] == [names[0], names[3], names[4]]
+    where = mounted_copy(copy)
+    for name in (names[3], names[4]):
+        assert digest(where / ".zfs" / "snapshot" / name) == digest(snapshot_dir(src, name))

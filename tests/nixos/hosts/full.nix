@@ -57,7 +57,8 @@
         bucket = "forge-backup";
         credentials_file = "/run/secrets/b2-credentials";
         key_file = "/persist/system/var/lib/snapsync/offsite.key";
-        full_every = "30d";
+        full_every = "365d";
+        chains = "levelled";
         retention = { weekly = 12; monthly = 24; };
       };
       pulls.pocket = {
