@@ -68,8 +68,11 @@ def file_lock(path: Path, timeout: float, what: str) -> Iterator[Path]:
                         f"gave up after {timeout:g}s"
                     ) from None
                 time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass  # a full disk: the flock is the lock, the pid only names its holder to a waiter
         yield path
     finally:
         os.close(fd)

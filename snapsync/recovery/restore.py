@@ -390,8 +390,8 @@ def _replay(archive: Archive, manifest: Manifest, store: Receiver, rel: str, met
         feeder.join()
         try:
             store.delete_partials(rel, [manifest.snapshot])  # ZFS keeps a resumable partial; drop it
-        except SnapsyncError:
-            pass
+        except (SnapsyncError, OSError):
+            pass  # the receive's own error says what happened (a full disk, say); the next restore cleans up
         if failure and not isinstance(failure[0], BrokenPipeError):
             raise failure[0] from e
         raise

@@ -144,3 +144,40 @@ def test_a_write_that_runs_out_of_room_leaves_no_temporary_file(small_btrfs: Pat
     assert full.value.errno == errno.ENOSPC
     assert sorted(p.name for p in directory.iterdir()) == ["file.json"]
     assert (directory / "file.json").read_bytes() == b"old"
+
+
+def test_a_restore_onto_a_disk_that_fills_up_is_one_line_and_leaves_nothing(small_btrfs: Path, btrfs_root: Path, tmp_path: Path) -> None:
+    """The place being restored into fills up mid-stream: the receive's own "No space left" is the error
+    (exit 1, one line, no traceback: the cleanup after it needs no room, not even for a lock's pid),
+    nothing half-received stays, and with room again the same command restores it."""
+    app = make_subvolume(btrfs_root / "app")
+    (app / "big.bin").write_bytes(os.urandom(160 << 20))  # more than the small disk holds
+    key = tmp_path / "k"
+    snapsync("keygen", str(key), check=True)
+    store = tmp_path / "store"
+    store.mkdir()
+    policy = write_policy(tmp_path / "p.toml", [app], {"nas": f'type = "dir"\npath = "{store}"\nkey_file = "{key}"'})
+    assert run_json("--policy", str(policy), "run")["groups"][0]["targets"][0]["ok"]
+    to = small_btrfs / "restore"
+    to.mkdir()
+    proc = snapsync("--policy", str(policy), "restore", "app", "--from", "nas", "--to", str(to))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "No space left on device" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not [p for p in to.rglob("*") if p.is_dir() and (p / "big.bin").exists()]  # no half copy under any name
+
+
+def test_a_lock_is_taken_on_a_full_disk(small_btrfs: Path) -> None:
+    """The flock is the lock; the pid written into the file only names the holder. On a disk with no
+    room left that write fails, and the lock (a cleanup after a failed receive takes one) still holds."""
+    from snapsync.host.lock import file_lock
+
+    lock = small_btrfs / "locks" / "receiving"
+    with file_lock(lock, 1, "a test"):
+        pass
+    os.truncate(lock, 0)
+    fill(small_btrfs)
+    with pytest.raises(OSError) as full:
+        os.pwrite(os.open(lock, os.O_WRONLY), b"123\n", 0)
+    assert full.value.errno == errno.ENOSPC
+    with file_lock(lock, 1, "a test") as held:
+        assert held == lock
