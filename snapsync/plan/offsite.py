@@ -174,9 +174,12 @@ def plan_uploads(
     ordered = sorted((s for s in stored if now is None or s.created <= now), key=lambda s: (s.created, s.name))
     src = sorted(source, key=lambda s: (s.created, s.name))
     mine = {s.name: s for s in src}
+    def step(earlier: datetime, later: datetime) -> int:
+        return level_between(earlier, later, timezone) if levelled else LEVELS
+
     line, usable = _Line(), _Line()
     for index, s in enumerate(ordered):
-        level = 0 if s.parent is None or index == 0 else level_between(ordered[index - 1].created, s.created, timezone) if levelled else LEVELS
+        level = 0 if s.parent is None or index == 0 else step(ordered[index - 1].created, s.created)
         line.add(s, level)
         if (m := mine.get(s.name)) is not None and m.guid == s.guid and chain(s.name, by_name) is not None:
             usable.add(s, level)
@@ -199,9 +202,9 @@ def plan_uploads(
     before = usable.bases()
     for snap in candidates:
         last = line.entries[-1][0] if line.entries else None
-        level = 0 if last is None else level_between(last.created, snap.created, timezone) if levelled else LEVELS
+        level = 0 if last is None else step(last.created, snap.created)
         full = line.since_full()
-        base = usable.base(level) or usable.base(LEVELS) if level else None
+        base = (usable.base(level) or usable.base(LEVELS)) if level else None
         if base is not None and base is not usable.base(level):
             notes.append(f"{snap.name}: its level's base is not on the source any more; sent from {base.name}")
         if base is None or full is None or new_chain_due(full_every, full[0], full[1], snap.created):

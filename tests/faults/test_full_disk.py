@@ -176,8 +176,12 @@ def test_a_lock_is_taken_on_a_full_disk(small_btrfs: Path) -> None:
         pass
     os.truncate(lock, 0)
     fill(small_btrfs)
-    with pytest.raises(OSError) as full:
-        os.pwrite(os.open(lock, os.O_WRONLY), b"123\n", 0)
+    fd = os.open(lock, os.O_WRONLY)
+    try:
+        with pytest.raises(OSError) as full:
+            os.pwrite(fd, b"123\n", 0)
+    finally:
+        os.close(fd)
     assert full.value.errno == errno.ENOSPC
     with file_lock(lock, 1, "a test") as held:
         assert held == lock
