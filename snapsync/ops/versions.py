@@ -72,12 +72,16 @@ class Found:
 
 
 def distinct(seen: Sequence[Version]) -> list[Version]:
-    """Newest first in, newest first out: a run of identical versions becomes its newest, naming the others."""
+    """Newest first in, newest first out: a run of identical versions becomes its newest, naming the
+    others (or its newest on this host, when a target's copy is newer still)."""
     out: list[Version] = []
     for version in seen:
         if out and out[-1].same(version):
             last = out[-1]
-            out[-1] = replace(last, also_in=(*last.also_in, version.snapshot))
+            if last.target is not None and version.target is None:  # read it here rather than over the network
+                out[-1] = replace(version, also_in=(*last.also_in, last.snapshot))
+            else:
+                out[-1] = replace(last, also_in=(*last.also_in, version.snapshot))
         else:
             out.append(version)
     return out

@@ -5,8 +5,9 @@ decides which operations exist at all, and ``--root`` confines every path: a key
 role can add copies below its root and prune them, nothing else (with ``--allow-restore`` it may also
 read those copies back: restores, drills, ``versions --targets``); a key for the send role can read
 snapshots below its root. Both roles act through the root's receiver and source backend from
-:mod:`snapsync.backends`, and change nothing on the filesystem themselves. No shell is ever involved: sshd runs
-the forced command, and the backends run their tools and ``zstd`` with argument lists.
+:mod:`snapsync.backends`, and change nothing on the filesystem themselves. No shell is ever
+involved: sshd runs the forced command, and the backends run their tools and ``zstd`` with
+argument lists.
 """
 
 from __future__ import annotations

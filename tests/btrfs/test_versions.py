@@ -21,6 +21,9 @@ def test_runs_of_identical_versions_collapse_into_their_newest() -> None:
     got = distinct([v("live", 3, 30), v("s4", 3, 30), v("s3", 2, 20), v("s2", 2, 20), v("s1", 3, 30)])
     assert [(x.snapshot, x.also_in) for x in got] == [("live", ("s4",)), ("s3", ("s2",)), ("s1", ())]  # the same again later is a version again
     assert distinct([]) == []
+    there = Version("nas:s5", None, "nas:g@s5", "file", 3, 30, target="nas")
+    (one,) = distinct([there, v("s4", 3, 30)])
+    assert (one.snapshot, one.also_in) == ("s4", ("nas:s5",))  # the same version here is the one to read
 
 
 def three_datasets(tmp_path: Path, btrfs_root: Path) -> tuple[Path, Path]:

@@ -244,3 +244,15 @@ def test_a_year_holds_one_full_and_the_steps_between_what_retention_keeps() -> N
     assert len(store) <= len(wanted) + 6  # pinned beyond the rules: at most a week's chain
     old, _ = _year(timedelta(days=30))
     assert len([s for s in old.values() if s.parent is None]) >= 12  # a full a month: what the issue measured
+
+
+def test_an_unfinished_levelled_upload_is_continued_from_the_same_base() -> None:
+    """A killed upload of a day's first snapshot (sent from the day before's first, not from the upload
+    just before it) is planned again with the same base, so its stored chunks are kept and continued."""
+    day0, noon0, day1 = (SnapshotId(n, T0 + delta, f"g-{n}") for n, delta in
+                         (("d0", timedelta(0)), ("d0-noon", timedelta(hours=12)), ("d1", timedelta(days=1))))
+    store = [Stored("d0", day0.created, day0.guid), Stored("d0-noon", noon0.created, noon0.guid, "d0", day0.guid)]
+    first = plan_uploads([day0, noon0, day1], store, [], timedelta(days=365))
+    assert [(u.name, u.parent) for u in first.uploads] == [("d1", "d0")]
+    again = plan_uploads([day0, noon0, day1], store, [PartialUpload("d1", day1.guid, "d0", 4)], timedelta(days=365))
+    assert [(u.name, u.parent, u.resume_from) for u in again.uploads] == [("d1", "d0", 4)] and again.discard == ()
