@@ -121,7 +121,7 @@ def main() -> int:
     per_day = max(1, round(files * args.change))
     with tempfile.TemporaryDirectory(prefix="snapsync-offsite-storage-") as tmp, \
             scratch_btrfs(f"{max(1 << 30, args.size * 6)}", parent=tmp, label="bench-src") as mnt, \
-            scratch_btrfs(f"{max(2 << 30, args.size * 8)}", parent=tmp, label="bench-restore") as landing:
+            scratch_btrfs(f"{max(4 << 30, args.size * 16)}", parent=tmp, label="bench-restore") as landing:
         top = Path(tmp)
         data, stores, view, repo = mnt / "data", top / "stores", top / "view", top / "restic"
         subprocess.run(["btrfs", "subvolume", "create", str(data)], check=True, capture_output=True)
@@ -205,6 +205,7 @@ def main() -> int:
                                    "checked": tree_digest(restored) == day_digest[snap.name]}
                 for copy in sorted((p for p in place.rglob("snapsync_*") if p.is_dir()), reverse=True):
                     subprocess.run(["btrfs", "subvolume", "delete", str(copy)], check=True, capture_output=True)
+                subprocess.run(["btrfs", "subvolume", "sync", str(landing)], check=True, capture_output=True)  # the space, back
             rows[target] = {"bytes": size, "objects": objects, "snapshots": len(stored),
                             "fulls": sum(1 for s in stored.values() if s.parent is None), "restore": restores}
         size, objects = tree_bytes(repo)
