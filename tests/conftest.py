@@ -53,6 +53,15 @@ def btrfs_root(tmp_path: Path) -> Iterator[Path]:
         yield mnt
 
 
+def interruptible() -> None:
+    """``preexec_fn`` for a command a test stops with SIGINT, as a terminal's Ctrl-C would: a job started
+    in the background by a non-interactive shell (a detached CI run) inherits SIGINT ignored, and
+    Python then never raises KeyboardInterrupt, as the user's shell would not have set it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def make_subvolume(path: Path, content: str = "") -> Path:
     import btrfsutil
 

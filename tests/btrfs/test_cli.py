@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from snapsync.host.lock import policy_lock
-from tests.conftest import make_subvolume
+from tests.conftest import interruptible, make_subvolume
 
 
 def snapsync(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -169,7 +169,7 @@ def test_demo_runs_and_cleans_up(btrfs_root: Path) -> None:
 def test_demo_cleans_up_on_ctrl_c(btrfs_root: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "snapsync", "demo", "--days", "300"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible,
     )
     deadline = time.monotonic() + 30
     while not _demo_mounts() and time.monotonic() < deadline:

@@ -20,7 +20,7 @@ import pytest
 
 from snapsync.backends.btrfs import BtrfsBackend
 from snapsync.host.lock import lock_path, policy_lock
-from tests.conftest import make_subvolume
+from tests.conftest import interruptible, make_subvolume
 
 UNIFIED = Path("/sys/fs/cgroup/unified")
 WAIT = 90.0  # the machine may be busy: generous, and only ever waited out on failure
@@ -56,7 +56,8 @@ def snapsync(policy: Path, *args: str, cgroup: Path | None = None) -> subprocess
     argv = [sys.executable, "-m", "snapsync", "-p", str(policy), *args]
     if cgroup is not None:  # the way systemd starts a unit: everything it forks stays in the unit's cgroup
         argv = ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$@"', "sh", *argv]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=interruptible)
 
 
 def finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
