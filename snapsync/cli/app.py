@@ -503,7 +503,8 @@ def _list_group(
         if holdings is not None:
             from snapsync.ops.held import held_on_targets
 
-            held = held_on_targets(runner.policy, group)
+            down = {t.target: "; ".join(t.errors) or "not reached" for t in targets if not t.reached}
+            held = held_on_targets(runner.policy, group, down)
             entry["held"] = [h.to_json() for h in held]
     entry["datasets"] = [
         {

@@ -8,6 +8,7 @@ uploads', which ``verify`` reads.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -46,9 +47,10 @@ class Held:
                 "total": total[0] if total else None, "total_exact": total[1] if total else None}
 
 
-def held_on_targets(policy: Policy, group: Group) -> list[Held]:
+def held_on_targets(policy: Policy, group: Group, down: Mapping[str, str] | None = None) -> list[Held]:
     """One entry per dataset per ssh or local target of ``group``; a target that cannot answer is an
-    entry with its error, not a failure of the listing."""
+    entry with its error, not a failure of the listing. ``down``: targets the listing could not reach,
+    and why; they are not asked again (with ssh's retries, that would be the same wait twice)."""
     from snapsync.policy.schema import LocalTarget, SshTarget
     from snapsync.protocol import dataset_key
     from snapsync.replication.peer import Peer
@@ -58,6 +60,9 @@ def held_on_targets(policy: Policy, group: Group) -> list[Held]:
     for name in group.targets:
         target = policy.targets.get(name)
         if not isinstance(target, (SshTarget, LocalTarget)):
+            continue
+        if down and name in down:
+            out += [Held(name, ds, {}, error=down[name]) for ds in group.datasets]
             continue
         paths = {f"{group.name}/{dataset_key(ds)}": ds for ds in group.datasets}
         peer = Peer(transport_for(name, target), "receive")
