@@ -214,10 +214,6 @@ def _v_list(args: dict[str, Any]) -> dict[str, Any]:
     return {"paths": [check_path(p) for p in paths]}
 
 
-def _v_sizes(args: dict[str, Any]) -> dict[str, Any]:
-    return _v_list(args)
-
-
 def _compress(args: dict[str, Any]) -> str:
     compress = args.get("compress", "none")
     if compress not in ("none", "zstd"):
@@ -291,7 +287,7 @@ def _v_stat(args: dict[str, Any]) -> dict[str, Any]:
 
 _VALIDATORS = {
     "stat": _v_stat,
-    "sizes": _v_sizes,
+    "sizes": _v_list,  # the same paths as a list
     "hello": _v_hello,
     "list": _v_list,
     "receive": _v_receive,
